@@ -1,0 +1,28 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CPU machines: pin torch to the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build).
+CONSTRAINTS ?= constraints-cpu.txt
+
+.PHONY: venv test lint demo bench clean
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: venv lint
+	$(PY) -m pytest -q
+
+demo: venv
+	$(PY) -m jobs.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache demo-out

@@ -1,0 +1,29 @@
+"""CUT and FastCUT in pure PyTorch: networks, losses and the training step. No I/O."""
+
+from cut.checkpoint import (
+    CheckpointError,
+    export_generator,
+    generator_from_checkpoint,
+    official_state_dicts,
+    read_checkpoint,
+)
+from cut.losses import gan_loss, patch_nce_loss
+from cut.model import PRESETS, CUTConfig, CUTModel
+from cut.networks import NCE_LAYERS, NLayerDiscriminator, PatchSampleF, ResnetGenerator
+
+__all__ = [
+    "NCE_LAYERS",
+    "PRESETS",
+    "CUTConfig",
+    "CUTModel",
+    "CheckpointError",
+    "NLayerDiscriminator",
+    "PatchSampleF",
+    "ResnetGenerator",
+    "export_generator",
+    "gan_loss",
+    "generator_from_checkpoint",
+    "official_state_dicts",
+    "patch_nce_loss",
+    "read_checkpoint",
+]

@@ -1,0 +1,137 @@
+"""Checkpoint layouts: official ``latest_net_{G,D,F}.pth`` state dicts and our generator export.
+
+Works on bytes and state dicts only; reading and writing files is the jobs' business. Everything is
+loaded with ``torch.load(weights_only=True)``, so no pickled code ever runs.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from cut.networks import ResnetGenerator
+
+EXPORT_FORMAT = "cut-pipeline/generator"
+EXPORT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the network it is loaded into."""
+
+
+def read_checkpoint(data: bytes, source: str = "checkpoint") -> Any:
+    """Deserialize checkpoint bytes safely; ``source`` names the file in error messages."""
+    if not data:
+        raise CheckpointError(f"{source}: the file is empty")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
+        raise CheckpointError(
+            f"{source}: not a readable torch checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def to_bytes(obj: Any) -> bytes:
+    """Serialize a state dict or export with ``torch.save``."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` prefix that DataParallel/DDP (and the official CPU save path) add."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def load_strict(net: nn.Module, state: Mapping[str, Any], name: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists what does not match."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{name}: expected a state dict, got {type(state).__name__}")
+    state = strip_module_prefix(state)
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
+        if wrong:
+            parts.append(f"shape mismatch: {wrong[:3]}")
+        raise CheckpointError(f"{name}: checkpoint does not match the network: {'; '.join(parts)}")
+    net.load_state_dict(state, strict=True)
+
+
+def export_generator(netG: ResnetGenerator, **metadata: Any) -> dict[str, Any]:
+    """A generator-only export: architecture, weights and free-form metadata (plain types only)."""
+    return {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "architecture": dict(netG.architecture),
+        "state_dict": {k: v.detach().cpu() for k, v in netG.state_dict().items()},
+        "metadata": metadata,
+    }
+
+
+def infer_generator_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, int | bool]:
+    """Recover ResnetGenerator arguments from an official-layout generator state dict."""
+    if "model.1.weight" not in state:
+        raise CheckpointError("not a ResNet generator state dict: no key 'model.1.weight'")
+    first = state["model.1.weight"]
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"model\.(\d+)\.conv_block\.1\.weight$", k))}
+    if not blocks:
+        raise CheckpointError("not a ResNet generator state dict: no residual blocks found")
+    antialias = "model.7.filt" in state
+    first_up = max(blocks) + 1
+    convs = [int(m.group(1)) for k in state if (m := re.match(r"model\.(\d+)\.weight$", k))]
+    return {
+        "input_nc": int(first.shape[1]),
+        "output_nc": int(state[f"model.{max(convs)}.weight"].shape[0]),
+        "ngf": int(first.shape[0]),
+        "n_blocks": len(blocks),
+        "antialias": antialias,
+        "antialias_up": f"model.{first_up}.filt" in state,
+    }
+
+
+def generator_from_checkpoint(obj: Any, source: str = "checkpoint") -> ResnetGenerator:
+    """Build a generator from our export or an official ``latest_net_G.pth`` state dict."""
+    if isinstance(obj, Mapping) and obj.get("format") == EXPORT_FORMAT:
+        if obj.get("version") != EXPORT_VERSION:
+            raise CheckpointError(f"{source}: export version {obj.get('version')} is not supported")
+        arch, state = obj["architecture"], obj["state_dict"]
+    elif isinstance(obj, Mapping) and "G" in obj and "opt_G" in obj:
+        state = obj["G"]  # a full training state
+        arch = infer_generator_architecture(strip_module_prefix(state))
+    elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state = strip_module_prefix(obj)
+        arch = infer_generator_architecture(state)
+    else:
+        raise CheckpointError(f"{source}: neither a generator export nor a generator state dict")
+    net = ResnetGenerator(**arch)
+    try:
+        load_strict(net, state, "G")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from exc
+    return net.eval()
+
+
+def official_state_dicts(model: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"G": ..., "D": ..., "F": ...}`` in the official layout (no prefix), on the CPU."""
+    return {
+        name: {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        for name, net in (("G", model.netG), ("D", model.netD), ("F", model.netF))
+    }

@@ -1,0 +1,60 @@
+"""CUT losses: the GAN objectives and the patch-wise contrastive PatchNCE loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+GAN_MODES = ("lsgan", "vanilla", "nonsaturating")
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision (autocast) tensors are promoted: losses and NCE logits are computed in fp32."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def gan_loss(prediction: torch.Tensor, target_is_real: bool, mode: str = "lsgan") -> torch.Tensor:
+    """Mean GAN loss of discriminator logits against the real (1) or fake (0) label, in fp32."""
+    pred = _at_least_fp32(prediction)
+    if mode == "lsgan":
+        target = torch.full_like(pred, 1.0 if target_is_real else 0.0)
+        return F.mse_loss(pred, target)
+    if mode == "vanilla":
+        target = torch.full_like(pred, 1.0 if target_is_real else 0.0)
+        return F.binary_cross_entropy_with_logits(pred, target)
+    if mode == "nonsaturating":
+        per_sample = F.softplus(-pred if target_is_real else pred).flatten(1).mean(dim=1)
+        return per_sample.mean()
+    raise ValueError(f"unknown gan_mode {mode!r}; expected one of {GAN_MODES}")
+
+
+def patch_nce_loss(
+    feat_q: torch.Tensor,
+    feat_k: torch.Tensor,
+    batch_size: int,
+    temperature: float = 0.07,
+    negatives_from_minibatch: bool = False,
+) -> torch.Tensor:
+    """Per-patch InfoNCE loss, a vector of length N*P.
+
+    ``feat_q`` (queries, from the generated image) and ``feat_k`` (keys, from the source image) are
+    L2-normalised (N*P, C) rows, batch-major. The positive of a query is the key at the same row;
+    negatives are the other keys of the same image (or of the whole minibatch). Keys get no gradient.
+    The positive pair's slot among the negatives is filled with -10, as in the official code.
+    """
+    q = _at_least_fp32(feat_q)
+    k = _at_least_fp32(feat_k.detach())
+    rows, dim = q.shape
+    l_pos = (q * k).sum(dim=1, keepdim=True)
+    groups = 1 if negatives_from_minibatch else batch_size
+    if rows % groups:
+        raise ValueError(f"{rows} patch rows cannot be split into {groups} images")
+    qg = q.view(groups, -1, dim)
+    kg = k.view(groups, -1, dim)
+    npatches = qg.shape[1]
+    l_neg = torch.bmm(qg, kg.transpose(2, 1))
+    diagonal = torch.eye(npatches, device=q.device, dtype=torch.bool)[None]
+    l_neg = l_neg.masked_fill(diagonal, -10.0).view(-1, npatches)
+    logits = torch.cat((l_pos, l_neg), dim=1) / temperature
+    target = torch.zeros(rows, dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, target, reduction="none")

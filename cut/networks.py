@@ -1,0 +1,300 @@
+"""CUT networks: ResNet generator, PatchGAN discriminator, PatchSampleF heads, blur resampling.
+
+Module indices, parameter names and buffer names follow the official implementation, so its
+checkpoints load with ``strict=True`` (cut-reference.md sections 1-3 and 9).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NCE_LAYERS: tuple[int, ...] = (0, 4, 8, 12, 16)
+
+
+def _binomial_filter(taps: Sequence[float], channels: int, scale: float) -> torch.Tensor:
+    """A (channels, 1, k, k) depthwise filter: the outer product of ``taps``, summing to ``scale``."""
+    a = torch.tensor(taps, dtype=torch.float32)
+    kernel = a[:, None] * a[None, :]
+    kernel = kernel / kernel.sum() * scale
+    return kernel[None, None].repeat(channels, 1, 1, 1)
+
+
+class Downsample(nn.Module):
+    """Anti-aliased stride-2 downsampling: reflect pad 1, then a [1,2,1] binomial blur with stride 2."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("filt", _binomial_filter((1.0, 2.0, 1.0), channels, 1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        return F.conv2d(x, self.filt.to(x.dtype), stride=2, groups=x.shape[1])
+
+
+class Upsample(nn.Module):
+    """Anti-aliased 2x upsampling with a [1,3,3,1] blur and replicate padding.
+
+    The official layer (replicate pad 1, depthwise transposed conv with stride 2 and padding 2, then
+    one row and column cropped on each side) computes exactly bilinear 2x interpolation with
+    ``align_corners=False``; we run that kernel, which is far cheaper than a grouped transposed conv.
+    ``filt`` stays a buffer so official checkpoints keep their keys.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("filt", _binomial_filter((1.0, 3.0, 3.0, 1.0), channels, 4.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+def _instance_norm(channels: int) -> nn.InstanceNorm2d:
+    return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
+
+
+class ResnetBlock(nn.Module):
+    """x + [pad, conv3x3, IN, ReLU, pad, conv3x3, IN](x), no activation after the sum."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv_block = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, kernel_size=3, bias=True),
+            _instance_norm(dim),
+            nn.ReLU(True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, kernel_size=3, bias=True),
+            _instance_norm(dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv_block(x)
+
+
+class ResnetGenerator(nn.Module):
+    """The CUT ResNet generator (resnet_9blocks / resnet_6blocks) as one ``nn.Sequential`` ``model``.
+
+    ``forward(x)`` returns the translated image; ``forward(x, layers)`` also returns the outputs of
+    the modules at ``layers`` from the same pass; ``forward(x, layers, encode_only=True)`` stops after
+    the last requested module and returns only the features.
+    """
+
+    def __init__(
+        self,
+        input_nc: int = 3,
+        output_nc: int = 3,
+        ngf: int = 64,
+        n_blocks: int = 9,
+        antialias: bool = True,
+        antialias_up: bool = True,
+    ) -> None:
+        super().__init__()
+        self.input_nc = input_nc
+        self.output_nc = output_nc
+        self.ngf = ngf
+        self.n_blocks = n_blocks
+        self.antialias = antialias
+        self.antialias_up = antialias_up
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(input_nc, ngf, kernel_size=7, padding=0, bias=True),
+            _instance_norm(ngf),
+            nn.ReLU(True),
+        ]
+        for i in range(2):  # two downsampling stages
+            c_in, c_out = ngf * 2**i, ngf * 2 ** (i + 1)
+            if antialias:
+                layers += [
+                    nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=1, bias=True),
+                    _instance_norm(c_out),
+                    nn.ReLU(True),
+                    Downsample(c_out),
+                ]
+            else:
+                layers += [
+                    nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1, bias=True),
+                    _instance_norm(c_out),
+                    nn.ReLU(True),
+                ]
+        layers += [ResnetBlock(ngf * 4) for _ in range(n_blocks)]
+        for i in range(2):  # two upsampling stages
+            c_in, c_out = ngf * 2 ** (2 - i), ngf * 2 ** (1 - i)
+            if antialias_up:
+                layers += [
+                    Upsample(c_in),
+                    nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=1, bias=True),
+                    _instance_norm(c_out),
+                    nn.ReLU(True),
+                ]
+            else:
+                layers += [
+                    nn.ConvTranspose2d(
+                        c_in, c_out, kernel_size=3, stride=2, padding=1, output_padding=1, bias=True
+                    ),
+                    _instance_norm(c_out),
+                    nn.ReLU(True),
+                ]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, kernel_size=7, padding=0), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    @property
+    def architecture(self) -> dict[str, int | bool]:
+        """Constructor arguments that rebuild this network (stored in exports)."""
+        return {
+            "input_nc": self.input_nc,
+            "output_nc": self.output_nc,
+            "ngf": self.ngf,
+            "n_blocks": self.n_blocks,
+            "antialias": self.antialias,
+            "antialias_up": self.antialias_up,
+        }
+
+    def feature_channels(self, layers: Sequence[int]) -> list[int]:
+        """Channel count of the output of each module index in ``layers``."""
+        channels, out = self.input_nc, {}
+        for idx, module in enumerate(self.model):
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                channels = module.out_channels
+            out[idx] = channels
+        return [out[i] for i in layers]
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a clear ValueError for a tensor this network cannot translate."""
+        if x.dim() != 4 or x.shape[1] != self.input_nc:
+            raise ValueError(
+                f"generator expects a (N, {self.input_nc}, H, W) tensor, got shape {tuple(x.shape)}"
+            )
+        h, w = x.shape[-2:]
+        if h % 4 or w % 4 or h < 8 or w < 8:
+            raise ValueError(
+                f"generator needs height and width that are multiples of 4 and at least 8, got {h}x{w}"
+            )
+
+    def forward(
+        self, x: torch.Tensor, layers: Sequence[int] = (), encode_only: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
+        self.check_input(x)
+        if not layers:
+            return self.model(x)
+        wanted = set(layers)
+        last = max(layers)
+        modules = list(self.model)
+        feats: dict[int, torch.Tensor] = {}
+        for idx, module in enumerate(modules):
+            x = module(x)
+            if encode_only and idx == last:
+                feats[idx] = x
+                break
+            if idx in wanted:
+                # An in-place activation next would overwrite the feature (e.g. layer 16 of a
+                # 2-block generator is an InstanceNorm output): keep a copy.
+                next_inplace = idx + 1 < len(modules) and getattr(modules[idx + 1], "inplace", False)
+                feats[idx] = x.clone() if next_inplace else x
+        ordered = [feats[i] for i in layers]
+        return ordered if encode_only else (x, ordered)
+
+
+class NLayerDiscriminator(nn.Module):
+    """PatchGAN discriminator ('basic' is n_layers=3); no sigmoid, kernel 4, padding 1."""
+
+    def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3, antialias: bool = True) -> None:
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be at least 1, got {n_layers}")
+        kw, padw = 4, 1
+        if antialias:
+            seq: list[nn.Module] = [
+                nn.Conv2d(input_nc, ndf, kw, stride=1, padding=padw),
+                nn.LeakyReLU(0.2, True),
+                Downsample(ndf),
+            ]
+        else:
+            seq = [nn.Conv2d(input_nc, ndf, kw, stride=2, padding=padw), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers):
+            prev, mult = mult, min(2**n, 8)
+            if antialias:
+                seq += [
+                    nn.Conv2d(ndf * prev, ndf * mult, kw, stride=1, padding=padw, bias=True),
+                    _instance_norm(ndf * mult),
+                    nn.LeakyReLU(0.2, True),
+                    Downsample(ndf * mult),
+                ]
+            else:
+                seq += [
+                    nn.Conv2d(ndf * prev, ndf * mult, kw, stride=2, padding=padw, bias=True),
+                    _instance_norm(ndf * mult),
+                    nn.LeakyReLU(0.2, True),
+                ]
+        prev, mult = mult, min(2**n_layers, 8)
+        seq += [
+            nn.Conv2d(ndf * prev, ndf * mult, kw, stride=1, padding=padw, bias=True),
+            _instance_norm(ndf * mult),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(ndf * mult, 1, kw, stride=1, padding=padw),
+        ]
+        self.model = nn.Sequential(*seq)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class PatchSampleF(nn.Module):
+    """One two-layer MLP head per NCE layer (``mlp_0`` ...), applied to sampled patch features.
+
+    Unlike the official module the heads are built at construction from the known input channels,
+    so optimizers and DDP see them from the start.
+    """
+
+    def __init__(self, in_channels: Sequence[int], nc: int = 256) -> None:
+        super().__init__()
+        self.nc = nc
+        self.num_heads = len(in_channels)
+        for i, c in enumerate(in_channels):
+            self.add_module(f"mlp_{i}", nn.Sequential(nn.Linear(c, nc), nn.ReLU(), nn.Linear(nc, nc)))
+
+    def forward(self, feats: Sequence[torch.Tensor], patch_ids: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Project the patches at ``patch_ids`` of each feature map; returns L2-normalised (N*P, nc).
+
+        A layer's ids are either (P,), shared by every image, or (N, P), one row per image. Rows of
+        the result are batch-major, as in the official code.
+        """
+        out = []
+        for i, (feat, ids) in enumerate(zip(feats, patch_ids, strict=True)):
+            n, c = feat.shape[:2]
+            flat = feat.flatten(2)  # N x C x HW, positions row-major as in the official reshape
+            if ids.dim() == 1:
+                picked = flat[:, :, ids]
+            else:
+                picked = torch.gather(flat, 2, ids[:, None, :].expand(n, c, ids.shape[1]))
+            x = picked.transpose(1, 2).reshape(-1, c)
+            x = getattr(self, f"mlp_{i}")(x)
+            out.append(x / (x.float().pow(2).sum(1, keepdim=True).sqrt().to(x.dtype) + 1e-7))
+        return out
+
+
+def sample_patch_ids(
+    feats: Sequence[torch.Tensor], num_patches: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """Draw ``min(num_patches, H*W)`` distinct positions per feature map, shared by the batch."""
+    ids = []
+    for feat in feats:
+        hw = feat.shape[2] * feat.shape[3]
+        perm = torch.randperm(hw, generator=generator)[: min(num_patches, hw)]
+        ids.append(perm.to(feat.device))
+    return ids
+
+
+def init_weights(net: nn.Module, gain: float = 0.02) -> nn.Module:
+    """Official init: xavier-normal(gain) for every Conv*/Linear weight, zero bias; buffers untouched."""
+    for m in net.modules():
+        name = type(m).__name__
+        if ("Conv" in name or "Linear" in name) and getattr(m, "weight", None) is not None:
+            nn.init.xavier_normal_(m.weight, gain=gain)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+    return net

@@ -1,0 +1,96 @@
+"""Official checkpoints and our generator export load safely, or fail with a clear error."""
+
+import pickle
+
+import pytest
+import torch
+
+from cut import CUTConfig, CUTModel, ResnetGenerator
+from cut.checkpoint import (
+    CheckpointError,
+    export_generator,
+    generator_from_checkpoint,
+    infer_generator_architecture,
+    load_strict,
+    official_state_dicts,
+    read_checkpoint,
+    to_bytes,
+)
+
+
+def small_model():
+    return CUTModel(CUTConfig.from_preset("CUT", ngf=8, ndf=8, n_blocks=2, netF_nc=16, num_patches=16))
+
+
+def test_export_round_trip_gives_the_same_translation():
+    m = small_model()
+    data = to_bytes(export_generator(m.netG, preset="CUT"))
+    g = generator_from_checkpoint(read_checkpoint(data, "export.pt"))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(g(x), m.netG(x))
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_official_layout_loads_with_or_without_module_prefix(prefix):
+    m = small_model()
+    sds = official_state_dicts(m)
+    assert sorted(sds) == ["D", "F", "G"]
+    for name, net in (("G", m.netG), ("D", m.netD), ("F", m.netF)):
+        prefixed = {prefix + k: v for k, v in sds[name].items()}
+        fresh = type(net)(**({} if name != "G" else m.netG.architecture)) if name == "G" else None
+        target = fresh if fresh is not None else net
+        load_strict(target, read_checkpoint(to_bytes(prefixed)), name)
+    g = generator_from_checkpoint(read_checkpoint(to_bytes({prefix + k: v for k, v in sds["G"].items()})))
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(g(x), m.netG(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"n_blocks": 6}, {"ngf": 16, "antialias": False}, {"antialias_up": False}, {"output_nc": 1}],
+)
+def test_generator_architecture_is_recovered_from_an_official_state_dict(kwargs):
+    g = ResnetGenerator(**kwargs)
+    assert infer_generator_architecture(g.state_dict()) == g.architecture
+
+
+def test_training_state_is_accepted_as_a_generator_checkpoint():
+    m = small_model()
+    g = generator_from_checkpoint(read_checkpoint(to_bytes(m.state_dict())))
+    assert g.architecture == m.netG.architecture
+
+
+def test_corrupt_empty_and_foreign_checkpoints_are_clear_errors():
+    data = to_bytes(export_generator(ResnetGenerator(ngf=8, n_blocks=2)))
+    with pytest.raises(CheckpointError, match=r"ckpt\.pt: not a readable torch checkpoint"):
+        read_checkpoint(data[: len(data) // 2], "ckpt.pt")
+    with pytest.raises(CheckpointError, match="empty"):
+        read_checkpoint(b"", "ckpt.pt")
+    with pytest.raises(CheckpointError, match="neither a generator export"):
+        generator_from_checkpoint({"weights": [1, 2, 3]}, "x.pt")
+    with pytest.raises(CheckpointError, match=r"no key .model\.1\.weight."):
+        generator_from_checkpoint({"conv.weight": torch.zeros(1)}, "x.pt")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_pickled_code_is_never_executed(capsys):
+    data = pickle.dumps({"model.1.weight": _Payload()})
+    with pytest.raises(CheckpointError, match=r"evil\.pth"):
+        read_checkpoint(data, "evil.pth")
+    assert "pickled code ran" not in capsys.readouterr().out
+
+
+def test_checkpoint_of_another_architecture_names_the_mismatch():
+    exported = export_generator(ResnetGenerator(ngf=8, n_blocks=2))
+    exported["state_dict"]["model.1.weight"] = torch.zeros(4, 3, 7, 7)
+    with pytest.raises(
+        CheckpointError, match=r"g.pt: G: .*model\.1\.weight \(4, 3, 7, 7\) != \(8, 3, 7, 7\)"
+    ):
+        generator_from_checkpoint(exported, "g.pt")

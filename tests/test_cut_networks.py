@@ -1,0 +1,154 @@
+"""The networks match the official layout: module indices, state-dict names and shapes, outputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cut.networks import (
+    NCE_LAYERS,
+    Downsample,
+    NLayerDiscriminator,
+    PatchSampleF,
+    ResnetGenerator,
+    Upsample,
+    init_weights,
+)
+
+
+def official_upsample(x: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
+    """The official blur upsampling as cut-reference.md section 1 describes it."""
+    y = F.conv_transpose2d(
+        F.pad(x, (1, 1, 1, 1), mode="replicate"), filt, stride=2, padding=2, groups=x.shape[1]
+    )
+    return y[:, :, 1:, 1:][:, :, :-1, :-1]
+
+
+def test_upsample_equals_official_transposed_blur():
+    up = Upsample(5).double()
+    x = torch.randn(2, 5, 9, 6, dtype=torch.float64)
+    torch.testing.assert_close(up(x), official_upsample(x, up.filt), rtol=0, atol=1e-12)
+    assert up.filt.shape == (5, 1, 4, 4)
+    assert up.filt[0].sum().item() == pytest.approx(4.0)
+
+
+def test_downsample_is_reflect_padded_binomial_blur_with_stride_2():
+    down = Downsample(3).double()
+    x = torch.randn(1, 3, 8, 10, dtype=torch.float64)
+    a = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+    k = (a[:, None] * a[None, :]) / 16
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    naive = torch.stack(
+        [
+            torch.stack([(padded[0, c, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3] * k).sum() for j in range(5)])
+            for c in range(3)
+            for i in range(4)
+        ]
+    ).view(1, 3, 4, 5)
+    torch.testing.assert_close(down(x), naive)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (64, 64), (48, 64), (256, 256)])
+def test_generator_preserves_size(size):
+    g = ResnetGenerator(ngf=8, n_blocks=2)
+    out = g(torch.randn(2, 3, *size))
+    assert out.shape == (2, 3, *size)
+    assert out.abs().max() <= 1.0
+
+
+def test_generator_module_indices_and_feature_shapes_match_official():
+    g = ResnetGenerator()  # resnet_9blocks, antialiased
+    kinds = [type(m).__name__ for m in g.model]
+    assert len(kinds) == 32
+    assert kinds[0] == "ReflectionPad2d" and kinds[7] == "Downsample" and kinds[11] == "Downsample"
+    assert kinds[12:21] == ["ResnetBlock"] * 9 and kinds[21] == "Upsample" and kinds[25] == "Upsample"
+    assert kinds[31] == "Tanh"
+    feats = g(torch.randn(1, 3, 64, 64), NCE_LAYERS, encode_only=True)
+    assert [tuple(f.shape[1:]) for f in feats] == [
+        (3, 70, 70),
+        (128, 64, 64),
+        (256, 32, 32),
+        (256, 16, 16),
+        (256, 16, 16),
+    ]
+    assert g.feature_channels(NCE_LAYERS) == [3, 128, 256, 256, 256]
+
+
+def test_features_come_from_the_same_pass_as_the_output():
+    g = ResnetGenerator(ngf=8, n_blocks=6)
+    x = torch.randn(1, 3, 32, 32)
+    out, feats = g(x, NCE_LAYERS)
+    torch.testing.assert_close(out, g(x))
+    for a, b in zip(feats, g(x, NCE_LAYERS, encode_only=True), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_official_state_dict_names_and_shapes():
+    g, d = ResnetGenerator(), NLayerDiscriminator()
+    f = PatchSampleF(g.feature_channels(NCE_LAYERS), 256)
+    gs, ds, fs = g.state_dict(), d.state_dict(), f.state_dict()
+    assert (len(gs), len(ds), len(fs)) == (52, 13, 20)
+    assert gs["model.1.weight"].shape == (64, 3, 7, 7)
+    assert gs["model.12.conv_block.1.weight"].shape == (256, 256, 3, 3)
+    assert gs["model.20.conv_block.5.bias"].shape == (256,)
+    assert gs["model.30.weight"].shape == (3, 64, 7, 7)
+    assert {k: tuple(v.shape) for k, v in gs.items() if k.endswith("filt")} == {
+        "model.7.filt": (128, 1, 3, 3),
+        "model.11.filt": (256, 1, 3, 3),
+        "model.21.filt": (256, 1, 4, 4),
+        "model.25.filt": (128, 1, 4, 4),
+    }
+    convs = [f"model.{i}.{p}" for i in (0, 3, 7, 11, 14) for p in ("weight", "bias")]
+    assert sorted(ds) == sorted([*convs, "model.2.filt", "model.6.filt", "model.10.filt"])
+    assert sorted(fs) == sorted(
+        f"mlp_{i}.{j}.{p}" for i in range(5) for j in (0, 2) for p in ("weight", "bias")
+    )
+    assert sum(p.numel() for p in g.parameters()) == 11_378_179
+    assert sum(p.numel() for p in d.parameters()) == 2_764_737
+    assert sum(p.numel() for p in f.parameters()) == 560_384
+
+
+def test_discriminator_output_is_30x30_patch_map_at_256():
+    assert NLayerDiscriminator()(torch.randn(1, 3, 256, 256)).shape == (1, 1, 30, 30)
+    assert NLayerDiscriminator(antialias=False)(torch.randn(1, 3, 256, 256)).shape == (1, 1, 30, 30)
+
+
+def test_without_antialiasing_uses_strided_convs():
+    g = ResnetGenerator(ngf=8, n_blocks=2, antialias=False, antialias_up=False)
+    assert not any(isinstance(m, (Downsample, Upsample)) for m in g.modules())
+    assert g(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    assert NLayerDiscriminator(ndf=8, n_layers=4, antialias=False)(torch.randn(1, 3, 64, 64)).dim() == 4
+
+
+def test_init_is_xavier_normal_with_gain_002_and_zero_bias():
+    torch.manual_seed(0)
+    g = init_weights(ResnetGenerator())
+    w = g.model[1].weight
+    expected = 0.02 * (2.0 / (3 * 49 + 64 * 49)) ** 0.5
+    assert w.std().item() == pytest.approx(expected, rel=0.05)
+    assert all(m.bias.abs().max() == 0 for m in g.modules() if isinstance(m, torch.nn.Conv2d))
+    assert g.model[7].filt[0, 0, 1, 1].item() == pytest.approx(4 / 16)  # buffers untouched
+
+
+def test_patch_sample_heads_share_ids_and_normalise():
+    f = PatchSampleF([3, 8], nc=16)
+    feats = [torch.randn(2, 3, 5, 5), torch.randn(2, 8, 4, 4)]
+    ids = [torch.tensor([0, 7, 24]), torch.tensor([1, 2])]
+    out = f(feats, ids)
+    assert [o.shape for o in out] == [(6, 16), (4, 16)]
+    torch.testing.assert_close(out[0].norm(dim=1), torch.ones(6), atol=1e-5, rtol=0)
+    # Row order is batch-major and position 7 is row 1, column 2 (row-major positions).
+    row = f.mlp_0(feats[0][1, :, 1, 2][None])
+    torch.testing.assert_close(out[0][4], (row / row.norm())[0], atol=1e-6, rtol=1e-5)
+    per_image = f(feats, [i.expand(2, -1) for i in ids])
+    for a, b in zip(out, per_image, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 4, 32, 32), (3, 32, 32), (1, 3, 30, 32), (1, 3, 4, 4)],
+    ids=["channels", "3d", "odd", "tiny"],
+)
+def test_generator_rejects_inputs_it_cannot_translate(shape):
+    with pytest.raises(ValueError, match="generator"):
+        ResnetGenerator(ngf=8, n_blocks=2)(torch.randn(*shape))
