@@ -1,0 +1,100 @@
+"""Pack images into WebDataset shards plus a shard index, checking every image on the way in."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+
+from pipeline.ingest import KeyCollisionError, build_shards
+from pipeline.transforms import DEFAULT_MAX_PIXELS
+
+EPILOG = """\
+outputs:
+  OUT/PREFIX-000000.tar ...  shards; a sample is <key>.<ext> (original bytes) + <key>.json (metadata)
+  OUT/_rejects.jsonl         one {"source_url", "reason", "detail"} per image kept out
+  OUT/_index.json            every shard with its sample count and bytes, and totals (written last)
+
+Every path is an fsspec URL; S3 endpoint and credentials come from AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (any S3-compatible store).
+
+example:
+  python -m jobs.shard data/horse2zebra/trainA --out s3://bucket/h2z/trainA --prefix trainA --domain A
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.shard",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="a folder or prefix (image files, recursive), a glob, a single file, or a .txt "
+        "(one URL a line) or .parquet (column 'url') list of URLs",
+    )
+    parser.add_argument("--out", required=True, metavar="URL", help="folder URL for the shard set")
+    parser.add_argument(
+        "--prefix", default="shard", metavar="NAME", help="shard name prefix (default: shard)"
+    )
+    parser.add_argument("--domain", metavar="NAME", help="domain recorded in each sample's metadata (e.g. A)")
+    parser.add_argument(
+        "--max-count",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="samples per shard at most (default: 10000)",
+    )
+    parser.add_argument(
+        "--max-size",
+        type=int,
+        default=256 << 20,
+        metavar="BYTES",
+        help="bytes per shard at most (default: 256 MiB; a larger image gets a shard alone)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help=f"reject images over N pixels, decompression bombs included (default: {DEFAULT_MAX_PIXELS})",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=8, metavar="N", help="images read and checked in parallel (default: 8)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a shard set already in --out")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        summary = build_shards(
+            args.sources,
+            args.out,
+            prefix=args.prefix,
+            domain=args.domain,
+            max_count=args.max_count,
+            max_size=args.max_size,
+            max_pixels=args.max_pixels,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (FileNotFoundError, FileExistsError, KeyCollisionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(summary)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

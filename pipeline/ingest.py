@@ -1,0 +1,214 @@
+"""Turn image sources (folders, prefixes, globs, URL lists) into a checked shard set.
+
+Every image is read and decoded at ingest; rejects never enter a shard and are listed with their
+reason in `_rejects.jsonl`. The index is written last, so a set with an index is complete.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import io
+import json
+import posixpath
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline import storage
+from pipeline.shards import INDEX_NAME, REJECTS_NAME, ShardIndex, ShardWriter, index_url
+from pipeline.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, inspect_image
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".tif", ".tiff", ".webp"})
+LIST_EXTENSIONS = (".txt", ".parquet")
+_FORMAT_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif",
+                      "PPM": "ppm", "GIF": "gif"}
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-/]")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class KeyCollisionError(ValueError):
+    """Two sources map to the same sample key."""
+
+
+class OutputExistsError(FileExistsError):
+    """The output already holds a shard set and overwriting was not asked for."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One image to ingest and the sample key it gets."""
+
+    url: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A source kept out of the shards, and why."""
+
+    source_url: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What an ingest produced."""
+
+    out_url: str
+    shards: int
+    samples: int
+    bytes: int
+    rejects: int
+    seconds: float
+
+
+def sample_key(relative_path: str) -> str:
+    """Stable key from a path below its source root: extension dropped, characters outside
+    `[A-Za-z0-9_-/]` (dots included, which WebDataset reserves for extensions) replaced by `_`."""
+    stem = posixpath.splitext(relative_path.strip("/"))[0]
+    return _KEY_UNSAFE.sub("_", stem)
+
+
+def _url_list(url: str) -> list[str]:
+    if url.endswith(".parquet"):
+        table = pq.read_table(io.BytesIO(storage.read_bytes(url)))
+        column = "url" if "url" in table.column_names else table.column_names[0]
+        return [str(u) for u in table.column(column).to_pylist() if u]
+    lines = storage.read_bytes(url).decode().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _glob_root(pattern: str) -> str:
+    """The folder part of a glob before its first wildcard."""
+    first = min(i for i, c in enumerate(pattern) if c in "*?[")
+    return storage.dirname(pattern[:first] + "x")
+
+
+def expand_source(spec: str) -> list[Source]:
+    """The images one SOURCE argument names.
+
+    A folder or prefix: its image files (by extension), recursively, keyed by path below it.
+    A glob: every matching file, keyed by path below the glob's fixed part.
+    A `.txt` (one URL a line) or `.parquet` (column `url`) list: those URLs, keyed by their path.
+    Anything else: that single file, keyed by its name.
+    """
+    if storage.has_glob(spec):
+        root = _glob_root(spec)
+        return [Source(u, sample_key(storage.relative(u, root))) for u in storage.list_files(spec)]
+    if storage.is_dir(spec):
+        return [Source(u, sample_key(storage.relative(u, spec))) for u in storage.list_files(spec)
+                if posixpath.splitext(u)[1].lower() in IMAGE_EXTENSIONS]
+    if spec.endswith(LIST_EXTENSIONS):
+        return [Source(u, sample_key(_path_of(u))) for u in _url_list(spec)]
+    return [Source(u, sample_key(posixpath.basename(_path_of(u)))) for u in storage.list_files(spec)]
+
+
+def _path_of(url: str) -> str:
+    """A URL's location without its protocol (`bucket/dir/img.jpg`)."""
+    return storage.filesystem(url)[1]
+
+
+def list_sources(specs: Iterable[str]) -> list[Source]:
+    """All sources of the SOURCE arguments in order; a key shared by two sources is an error."""
+    seen: dict[str, str] = {}
+    sources = []
+    for spec in specs:
+        for source in expand_source(spec):
+            if source.key in seen:
+                raise KeyCollisionError(f"sources {seen[source.key]} and {source.url} both map to sample "
+                                        f"key {source.key!r}; rename one or shard them separately")
+            seen[source.key] = source.url
+            sources.append(source)
+    return sources
+
+
+def _load(source: Source, domain: str | None, max_pixels: int) -> tuple[Source, dict[str, bytes] | Reject]:
+    try:
+        data = storage.read_bytes(source.url)
+    except OSError as exc:
+        return source, Reject(source.url, "unreadable", f"{type(exc).__name__}: {exc}")
+    try:
+        info = inspect_image(data, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        return source, Reject(source.url, exc.reason, str(exc))
+    meta = {"key": source.key, "source_url": source.url, "width": info.width, "height": info.height,
+            "format": info.format, "domain": domain, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
+    ext = _FORMAT_EXTENSIONS.get(info.format, info.format.lower())
+    return source, {ext: data, "json": json.dumps(meta, sort_keys=True).encode()}
+
+
+def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
+    """`map` over a thread pool with results in input order and at most a few per worker in flight."""
+    with cf.ThreadPoolExecutor(max(1, workers)) as pool:
+        pending: deque[cf.Future[R]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 4 * max(1, workers):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def prepare_output(out_url: str, overwrite: bool) -> None:
+    """Refuse an output that already holds shards, or clear them when `overwrite` (index first)."""
+    try:
+        names = {storage.relative(u, out_url): u for u in storage.list_files(out_url)}
+    except FileNotFoundError:
+        return
+    old = [u for name, u in names.items()
+           if "/" not in name and (name.endswith(".tar") or name in (INDEX_NAME, REJECTS_NAME))]
+    if not old:
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{out_url} already holds a shard set ({len(old)} files); "
+                                f"pass --overwrite to replace it")
+    index = index_url(out_url)
+    storage.remove(index)
+    for url in old:
+        if url != index:
+            storage.remove(url)
+
+
+def build_shards(specs: Sequence[str], out_url: str, *, prefix: str = "shard", domain: str | None = None,
+                 max_count: int = 10_000, max_size: int = 256 << 20, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 workers: int = 8, overwrite: bool = False, progress: bool = True) -> Summary:
+    """Check and shard every image the SOURCE specs name into `out_url`; see `python -m jobs.shard`."""
+    start = time.monotonic()
+    sources = list_sources(specs)
+    if not sources:
+        raise FileNotFoundError(f"no images found in {', '.join(specs)}")
+    prepare_output(out_url, overwrite)
+    writer = ShardWriter(out_url, prefix, max_count, max_size)
+    rejects: list[Reject] = []
+    bar = tqdm(total=len(sources), unit="img", desc=f"shard {prefix}", disable=not progress)
+    try:
+        for source, result in ordered_map(lambda s: _load(s, domain, max_pixels), sources, workers):
+            if isinstance(result, Reject):
+                rejects.append(result)
+                bar.set_postfix(rejects=len(rejects))
+            else:
+                writer.write(source.key, result)
+            bar.update()
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    lines = "".join(json.dumps({"source_url": r.source_url, "reason": r.reason, "detail": r.detail}) + "\n"
+                    for r in rejects)
+    storage.write_bytes_atomic(storage.join(out_url, REJECTS_NAME), lines.encode())
+    index = ShardIndex(out_url, tuple(shards), {"prefix": prefix, "domain": domain, "rejects": len(rejects)})
+    index.save()
+    return Summary(out_url, len(shards), index.samples, index.bytes, len(rejects), time.monotonic() - start)

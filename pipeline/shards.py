@@ -1,0 +1,174 @@
+"""WebDataset shard sets: writing size-limited tar shards, the shard index, and reading samples back.
+
+A shard set is a folder (any URL) of `<prefix>-%06d.tar` files plus `_index.json`, which lists every
+shard with its sample count and bytes, so readers know dataset sizes without scanning.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from pipeline import storage
+
+INDEX_NAME = "_index.json"
+REJECTS_NAME = "_rejects.jsonl"
+INDEX_VERSION = 1
+_TAR_BLOCK = 512
+
+
+class ShardIndexNotFoundError(FileNotFoundError):
+    """No `_index.json` where a shard set was expected."""
+
+
+class ShardNotFoundError(FileNotFoundError):
+    """A shard listed in an index is missing."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard of a set: file name (relative to the index), sample count and size in bytes."""
+
+    name: str
+    samples: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """The shards of a set and where the set lives."""
+
+    base_url: str
+    shards: tuple[ShardInfo, ...]
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def url(self, shard: ShardInfo) -> str:
+        return storage.join(self.base_url, shard.name)
+
+    def to_json(self) -> str:
+        body = {"version": INDEX_VERSION, "shards": [asdict(s) for s in self.shards],
+                "samples": self.samples, "bytes": self.bytes, **self.extra}
+        return json.dumps(body, indent=1) + "\n"
+
+    def save(self) -> None:
+        storage.write_bytes_atomic(index_url(self.base_url), self.to_json().encode())
+
+    @classmethod
+    def load(cls, url: str) -> ShardIndex:
+        """Read the index at `url`: the `_index.json` URL itself or the shard-set folder holding it."""
+        location = index_url(url)
+        try:
+            body = json.loads(storage.read_bytes(location))
+        except FileNotFoundError as exc:
+            raise ShardIndexNotFoundError(
+                f"no shard index at {location} (build the set with `python -m jobs.shard`)") from exc
+        shards = tuple(ShardInfo(s["name"], int(s["samples"]), int(s["bytes"])) for s in body.pop("shards"))
+        for derived in ("version", "samples", "bytes"):
+            body.pop(derived, None)
+        return cls(storage.dirname(location), shards, body)
+
+    def check_complete(self) -> None:
+        """Raise ShardNotFoundError naming every listed shard that is missing (one listing request)."""
+        try:
+            present = {storage.relative(u, self.base_url) for u in storage.list_files(self.base_url)}
+        except FileNotFoundError:
+            present = set()
+        missing = [s.name for s in self.shards if s.name not in present]
+        if missing:
+            raise ShardNotFoundError(f"{len(missing)} shard(s) listed in {index_url(self.base_url)} are "
+                                     f"missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+
+def index_url(url: str) -> str:
+    """The `_index.json` URL for a shard-set folder URL or an index URL."""
+    return url if url.endswith(".json") else storage.join(url, INDEX_NAME)
+
+
+def tar_member_size(n: int) -> int:
+    """Bytes a member of `n` bytes takes in a tar file (header plus padded data)."""
+    return _TAR_BLOCK + -(-n // _TAR_BLOCK) * _TAR_BLOCK
+
+
+class ShardWriter:
+    """Write samples into `<prefix>-%06d.tar` shards under `out_url`, each closed and uploaded atomically
+    when the next sample would exceed `max_count` samples or `max_size` bytes."""
+
+    def __init__(self, out_url: str, prefix: str, max_count: int, max_size: int) -> None:
+        if max_count < 1 or max_size < 1:
+            raise ValueError("max_count and max_size must be positive")
+        self.out_url, self.prefix = out_url, prefix
+        self.max_count, self.max_size = max_count, max_size
+        self.written: list[ShardInfo] = []
+        self._tar: tarfile.TarFile | None = None
+        self._spool = ""
+        self._count = self._size = 0
+
+    def write(self, key: str, members: Mapping[str, bytes]) -> None:
+        """Add one sample: `members` maps extensions (`jpg`, `json`) to bytes, stored as `<key>.<ext>`."""
+        size = sum(tar_member_size(len(data)) for data in members.values())
+        if self._tar is not None and (self._count + 1 > self.max_count or self._size + size > self.max_size):
+            self._finish()
+        if self._tar is None:
+            fd, self._spool = tempfile.mkstemp(suffix=".tar")
+            os.close(fd)
+            # Stays open across write() calls; _finish or abort closes it.
+            self._tar = tarfile.open(self._spool, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mode = len(data), 0o444
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        self._size += size
+
+    def _finish(self) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        name = f"{self.prefix}-{len(self.written):06d}.tar"
+        try:
+            storage.upload_atomic(self._spool, storage.join(self.out_url, name))
+            self.written.append(ShardInfo(name, self._count, os.path.getsize(self._spool)))
+        finally:
+            os.unlink(self._spool)
+        self._tar, self._count, self._size = None, 0, 0
+
+    def close(self) -> list[ShardInfo]:
+        """Finish the last shard; returns every shard written."""
+        if self._tar is not None:
+            self._finish()
+        return self.written
+
+    def abort(self) -> None:
+        """Drop the shard being written (already uploaded shards stay)."""
+        if self._tar is not None:
+            self._tar.close()
+            os.unlink(self._spool)
+            self._tar = None
+
+
+def iter_shard(url: str, size: int | None = None) -> Iterator[dict[str, object]]:
+    """Samples of one shard in order: dicts of `__key__`, `__url__` and one bytes value per extension.
+
+    `size`: the shard's bytes from the index, if known (saves a request on object stores).
+    """
+    try:
+        stream = storage.open_read(url, size)
+    except FileNotFoundError as exc:
+        raise ShardNotFoundError(f"shard {url} is missing") from exc
+    with stream:
+        files = ({**member, "__url__": url} for member in tar_file_iterator(stream))
+        yield from group_by_keys(files)

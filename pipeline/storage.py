@@ -1,0 +1,233 @@
+"""fsspec URLs: reads, atomic writes, listings and retries for local paths and object stores.
+
+Every function takes a URL (`/path`, `file://`, `s3://`, `gs://`, `memory://`, ...). The S3 endpoint
+and credentials come from the standard environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...),
+so MinIO, Ceph or any S3-compatible store works without code changes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import posixpath
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from typing import IO, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.registry import known_implementations
+from fsspec.utils import get_protocol
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+LOCAL_PROTOCOLS = ("file", "local")
+_GLOB_CHARS = "*?["
+# Errors that retrying cannot fix; every other OSError (timeouts, resets, 5xx) is transient.
+_PERMANENT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    try:
+        from botocore.exceptions import HTTPClientError
+    except ImportError:
+        return (OSError,)
+    return (OSError, HTTPClientError)
+
+
+_TRANSIENT = _transient_types()
+_jitter = random.Random()  # private, so retries never disturb a seeded global `random`
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` is worth retrying (network and server trouble, not missing or forbidden objects)."""
+    return isinstance(exc, _TRANSIENT) and not isinstance(exc, _PERMANENT)
+
+
+def retry(fn: Callable[[], T], *, what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
+    """Call `fn`, retrying transient errors with jittered exponential backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == attempts or not is_transient(exc):
+                raise
+            delay = min(base_delay * 2 ** (attempt - 1), 10.0) * (0.5 + _jitter.random())
+            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(exc).__name__, exc,
+                        attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def storage_options(protocol: str) -> dict[str, object]:
+    """Filesystem options taken from the environment (the S3 endpoint for S3-compatible stores)."""
+    if protocol in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            return {"endpoint_url": endpoint}
+    return {}
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem serving `url` and the path inside it."""
+    return url_to_fs(url, **storage_options(get_protocol(url)))
+
+
+def is_local(url: str) -> bool:
+    """Whether `url` names a path on the local filesystem."""
+    return get_protocol(url) in LOCAL_PROTOCOLS
+
+
+def local_path(url: str) -> str:
+    """The OS path of a local URL (`/x`, `file:///x`)."""
+    return filesystem(url)[1]
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL with `/`."""
+    return posixpath.join(url, *parts)
+
+
+def dirname(url: str) -> str:
+    """The URL of the folder holding `url`."""
+    return posixpath.dirname(url.rstrip("/"))
+
+
+def exists(url: str) -> bool:
+    """Whether an object or folder exists at `url`."""
+    fs, path = filesystem(url)
+    return retry(lambda: fs.exists(path), what=f"exists {url}")
+
+
+def is_dir(url: str) -> bool:
+    """Whether `url` is a folder (or an object-store prefix with objects under it)."""
+    fs, path = filesystem(url)
+    return retry(lambda: fs.isdir(path), what=f"stat {url}")
+
+
+def read_bytes(url: str) -> bytes:
+    """The whole object at `url`."""
+    fs, path = filesystem(url)
+    return retry(lambda: fs.cat_file(path), what=f"read {url}")
+
+
+def open_read(url: str, size: int | None = None, block_size: int = 8 << 20) -> IO[bytes]:
+    """A binary stream over `url`, read ahead in `block_size` chunks on object stores.
+
+    `size`: the object's byte size when known (a shard index has it), which saves a HEAD request.
+    """
+    fs, path = filesystem(url)
+    if is_local(url):
+        return open(path, "rb")
+    options = {} if size is None else {"size": size}
+    remote = retry(lambda: fs.open(path, "rb", block_size=block_size, cache_type="readahead", **options),
+                   what=f"open {url}")
+    # Small reads (tar headers) then stay in C instead of going through fsspec's Python read path.
+    return io.BufferedReader(remote, buffer_size=1 << 20)
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write `data` so that readers see the old object or the whole new one, never a partial one.
+
+    Local files go to a temporary file beside the target, then `os.replace`; an object store PUT is
+    already atomic, so the whole object goes in one request.
+    """
+    fs, path = filesystem(url)
+    if is_local(url):
+        _replace_local(path, lambda tmp: tmp.write(data))
+    else:
+        retry(lambda: fs.pipe_file(path, data), what=f"write {url}")
+
+
+def upload_atomic(source_path: str, url: str) -> None:
+    """Copy a local file to `url` atomically (multipart uploads only appear once completed)."""
+    fs, path = filesystem(url)
+    if is_local(url):
+        def copy(tmp: IO[bytes]) -> None:
+            with open(source_path, "rb") as src:
+                shutil.copyfileobj(src, tmp, 8 << 20)
+
+        _replace_local(path, copy)
+    else:
+        retry(lambda: fs.put_file(source_path, path), what=f"upload {url}")
+
+
+def _replace_local(path: str, write: Callable[[IO[bytes]], object]) -> None:
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            write(tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def remove(url: str, missing_ok: bool = True) -> None:
+    """Delete the object at `url`."""
+    fs, path = filesystem(url)
+    try:
+        retry(lambda: fs.rm_file(path), what=f"remove {url}")
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+
+
+def has_glob(url: str) -> bool:
+    """Whether `url` holds glob wildcards."""
+    return any(c in url for c in _GLOB_CHARS)
+
+
+def list_files(url_or_glob: str) -> list[str]:
+    """Sorted URLs of the files under a folder or prefix (recursively), matching a glob, or the file itself.
+
+    Returned URLs keep the caller's spelling for local paths (no `file://` added) and carry the
+    protocol otherwise (`s3://bucket/key`).
+    """
+    fs, path = filesystem(url_or_glob)
+    if has_glob(url_or_glob):
+        found = retry(lambda: fs.glob(path, detail=True), what=f"glob {url_or_glob}")
+        paths = [p for p, info in found.items() if info.get("type") != "directory"]
+    elif is_dir(url_or_glob):
+        paths = retry(lambda: fs.find(path), what=f"list {url_or_glob}")
+    elif retry(lambda: fs.isfile(path), what=f"stat {url_or_glob}"):
+        paths = [path]
+    else:
+        raise FileNotFoundError(f"nothing at {url_or_glob}")
+    keep_plain = is_local(url_or_glob) and "://" not in url_or_glob
+    return sorted(p if keep_plain else fs.unstrip_protocol(p) for p in paths)
+
+
+def relative(url: str, root: str) -> str:
+    """The part of `url` below the folder `root` (both as returned by `list_files`)."""
+    path = filesystem(url)[1]
+    root_path = filesystem(root)[1].rstrip("/")
+    if not path.startswith(root_path + "/"):
+        raise ValueError(f"{url} is not under {root}")
+    return path[len(root_path) + 1:]
+
+
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: object) -> IO[bytes]:
+    if mode == "rb":
+        return open_read(url)
+    fs, path = filesystem(url)
+    return fs.open(path, mode)
+
+
+def register_webdataset_opener() -> None:
+    """Make `webdataset` open every fsspec URL (s3://, gs://, memory://, ...) through this module."""
+    from webdataset.gopen import gopen_schemes
+
+    for protocol in known_implementations:
+        if protocol not in LOCAL_PROTOCOLS:
+            gopen_schemes[protocol] = _gopen_fsspec

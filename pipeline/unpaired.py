@@ -1,0 +1,348 @@
+"""Unpaired A/B training batches from two shard sets, split over DDP ranks and DataLoader workers.
+
+Layout of an epoch, per stream (A or B, each with its own seeds, so B is drawn independently of A):
+the shards in an order drawn from (seed, epoch, stream), repeated with a fresh order as often as
+needed (a smaller set cycles), form one sequence of positions. An epoch consumes
+`world_size * steps_per_epoch * batch_size` positions, with `steps_per_epoch = max(|A|, |B|) //
+(world_size * batch_size)`, so every rank yields the same number of batches however uneven the
+shards are. Rank r owns a contiguous range of positions; within it, batch j comes from logical
+worker j % workers, which owns a contiguous sub-range: ranges are disjoint and cover the set.
+
+A worker reads its range shard by shard, shuffles through a bounded buffer, decodes and augments.
+A corrupt sample is replaced by the next good one of the same worker (augmented with the corrupt
+sample's own random draws), counted and logged, so batch counts never change. Everything is a
+function of (seed, epoch, stream, position), which makes resuming at a step exact: on resume,
+physical worker p plays logical worker (p + step) % workers and drops, without decoding, the
+batches of its range that were already consumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.shards import ShardIndex, ShardNotFoundError, iter_shard
+from pipeline.transforms import ImageDecodeError, decode_rgb, to_tensor, train_crop
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+A_STREAM, B_STREAM = 0, 1
+# Domain tags so the shard order, shuffle and augmentation draws never share a random stream.
+_ORDER, _SHUFFLE, _AUGMENT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a stream stands: the epoch and the number of batches of it this rank has consumed."""
+
+    epoch: int = 0
+    step: int = 0
+
+
+def _rng(*entropy: int) -> np.random.Generator:
+    return np.random.default_rng(list(entropy))
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """One position of a stream: the encoded image, or why there is none."""
+
+    position: int
+    key: str
+    data: bytes | None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class ShardSequence:
+    """A shard set laid out as one stream's positions for any epoch."""
+
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+    sizes: tuple[int, ...]
+    seed: int
+    stream: int
+
+    @classmethod
+    def from_index(cls, index: ShardIndex, seed: int, stream: int) -> ShardSequence:
+        return cls(tuple(index.url(s) for s in index.shards), tuple(s.samples for s in index.shards),
+                   tuple(s.bytes for s in index.shards), seed, stream)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def segments(self, epoch: int, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
+        """(shard, first sample, end sample, first position) runs covering positions [start, stop)."""
+        position = start
+        while position < stop:
+            cycle, offset = divmod(position, self.total)
+            order = _rng(self.seed, epoch, self.stream, _ORDER, cycle).permutation(len(self.urls))
+            before = 0
+            for shard in order:
+                count = self.counts[shard]
+                if before + count > offset:
+                    first = offset - before
+                    end = min(count, first + stop - position)
+                    yield int(shard), first, end, position
+                    position += end - first
+                    offset += end - first
+                    if position == stop:
+                        return
+                before += count
+
+    def read(self, epoch: int, start: int, stop: int) -> Iterator[RawSample]:
+        """Exactly `stop - start` samples, in position order; unreadable ones carry an error."""
+        for shard, first, end, position in self.segments(epoch, start, stop):
+            yield from _read_run(self.urls[shard], self.sizes[shard], first, end, position)
+
+
+def _read_run(url: str, size: int, first: int, end: int, position: int) -> Iterator[RawSample]:
+    done = 0
+    error = f"shard {url} holds fewer samples than its index lists"
+    try:
+        for sample in islice(iter_shard(url, size), first, end):
+            yield _raw(position + done, sample)
+            done += 1
+    except ShardNotFoundError:
+        raise
+    except (OSError, EOFError, ValueError, tarfile.TarError) as exc:
+        error = f"shard {url} unreadable after sample {first + done}: {exc}"
+    for missing in range(done, end - first):
+        yield RawSample(position + missing, f"{url}#{first + missing}", None, error)
+
+
+def _raw(position: int, sample: dict[str, Any]) -> RawSample:
+    key = str(sample["__key__"])
+    images = [k for k in sample if not k.startswith("__") and k != "json"]
+    if not images:
+        return RawSample(position, key, None, "no image member")
+    return RawSample(position, key, sample[images[0]])
+
+
+def shuffled(items: Iterable[T], rng: np.random.Generator, size: int) -> Iterator[T]:
+    """`items` reordered through a buffer of `size`: every item once, order drawn from `rng`."""
+    if size <= 1:
+        yield from items
+        return
+    buffer: list[T] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        pick = int(rng.integers(size))
+        yield buffer[pick]
+        buffer[pick] = item
+    for pick in rng.permutation(len(buffer)):
+        yield buffer[pick]
+
+
+Transform = Callable[[Image.Image, RawSample], torch.Tensor]
+# (key of the image used, augmented uint8 tensor, [(key, reason)] of the corrupt sample it stands in for)
+Decoded = tuple[str, torch.Tensor, list[tuple[str, str]]]
+
+
+def decode_filled(items: Iterable[RawSample], decode: Callable[[bytes], Image.Image], transform: Transform,
+                  fallback: Callable[[], Iterable[RawSample]]) -> Iterator[Decoded]:
+    """(key, tensor, skipped) per item; a corrupt item takes the image of the next good one.
+
+    `skipped` lists the (key, reason) of the corrupt item it replaces. Corrupt items at the end take
+    the first good image of `fallback()`, the worker's whole sequence, so results never depend on
+    where a run was resumed.
+    """
+    holes: list[tuple[RawSample, str]] = []
+    for item in items:
+        image, reason = _try_decode(item, decode)
+        if image is None:
+            holes.append((item, reason))
+            continue
+        for hole, why in holes:
+            yield item.key, transform(image, hole), [(hole.key, why)]
+        holes.clear()
+        yield item.key, transform(image, item), []
+    if holes:
+        key, image = _first_good(fallback(), decode, holes[0][0].key)
+        for hole, why in holes:
+            yield key, transform(image, hole), [(hole.key, why)]
+
+
+def _first_good(items: Iterable[RawSample], decode: Callable[[bytes], Image.Image],
+                first_bad: str) -> tuple[str, Image.Image]:
+    for item in items:
+        image = _try_decode(item, decode)[0]
+        if image is not None:
+            return item.key, image
+    raise RuntimeError(f"no decodable sample in this worker's share (first bad: {first_bad})")
+
+
+def _try_decode(item: RawSample, decode: Callable[[bytes], Image.Image]) -> tuple[Image.Image | None, str]:
+    if item.data is None:
+        return None, item.error
+    try:
+        return decode(item.data), ""
+    except ImageDecodeError as exc:
+        return None, str(exc)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Everything a DataLoader worker needs to produce its batches of one epoch (picklable)."""
+
+    a: ShardSequence
+    b: ShardSequence
+    epoch: int
+    step: int
+    steps: int
+    rank: int
+    workers: int
+    batch_size: int
+    load_size: int
+    crop_size: int
+    flip: bool
+    decay: bool
+    shuffle_buffer: int
+
+    def share(self, logical: int) -> tuple[int, int]:
+        """The positions [start, stop) that logical worker `logical` of this rank consumes."""
+        start = (self.rank * self.steps + sum(len(range(w, self.steps, self.workers))
+                                              for w in range(logical))) * self.batch_size
+        return start, start + len(range(logical, self.steps, self.workers)) * self.batch_size
+
+    def batches(self, logical: int) -> Iterator[dict[str, Any]]:
+        """The batches of logical worker `logical` from `self.step` on (batches step + k*workers ...)."""
+        done = len(range(logical, self.step, self.workers))
+        todo = len(range(logical, self.steps, self.workers)) - done
+        a = self._samples(self.a, logical, done * self.batch_size)
+        b = self._samples(self.b, logical, done * self.batch_size)
+        for _ in range(todo):
+            a_items = list(islice(a, self.batch_size))
+            b_items = list(islice(b, self.batch_size))
+            yield {"A": to_tensor(torch.stack([t for _, t, _ in a_items])),
+                   "B": to_tensor(torch.stack([t for _, t, _ in b_items])),
+                   "A_key": [k for k, _, _ in a_items], "B_key": [k for k, _, _ in b_items],
+                   "skipped": [s for _, _, skipped in a_items + b_items for s in skipped]}
+
+    def _order(self, seq: ShardSequence, logical: int) -> Iterator[RawSample]:
+        start, stop = self.share(logical)
+        rng = _rng(seq.seed, self.epoch, seq.stream, _SHUFFLE, start)
+        return shuffled(seq.read(self.epoch, start, stop), rng, self.shuffle_buffer)
+
+    def _samples(self, seq: ShardSequence, logical: int, skip: int) -> Iterator[Decoded]:
+        size = self.crop_size if self.decay else self.load_size
+
+        def transform(image: Image.Image, item: RawSample) -> torch.Tensor:
+            rng = _rng(seq.seed, self.epoch, seq.stream, _AUGMENT, item.position)
+            return train_crop(image, rng, self.load_size, self.crop_size, self.flip, self.decay)
+
+        return decode_filled(islice(self._order(seq, logical), skip, None),
+                             lambda data: decode_rgb(data, draft_to=size), transform,
+                             lambda: self._order(seq, logical))
+
+
+class _EpochDataset(IterableDataset):
+    def __init__(self, plan: EpochPlan) -> None:
+        self.plan = plan
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        physical, workers = (info.id, info.num_workers) if info else (0, 1)
+        if workers != self.plan.workers:
+            raise RuntimeError(f"plan made for {self.plan.workers} workers, running with {workers}")
+        return self.plan.batches((physical + self.plan.step) % workers)
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+class UnpairedStream:
+    """Unpaired A/B batches for one DDP rank; see the module docstring for the layout.
+
+    `a_url`, `b_url`: a shard set's `_index.json` URL or the folder holding it. `rank` and
+    `world_size` default to torchrun's RANK and WORLD_SIZE. `workers`: DataLoader worker processes
+    (0 decodes in this process); exact resume needs the same count.
+    """
+
+    def __init__(self, a_url: str, b_url: str, *, load_size: int, crop_size: int, batch_size: int, seed: int,
+                 rank: int | None = None, world_size: int | None = None, workers: int = 0, flip: bool = True,
+                 shuffle_buffer: int = 256) -> None:
+        self.rank = _env_int("RANK", 0) if rank is None else rank
+        self.world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+        if seed < 0 or batch_size < 1 or workers < 0:
+            raise ValueError("seed and workers must be >= 0 and batch_size >= 1")
+        indexes = [ShardIndex.load(url) for url in (a_url, b_url)]
+        for index in indexes:
+            index.check_complete()
+            if index.samples == 0:
+                raise ValueError(f"shard set {index.base_url} holds no samples")
+        self.a = ShardSequence.from_index(indexes[0], seed, A_STREAM)
+        self.b = ShardSequence.from_index(indexes[1], seed, B_STREAM)
+        self.steps_per_epoch = max(self.a.total, self.b.total) // (self.world_size * batch_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{max(self.a.total, self.b.total)} samples cannot fill one batch of "
+                             f"{batch_size} on each of {self.world_size} ranks")
+        self.seed, self.batch_size, self.workers = seed, batch_size, workers
+        self.load_size, self.crop_size, self.flip = load_size, crop_size, flip
+        self.shuffle_buffer = shuffle_buffer
+        self.skipped = 0
+
+    def plan(self, position: StreamPosition, decay: bool = False) -> EpochPlan:
+        """The picklable description of this rank's epoch from `position` on."""
+        if not 0 <= position.step <= self.steps_per_epoch:
+            raise ValueError(f"step {position.step} outside epoch of {self.steps_per_epoch} steps")
+        return EpochPlan(self.a, self.b, position.epoch, position.step, self.steps_per_epoch, self.rank,
+                         max(1, self.workers), self.batch_size, self.load_size, self.crop_size, self.flip,
+                         decay, self.shuffle_buffer)
+
+    def iterate(self, position: StreamPosition, decay: bool = False) -> Iterator[dict[str, Any]]:
+        """Batches `position.step` .. `steps_per_epoch - 1` of the epoch: dicts with `A`, `B` (float32
+        (batch, 3, crop, crop) in [-1, 1]) and `A_key`, `B_key` (lists of str). `decay`: the LR-decay
+        phase, where the official transform drops the crop jitter."""
+        plan = self.plan(position, decay)
+        if plan.step == plan.steps:
+            return
+        loader = iter(DataLoader(_EpochDataset(plan), batch_size=None, num_workers=self.workers,
+                                 pin_memory=torch.cuda.is_available()))
+        try:
+            for batch in loader:
+                for key, reason in batch.pop("skipped"):
+                    self.skipped += 1
+                    log.warning("rank %d: skipped corrupt sample %s (%s)", self.rank, key, reason)
+                yield batch
+        finally:
+            # Stop the workers now when the caller stops early or an error escapes; left to the garbage
+            # collector, the shutdown (a join of up to 5 s per worker) lands in whichever thread collects.
+            shutdown = getattr(loader, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def state_dict(self, position: StreamPosition) -> dict[str, int]:
+        """What a checkpoint stores to resume this stream at `position`."""
+        return {"epoch": position.epoch, "step": position.step,
+                "samples": position.step * self.batch_size * self.world_size, "seed": self.seed,
+                "world_size": self.world_size, "batch_size": self.batch_size, "workers": self.workers}
+
+    def position_from_state(self, state: dict[str, int]) -> StreamPosition:
+        """The position to resume at; exact when the layout (seed, ranks, batch, workers) is unchanged,
+        otherwise the step that consumed the same number of samples."""
+        layout = ("seed", "world_size", "batch_size", "workers")
+        if all(state[k] == getattr(self, k) for k in layout):
+            return StreamPosition(state["epoch"], state["step"])
+        step = min(state["samples"] // (self.batch_size * self.world_size), self.steps_per_epoch)
+        log.warning("data layout changed (%s -> %s): resuming epoch %d at step %d, not bit-exact",
+                    {k: state[k] for k in layout}, {k: getattr(self, k) for k in layout},
+                    state["epoch"], step)
+        return StreamPosition(state["epoch"], step)

@@ -1,0 +1,86 @@
+"""Shared fixtures: a real S3-compatible server on loopback and tiny image files."""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import s3fs
+from moto.server import ThreadedMotoServer
+from PIL import Image
+
+BUCKET = "cut-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1; endpoint and credentials set in the environment as a user would."""
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", endpoint)
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        s3fs.S3FileSystem.clear_instance_cache()
+        s3fs.S3FileSystem(endpoint_url=endpoint).mkdir(BUCKET)
+        yield endpoint
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_server: str) -> Iterator[str]:
+    """A fresh `s3://` prefix for one test; cached s3fs clients are dropped afterwards."""
+    yield f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def image_bytes(seed: int, size: tuple[int, int] = (48, 40), fmt: str = "JPEG", mode: str = "RGB") -> bytes:
+    """A small random image, encoded."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A PNG whose header claims a huge image: a decompression bomb as far as a decoder can tell."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+@pytest.fixture
+def make_images(tmp_path: Path) -> Callable[..., Path]:
+    """`make_images(name, n)`: a folder of n small JPEGs (img-000.jpg ...) in a nested layout."""
+
+    def make(name: str, n: int, start_seed: int = 0) -> Path:
+        folder = tmp_path / name
+        for i in range(n):
+            path = folder / f"part{i % 2}" / f"img-{i:03d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(image_bytes(start_seed + i))
+        return folder
+
+    return make
