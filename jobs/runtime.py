@@ -1,0 +1,119 @@
+"""Process setup the jobs share: the torchrun/Kubernetes environment, device, logging, code version."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "").strip():
+            return int(os.environ[name])
+    return default
+
+
+def init_runtime(device: str = "auto") -> Runtime:
+    """Rank and device from the environment torchrun (or a PyTorchJob/JobSet) sets; joins the group.
+
+    Backend nccl on CUDA, gloo on CPU; one CUDA device per LOCAL_RANK.
+    """
+    rank = _env_int("RANK", default=0)
+    world = _env_int("WORLD_SIZE", default=1)
+    local_rank = _env_int("LOCAL_RANK", default=0)
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            store=_attempt_store(rank, world),
+            rank=rank,
+            world_size=world,
+            device_id=dev if use_cuda else None,
+        )
+    return Runtime(rank, world, local_rank, dev)
+
+
+def _attempt_store(rank: int, world: int) -> dist.Store:
+    """The rendezvous store of MASTER_ADDR:MASTER_PORT, with keys private to this restart attempt.
+
+    Under torchrun the store outlives worker restarts (``--max-restarts``); without a per-attempt
+    prefix, restarted ranks can read the dead ranks' addresses and fail to connect.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        int(os.environ.get("MASTER_PORT", "29500")),
+        world,
+        is_master=rank == 0 and not agent_hosts_store,
+        timeout=timedelta(minutes=30),
+    )
+    return dist.PrefixStore(
+        f"cut-pipeline/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store
+    )
+
+
+def shutdown(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def setup_logging(rank: int, level: int = logging.INFO) -> None:
+    """Log lines carry the rank; the step goes into each message."""
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s rank={rank} %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when running from a checkout."""
+    try:
+        version = metadata.version("cut-pipeline")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    root = Path(__file__).resolve().parent.parent
+    if (root / ".git").exists():
+        try:
+            sha = subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            sha = ""
+        if sha:
+            version += f"+g{sha}"
+    return version

@@ -1,0 +1,52 @@
+"""TensorBoard event files under a run URL: written locally, uploaded when the run is remote."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from pipeline import storage
+
+
+class TensorBoard:
+    """A SummaryWriter whose log folder is ``url``, local or remote (synced by ``sync``)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        if storage.is_local(url):
+            self.logdir = storage.local_path(url)
+            self._remote = False
+        else:
+            self.logdir = tempfile.mkdtemp(prefix="cut-tb-")
+            self._remote = True
+        os.makedirs(self.logdir, exist_ok=True)
+        self.writer = SummaryWriter(self.logdir)
+        self._uploaded: dict[str, int] = {}
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def images(self, step: int, images: dict[str, torch.Tensor]) -> None:
+        """Add (3, H, W) images in [-1, 1] under their tags."""
+        for tag, img in images.items():
+            self.writer.add_image(tag, (img.detach().float().cpu().clamp(-1, 1) + 1) / 2, step)
+
+    def sync(self) -> None:
+        """Flush, and upload the event files that grew since the last sync (remote runs)."""
+        self.writer.flush()
+        if not self._remote:
+            return
+        for name in sorted(os.listdir(self.logdir)):
+            path = os.path.join(self.logdir, name)
+            size = os.path.getsize(path)
+            if self._uploaded.get(name) != size:
+                storage.upload_atomic(path, storage.join(self.url, name))
+                self._uploaded[name] = size
+
+    def close(self) -> None:
+        self.sync()
+        self.writer.close()

@@ -1,0 +1,322 @@
+"""Train CUT or FastCUT on shard sets, one process or many under torchrun, resuming by itself.
+
+    torchrun --nproc_per_node=8 -m jobs.train --config configs/cut.yaml run.url=s3://bucket/runs/h2z
+    python -m jobs.train --config configs/tiny.yaml data.a=... data.b=... run.url=/tmp/run
+
+Outputs under run.url: config.yaml, checkpoints/step-%09d/ (full training state; the newest
+complete one is resumed automatically), tb/ (TensorBoard), export/ (generator.pt for jobs.infer and
+an official-layout latest_net_G.pth). SIGTERM saves a checkpoint and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from cut import CheckpointError, CUTModel, export_generator, read_checkpoint
+from cut.checkpoint import to_bytes
+from jobs.config import (
+    ConfigError,
+    TrainConfig,
+    cut_config,
+    load_config,
+    resolve_train_config,
+    to_dict,
+    to_yaml,
+)
+from jobs.runtime import Runtime, code_version, init_runtime, setup_logging, shutdown
+from jobs.tensorboard import TensorBoard
+from pipeline import storage
+from pipeline.checkpoints import CheckpointStore
+from pipeline.unpaired import StreamPosition, UnpairedStream
+
+log = logging.getLogger("jobs.train")
+
+STATE_BLOB = "state.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+def lr_factor(epoch: int, n_epochs: int, n_epochs_decay: int) -> float:
+    """The official linear policy for 0-based ``epoch``: constant, then linear decay (never to 0)."""
+    return 1.0 - max(0, epoch + 1 - n_epochs) / float(n_epochs_decay + 1)
+
+
+class Trainer:
+    """The training loop of one rank: model, stream, schedule, checkpoints, logs."""
+
+    def __init__(self, config: TrainConfig, runtime: Runtime) -> None:
+        self.config = config
+        self.rt = runtime
+        t = config.train
+        self.run_url = config.run.url.rstrip("/")
+        self.model = CUTModel(cut_config(config, runtime.device.type), runtime.device, seed=t.seed)
+        # Each rank draws its own patch positions and flips, as replicas do in the official code.
+        self.model.generator.manual_seed(t.seed + 1 + 100_003 * runtime.rank)
+        self.stream = UnpairedStream(
+            config.data.a,
+            config.data.b,
+            load_size=config.data.load_size,
+            crop_size=config.data.crop_size,
+            batch_size=t.batch_size,
+            seed=t.seed,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
+            workers=config.data.workers,
+            flip=config.data.flip,
+        )
+        self.store = CheckpointStore(storage.join(self.run_url, "checkpoints"))
+        self.epochs = t.n_epochs + t.n_epochs_decay
+        total = self.epochs * self.stream.steps_per_epoch
+        self.total_steps = total if t.max_steps is None else min(total, t.max_steps)
+        self.step = 0
+        self.position = StreamPosition(0, 0)
+        self.last_saved = -1
+        self.stop_requested = False
+        # A host sync per step is free on CPU; on CUDA the stop/finite check runs every few steps.
+        self.control_every = 1 if runtime.device.type == "cpu" else 10
+        self.tb = TensorBoard(storage.join(self.run_url, "tb")) if runtime.is_main else None
+
+    # -------------------------------------------------------------------------------------- state
+    def _gather_rng(self) -> list[torch.Tensor]:
+        state = self.model.generator.get_state()
+        if not self.rt.distributed:
+            return [state]
+        states: list[Any] = [None] * self.rt.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def save(self) -> None:
+        """Rank 0 writes the full training state; every rank takes part (RNG gather, barrier)."""
+        rng = self._gather_rng()
+        if self.rt.is_main:
+            model_state = self.model.state_dict()
+            state = {
+                "model": model_state,
+                "rng": rng,
+                "step": self.step,
+                "stream": self.stream.state_dict(self.position),
+                "world_size": self.rt.world_size,
+                "config": to_dict(self.config),
+                "code_version": code_version(),
+            }
+            folder = self.store.save(
+                self.step, {STATE_BLOB: to_bytes(state), "config.yaml": to_yaml(self.config).encode()}
+            )
+            removed = self.store.prune(self.config.train.keep_last)
+            log.info("step %d: saved checkpoint %s (pruned %s)", self.step, folder, removed or "none")
+        if self.rt.distributed:
+            dist.barrier()
+        self.last_saved = self.step
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint, if any; returns whether one was loaded."""
+        latest = self.store.latest_step()
+        if latest is None:
+            return False
+        source = storage.join(self.store.root, f"step-{latest:09d}", STATE_BLOB)
+        state = read_checkpoint(self.store.read(latest, STATE_BLOB), source)
+        self.model.load_state_dict(state["model"])
+        self.step = int(state["step"])
+        rng = state["rng"]
+        if len(rng) == self.rt.world_size:
+            self.model.generator.set_state(rng[self.rt.rank])
+        else:
+            log.warning(
+                "checkpoint from %d ranks, running %d: patch RNG reseeded", len(rng), self.rt.world_size
+            )
+            self.model.generator.manual_seed(self.config.train.seed + 1 + 100_003 * self.rt.rank + self.step)
+        self.position = self.stream.position_from_state(state["stream"])
+        self.last_saved = self.step
+        log.info("step %d: resumed from %s (epoch %d, step %d of it)", self.step, source, *self._pos())
+        return True
+
+    def _pos(self) -> tuple[int, int]:
+        return self.position.epoch, self.position.step
+
+    # --------------------------------------------------------------------------------------- loop
+    def _control(self, losses: dict[str, torch.Tensor]) -> tuple[bool, bool]:
+        """(stop requested on any rank, non-finite loss on any rank), agreed by all ranks."""
+        bad = ~torch.isfinite(torch.stack([v.float() for v in losses.values()])).all()
+        flags = torch.stack([torch.tensor(self.stop_requested, device=bad.device), bad]).to(torch.int32)
+        if self.rt.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, nonfinite = (bool(v) for v in flags.tolist())
+        return stop, nonfinite
+
+    def _batches(self) -> Iterator[tuple[dict[str, Any], float]]:
+        """(batch, seconds waited for it) until the schedule or max_steps ends; advances the position."""
+        t = self.config.train
+        while self.position.epoch < self.epochs and self.step < self.total_steps:
+            epoch = self.position.epoch
+            self.model.set_lr(t.lr * lr_factor(epoch, t.n_epochs, t.n_epochs_decay))
+            batches = self.stream.iterate(self.position, decay=epoch >= t.n_epochs)
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                yield batch, time.perf_counter() - t0
+                if self.step >= self.total_steps:
+                    return
+            self.position = StreamPosition(epoch + 1, 0)
+
+    def train(self) -> str:
+        """Run to the end or to a stop request; returns 'done' or 'preempted'."""
+        t = self.config.train
+        window: dict[str, Any] = {"losses": [], "wait": 0.0, "start": time.perf_counter(), "steps": 0}
+        for batch, waited in self._batches():
+            losses = self.model.train_step(batch["A"], batch["B"], sync=False)
+            self.step += 1
+            self.position = StreamPosition(self.position.epoch, self.position.step + 1)
+            window["losses"].append(losses)
+            window["wait"] += waited
+            window["steps"] += 1
+            due_save = self.step % t.checkpoint_every == 0
+            if self.step % self.control_every == 0 or due_save or self.step == self.total_steps:
+                stop, nonfinite = self._control(losses)
+                if nonfinite:
+                    kept = f"step {self.last_saved}" if self.last_saved >= 0 else "none written yet"
+                    raise NonFiniteLossError(
+                        f"step {self.step}: non-finite loss {self._floats(losses)}; stopping. Last good "
+                        f"checkpoint: {kept}, under {self.store.root}"
+                    )
+                if stop:
+                    self.save()
+                    log.info("step %d: stop requested (SIGTERM), checkpoint saved, exiting", self.step)
+                    return "preempted"
+            if due_save:
+                self.save()
+            if self.step % t.log_every == 0:
+                self._log(window)
+                window = {"losses": [], "wait": 0.0, "start": time.perf_counter(), "steps": 0}
+            if self.tb is not None and self.step % t.image_every == 0:
+                self.tb.images(self.step, {f"images/{k}": v[0] for k, v in self.model.visuals.items()})
+        if self.last_saved != self.step:
+            self.save()
+        return "done"
+
+    @staticmethod
+    def _floats(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {k: round(float(v), 5) for k, v in losses.items()}
+
+    def _log(self, window: dict[str, Any]) -> None:
+        elapsed = time.perf_counter() - window["start"]
+        n = window["steps"]
+        mean = {k: sum(float(d[k]) for d in window["losses"]) / n for k in window["losses"][0]}
+        images_per_s = n * self.config.train.batch_size * self.rt.world_size / max(elapsed, 1e-9)
+        if self.rt.device.type == "cuda":
+            memory = torch.cuda.max_memory_allocated(self.rt.device) / 2**20
+        else:
+            memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        lr = self.model.opt_G.param_groups[0]["lr"]
+        wait = window["wait"] / max(elapsed, 1e-9)
+        log.info(
+            "step %d epoch %d: %s lr=%.3g images/s=%.2f data_wait=%.0f%% memory=%.0fMiB",
+            self.step,
+            self.position.epoch,
+            " ".join(f"{k}={v:.4f}" for k, v in mean.items()),
+            lr,
+            images_per_s,
+            100 * wait,
+            memory,
+        )
+        if self.tb is not None:
+            scalars = {f"loss/{k}": v for k, v in mean.items()}
+            scalars.update(
+                {
+                    "lr": lr,
+                    "perf/images_per_s": images_per_s,
+                    "perf/data_wait": wait,
+                    "perf/memory_mib": memory,
+                }
+            )
+            scalars["data/skipped"] = float(self.stream.skipped)
+            self.tb.scalars(self.step, scalars)
+            self.tb.sync()
+
+    # ------------------------------------------------------------------------------------- outputs
+    def export(self) -> None:
+        """The generator alone: our export for jobs.infer and the official latest_net_G.pth."""
+        g = self.model.netG
+        meta = {"preset": self.config.model.preset, "step": self.step, "code_version": code_version()}
+        storage.write_bytes_atomic(
+            storage.join(self.run_url, "export", "generator.pt"), to_bytes(export_generator(g, **meta))
+        )
+        official = {k: v.detach().cpu() for k, v in g.state_dict().items()}
+        storage.write_bytes_atomic(
+            storage.join(self.run_url, "export", "latest_net_G.pth"), to_bytes(official)
+        )
+        log.info("step %d: exported the generator to %s", self.step, storage.join(self.run_url, "export"))
+
+    def run(self) -> int:
+        if self.rt.is_main:
+            storage.write_bytes_atomic(
+                storage.join(self.run_url, "config.yaml"), to_yaml(self.config).encode()
+            )
+        self.resume()
+        if self.rt.distributed:
+            device_ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            self.model.wrap(lambda net: DistributedDataParallel(net, device_ids=device_ids))
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        log.info(
+            "training %s: %d steps of %d per epoch, %d epochs, %d rank(s), device %s, from step %d",
+            self.config.model.preset,
+            self.total_steps,
+            self.stream.steps_per_epoch,
+            self.epochs,
+            self.rt.world_size,
+            self.rt.device,
+            self.step,
+        )
+        try:
+            outcome = self.train()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if self.tb is not None:
+                self.tb.close()
+        if outcome == "done" and self.rt.is_main:
+            self.export()
+        return 0
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="YAML config file (configs/cut.yaml, ...)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    args = parser.parse_args(argv)
+    try:
+        config = resolve_train_config(load_config(TrainConfig, args.config, args.overrides))
+    except ConfigError as exc:
+        parser.error(str(exc))
+    runtime = init_runtime(config.train.device)
+    setup_logging(runtime.rank)
+    torch.manual_seed(config.train.seed)
+    try:
+        return Trainer(config, runtime).run()
+    except (NonFiniteLossError, CheckpointError) as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        shutdown(runtime)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The config system: YAML plus overrides, every key validated, presets resolved."""
+
+import pytest
+
+from jobs.config import ConfigError, TrainConfig, cut_config, load_config, resolve_train_config, to_yaml
+from jobs.train import lr_factor
+
+REQUIRED = ["data.a=/a", "data.b=/b", "run.url=/run"]
+
+
+def test_shipped_configs_reproduce_the_official_presets():
+    cut = resolve_train_config(load_config(TrainConfig, "configs/cut.yaml", REQUIRED))
+    fast = resolve_train_config(load_config(TrainConfig, "configs/fastcut.yaml", REQUIRED))
+    assert (cut.train.n_epochs, cut.train.n_epochs_decay) == (200, 200)
+    assert (fast.train.n_epochs, fast.train.n_epochs_decay) == (150, 50)
+    for c in (cut, fast):
+        assert (c.train.batch_size, c.train.lr, c.train.beta1, c.train.beta2) == (1, 0.0002, 0.5, 0.999)
+        assert (c.data.load_size, c.data.crop_size) == (286, 256)
+    model_cut, model_fast = cut_config(cut, "cpu"), cut_config(fast, "cpu")
+    assert (model_cut.nce_idt, model_cut.lambda_NCE, model_cut.flip_equivariance) == (True, 1.0, False)
+    assert (model_fast.nce_idt, model_fast.lambda_NCE, model_fast.flip_equivariance) == (False, 10.0, True)
+    assert not model_cut.bf16 and cut_config(cut, "cuda").bf16 and cut_config(cut, "cuda").channels_last
+
+
+def test_overrides_are_typed_and_yaml11_floats_are_accepted():
+    c = load_config(
+        TrainConfig, "configs/tiny.yaml", ["train.lr=1e-3", "model.lambda_NCE=2", "train.max_steps=3"]
+    )
+    assert c.train.lr == 0.001 and c.model.lambda_NCE == 2.0 and isinstance(c.model.lambda_NCE, float)
+    assert c.train.max_steps == 3 and isinstance(c.train.max_steps, int)
+    assert load_config(TrainConfig, text=to_yaml(c)) == c  # the resolved config round-trips
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.lrr=1", "unknown config key 'train.lrr'"),
+        ("model.extra.x=1", "unknown config key 'model.extra'"),
+        ("train.lr=fast", "config key 'train.lr' must be float"),
+        ("train.batch_size=1.5", "config key 'train.batch_size' must be int"),
+        ("model.antialias=maybe", "config key 'model.antialias' must be bool"),
+        ("train.lr", "not of the form key.sub=value"),
+    ],
+)
+def test_bad_keys_and_values_are_errors_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(TrainConfig, "configs/tiny.yaml", [override])
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("data.crop_size=30", "data.crop_size"),
+        ("model.preset=CycleGAN", "model.preset"),
+        ("train.keep_last=0", "train.keep_last"),
+        ("model.gan_mode=wgan", "model.gan_mode"),
+    ],
+)
+def test_cross_key_rules_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        resolve_train_config(load_config(TrainConfig, "configs/tiny.yaml", [*REQUIRED, override]))
+
+
+def test_missing_urls_and_files_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.a"):
+        resolve_train_config(load_config(TrainConfig, "configs/tiny.yaml"))
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(TrainConfig, str(tmp_path / "missing.yaml"))
+    (tmp_path / "bad.yaml").write_text("model: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(TrainConfig, str(tmp_path / "bad.yaml"))
+
+
+def test_linear_schedule_matches_the_official_policy():
+    # Official epoch k (1-based) uses 1 - max(0, k - n_epochs) / (n_epochs_decay + 1).
+    assert lr_factor(0, 200, 200) == 1.0
+    assert lr_factor(199, 200, 200) == 1.0
+    assert lr_factor(200, 200, 200) == pytest.approx(1 - 1 / 201)
+    assert lr_factor(399, 200, 200) == pytest.approx(1 / 201)
