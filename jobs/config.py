@@ -116,7 +116,8 @@ def _yaml11_float(text: str) -> float | str:
         return text
 
 
-def _build(cls: type[T], data: Any, where: str, source: str) -> T:
+def build(cls: type[T], data: Any, source: str, where: str = "") -> T:
+    """An instance of the dataclass ``cls`` from plain data, every key and type checked."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: '{where or 'top level'}' must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -130,7 +131,7 @@ def _build(cls: type[T], data: Any, where: str, source: str) -> T:
         key = f"{where}.{name}" if where else name
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
-            values[name] = _build(annotation, value, key, source)
+            values[name] = build(annotation, value, source, key)
             continue
         if isinstance(value, str) and _type_ok(0.5, annotation) and not _type_ok(value, annotation):
             value = _yaml11_float(value)  # PyYAML reads 1e-4 (no dot) as a string
@@ -187,7 +188,7 @@ def load_config(
             raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     for item in overrides:
         data = _merge(data, parse_override(item))
-    return _build(cls, data, "", source)
+    return build(cls, data, source)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -295,15 +295,25 @@ class Trainer:
         self.stop_requested = True
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", required=True, help="YAML config file (configs/cut.yaml, ...)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return parser
+
+
+def load_train_config(args: argparse.Namespace) -> TrainConfig:
+    """The validated, preset-resolved config a parsed command line describes (ConfigError if bad)."""
+    return resolve_train_config(load_config(TrainConfig, args.config, args.overrides))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config = resolve_train_config(load_config(TrainConfig, args.config, args.overrides))
+        config = load_train_config(args)
     except ConfigError as exc:
         parser.error(str(exc))
     runtime = init_runtime(config.train.device)

@@ -79,6 +79,14 @@ def inspect_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     return ImageInfo(fmt, width, height)
 
 
+def displayed_size(data: bytes) -> tuple[int, int]:
+    """Width and height of valid image bytes as displayed (EXIF orientation applied), from the header."""
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+        swapped = img.getexif().get(ExifTags.Base.Orientation) in _SWAPPED_ORIENTATIONS
+    return (height, width) if swapped else (width, height)
+
+
 def decode_rgb(data: bytes, *, draft_to: int | None = None,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode to an RGB image with EXIF orientation applied.

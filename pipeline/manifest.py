@@ -1,0 +1,92 @@
+"""The inference manifest: one Parquet part per committed work unit, and ``_SUCCESS`` when all are in.
+
+A part is written last and atomically, so its existence is the unit's commit. Readers (pyarrow,
+DuckDB, Spark) read ``OUT/manifest/*.parquet`` as one dataset with one row per input.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source_url", pa.string()),
+        ("output_url", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("out_width", pa.int32()),
+        ("out_height", pa.int32()),
+        ("input_bytes", pa.int64()),
+        ("output_bytes", pa.int64()),
+        ("output_sha256", pa.string()),
+        ("model_id", pa.string()),
+        ("preset", pa.string()),
+        ("elapsed_ms", pa.float64()),
+        ("worker", pa.int32()),
+        ("unit", pa.int32()),
+    ]
+)
+SUCCESS = "_SUCCESS"
+_PART = re.compile(r"part-(\d{6})\.parquet$")
+
+
+def manifest_dir(out_url: str) -> str:
+    return storage.join(out_url, "manifest")
+
+
+def part_url(out_url: str, unit: int) -> str:
+    return storage.join(manifest_dir(out_url), f"part-{unit:06d}.parquet")
+
+
+def write_part(out_url: str, unit: int, rows: Sequence[dict[str, Any]]) -> str:
+    """Commit a unit: its rows as one Parquet object, written atomically."""
+    table = pa.Table.from_pylist(
+        [{name: row.get(name) for name in SCHEMA.names} for row in rows], schema=SCHEMA
+    )
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    url = part_url(out_url, unit)
+    storage.write_bytes_atomic(url, buffer.getvalue())
+    return url
+
+
+def committed_units(out_url: str) -> set[int]:
+    """Units whose manifest part exists (temporary files of interrupted local writes are ignored)."""
+    folder = manifest_dir(out_url)
+    if not storage.exists(folder):
+        return set()
+    found = set()
+    for url in storage.list_files(folder):
+        m = _PART.search(url)
+        if m and url.rsplit("/", 1)[-1] == m.group(0):
+            found.add(int(m.group(1)))
+    return found
+
+
+def read_manifest(out_url: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """All committed parts as one table."""
+    tables = [
+        pq.read_table(io.BytesIO(storage.read_bytes(part_url(out_url, unit))), columns=columns)
+        for unit in sorted(committed_units(out_url))
+    ]
+    if not tables:
+        return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(list(columns))
+    return pa.concat_tables(tables)
+
+
+def write_success(out_url: str, totals: dict[str, Any]) -> str:
+    url = storage.join(out_url, SUCCESS)
+    storage.write_bytes_atomic(url, (json.dumps(totals, indent=1, sort_keys=True) + "\n").encode())
+    return url

@@ -1,0 +1,142 @@
+"""Data side of bulk translation: decoded, preprocessed batches per work unit, and encoded outputs.
+
+``UnitBatches`` runs in DataLoader workers: it reads each unit, decodes and preprocesses every
+input, groups same-sized images into batches and reports unreadable inputs as error records, so
+the job's main process only runs the model, and encodes and writes in its thread pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.corpus import WorkUnit, read_unit
+from pipeline.transforms import ImageDecodeError, decode_rgb, displayed_size, test_draft_size, test_transform
+
+PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How inputs become network inputs (see ``pipeline.transforms.test_transform``)."""
+
+    mode: str = "official"
+    load_size: int = 256
+    crop_size: int = 256
+    max_pixels: int = 64 * 2**20
+
+
+def _error_record(order: int, key: str, source_url: str, error: str, size: int, dims=(None, None)) -> dict:
+    return {
+        "order": order,
+        "key": key,
+        "source_url": source_url,
+        "status": "error",
+        "error": error,
+        "width": dims[0],
+        "height": dims[1],
+        "input_bytes": size,
+    }
+
+
+class UnitBatches(IterableDataset):
+    """Yields, per unit of this DataLoader worker's share (unit j -> worker j % workers):
+    ``{"unit", "x", "meta"}`` batches of one image size, then ``{"unit", "end", "errors", "count"}``."""
+
+    def __init__(self, units: Sequence[WorkUnit], preprocess: Preprocess, batch_size: int) -> None:
+        self.units = list(units)
+        self.pre = preprocess
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for j, unit in enumerate(self.units):
+            if j % workers == worker:
+                yield from self._unit(unit)
+
+    def _unit(self, unit: WorkUnit) -> Iterator[dict[str, Any]]:
+        pre = self.pre
+        groups: dict[tuple[int, int], list[tuple[torch.Tensor, dict]]] = {}
+        errors = []
+        count = 0
+        draft = test_draft_size(pre.mode, pre.load_size, pre.crop_size)
+        for order, item in enumerate(read_unit(unit)):
+            count += 1
+            size = len(item.data) if item.data is not None else 0
+            if item.data is None:
+                errors.append(_error_record(order, item.key, item.source_url, item.error, size))
+                continue
+            t0 = time.perf_counter()
+            try:
+                img = decode_rgb(item.data, draft_to=draft, max_pixels=pre.max_pixels)
+                full_size = img.size if draft is None else displayed_size(item.data)
+                x = test_transform(img, pre.mode, pre.load_size, pre.crop_size)
+            except ImageDecodeError as exc:
+                errors.append(_error_record(order, item.key, item.source_url, f"{exc.reason}: {exc}", size))
+                continue
+            meta = {
+                "order": order,
+                "key": item.key,
+                "source_url": item.source_url,
+                "width": full_size[0],
+                "height": full_size[1],
+                "input_bytes": size,
+                "restore": full_size if pre.mode == "none" else None,
+                "prep_ms": 1000 * (time.perf_counter() - t0),
+            }
+            group = groups.setdefault((x.shape[1], x.shape[2]), [])
+            group.append((x, meta))
+            if len(group) == self.batch_size:
+                yield _batch(unit.index, groups.pop((x.shape[1], x.shape[2])))
+        for shape in sorted(groups):
+            yield _batch(unit.index, groups[shape])
+        yield {"unit": unit.index, "end": True, "errors": errors, "count": count}
+
+
+def _batch(unit: int, items: list[tuple[torch.Tensor, dict]]) -> dict[str, Any]:
+    return {"unit": unit, "x": torch.stack([x for x, _ in items]), "meta": [m for _, m in items]}
+
+
+def to_uint8(y: torch.Tensor) -> torch.Tensor:
+    """Network output in [-1, 1] to uint8 as the official test does: clamp, scale, truncate."""
+    return ((y.float().clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8)
+
+
+def encode_image(pixels: np.ndarray, fmt: str, quality: int, restore: tuple[int, int] | None) -> bytes:
+    """HWC uint8 pixels as PNG, JPEG or WebP bytes; ``restore`` resizes back to an input's size first."""
+    img = Image.fromarray(pixels)
+    if restore is not None and img.size != tuple(restore):
+        img = img.resize(tuple(restore), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    if fmt == "png":
+        img.save(buffer, "PNG")
+    else:
+        img.save(buffer, PIL_FORMATS[fmt], quality=quality)
+    return buffer.getvalue()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def pack_tar(members: Sequence[tuple[str, bytes]]) -> bytes:
+    """A WebDataset tar of (name, bytes) members, with fixed metadata so identical input packs identically."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
