@@ -22,7 +22,7 @@ test: venv lint
 	$(PY) -m pytest -q
 
 demo: venv
-	$(PY) -m jobs.demo
+	$(PY) -m jobs.demo $(if $(DATA),--data $(DATA))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo-out

@@ -61,6 +61,7 @@ class InferConfig:
     num_workers: int | None = None
     device: str = "auto"
     bf16: bool | None = None
+    channels_last: bool | None = None
     compile: bool = False
     progress: bool = True
 
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
+    p.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the generator (CUDA)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
@@ -156,10 +160,11 @@ class Translator:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
         self.bf16 = use_cuda if config.bf16 is None else config.bf16
+        self.channels_last = use_cuda if config.channels_last is None else config.channels_last
         data = storage.read_bytes(config.checkpoint)
         checkpoint = read_checkpoint(data, config.checkpoint)
         self.netG = generator_from_checkpoint(checkpoint, config.checkpoint).to(self.device)
-        if use_cuda:
+        if self.channels_last:
             self.netG = self.netG.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.netG) if config.compile else self.netG
         meta = checkpoint.get("metadata", {}) if isinstance(checkpoint, dict) else {}
@@ -178,7 +183,7 @@ class Translator:
     @torch.inference_mode()
     def _translate(self, x: torch.Tensor) -> np.ndarray:
         x = x.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             y = self.forward(x)
