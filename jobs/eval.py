@@ -1,0 +1,474 @@
+"""Translation quality as numbers and pictures: FID, KID and the domain score, plus a sample report.
+
+    python -m jobs.eval --checkpoint s3://b/runs/h2z/export/generator.pt \\
+        --test-a s3://b/h2z/testA --test-b s3://b/h2z/testB --out s3://b/evals/h2z \\
+        --domain-classifier s3://b/h2z/domain.pt --train-a s3://b/h2z/trainA --train-b s3://b/h2z/trainB
+    python -m jobs.eval --translated s3://b/translated/h2z --test-b s3://b/h2z/testB --out ...
+
+The translated images come from a generator (--checkpoint, applied to --test-a with the official test
+preprocessing) or from an inference output folder (--translated; its manifest names each output and
+its input). They are scored against real domain B (--test-b, or saved --reference-stats), and so are
+the untranslated inputs, as a baseline. Images of every source get the official test preprocessing
+(bicubic resize to --crop-size). Sources: shard sets, folders, prefixes, globs, URL lists.
+
+FID and KID need the FID Inception weights (pt_inception-2015-12-05-6726825d.pth): --inception-weights,
+else the torch hub cache, downloaded there when possible. Without them FID and KID are reported as
+unavailable, with the reason, unless --metrics asks for them (then the job fails). The domain score
+(share of translated images a small classifier puts in B) needs --domain-classifier; one is trained
+with --train-a/--train-b when that file does not exist yet (and saved there).
+
+Outputs: OUT/metrics.json, OUT/report.html, OUT/grid.png, OUT/samples/*.png; a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import io
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from cut import CheckpointError, generator_from_checkpoint, read_checkpoint
+from cut.checkpoint import to_bytes
+from cut.domain import (
+    IMAGE_SIZE,
+    DomainClassifier,
+    domain_accuracy,
+    downscale,
+    export_classifier,
+    train_domain_classifier,
+)
+from cut.inception import (
+    WEIGHTS_NAME,
+    FIDInception,
+    InceptionWeightsError,
+)
+from cut.metrics import FeatureStats, QualityMeter, quantize
+from jobs.config import ConfigError, build
+from jobs.quality import hub_weights_path, load_domain_classifier, load_inception
+from jobs.runtime import setup_logging
+from pipeline import storage
+from pipeline.images import (
+    batched,
+    decode_for_eval,
+    image_batches,
+    iter_encoded,
+    read_urls,
+    translated_pairs,
+)
+
+log = logging.getLogger("jobs.eval")
+
+METRICS = ("fid", "kid", "domain")
+
+
+class UnavailableError(RuntimeError):
+    """A metric cannot be computed with what this run was given."""
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation: the command line's options, validated by ``jobs.config.build``."""
+
+    checkpoint: str = ""
+    translated: str = ""
+    test_a: str = ""
+    test_b: str = ""
+    out: str = ""
+    metrics: list[str] | None = None
+    domain_classifier: str = ""
+    train_a: str = ""
+    train_b: str = ""
+    classifier_epochs: int = 20
+    classifier_max_images: int = 5000
+    inception_weights: str = ""
+    download: bool = True
+    reference_stats: str = ""
+    baseline: bool = True
+    crop_size: int = 256
+    batch_size: int = 16
+    samples: int = 8
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    seed: int = 0
+    device: str = "auto"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="generator to evaluate: our export or latest_net_G.pth")
+    what.add_argument("--translated", help="inference output folder (OUT/manifest/*.parquet, OUT/images/...)")
+    p.add_argument("--test-a", help="real domain A test images: what --checkpoint translates, and the A test "
+                   "set of a domain classifier trained here")
+    p.add_argument("--test-b", help="real domain B images (reference for FID/KID; domain classifier test)")
+    p.add_argument("--out", required=True, help="report folder URL")
+    p.add_argument("--metrics", nargs="+", choices=METRICS, default=None,
+                   help="compute these, and fail if one cannot be computed (default: every metric available)")
+    p.add_argument("--domain-classifier", help="domain classifier file (trained and saved here if absent "
+                   "and --train-a/--train-b are given)")
+    p.add_argument("--train-a", help="real domain A training images for the domain classifier")
+    p.add_argument("--train-b", help="real domain B training images for the domain classifier")
+    p.add_argument("--classifier-epochs", type=int, default=20)
+    p.add_argument("--classifier-max-images", type=int, default=5000, help="training images per domain")
+    p.add_argument("--inception-weights", help=f"path or URL of {WEIGHTS_NAME} (default: torch hub cache)")
+    p.add_argument("--no-download", dest="download", action="store_false",
+                   help="never try to download the Inception weights")
+    p.add_argument("--reference-stats", help="Inception statistics of --test-b (.npz): reused when present, "
+                   "written when computed")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="skip scoring the untranslated inputs")
+    p.add_argument("--crop-size", type=int, default=256, help="images are resized to this square size")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--samples", type=int, default=8, help="input/output pairs shown in the report")
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return p
+
+
+def load_eval_config(args: argparse.Namespace) -> EvalConfig:
+    """The validated config of a parsed command line."""
+    data = {k: ("" if v is None and k != "metrics" else v) for k, v in vars(args).items()}
+    config = build(EvalConfig, data, "command line")
+    checks = [
+        ("--test-a", bool(config.test_a) or not config.checkpoint, "given with --checkpoint"),
+        ("--test-b", bool(config.test_b or config.reference_stats), "given (or --reference-stats)"),
+        ("--train-b", bool(config.train_a) == bool(config.train_b), "given together with --train-a"),
+        ("--crop-size", config.crop_size >= 16 and config.crop_size % 4 == 0, "a multiple of 4, at least 16"),
+        ("--batch-size", config.batch_size >= 1, ">= 1"),
+        ("--samples", config.samples >= 0, ">= 0"),
+        ("--kid-subsets", config.kid_subsets >= 1, ">= 1"),
+        ("--kid-subset-size", config.kid_subset_size >= 2, ">= 2"),
+        ("--classifier-epochs", config.classifier_epochs >= 1, ">= 1"),
+        ("--classifier-max-images", config.classifier_max_images >= 1, ">= 1"),
+    ]
+    for flag, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{flag} must be {expected}")
+    return config
+
+
+def load_images(url: str, crop_size: int, size: int, limit: int | None = None) -> torch.Tensor:
+    """Up to ``limit`` images of a source, test-preprocessed at ``crop_size`` then downscaled to ``size``."""
+    batches = [downscale(x, size) for x in image_batches(url, crop_size, 64)]
+    if not batches:
+        raise FileNotFoundError(f"no readable images in {url}")
+    return torch.cat(batches)[:limit]
+
+
+def train_classifier(config: EvalConfig, device: torch.device) -> tuple[DomainClassifier, dict[str, Any]]:
+    """Train a domain classifier on --train-a/--train-b; metadata holds its accuracy on the real test sets."""
+    start = time.perf_counter()
+    limit = config.classifier_max_images
+    train_a = load_images(config.train_a, config.crop_size, IMAGE_SIZE, limit)
+    train_b = load_images(config.train_b, config.crop_size, IMAGE_SIZE, limit)
+    log.info("domain classifier: training on %d A and %d B images", len(train_a), len(train_b))
+    net = train_domain_classifier(
+        train_a, train_b, epochs=config.classifier_epochs, seed=config.seed, device=device,
+        on_epoch=lambda epoch, loss: log.info("domain classifier epoch %d: loss %.4f", epoch + 1, loss))
+    meta: dict[str, Any] = {"train_a": config.train_a, "train_b": config.train_b,
+                            "train_images_a": len(train_a), "train_images_b": len(train_b),
+                            "image_size": IMAGE_SIZE, "crop_size": config.crop_size,
+                            "epochs": config.classifier_epochs,
+                            "train_seconds": round(time.perf_counter() - start, 1)}
+    if config.test_a and config.test_b:
+        test_a = load_images(config.test_a, config.crop_size, IMAGE_SIZE)
+        test_b = load_images(config.test_b, config.crop_size, IMAGE_SIZE)
+        accuracy = domain_accuracy(net, test_a, test_b)
+        meta.update({f"test_{k}": v for k, v in accuracy.items()}, test_images_a=len(test_a),
+                    test_images_b=len(test_b))
+        log.info("domain classifier: test accuracy %.3f (A %.3f, B %.3f)", accuracy["accuracy"],
+                 accuracy["accuracy_a"], accuracy["accuracy_b"])
+    return net, meta
+
+
+def obtain_classifier(config: EvalConfig, device: torch.device) -> tuple[DomainClassifier, dict[str, Any]]:
+    """The --domain-classifier file, or one trained now (and saved there when a URL was given)."""
+    url = config.domain_classifier
+    if url and storage.exists(url):
+        net, meta = load_domain_classifier(url)
+    elif config.train_a:
+        net, meta = train_classifier(config, device)
+        if url:
+            storage.write_bytes_atomic(url, to_bytes(export_classifier(net.cpu(), **meta)))
+            log.info("domain classifier saved to %s", url)
+    else:
+        where = f"{url} does not exist" if url else "none given"
+        raise UnavailableError(f"no domain classifier ({where}): pass --domain-classifier with a trained "
+                               f"one, or --train-a and --train-b to train one")
+    return net.to(device), {"url": url, **meta}
+
+
+# ------------------------------------------------------------------------------------- evaluation
+@dataclass
+class Sample:
+    """One pair shown in the report."""
+
+    key: str
+    input: torch.Tensor | None
+    output: torch.Tensor
+
+
+def translate_checkpoint(config: EvalConfig, translated: QualityMeter, baseline: QualityMeter | None,
+                         device: torch.device) -> list[Sample]:
+    """Translate --test-a with the generator; score outputs (and inputs); keep the first samples."""
+    url = config.checkpoint
+    netG = generator_from_checkpoint(read_checkpoint(storage.read_bytes(url), url), url).to(device)
+    samples: list[Sample] = []
+    inputs = decode_for_eval(iter_encoded(config.test_a), config.crop_size)
+    for items, x in batched(inputs, config.batch_size):
+        x = x.to(device)
+        with torch.inference_mode():
+            y = quantize(netG(x))
+        translated.update(y)
+        if baseline is not None:
+            baseline.update(x)
+        room = config.samples - len(samples)
+        samples += [Sample(item.key, xi.cpu(), yi.cpu())
+                    for item, xi, yi in zip(items[:room], x, y, strict=False)]
+    return samples
+
+
+def score_translated(config: EvalConfig, translated: QualityMeter, baseline: QualityMeter | None,
+                     device: torch.device) -> list[Sample]:
+    """Score an inference output's images (and its inputs); keep the first pairs as samples."""
+    pairs = translated_pairs(config.translated)
+    if not pairs:
+        raise FileNotFoundError(f"{config.translated}: the manifest has no successful rows")
+    outputs: dict[str, torch.Tensor] = {}
+    decoded = decode_for_eval(read_urls((p.key, p.output_url) for p in pairs), config.crop_size)
+    for items, y in batched(decoded, config.batch_size):
+        translated.update(y.to(device))
+        for item, yi in zip(items, y, strict=True):
+            if len(outputs) < config.samples:
+                outputs[item.key] = yi
+    inputs: dict[str, torch.Tensor] = {}
+    if baseline is not None:
+        decoded = decode_for_eval(read_urls((p.key, p.source_url) for p in pairs), config.crop_size)
+        for items, x in batched(decoded, config.batch_size):
+            baseline.update(x.to(device))
+            inputs.update((item.key, xi) for item, xi in zip(items, x, strict=True) if item.key in outputs)
+    else:
+        shown = [(p.key, p.source_url) for p in pairs if p.key in outputs]
+        inputs = {item.key: x for item, x in decode_for_eval(read_urls(shown), config.crop_size)}
+    return [Sample(key, inputs.get(key), y) for key, y in outputs.items()]
+
+
+def reference_pass(config: EvalConfig, inception: FIDInception | None, classifier: DomainClassifier | None,
+                   device: torch.device) -> tuple[FeatureStats | None, QualityMeter | None]:
+    """Reference statistics of real B (loaded from --reference-stats, or computed and saved there), and a
+    meter with the classifier's verdicts on real B (when --test-b is given)."""
+    stats = None
+    if inception is not None and config.reference_stats and storage.exists(config.reference_stats):
+        stats = FeatureStats.from_bytes(storage.read_bytes(config.reference_stats), config.reference_stats)
+        log.info("reference statistics of %d images from %s", stats.count, config.reference_stats)
+    if not config.test_b:
+        return stats, None
+    meter = QualityMeter(inception if stats is None else None, classifier)
+    if meter.inception is None and classifier is None:
+        return stats, None
+    for x in image_batches(config.test_b, config.crop_size, config.batch_size):
+        meter.update(x.to(device))
+    if meter.inception is not None:
+        stats = meter.stats()
+        if config.reference_stats:
+            storage.write_bytes_atomic(config.reference_stats, stats.to_bytes())
+            log.info("reference statistics saved to %s", config.reference_stats)
+    return stats, meter
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but no CUDA device is available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _missing_reason(count: int, reference: FeatureStats | None) -> str:
+    if count < 2:
+        return f"needs at least 2 translated images, got {count}"
+    if reference is None:
+        return "no reference statistics of real B (--test-b, or an existing --reference-stats file)"
+    return "the reference statistics hold no features (a pytorch-fid .npz has only mu and sigma)"
+
+
+def evaluate(config: EvalConfig) -> dict[str, Any]:
+    """Run the evaluation and write the report; returns the metrics (as written to metrics.json)."""
+    device = pick_device(config.device)
+    required = set(config.metrics or ())
+    wanted = required or set(METRICS)
+    errors: dict[str, str] = {}
+    inception = classifier = None
+    classifier_meta: dict[str, Any] = {}
+    if wanted & {"fid", "kid"}:
+        try:
+            inception = load_inception(config.inception_weights, config.download).to(device)
+        except InceptionWeightsError as exc:
+            if required & {"fid", "kid"}:
+                raise
+            errors["fid"] = errors["kid"] = str(exc)
+            log.warning("FID and KID unavailable: %s", exc)
+    if "domain" in wanted:
+        try:
+            classifier, classifier_meta = obtain_classifier(config, device)
+        except UnavailableError as exc:
+            if "domain" in required:
+                raise
+            errors["domain"] = str(exc)
+            log.warning("domain score unavailable: %s", exc)
+    reference, real_b = reference_pass(config, inception, classifier, device)
+    translated = QualityMeter(inception, classifier)
+    baseline = QualityMeter(inception, classifier) if config.baseline else None
+    run = translate_checkpoint if config.checkpoint else score_translated
+    samples = run(config, translated, baseline, device)
+    kid = {"kid_subsets": config.kid_subsets, "kid_subset_size": config.kid_subset_size, "seed": config.seed}
+    scores = translated.scores(reference, **kid)
+    for name, key in (("fid", "fid"), ("kid", "kid"), ("domain", "domain_score")):
+        if name in wanted and key not in scores and name not in errors:
+            errors[name] = _missing_reason(translated.count, reference)
+    missing = sorted(required & set(errors))
+    if missing:
+        raise UnavailableError("; ".join(f"{name}: {errors[name]}" for name in missing))
+    metrics: dict[str, Any] = {
+        "translated": scores,
+        "baseline": baseline.scores(reference, **kid) if baseline is not None else None,
+        "real_b": real_b.scores(None) if real_b is not None else None,
+        "unavailable": errors,
+        "domain_classifier": classifier_meta or None,
+        "inception_weights": None if inception is None else config.inception_weights or hub_weights_path(),
+        "config": asdict(config),
+    }
+    write_report(config.out, metrics, samples)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------- report
+ROWS = (("FID", "fid", 1.0), ("KID x 1000", "kid", 1000.0), ("domain score", "domain_score", 1.0),
+        ("images", "count", 1.0))
+
+
+def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """The metrics table: a header, then one row per metric (translated, inputs, real B)."""
+    named = (("translated", metrics["translated"]), ("inputs", metrics["baseline"]),
+             ("real B", metrics["real_b"]))
+    columns = [(name, scores) for name, scores in named if scores is not None]
+    rows = [["metric", *(name for name, _ in columns)]]
+    for label, key, scale in ROWS:
+        cells = []
+        for _, scores in columns:
+            value = scores.get(key)
+            cells.append("-" if value is None else f"{value * scale:.0f}" if key == "count" else
+                         f"{value * scale:.4g}")
+        rows.append([label, *cells])
+    return rows
+
+
+def unavailable_notes(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """(metric names, reason) per distinct reason: FID and KID usually share theirs."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in metrics["unavailable"].items():
+        by_reason.setdefault(reason, []).append(name)
+    return [(" and ".join(names), reason) for reason, names in by_reason.items()]
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """The metrics table as text, then why any metric is missing."""
+    rows = table_rows(metrics)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines += [f"{names} unavailable: {reason}" for names, reason in unavailable_notes(metrics)]
+    return "\n".join(lines)
+
+
+def to_pixels(image: torch.Tensor) -> Image.Image:
+    """A (3, H, W) tensor in [-1, 1] whose values are 8-bit levels, as an RGB image (levels rounded)."""
+    pixels = ((image.float().clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def grid_image(samples: list[Sample], per_row: int = 8) -> Image.Image:
+    """Rows of up to ``per_row`` inputs, each row followed by the row of their outputs (black if absent)."""
+    size = samples[0].output.shape[-1]
+    rows = [samples[i:i + per_row] for i in range(0, len(samples), per_row)]
+    grid = Image.new("RGB", (size * min(per_row, len(samples)), 2 * size * len(rows)))
+    for r, row in enumerate(rows):
+        for c, sample in enumerate(row):
+            if sample.input is not None:
+                grid.paste(to_pixels(sample.input), (c * size, 2 * r * size))
+            grid.paste(to_pixels(sample.output), (c * size, (2 * r + 1) * size))
+    return grid
+
+
+def write_report(out: str, metrics: dict[str, Any], samples: list[Sample]) -> None:
+    """metrics.json, grid.png, samples/NNN-{input,output}.png and report.html naming every image."""
+    storage.write_bytes_atomic(storage.join(out, "metrics.json"),
+                               (json.dumps(metrics, indent=1, sort_keys=True) + "\n").encode())
+    figure, pairs = "", []
+    if samples:
+        storage.write_bytes_atomic(storage.join(out, "grid.png"), png_bytes(grid_image(samples)))
+        figure = '<img src="grid.png" alt="inputs above their translations">'
+    for i, sample in enumerate(samples):
+        cells = []
+        for role, image in (("input", sample.input), ("output", sample.output)):
+            if image is None:
+                cells.append("<td>input unavailable</td>")
+                continue
+            name = f"samples/{i:03d}-{role}.png"
+            storage.write_bytes_atomic(storage.join(out, name), png_bytes(to_pixels(image)))
+            cells.append(f'<td><img src="{name}" alt="{role} {html.escape(sample.key)}"></td>')
+        pairs.append(f"<tr><td>{html.escape(sample.key)}</td>{''.join(cells)}</tr>")
+    rows = table_rows(metrics)
+    table = "".join("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
+                    for tag, row in (("th" if i == 0 else "td", row) for i, row in enumerate(rows)))
+    notes = "".join(f"<p><b>{html.escape(names)} unavailable:</b> {html.escape(reason)}</p>"
+                    for names, reason in unavailable_notes(metrics))
+    classifier = metrics["domain_classifier"] or {}
+    accuracy = classifier.get("test_accuracy")
+    about = ("" if accuracy is None else
+             f"<p>Domain classifier accuracy on real test images: {accuracy:.3f}.</p>")
+    source = metrics["config"]["checkpoint"] or metrics["config"]["translated"]
+    page = (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Translation quality</title>"
+        "<style>body{font-family:sans-serif} td,th{padding:2px 8px;text-align:left} img{max-width:100%}"
+        "</style></head><body>\n"
+        f"<h1>Translation quality</h1><p>{html.escape(source)}</p>\n<table>{table}</table>\n{notes}{about}\n"
+        f"<h2>Samples</h2>{figure}\n<table><tr><th>key</th><th>input</th><th>output</th></tr>"
+        f"{''.join(pairs)}</table>\n</body></html>\n")
+    storage.write_bytes_atomic(storage.join(out, "report.html"), page.encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_eval_config(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    setup_logging(0)
+    try:
+        metrics = evaluate(config)
+    except (InceptionWeightsError, UnavailableError, CheckpointError, ConfigError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 1
+    print(format_table(metrics))
+    print(f"report: {storage.join(config.out, 'report.html')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

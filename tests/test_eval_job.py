@@ -1,0 +1,196 @@
+"""Evaluation end to end: image sources (listings, shard sets, inference outputs), `python -m jobs.eval`
+reports with and without the Inception weights, and `evaluate_generator` for the training loop."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import image_bytes
+from PIL import Image
+from torch import nn
+
+from cut import ResnetGenerator, export_generator
+from cut.checkpoint import to_bytes
+from cut.domain import DomainClassifier, export_classifier
+from cut.inception import WEIGHTS_NAME, FIDInception
+from cut.metrics import FeatureStats, evaluate_generator, reference_statistics
+from jobs.eval import main
+from pipeline.images import image_batches, iter_encoded
+from pipeline.ingest import build_shards
+from pipeline.manifest import write_part
+from pipeline.shards import ShardIndex
+
+CROP = 32
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A weights file in the real file's layout, from a randomly initialised network."""
+    path = tmp_path_factory.mktemp("inception") / WEIGHTS_NAME
+    torch.manual_seed(0)
+    path.write_bytes(to_bytes(FIDInception().state_dict()))
+    return str(path)
+
+
+@pytest.fixture
+def generator_file(tmp_path: Path) -> str:
+    torch.manual_seed(1)
+    path = tmp_path / "generator.pt"
+    path.write_bytes(to_bytes(export_generator(ResnetGenerator(ngf=8, n_blocks=2), preset="CUT")))
+    return str(path)
+
+
+@pytest.fixture
+def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty torch hub cache and no downloads: the Inception weights are unavailable."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+
+def png(seed: int) -> bytes:
+    return image_bytes(seed, (CROP, CROP), fmt="PNG")
+
+
+def translation_output(tmp_path: Path, make_images) -> Path:
+    """An inference output as jobs.infer writes it: three ok rows (two image files, one member of an
+    output shard; inputs from a listing and from a shard set) and one error row."""
+    listing = make_images("corpus", 2, start_seed=50)
+    shard_set = tmp_path / "corpus-shards"
+    build_shards([str(make_images("corpus2", 1, start_seed=60))], str(shard_set), progress=False)
+    index = ShardIndex.load(str(shard_set))
+    shard_input = f"{index.url(index.shards[0])}#part0/img-000.jpg"
+    out = tmp_path / "translated"
+    rows = []
+    for i, source in enumerate(sorted(listing.rglob("*.jpg"))):
+        target = out / "images" / "0" / f"k{i}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(png(70 + i))
+        rows.append({"key": f"k{i}", "source_url": str(source), "output_url": str(target), "status": "ok"})
+    tar_path = out / "shards" / "part-000001.tar"
+    tar_path.parent.mkdir(parents=True)
+    with tarfile.open(tar_path, "w") as tar:
+        data = png(80)
+        info = tarfile.TarInfo("k2.png")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    rows.append({"key": "k2", "source_url": shard_input, "output_url": f"{tar_path}#k2.png", "status": "ok"})
+    write_part(str(out), 0, rows[:2])
+    write_part(str(out), 1, [rows[2], {"key": "bad", "source_url": "/gone.jpg", "status": "error",
+                                        "error": "corrupt: not an image"}])
+    return out
+
+
+def test_images_stream_from_listings_shard_sets_and_inference_outputs(tmp_path, make_images, caplog):
+    folder = make_images("a", 3)
+    (folder / "part0" / "broken.jpg").write_bytes(b"not a jpeg")
+    with caplog.at_level(logging.WARNING, logger="pipeline.images"):
+        batches = list(image_batches(str(folder), CROP, batch_size=2))
+    assert [b.shape for b in batches] == [(2, 3, CROP, CROP), (1, 3, CROP, CROP)]
+    assert "broken.jpg" in caplog.text  # an undecodable image is skipped and named
+
+    shard_set = str(tmp_path / "shards")
+    build_shards([str(make_images("b", 3, start_seed=10))], shard_set, max_count=2, progress=False)
+    assert [e.key for e in iter_encoded(shard_set)] == [
+        "part0/img-000", "part0/img-002", "part1/img-001"]
+
+    out = translation_output(tmp_path, make_images)
+    translated = list(iter_encoded(str(out)))
+    assert [e.key for e in translated] == ["k0", "k1", "k2"]  # the error row is left out
+    assert translated[2].data == png(80) and translated[2].url.endswith(".tar#k2.png")
+
+
+def html_images(report: Path) -> set[str]:
+    return set(re.findall(r'<img src="([^"]+)"', report.read_text()))
+
+
+def test_checkpoint_evaluation_writes_metrics_report_and_table(tmp_path, make_images, generator_file,
+                                                               inception_weights, capsys):
+    test_a, test_b = make_images("testA", 2), make_images("testB", 2, start_seed=20)
+    train_a, train_b = make_images("trainA", 4, start_seed=30), make_images("trainB", 4, start_seed=40)
+    out, classifier, reference = tmp_path / "report", tmp_path / "domain.pt", tmp_path / "ref.npz"
+    rc = main([
+        "--checkpoint", generator_file, "--test-a", str(test_a), "--test-b", str(test_b), "--out", str(out),
+        "--metrics", "fid", "kid", "domain", "--inception-weights", inception_weights,
+        "--train-a", str(train_a), "--train-b", str(train_b), "--domain-classifier", str(classifier),
+        "--classifier-epochs", "1", "--reference-stats", str(reference), "--crop-size", str(CROP),
+        "--samples", "2", "--kid-subsets", "3", "--no-baseline",
+    ])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["unavailable"] == {} and metrics["baseline"] is None
+    scores = metrics["translated"]
+    assert scores["count"] == 2
+    assert scores["fid"] >= 0 and {"kid", "kid_std"} <= set(scores) and 0 <= scores["domain_score"] <= 1
+    assert 0 <= metrics["real_b"]["domain_score"] <= 1
+    assert {"test_accuracy", "test_accuracy_a", "test_accuracy_b"} <= set(metrics["domain_classifier"])
+    assert FeatureStats.from_bytes(reference.read_bytes()).count == 2 and classifier.exists()
+
+    report = out / "report.html"
+    pngs = {str(p.relative_to(out)) for p in out.rglob("*.png")}
+    assert pngs == {"grid.png", "samples/000-input.png", "samples/000-output.png", "samples/001-input.png",
+                    "samples/001-output.png"}
+    assert html_images(report) == pngs  # the page names every image, and every image it names exists
+    assert Image.open(out / "grid.png").size == (2 * CROP, 2 * CROP)
+    table = capsys.readouterr().out
+    assert re.search(r"^FID +[0-9.e+-]+ +-$", table, re.M) and "domain score" in table
+
+
+def test_translated_output_without_inception_weights_reports_fid_unavailable(tmp_path, make_images, offline,
+                                                                           capfd):
+    out = translation_output(tmp_path, make_images)
+    classifier = tmp_path / "domain.pt"
+    classifier.write_bytes(to_bytes(export_classifier(DomainClassifier(width=4), test_accuracy=0.9)))
+    args = ["--translated", str(out), "--test-b", str(make_images("testB", 2, start_seed=20)),
+            "--domain-classifier", str(classifier), "--no-download", "--crop-size", str(CROP)]
+    assert main([*args, "--out", str(tmp_path / "report")]) == 0
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert set(metrics["unavailable"]) == {"fid", "kid"}
+    reason = metrics["unavailable"]["fid"]
+    assert WEIGHTS_NAME in reason and "--inception-weights" in reason and "downloading is off" in reason
+    assert metrics["translated"]["count"] == 3 and "domain_score" in metrics["translated"]
+    assert metrics["baseline"]["count"] == 3  # the manifest's inputs, read from a listing and a shard
+    report = tmp_path / "report"
+    assert html_images(report / "report.html") == {str(p.relative_to(report)) for p in report.rglob("*.png")}
+    assert "Domain classifier accuracy on real test images: 0.900" in (report / "report.html").read_text()
+
+    assert main([*args, "--out", str(tmp_path / "domain-only"), "--metrics", "domain"]) == 0
+    only = json.loads((tmp_path / "domain-only" / "metrics.json").read_text())
+    assert only["unavailable"] == {} and set(only["translated"]) == {"count", "domain_score"}
+
+    capfd.readouterr()
+    assert main([*args, "--out", str(tmp_path / "strict"), "--metrics", "fid"]) == 1
+    assert re.search(f"ERROR jobs.eval: .*{re.escape(WEIGHTS_NAME)}", capfd.readouterr().err)
+    assert not (tmp_path / "strict").exists()
+
+
+def test_checkpoint_evaluation_needs_test_a(generator_file, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["--checkpoint", generator_file, "--test-b", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert exc.value.code == 2
+
+
+class PixelFeatures(nn.Module):
+    """A stand-in feature extractor (the Inception network is slow on CPU): pooled pixels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+def test_evaluate_generator_scores_held_out_batches_for_training():
+    torch.manual_seed(2)
+    netG = ResnetGenerator(ngf=8, n_blocks=2).train()
+    held_out = [torch.rand(2, 3, CROP, CROP) * 2 - 1 for _ in range(3)]
+    real_b = [torch.rand(4, 3, CROP, CROP) * 2 - 1 for _ in range(2)]
+    reference = reference_statistics(PixelFeatures(), real_b)
+    assert reference.count == 8
+    scores = evaluate_generator(netG, held_out, DomainClassifier(width=4).eval(), PixelFeatures(), reference)
+    assert set(scores) == {"count", "domain_score", "fid", "kid", "kid_std"} and scores["count"] == 6
+    assert netG.training  # the training loop's mode is restored
+    without_inception = evaluate_generator(netG, held_out, DomainClassifier(width=4).eval())
+    assert set(without_inception) == {"count", "domain_score"}
