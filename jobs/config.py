@@ -77,6 +77,20 @@ class TrainSection:
 
 
 @dataclass
+class EvalSection:
+    """Periodic evaluation on held-out images (rank 0); the best checkpoint is kept beside the latest."""
+
+    every: int = 0  # steps between evaluations; 0 turns it off
+    a: str = ""  # held-out domain-A images: a shard set, folder, prefix, glob or URL list
+    b: str = ""  # held-out real B images: the FID/KID reference (optional)
+    domain_classifier: str = ""  # a classifier saved by jobs.eval (for domain_score)
+    inception_weights: str = ""  # FID Inception weights; empty: the torch hub cache
+    metric: str = "domain_score"  # picks the best checkpoint: domain_score (higher) | fid | kid (lower)
+    max_images: int = 200
+    batch_size: int = 16
+
+
+@dataclass
 class RunSection:
     url: str = ""
 
@@ -86,6 +100,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     run: RunSection = field(default_factory=RunSection)
 
 
@@ -202,7 +217,7 @@ def to_yaml(config: Any) -> str:
 # ---------------------------------------------------------------------------------------- training
 def resolve_train_config(config: TrainConfig) -> TrainConfig:
     """Fill preset-dependent values (epochs, NCE options) and check cross-key rules."""
-    m, t, d = config.model, config.train, config.data
+    m, t, d, e = config.model, config.train, config.data, config.eval
     if m.preset not in EPOCH_PRESETS:
         raise ConfigError(
             f"config key 'model.preset' must be one of {sorted(EPOCH_PRESETS)}, got {m.preset!r}"
@@ -230,6 +245,17 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
         ("train.log_every", t.log_every >= 1, ">= 1"),
         ("train.image_every", t.image_every >= 1, ">= 1"),
         ("train.device", t.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+        ("eval.every", e.every >= 0, ">= 0"),
+        ("eval.a", bool(e.a) or e.every == 0, "a held-out domain-A image source when eval.every > 0"),
+        ("eval.metric", e.metric in ("domain_score", "fid", "kid"), "domain_score, fid or kid"),
+        (
+            "eval.domain_classifier",
+            bool(e.domain_classifier) or e.every == 0 or e.metric != "domain_score",
+            "a classifier file (python -m jobs.eval --domain-classifier) for eval.metric domain_score",
+        ),
+        ("eval.b", bool(e.b) or e.every == 0 or e.metric == "domain_score", "real B images for FID/KID"),
+        ("eval.max_images", e.max_images >= 2, ">= 2"),
+        ("eval.batch_size", e.batch_size >= 1, ">= 1"),
     ]
     for key, ok, expected in checks:
         if not ok:

@@ -23,7 +23,10 @@ from cut.inception import (
     InceptionWeightsError,
     fid_inception,
 )
+from cut.metrics import FeatureStats, evaluate_generator, reference_statistics
+from jobs.config import EvalSection
 from pipeline import storage
+from pipeline.images import image_batches
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,8 @@ def _weights_missing(reason: str) -> InceptionWeightsError:
         f"FID and KID need the Inception weights file {WEIGHTS_NAME} (pytorch-fid's port of TensorFlow's "
         f"FID Inception). {reason}. Download it from {WEIGHTS_URL} on a machine with network access and "
         f"put it at {hub_weights_path()} (the torch hub cache; TORCH_HOME moves it), or pass "
-        f"--inception-weights PATH.")
+        f"--inception-weights PATH."
+    )
 
 
 def load_inception(weights: str = "", download: bool = True) -> FIDInception:
@@ -55,19 +59,90 @@ def load_inception(weights: str = "", download: bool = True) -> FIDInception:
                 raise _weights_missing(f"It is not at {source} and downloading is off")
             try:
                 os.makedirs(os.path.dirname(source), exist_ok=True)
-                torch.hub.download_url_to_file(WEIGHTS_URL, source, hash_prefix=WEIGHTS_SHA256_PREFIX,
-                                               progress=False)
+                torch.hub.download_url_to_file(
+                    WEIGHTS_URL, source, hash_prefix=WEIGHTS_SHA256_PREFIX, progress=False
+                )
             except Exception as exc:  # no network, proxy, TLS, hash mismatch: all mean "not available"
-                raise _weights_missing(f"It is not at {source} and could not be downloaded "
-                                       f"({type(exc).__name__}: {exc})") from exc
+                raise _weights_missing(
+                    f"It is not at {source} and could not be downloaded ({type(exc).__name__}: {exc})"
+                ) from exc
         with open(source, "rb") as f:
             data = f.read()
     if not hashlib.sha256(data).hexdigest().startswith(WEIGHTS_SHA256_PREFIX):
-        log.warning("%s is not the published %s (sha256 differs); FID values may not be comparable",
-                    source, WEIGHTS_NAME)
+        log.warning(
+            "%s is not the published %s (sha256 differs); FID values may not be comparable",
+            source,
+            WEIGHTS_NAME,
+        )
     return fid_inception(read_checkpoint(data, source), source)
 
 
 def load_domain_classifier(url: str) -> tuple[DomainClassifier, dict[str, Any]]:
     """A saved domain classifier and its metadata (loaded with weights_only)."""
     return classifier_from_export(read_checkpoint(storage.read_bytes(url), url), url)
+
+
+class HeldOutEvaluator:
+    """Scores a generator on held-out domain-A images; remembers the best score of the chosen metric.
+
+    Images, classifier, Inception and the real-B reference statistics are loaded once. FID and KID
+    need ``b`` and the Inception weights; when the metric is the domain score they are computed only
+    if both are there.
+    """
+
+    LOWER_IS_BETTER = ("fid", "kid")
+
+    def __init__(self, config: EvalSection, crop_size: int, device: torch.device) -> None:
+        self.config = config
+        self.metric = config.metric
+        self.batches = _limited_batches(config.a, crop_size, config.batch_size, config.max_images)
+        self.classifier = None
+        if config.domain_classifier:
+            self.classifier = load_domain_classifier(config.domain_classifier)[0].to(device)
+        self.inception: FIDInception | None = None
+        self.reference: FeatureStats | None = None
+        if config.b:
+            try:
+                self.inception = load_inception(config.inception_weights).to(device)
+            except InceptionWeightsError as exc:
+                if self.metric in self.LOWER_IS_BETTER:
+                    raise
+                log.warning("periodic evaluation without FID/KID: %s", exc)
+        if self.inception is not None:
+            real_b = _limited_batches(config.b, crop_size, config.batch_size, config.max_images)
+            self.reference = reference_statistics(self.inception, (x.to(device) for x in real_b))
+        self.best: float | None = None
+
+    def __call__(self, netG: torch.nn.Module) -> dict[str, float]:
+        count = sum(len(b) for b in self.batches)
+        return evaluate_generator(
+            netG,
+            self.batches,
+            self.classifier,
+            self.inception,
+            self.reference,
+            kid_subset_size=min(1000, count),
+        )
+
+    def improves(self, scores: dict[str, float]) -> bool:
+        """Whether ``scores`` beat the best so far on the chosen metric (and become the best)."""
+        value = scores.get(self.metric)
+        if value is None:
+            return False
+        lower = self.metric in self.LOWER_IS_BETTER
+        if self.best is None or (value < self.best if lower else value > self.best):
+            self.best = value
+            return True
+        return False
+
+
+def _limited_batches(url: str, crop_size: int, batch_size: int, limit: int) -> list[torch.Tensor]:
+    batches, count = [], 0
+    for batch in image_batches(url, crop_size, batch_size):
+        batches.append(batch[: limit - count])
+        count += len(batches[-1])
+        if count >= limit:
+            break
+    if not batches:
+        raise FileNotFoundError(f"no readable images for evaluation in {url}")
+    return batches

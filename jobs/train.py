@@ -11,6 +11,7 @@ an official-layout latest_net_G.pth). SIGTERM saves a checkpoint and exits 0.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import resource
 import signal
@@ -25,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cut import CheckpointError, CUTModel, export_generator, read_checkpoint
 from cut.checkpoint import to_bytes
+from cut.inception import InceptionWeightsError
 from jobs.config import (
     ConfigError,
     TrainConfig,
@@ -34,6 +36,7 @@ from jobs.config import (
     to_dict,
     to_yaml,
 )
+from jobs.quality import HeldOutEvaluator
 from jobs.runtime import Runtime, code_version, init_runtime, setup_logging, shutdown
 from jobs.tensorboard import TensorBoard
 from pipeline import storage
@@ -88,6 +91,10 @@ class Trainer:
         # A host sync per step is free on CPU; on CUDA the stop/finite check runs every few steps.
         self.control_every = 1 if runtime.device.type == "cpu" else 10
         self.tb = TensorBoard(storage.join(self.run_url, "tb")) if runtime.is_main else None
+        self.best_url = storage.join(self.store.root, "best")
+        self.evaluator = None
+        if config.eval.every and runtime.is_main:
+            self.evaluator = HeldOutEvaluator(config.eval, config.data.crop_size, runtime.device)
 
     # -------------------------------------------------------------------------------------- state
     def _gather_rng(self) -> list[torch.Tensor]:
@@ -98,13 +105,10 @@ class Trainer:
         dist.all_gather_object(states, state)
         return states
 
-    def save(self) -> None:
-        """Rank 0 writes the full training state; every rank takes part (RNG gather, barrier)."""
-        rng = self._gather_rng()
-        if self.rt.is_main:
-            model_state = self.model.state_dict()
-            state = {
-                "model": model_state,
+    def _state_bytes(self, rng: list[torch.Tensor]) -> bytes:
+        return to_bytes(
+            {
+                "model": self.model.state_dict(),
                 "rng": rng,
                 "step": self.step,
                 "stream": self.stream.state_dict(self.position),
@@ -112,8 +116,14 @@ class Trainer:
                 "config": to_dict(self.config),
                 "code_version": code_version(),
             }
+        )
+
+    def save(self) -> None:
+        """Rank 0 writes the full training state; every rank takes part (RNG gather, barrier)."""
+        rng = self._gather_rng()
+        if self.rt.is_main:
             folder = self.store.save(
-                self.step, {STATE_BLOB: to_bytes(state), "config.yaml": to_yaml(self.config).encode()}
+                self.step, {STATE_BLOB: self._state_bytes(rng), "config.yaml": to_yaml(self.config).encode()}
             )
             removed = self.store.prune(self.config.train.keep_last)
             log.info("step %d: saved checkpoint %s (pruned %s)", self.step, folder, removed or "none")
@@ -140,8 +150,31 @@ class Trainer:
             self.model.generator.manual_seed(self.config.train.seed + 1 + 100_003 * self.rt.rank + self.step)
         self.position = self.stream.position_from_state(state["stream"])
         self.last_saved = self.step
+        best = storage.join(self.best_url, "metrics.json")
+        if self.evaluator is not None and storage.exists(best):
+            self.evaluator.best = json.loads(storage.read_bytes(best))["scores"].get(self.evaluator.metric)
         log.info("step %d: resumed from %s (epoch %d, step %d of it)", self.step, source, *self._pos())
         return True
+
+    def evaluate(self) -> None:
+        """Score G on the held-out set (rank 0); keep the state as ``checkpoints/best`` if it improved."""
+        rng = self._gather_rng()
+        if self.evaluator is not None:
+            scores = self.evaluator(self.model.netG)
+            log.info("step %d: evaluation %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in scores.items()))
+            if self.tb is not None:
+                self.tb.scalars(self.step, {f"eval/{k}": v for k, v in scores.items()})
+            if self.evaluator.improves(scores):
+                storage.write_bytes_atomic(storage.join(self.best_url, STATE_BLOB), self._state_bytes(rng))
+                summary = {"step": self.step, "metric": self.evaluator.metric, "scores": scores}
+                storage.write_bytes_atomic(
+                    storage.join(self.best_url, "metrics.json"), json.dumps(summary).encode()
+                )
+                log.info(
+                    "step %d: new best %s, saved under %s", self.step, self.evaluator.metric, self.best_url
+                )
+        if self.rt.distributed:
+            dist.barrier()
 
     def _pos(self) -> tuple[int, int]:
         return self.position.epoch, self.position.step
@@ -199,6 +232,8 @@ class Trainer:
                     return "preempted"
             if due_save:
                 self.save()
+            if self.config.eval.every and self.step % self.config.eval.every == 0:
+                self.evaluate()
             if self.step % t.log_every == 0:
                 self._log(window)
                 window = {"losses": [], "wait": 0.0, "start": time.perf_counter(), "steps": 0}
@@ -321,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(config.train.seed)
     try:
         return Trainer(config, runtime).run()
-    except (NonFiniteLossError, CheckpointError) as exc:
+    except (NonFiniteLossError, CheckpointError, InceptionWeightsError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1
     finally:

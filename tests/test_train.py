@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -202,3 +203,35 @@ def test_bad_config_and_foreign_checkpoint_are_clear_errors(tmp_path, data):
     other = run(train_cmd(a, b, run_dir, "train.max_steps=4", "model.ngf=16"))
     assert other.returncode == 1
     assert "does not match the network" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_periodic_evaluation_logs_scores_and_keeps_the_best_checkpoint(tmp_path, data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cut.checkpoint import to_bytes
+    from cut.domain import export_classifier, train_domain_classifier
+
+    a, b = data
+    g = torch.Generator().manual_seed(0)
+    flat, noisy = torch.zeros(8, 3, 64, 64), torch.rand(8, 3, 64, 64, generator=g) * 2 - 1
+    classifier = train_domain_classifier(flat, noisy, epochs=2, batch_size=8)
+    (tmp_path / "domain.pt").write_bytes(to_bytes(export_classifier(classifier, test_accuracy=1.0)))
+    run_dir = tmp_path / "run"
+    settings = ["eval.every=4", f"eval.a={a}", f"eval.domain_classifier={tmp_path / 'domain.pt'}"]
+    done = run(train_cmd(a, b, str(run_dir), *settings))
+    assert done.returncode == 0, done.stderr
+    assert "step 4: evaluation" in done.stderr and "step 8: evaluation" in done.stderr
+    best = json.loads((run_dir / "checkpoints" / "best" / "metrics.json").read_text())
+    assert (
+        best["metric"] == "domain_score"
+        and best["step"] in (4, 8)
+        and 0 <= best["scores"]["domain_score"] <= 1
+    )
+    assert (
+        read_checkpoint((run_dir / "checkpoints" / "best" / "state.pt").read_bytes())["step"] == best["step"]
+    )
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/domain_score")] == [4, 8]
+    bad = run(train_cmd(a, b, str(tmp_path / "x"), "eval.every=4", f"eval.a={a}"))
+    assert bad.returncode == 2 and "eval.domain_classifier" in bad.stderr
