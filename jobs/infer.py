@@ -54,7 +54,7 @@ class InferConfig:
     load_size: int = 256
     crop_size: int = 256
     max_pixels: int = 64 * 2**20
-    batch_size: int = 16
+    batch_size: int | None = None
     workers: int = 4
     unit_size: int = 1000
     worker_index: int | None = None
@@ -71,6 +71,10 @@ def _env_default(*names: str) -> int | None:
         if os.environ.get(name, "").strip():
             return int(os.environ[name])
     return None
+
+
+def wants_cuda(config: InferConfig) -> bool:
+    return torch.cuda.is_available() if config.device == "auto" else config.device == "cuda"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-pixels", type=int, default=64 * 2**20, help="inputs with more pixels become error rows"
     )
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 16 on CUDA, 1 on CPU (cache-bound)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader decode workers")
     p.add_argument("--unit-size", type=int, default=1000, help="images per work unit of a raw listing")
     p.add_argument(
@@ -123,6 +127,8 @@ def load_infer_config(args: argparse.Namespace) -> InferConfig:
         config.worker_index = _env_default("RANK", "JOB_COMPLETION_INDEX") or 0
     if config.num_workers is None:
         config.num_workers = _env_default("WORLD_SIZE", "JOB_COMPLETIONS") or 1
+    if config.batch_size is None:
+        config.batch_size = 16 if wants_cuda(config) else 1
     checks = [
         ("--batch-size", config.batch_size >= 1, ">= 1"),
         ("--workers", config.workers >= 0, ">= 0"),
@@ -154,7 +160,7 @@ class Translator:
 
     def __init__(self, config: InferConfig) -> None:
         self.cfg = config
-        use_cuda = torch.cuda.is_available() if config.device == "auto" else config.device == "cuda"
+        use_cuda = wants_cuda(config)
         if use_cuda and not torch.cuda.is_available():
             raise ConfigError("--device cuda given but no CUDA device is available")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
