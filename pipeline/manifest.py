@@ -76,9 +76,15 @@ def committed_units(out_url: str) -> set[int]:
 
 
 def read_manifest(out_url: str, columns: Sequence[str] | None = None) -> pa.Table:
-    """All committed parts as one table."""
+    """All committed parts as one table.
+
+    Parts are read without Arrow's thread pool: with torch loaded in the same process, that pool
+    made about one exit in three abort ("terminate called without an active exception").
+    """
     tables = [
-        pq.read_table(io.BytesIO(storage.read_bytes(part_url(out_url, unit))), columns=columns)
+        pq.read_table(
+            io.BytesIO(storage.read_bytes(part_url(out_url, unit))), columns=columns, use_threads=False
+        )
         for unit in sorted(committed_units(out_url))
     ]
     if not tables:
