@@ -268,36 +268,19 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
 
 
 def cut_config(config: TrainConfig, device_type: str) -> CUTConfig:
-    """The model config of a training config; bf16 and channels_last default to on for CUDA."""
+    """The model config of a training config; bf16 and channels_last default to on for CUDA.
+
+    Every model key is a CUTConfig field of the same name; unset (None) ones keep the preset's value.
+    """
     m, t = config.model, config.train
     on_cuda = device_type == "cuda"
-    overrides = {
-        k: v
-        for k, v in {
-            "lambda_NCE": m.lambda_NCE,
-            "nce_idt": m.nce_idt,
-            "flip_equivariance": m.flip_equivariance,
-        }.items()
-        if v is not None
-    }
-    return CUTConfig.from_preset(
-        m.preset,
-        ngf=m.ngf,
-        ndf=m.ndf,
-        n_blocks=m.n_blocks,
-        n_layers_D=m.n_layers_D,
-        antialias=m.antialias,
-        antialias_up=m.antialias_up,
-        netF_nc=m.netF_nc,
-        num_patches=m.num_patches,
-        nce_layers=tuple(m.nce_layers),
-        nce_T=m.nce_T,
-        lambda_GAN=m.lambda_GAN,
-        gan_mode=m.gan_mode,
+    fields = {k: v for k, v in dataclasses.asdict(m).items() if v is not None}
+    fields.pop("preset")
+    fields.update(
         lr=t.lr,
         beta1=t.beta1,
         beta2=t.beta2,
         channels_last=on_cuda if m.channels_last is None else m.channels_last,
         bf16=on_cuda if m.bf16 is None else m.bf16,
-        **overrides,
     )
+    return CUTConfig.from_preset(m.preset, **fields)
