@@ -4,7 +4,8 @@
 
 The baseline, measured in the same run, is the official step as cut-reference.md describes it: keys
 re-encoded from real_A and real_B with autograd on (``reuse_keys=False``) and the official blur
-upsampling (a grouped transposed convolution). Each variant runs in fresh processes: one for the
+layers: upsampling as a grouped transposed convolution, downsampling through plain autograd.
+Each variant runs in fresh processes: one for the
 time per step, one for peak memory (max RSS during two steps, above the RSS before the first step;
 measured with glibc's mmap threshold lowered so that freed tensors leave the RSS, which would
 distort the timing, hence the separate process).
@@ -26,7 +27,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from cut import CUTConfig, CUTModel
-from cut.networks import Upsample
+from cut.networks import Downsample, Upsample
+
+
+class OfficialDownsample(nn.Module):
+    """The official blur downsampling, through plain autograd (which saves the padded input)."""
+
+    def __init__(self, filt: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("filt", filt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.filt, stride=2, groups=x.shape[1])
 
 
 class OfficialUpsample(nn.Module):
@@ -48,9 +60,17 @@ def build(variant: str, preset: str, channels_last: bool) -> CUTModel:
     cfg = CUTConfig.from_preset(preset, reuse_keys=not official, channels_last=channels_last)
     model = CUTModel(cfg, seed=0)
     if official:
-        for i, module in enumerate(model.netG.model):
-            if isinstance(module, Upsample):
-                model.netG.model[i] = OfficialUpsample(module.filt)
+        # The official step zeroes gradients before each backward, so every gradient stays resident
+        # until the same network's next backward; ours frees them once applied. Keep references alike.
+        resident: dict[int, torch.Tensor] = {}
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(lambda p: resident.__setitem__(id(p), p.grad))
+        for net in (model.netG, model.netD):
+            for i, module in enumerate(net.model):
+                if isinstance(module, Upsample):
+                    net.model[i] = OfficialUpsample(module.filt)
+                elif isinstance(module, Downsample):
+                    net.model[i] = OfficialDownsample(module.filt)
     return model
 
 

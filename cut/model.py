@@ -191,9 +191,11 @@ class CUTModel:
         loss_D_fake = gan_loss(pred[:n], False, cfg.gan_mode)
         loss_D_real = gan_loss(pred[n:], True, cfg.gan_mode)
         loss_D = 0.5 * (loss_D_fake + loss_D_real)
-        self.opt_D.zero_grad(set_to_none=True)
         loss_D.backward()
         self.opt_D.step()
+        # Gradients are freed as soon as they are applied, so none sit in memory through the other
+        # network's backward pass.
+        self.opt_D.zero_grad(set_to_none=True)
 
         # G and F update against the updated D, which needs no gradient of its own here.
         self.netD.requires_grad_(False)
@@ -215,12 +217,12 @@ class CUTModel:
             else:
                 loss_G = loss_G + nce_terms[0]
         losses["G"] = loss_G
-        self.opt_G.zero_grad(set_to_none=True)
-        self.opt_F.zero_grad(set_to_none=True)
         loss_G.backward()
         self.opt_G.step()
         if cfg.lambda_NCE > 0:
             self.opt_F.step()
+        self.opt_G.zero_grad(set_to_none=True)
+        self.opt_F.zero_grad(set_to_none=True)
         self.netD.requires_grad_(True)
 
         self.visuals = {"real_A": real_A, "fake_B": fake_B.detach(), "real_B": real_B}

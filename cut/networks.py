@@ -23,6 +23,37 @@ def _binomial_filter(taps: Sequence[float], channels: int, scale: float) -> torc
     return kernel[None, None].repeat(channels, 1, 1, 1)
 
 
+class _BlurDownsample(torch.autograd.Function):
+    """Reflect pad 1, then a fixed depthwise blur with stride 2.
+
+    The op is linear in its input with a constant filter, so its backward needs no activation:
+    unlike plain autograd, which keeps the padded input of every such layer alive until backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
+        ctx.input_shape, ctx.input_dtype = x.shape, x.dtype
+        ctx.save_for_backward(filt)
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        return F.conv2d(padded, filt.to(padded.dtype), stride=2, groups=x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (filt,) = ctx.saved_tensors
+        n, c, h, w = ctx.input_shape
+        padded = torch.nn.grad.conv2d_input(
+            (n, c, h + 2, w + 2), filt.to(grad.dtype), grad, stride=2, groups=c
+        )
+        # Fold the reflected border back: padded row 0 is input row 1, padded row h+1 is input row h-2.
+        rows = padded[:, :, 1:-1, :].clone()
+        rows[:, :, 1, :] += padded[:, :, 0, :]
+        rows[:, :, -2, :] += padded[:, :, -1, :]
+        out = rows[:, :, :, 1:-1].clone()
+        out[:, :, :, 1] += rows[:, :, :, 0]
+        out[:, :, :, -2] += rows[:, :, :, -1]
+        return out.to(ctx.input_dtype), None
+
+
 class Downsample(nn.Module):
     """Anti-aliased stride-2 downsampling: reflect pad 1, then a [1,2,1] binomial blur with stride 2."""
 
@@ -31,8 +62,7 @@ class Downsample(nn.Module):
         self.register_buffer("filt", _binomial_filter((1.0, 2.0, 1.0), channels, 1.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        return F.conv2d(x, self.filt.to(x.dtype), stride=2, groups=x.shape[1])
+        return _BlurDownsample.apply(x, self.filt)
 
 
 class Upsample(nn.Module):
