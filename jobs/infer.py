@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from cut import CheckpointError, generator_from_checkpoint, read_checkpoint
 from jobs.config import ConfigError, build
-from jobs.runtime import setup_logging
+from jobs.runtime import env_int, setup_logging
 from pipeline import storage
 from pipeline.corpus import WorkUnit, plan_units
 from pipeline.manifest import committed_units, manifest_dir, read_manifest, write_part, write_success
@@ -64,13 +64,6 @@ class InferConfig:
     channels_last: bool | None = None
     compile: bool = False
     progress: bool = True
-
-
-def _env_default(*names: str) -> int | None:
-    for name in names:
-        if os.environ.get(name, "").strip():
-            return int(os.environ[name])
-    return None
 
 
 def wants_cuda(config: InferConfig) -> bool:
@@ -124,9 +117,9 @@ def load_infer_config(args: argparse.Namespace) -> InferConfig:
     """The validated config of a parsed command line (ConfigError if a value is out of range)."""
     config = build(InferConfig, dict(vars(args)), "command line")
     if config.worker_index is None:
-        config.worker_index = _env_default("RANK", "JOB_COMPLETION_INDEX") or 0
+        config.worker_index = env_int("RANK", "JOB_COMPLETION_INDEX", default=0)
     if config.num_workers is None:
-        config.num_workers = _env_default("WORLD_SIZE", "JOB_COMPLETIONS") or 1
+        config.num_workers = env_int("WORLD_SIZE", "JOB_COMPLETIONS", default=1)
     if config.batch_size is None:
         config.batch_size = 16 if wants_cuda(config) else 1
     checks = [
@@ -180,10 +173,13 @@ class Translator:
         self.failed: list[int] = []
         self.stats = {"ok": 0, "error": 0}
 
+    def _shard_url(self, unit: WorkUnit) -> str:
+        return storage.join(self.cfg.out, "shards", f"part-{unit.index:06d}.tar")
+
     def _output_url(self, unit: WorkUnit, key: str) -> str:
         cfg = self.cfg
         if cfg.format == "shards":
-            return f"{storage.join(cfg.out, 'shards', f'part-{unit.index:06d}.tar')}#{key}.{cfg.image_format}"
+            return f"{self._shard_url(unit)}#{key}.{cfg.image_format}"
         return storage.join(cfg.out, "images", str(unit.input_index), f"{key}.{cfg.image_format}")
 
     @torch.inference_mode()
@@ -226,7 +222,7 @@ class Translator:
         rows = [f.result() for f in state.writes] + errors
         if self.cfg.format == "shards":
             members = sorted(state.tar_members)
-            storage.write_bytes_atomic(self._output_url(unit, "").split("#")[0], pack_tar(members))
+            storage.write_bytes_atomic(self._shard_url(unit), pack_tar(members))
         rows.sort(key=lambda r: r["order"])
         for row in rows:
             row.update(

@@ -30,7 +30,8 @@ class Runtime:
         return self.world_size > 1
 
 
-def _env_int(*names: str, default: int) -> int:
+def env_int(*names: str, default: int) -> int:
+    """The first of the environment variables ``names`` that is set, as an int; else ``default``."""
     for name in names:
         if os.environ.get(name, "").strip():
             return int(os.environ[name])
@@ -42,9 +43,9 @@ def init_runtime(device: str = "auto") -> Runtime:
 
     Backend nccl on CUDA, gloo on CPU; one CUDA device per LOCAL_RANK.
     """
-    rank = _env_int("RANK", default=0)
-    world = _env_int("WORLD_SIZE", default=1)
-    local_rank = _env_int("LOCAL_RANK", default=0)
+    rank = env_int("RANK", default=0)
+    world = env_int("WORLD_SIZE", default=1)
+    local_rank = env_int("LOCAL_RANK", default=0)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
