@@ -47,6 +47,26 @@ def test_downsample_is_reflect_padded_binomial_blur_with_stride_2():
     torch.testing.assert_close(down(x), naive)
 
 
+@pytest.mark.parametrize("size", [(8, 10), (7, 9), (5, 4), (3, 3), (2, 2), (127, 64)])
+def test_downsample_and_its_gradient_equal_the_official_depthwise_conv(size):
+    """The separable blur and its hand-written transpose against the official layer under autograd."""
+    down = Downsample(4).double()
+    x = torch.randn(2, 4, *size, dtype=torch.float64, requires_grad=True)
+    official = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), down.filt, stride=2, groups=4)
+    ours = down(x)
+    torch.testing.assert_close(ours, official, rtol=0, atol=1e-12)
+    grad_out = torch.randn_like(official)
+    (want,) = torch.autograd.grad(official, x, grad_out)
+    (got,) = torch.autograd.grad(ours, x, grad_out)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert down(x.float()).dtype == torch.float32
+
+
+def test_downsample_rejects_a_single_row():
+    with pytest.raises(ValueError, match="at least 2x2"):
+        Downsample(1)(torch.randn(1, 1, 1, 8))
+
+
 @pytest.mark.parametrize("size", [(32, 32), (64, 64), (48, 64), (256, 256)])
 def test_generator_preserves_size(size):
     g = ResnetGenerator(ngf=8, n_blocks=2)
