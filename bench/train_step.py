@@ -3,8 +3,9 @@
     python -m bench.train_step --preset CUT --crop 64 128 256
 
 The baseline, measured in the same run, is the official step as cut-reference.md describes it: keys
-re-encoded from real_A and real_B with autograd on (``reuse_keys=False``) and the official blur
-layers: upsampling as a grouped transposed convolution, downsampling through plain autograd.
+re-encoded from real_A and real_B with autograd on (``reuse_keys=False``), the official blur
+layers (upsampling as a grouped transposed convolution, downsampling as a depthwise convolution
+through plain autograd) and torch's InstanceNorm2d followed by the in-place ReLU.
 Each variant runs in fresh processes: one for the
 time per step, one for peak memory (max RSS during two steps, above the RSS before the first step;
 measured with glibc's mmap threshold lowered so that freed tensors leave the RSS, which would
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cut import CUTConfig, CUTModel
-from cut.networks import Downsample, Upsample
+from cut.networks import Downsample, InstanceNorm, Upsample
 
 
 class OfficialDownsample(nn.Module):
@@ -66,12 +67,21 @@ def build(variant: str, preset: str, channels_last: bool) -> CUTModel:
         for p in model.parameters():
             p.register_post_accumulate_grad_hook(lambda p: resident.__setitem__(id(p), p.grad))
         for net in (model.netG, model.netD):
-            for i, module in enumerate(net.model):
-                if isinstance(module, Upsample):
-                    net.model[i] = OfficialUpsample(module.filt)
-                elif isinstance(module, Downsample):
-                    net.model[i] = OfficialDownsample(module.filt)
+            _use_official_layers(net)
     return model
+
+
+def _use_official_layers(net: nn.Module) -> None:
+    """Swap in the official blur layers and torch's InstanceNorm2d (whose output is a view)."""
+    for name, module in list(net.named_children()):
+        if isinstance(module, Upsample):
+            setattr(net, name, OfficialUpsample(module.filt))
+        elif isinstance(module, Downsample):
+            setattr(net, name, OfficialDownsample(module.filt))
+        elif isinstance(module, InstanceNorm):
+            setattr(net, name, nn.InstanceNorm2d(module.num_features))
+        else:
+            _use_official_layers(module)
 
 
 def _rss_bytes() -> int:

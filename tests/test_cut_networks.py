@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from cut.networks import (
     NCE_LAYERS,
     Downsample,
+    InstanceNorm,
     NLayerDiscriminator,
     PatchSampleF,
     ResnetGenerator,
@@ -60,6 +61,22 @@ def test_downsample_and_its_gradient_equal_the_official_depthwise_conv(size):
     (got,) = torch.autograd.grad(ours, x, grad_out)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     assert down(x.float()).dtype == torch.float32
+
+
+def test_instance_norm_equals_the_official_instance_norm_and_its_gradient():
+    norm = InstanceNorm(4).double()
+    x = torch.randn(2, 4, 7, 5, dtype=torch.float64, requires_grad=True)
+    ours, official = norm(x), F.instance_norm(x, eps=1e-5)
+    torch.testing.assert_close(ours, official, rtol=0, atol=1e-12)
+    grad_out = torch.randn_like(ours)
+    (got,) = torch.autograd.grad(ours, x, grad_out)
+    (want,) = torch.autograd.grad(official, x, grad_out)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert ours._base is None  # not a view: the in-place ReLU after it needs no CopySlices
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(x.detach().to(torch.bfloat16)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="InstanceNorm"):
+        norm(torch.randn(1, 3, 4, 4, dtype=torch.float64))
 
 
 def test_downsample_rejects_a_single_row():
