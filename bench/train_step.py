@@ -6,10 +6,11 @@ The baseline, measured in the same run, is the official step as cut-reference.md
 re-encoded from real_A and real_B with autograd on (``reuse_keys=False``), the official blur
 layers (upsampling as a grouped transposed convolution, downsampling as a depthwise convolution
 through plain autograd) and torch's InstanceNorm2d followed by the in-place ReLU.
-Each variant runs in fresh processes: one for the
-time per step, one for peak memory (max RSS during two steps, above the RSS before the first step;
-measured with glibc's mmap threshold lowered so that freed tensors leave the RSS, which would
-distort the timing, hence the separate process).
+Time per step: the median over ``--rounds`` processes per variant, official and ours alternating
+(the load on a shared machine drifts by more than the differences measured).
+Peak memory: a fresh process per variant (max RSS during two steps, above the RSS before the first
+step; measured with glibc's mmap threshold lowered so that freed tensors leave the RSS, which would
+distort the timing, hence the separate processes).
 """
 
 from __future__ import annotations
@@ -89,39 +90,42 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def measure(variant: str, preset: str, crop: int, steps: int, channels_last: bool) -> dict[str, float]:
-    """Run in this process: one warm-up step, then ``steps`` timed steps; peak RSS growth."""
+def _inputs(crop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.rand(1, 3, crop, crop) * 2 - 1, torch.rand(1, 3, crop, crop) * 2 - 1
+
+
+def time_steps(variant: str, preset: str, crop: int, steps: int, channels_last: bool) -> list[float]:
+    """Seconds of each of ``steps`` steps after a warm-up step, this variant alone in the process."""
     torch.manual_seed(0)
     model = build(variant, preset, channels_last)
-    a, b = torch.rand(1, 3, crop, crop) * 2 - 1, torch.rand(1, 3, crop, crop) * 2 - 1
-    rss_before = _rss_bytes()
+    a, b = _inputs(crop)
     model.train_step(a, b)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         model.train_step(a, b)
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
-    return {"s_per_step": statistics.median(times), "peak_mib": peak / 2**20}
+    return times
 
 
-def _child(variant: str, preset: str, crop: int, steps: int, threads: int, cl: bool, env: dict) -> dict:
-    cmd = [sys.executable, "-m", "bench.train_step", "--_child", variant, "--preset", preset]
-    cmd += ["--crop", str(crop), "--steps", str(steps), "--threads", str(threads)]
-    if cl:
-        cmd.append("--channels-last")
+def peak_memory(variant: str, preset: str, crop: int, channels_last: bool) -> float:
+    """MiB of RSS growth over a warm-up step and one more step, this variant alone in the process."""
+    torch.manual_seed(0)
+    model = build(variant, preset, channels_last)
+    a, b = _inputs(crop)
+    rss_before = _rss_bytes()
+    model.train_step(a, b)
+    model.train_step(a, b)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before) / 2**20
+
+
+def _child(args: list[str], threads: int, low_mmap_threshold: bool = False) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if low_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    cmd = [sys.executable, "-m", "bench.train_step", *args, "--threads", str(threads)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
-
-
-def run_isolated(
-    variant: str, preset: str, crop: int, steps: int, threads: int, cl: bool
-) -> dict[str, float]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    timed = _child(variant, preset, crop, steps, threads, cl, env)
-    env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    timed["peak_mib"] = _child(variant, preset, crop, 1, threads, cl, env)["peak_mib"]
-    return timed
 
 
 def main() -> None:
@@ -131,24 +135,42 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--channels-last", action="store_true", help="run our step in channels_last")
-    p.add_argument("--_child", help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=2, help="alternating processes per variant")
+    p.add_argument("--_time", choices=["official", "ours"], help=argparse.SUPPRESS)
+    p.add_argument("--_memory", choices=["official", "ours"], help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args._child:
-        torch.set_num_threads(args.threads)
-        cl = args.channels_last and args._child == "ours"
-        print(json.dumps(measure(args._child, args.preset[0], args.crop[0], args.steps, cl)))
+    torch.set_num_threads(args.threads)
+    preset, crop, cl = args.preset[0], args.crop[0], args.channels_last
+    if args._time:
+        times = time_steps(args._time, preset, crop, args.steps, cl and args._time == "ours")
+        print(json.dumps({"times": times}))
         return
-    print(f"torch {torch.__version__}, {args.threads} threads, batch 1, {args.steps} timed steps")
+    if args._memory:
+        peak = peak_memory(args._memory, preset, crop, cl and args._memory == "ours")
+        print(json.dumps({"peak_mib": peak}))
+        return
+    runs = f"median of {args.rounds} x {args.steps} steps in alternating processes"
+    print(f"torch {torch.__version__}, {args.threads} threads, batch 1, {runs}")
     header = f"{'preset':8} {'crop':>5} {'official s':>11} {'ours s':>8} {'speedup':>8}"
     print(header + f" {'official MiB':>13} {'ours MiB':>9} {'mem ratio':>10}")
     for preset in args.preset:
         for crop in args.crop:
-            base = run_isolated("official", preset, crop, args.steps, args.threads, False)
-            ours = run_isolated("ours", preset, crop, args.steps, args.threads, args.channels_last)
+            common = ["--preset", preset, "--crop", str(crop)]
+            common += ["--channels-last"] if args.channels_last else []
+            times: dict[str, list[float]] = {"official": [], "ours": []}
+            for _ in range(args.rounds):  # alternate, so drifting machine load hits both alike
+                for v in times:
+                    run = _child([*common, "--steps", str(args.steps), "--_time", v], args.threads)
+                    times[v] += run["times"]
+            secs = {v: statistics.median(ts) for v, ts in times.items()}
+            mem = {
+                v: _child([*common, "--_memory", v], args.threads, low_mmap_threshold=True)["peak_mib"]
+                for v in ("official", "ours")
+            }
             print(
-                f"{preset:8} {crop:5d} {base['s_per_step']:11.3f} {ours['s_per_step']:8.3f} "
-                f"{base['s_per_step'] / ours['s_per_step']:7.2f}x {base['peak_mib']:13.0f} "
-                f"{ours['peak_mib']:9.0f} {ours['peak_mib'] / base['peak_mib']:9.2f}x",
+                f"{preset:8} {crop:5d} {secs['official']:11.3f} {secs['ours']:8.3f} "
+                f"{secs['official'] / secs['ours']:7.2f}x {mem['official']:13.0f} "
+                f"{mem['ours']:9.0f} {mem['ours'] / mem['official']:9.2f}x",
                 flush=True,
             )
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cut import winograd
+
 NCE_LAYERS: tuple[int, ...] = (0, 4, 8, 12, 16)
 
 
@@ -138,6 +140,25 @@ def _instance_norm(channels: int) -> InstanceNorm:
     return InstanceNorm(channels)
 
 
+class BlockConv2d(nn.Conv2d):
+    """The 3x3 convolution of a ResNet block (input already padded). While training on the CPU it
+    runs as a Winograd convolution where the feature map is small (``cut.winograd``), which
+    computes the same convolution with 2.25x fewer multiplications in the forward and both
+    backward passes; elsewhere, and on GPUs (whose cuDNN makes its own choice), as ``nn.Conv2d``.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, dim, kernel_size=3, bias=True)
+
+    def _conv_forward(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        if training and winograd.fits(x, weight):
+            return winograd.conv3x3(x, weight, bias)
+        return super()._conv_forward(x, weight, bias)
+
+
 class ResnetBlock(nn.Module):
     """x + [pad, conv3x3, IN, ReLU, pad, conv3x3, IN](x), no activation after the sum."""
 
@@ -145,11 +166,11 @@ class ResnetBlock(nn.Module):
         super().__init__()
         self.conv_block = nn.Sequential(
             nn.ReflectionPad2d(1),
-            nn.Conv2d(dim, dim, kernel_size=3, bias=True),
+            BlockConv2d(dim),
             _instance_norm(dim),
             nn.ReLU(True),
             nn.ReflectionPad2d(1),
-            nn.Conv2d(dim, dim, kernel_size=3, bias=True),
+            BlockConv2d(dim),
             _instance_norm(dim),
         )
 

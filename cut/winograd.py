@@ -1,0 +1,160 @@
+"""Winograd F(2x2, 3x3) convolution for small feature maps on the CPU, forward and backward.
+
+A 3x3 convolution computes each 2x2 output tile from a 4x4 input tile with 36 multiplications
+per channel pair; Winograd's minimal filtering does it with 16, after cheap linear transforms of
+the input tile, the filter and the result (Lavin & Gray, 2016; cuDNN picks the same algorithm on
+GPUs). The transforms are additions of neighbouring rows and columns, run here on channels-last
+copies so that every operation is contiguous along the channels; the 16 products are one batched
+matrix multiply. Backward is the exact transpose of each stage, so all three passes (output,
+input gradient, weight gradient) do 2.25x fewer multiplications than a direct convolution.
+It pays where the feature map is small (the ResNet blocks at training crops up to 128); on large
+maps the transforms are memory-bound and oneDNN's direct convolution wins.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Filter transform G (4x3) of F(2x2, 3x3); the input (B^T) and output (A^T) transforms are written
+# out as additions in _input_rows and _output_rows.
+_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+_GG = torch.kron(_G, _G)  # (16, 9): U[(a, b)] = sum over (r, s) of G[a, r] G[b, s] w[r, s]
+
+#: Largest output height x width computed with Winograd; above it oneDNN's direct conv is faster.
+MAX_PIXELS = 48 * 48
+
+
+def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``conv2d(x, weight)`` (3x3, stride 1, no padding) runs here: small even-sized CPU fp32.
+
+    Not under autocast, whose bf16 convolutions go to oneDNN.
+    """
+    h, w = x.shape[-2] - 2, x.shape[-1] - 2
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and weight.shape[-2:] == (3, 3)
+        and h > 0
+        and w > 0
+        and h % 2 == 0
+        and w % 2 == 0
+        and h * w <= MAX_PIXELS
+    )
+
+
+def _every_other(x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
+    index = [slice(None)] * x.dim()
+    index[dim] = slice(start, None, 2)
+    return x[tuple(index)]
+
+
+def _input_rows(x: torch.Tensor, dim: int) -> list[torch.Tensor]:
+    """B^T along ``dim``: 2t+2 input rows -> the 4 transformed rows of each of the t tiles."""
+    t = (x.shape[dim] - 2) // 2
+    even, odd = _every_other(x, dim, 0), _every_other(x, dim, 1)
+    d0, d2 = even.narrow(dim, 0, t), even.narrow(dim, 1, t)
+    d1, d3 = odd.narrow(dim, 0, t), odd.narrow(dim, 1, t)
+    return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+
+
+def _input_rows_adjoint(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The transpose of ``_input_rows``: overlapping tiles add into 2t+2 rows."""
+    p0, p1, p2, p3 = parts
+    t = p0.shape[dim]
+    shape = list(p0.shape)
+    shape[dim] = 2 * t + 2
+    out = p0.new_zeros(shape)
+    even, odd = _every_other(out, dim, 0), _every_other(out, dim, 1)
+    even.narrow(dim, 0, t).add_(p0)
+    even.narrow(dim, 1, t).add_(p1 + p2 - p0)
+    odd.narrow(dim, 0, t).add_(p1 - p2 + p3)
+    odd.narrow(dim, 1, t).sub_(p3)
+    return out
+
+
+def _output_rows(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """A^T along ``dim``: the 4 rows of each of t tiles -> 2t output rows."""
+    m0, m1, m2, m3 = parts
+    shape = list(m0.shape)
+    shape[dim] = 2 * m0.shape[dim]
+    out = m0.new_empty(shape)
+    torch.add(m0 + m1, m2, out=_every_other(out, dim, 0))
+    torch.sub(m1 - m2, m3, out=_every_other(out, dim, 1))
+    return out
+
+
+def _output_rows_adjoint(g: torch.Tensor, dim: int) -> list[torch.Tensor]:
+    """The transpose of ``_output_rows``."""
+    g0, g1 = _every_other(g, dim, 0), _every_other(g, dim, 1)
+    return [g0, g0 + g1, g0 - g1, -g1]
+
+
+def _input_transform(x: torch.Tensor) -> torch.Tensor:
+    """(N, 2th+2, 2tw+2, C) channels-last input -> V, (16, N*th*tw, C)."""
+    tiles = [col for row in _input_rows(x, 1) for col in _input_rows(row, 2)]
+    return torch.stack(tiles).flatten(1, 3)
+
+
+def _input_transform_adjoint(grad_v: torch.Tensor, n: int, th: int, tw: int) -> torch.Tensor:
+    grads = list(grad_v.view(16, n, th, tw, -1).unbind(0))
+    rows = [_input_rows_adjoint(grads[4 * a : 4 * a + 4], 2) for a in range(4)]
+    return _input_rows_adjoint(rows, 1)
+
+
+def _output_transform(m: torch.Tensor, n: int, th: int, tw: int) -> torch.Tensor:
+    """M, (16, N*th*tw, K) -> (N, 2th, 2tw, K) channels-last output."""
+    parts = list(m.view(16, n, th, tw, -1).unbind(0))
+    rows = [_output_rows(parts[4 * a : 4 * a + 4], 2) for a in range(4)]
+    return _output_rows(rows, 1)
+
+
+def _output_transform_adjoint(grad: torch.Tensor) -> torch.Tensor:
+    tiles = [col for row in _output_rows_adjoint(grad, 1) for col in _output_rows_adjoint(row, 2)]
+    return torch.stack(tiles).flatten(1, 3)
+
+
+def _filter_transform(weight: torch.Tensor) -> torch.Tensor:
+    """(K, C, 3, 3) -> U, (16, C, K)."""
+    k, c = weight.shape[:2]
+    return (_GG.to(weight.dtype) @ weight.reshape(k * c, 9).T).view(16, k, c).transpose(1, 2)
+
+
+class _WinogradConv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        n, _, hp, wp = x.shape
+        th, tw = (hp - 2) // 2, (wp - 2) // 2
+        x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+        u = _filter_transform(weight)
+        out = _output_transform(torch.bmm(_input_transform(x_nhwc), u), n, th, tw)
+        if bias is not None:
+            out.add_(bias)
+        ctx.save_for_backward(x_nhwc, weight)
+        ctx.has_bias = bias is not None
+        return out.permute(0, 3, 1, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_nhwc, weight = ctx.saved_tensors
+        n, hp, wp, c = x_nhwc.shape
+        th, tw = (hp - 2) // 2, (wp - 2) // 2
+        k = weight.shape[0]
+        grad_nhwc = grad.permute(0, 2, 3, 1).contiguous()
+        grad_m = _output_transform_adjoint(grad_nhwc)  # (16, T, K)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_v = torch.bmm(grad_m, _filter_transform(weight).transpose(1, 2))  # (16, T, C)
+            grad_x = _input_transform_adjoint(grad_v, n, th, tw).permute(0, 3, 1, 2).contiguous()
+        if ctx.needs_input_grad[1]:
+            grad_u = torch.bmm(_input_transform(x_nhwc).transpose(1, 2), grad_m)  # (16, C, K)
+            grad_w = (_GG.to(grad_u.dtype).T @ grad_u.reshape(16, c * k)).view(3, 3, c, k)
+            grad_w = grad_w.permute(3, 2, 0, 1).contiguous()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_nhwc.sum((0, 1, 2))
+        return grad_x, grad_w, grad_b
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias)`` for a 3x3 kernel, stride 1, no padding, where ``fits``."""
+    return _WinogradConv3x3.apply(x, weight, bias)

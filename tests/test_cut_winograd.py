@@ -1,0 +1,66 @@
+"""The Winograd 3x3 convolution equals the direct one, forward and both gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cut import winograd
+from cut.networks import BlockConv2d, ResnetGenerator
+
+
+@pytest.mark.parametrize(("n", "c", "k", "h", "w"), [(2, 3, 4, 6, 8), (1, 5, 2, 2, 2), (2, 16, 8, 10, 6)])
+def test_winograd_conv_and_its_gradients_equal_conv2d(n, c, k, h, w):
+    x = torch.randn(n, c, h + 2, w + 2, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(k, c, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(k, dtype=torch.float64, requires_grad=True)
+    direct, ours = F.conv2d(x, weight, bias), winograd.conv3x3(x, weight, bias)
+    torch.testing.assert_close(ours, direct, rtol=0, atol=1e-12)
+    grad_out = torch.randn_like(direct)
+    want = torch.autograd.grad(direct, (x, weight, bias), grad_out)
+    got = torch.autograd.grad(ours, (x, weight, bias), grad_out)
+    for g, e in zip(got, want, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-11)
+
+
+def test_winograd_conv_without_bias_and_with_frozen_weights():
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    weight = torch.randn(3, 4, 3, 3)
+    out = winograd.conv3x3(x, weight)
+    torch.testing.assert_close(out, F.conv2d(x, weight), rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    (want,) = torch.autograd.grad(F.conv2d(x, weight).sum(), x)
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fits_only_small_even_float32_cpu_maps():
+    w = torch.zeros(2, 2, 3, 3)
+    assert winograd.fits(torch.zeros(1, 2, 34, 34), w)
+    assert not winograd.fits(torch.zeros(1, 2, 33, 34), w)  # odd output height
+    assert not winograd.fits(torch.zeros(1, 2, 34, 34, dtype=torch.float64), w)
+    side = int(winograd.MAX_PIXELS**0.5) + 2
+    assert not winograd.fits(torch.zeros(1, 2, side + 2, side + 2), w)
+    assert not winograd.fits(torch.zeros(1, 2, 10, 10), torch.zeros(2, 2, 5, 5))
+
+
+def test_block_conv_uses_winograd_only_when_training():
+    conv = BlockConv2d(4)
+    x = torch.randn(2, 4, 10, 10, requires_grad=True)
+    assert conv(x).grad_fn.name().startswith("_WinogradConv3x3")
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias), rtol=0, atol=0)
+
+
+def test_generator_trains_the_same_with_and_without_winograd(monkeypatch):
+    torch.manual_seed(0)
+    g = ResnetGenerator(ngf=8, n_blocks=2)
+    x = torch.randn(2, 3, 32, 32)
+    out = g(x)
+    out.square().mean().backward()
+    grads = [p.grad.clone() for p in g.parameters()]
+    g.zero_grad()
+    monkeypatch.setattr(winograd, "MAX_PIXELS", 0)
+    direct = g(x)
+    direct.square().mean().backward()
+    torch.testing.assert_close(out, direct, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, (p.grad for p in g.parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
