@@ -5,7 +5,8 @@
 The baseline, measured in the same run, is the official step as cut-reference.md describes it: keys
 re-encoded from real_A and real_B with autograd on (``reuse_keys=False``), the official blur
 layers (upsampling as a grouped transposed convolution, downsampling as a depthwise convolution
-through plain autograd) and torch's InstanceNorm2d followed by the in-place ReLU.
+through plain autograd), torch's InstanceNorm2d followed by the in-place ReLU, and nn.Conv2d (no
+Winograd) in the ResNet blocks.
 Time per step: the median over ``--rounds`` processes per variant, official and ours alternating
 (the load on a shared machine drifts by more than the differences measured).
 Peak memory: a fresh process per variant (max RSS during two steps, above the RSS before the first
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cut import CUTConfig, CUTModel
-from cut.networks import Downsample, InstanceNorm, Upsample
+from cut.networks import BlockConv2d, Downsample, InstanceNorm, Upsample
 
 
 class OfficialDownsample(nn.Module):
@@ -81,6 +82,8 @@ def _use_official_layers(net: nn.Module) -> None:
             setattr(net, name, OfficialDownsample(module.filt))
         elif isinstance(module, InstanceNorm):
             setattr(net, name, nn.InstanceNorm2d(module.num_features))
+        elif isinstance(module, BlockConv2d):
+            module.__class__ = nn.Conv2d  # same Parameter objects, so the optimizer still owns them
         else:
             _use_official_layers(module)
 

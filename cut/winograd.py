@@ -7,8 +7,9 @@ GPUs). The transforms are additions of neighbouring rows and columns, run here o
 copies so that every operation is contiguous along the channels; the 16 products are one batched
 matrix multiply. Backward is the exact transpose of each stage, so all three passes (output,
 input gradient, weight gradient) do 2.25x fewer multiplications than a direct convolution.
-It pays where the feature map is small (the ResNet blocks at training crops up to 128); on large
-maps the transforms are memory-bound and oneDNN's direct convolution wins.
+It pays on mid-sized feature maps (the ResNet blocks at training crops 80 to 192); on tiny maps
+fixed costs dominate, on large ones the transforms are memory-bound and oneDNN's direct
+convolution wins.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import torch
 _G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
 _GG = torch.kron(_G, _G)  # (16, 9): U[(a, b)] = sum over (r, s) of G[a, r] G[b, s] w[r, s]
 
-#: Largest output height x width computed with Winograd; above it oneDNN's direct conv is faster.
+#: Output height x width where Winograd beats oneDNN's direct convolution (fwd + bwd, 256 channels,
+#: 2 cores): below, fixed costs dominate (16x16: 0.98x); above, memory traffic (64x64 in a step).
+MIN_PIXELS = 20 * 20
 MAX_PIXELS = 48 * 48
 
 
@@ -39,7 +42,7 @@ def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and w > 0
         and h % 2 == 0
         and w % 2 == 0
-        and h * w <= MAX_PIXELS
+        and MIN_PIXELS <= h * w <= MAX_PIXELS
     )
 
 
@@ -49,13 +52,19 @@ def _every_other(x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
     return x[tuple(index)]
 
 
-def _input_rows(x: torch.Tensor, dim: int) -> list[torch.Tensor]:
+def _input_rows(x: torch.Tensor, dim: int, out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """B^T along ``dim``: 2t+2 input rows -> the 4 transformed rows of each of the t tiles."""
     t = (x.shape[dim] - 2) // 2
     even, odd = _every_other(x, dim, 0), _every_other(x, dim, 1)
     d0, d2 = even.narrow(dim, 0, t), even.narrow(dim, 1, t)
     d1, d3 = odd.narrow(dim, 0, t), odd.narrow(dim, 1, t)
-    return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+    if out is None:
+        return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+    torch.sub(d0, d2, out=out[0])
+    torch.add(d1, d2, out=out[1])
+    torch.sub(d2, d1, out=out[2])
+    torch.sub(d1, d3, out=out[3])
+    return out
 
 
 def _input_rows_adjoint(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -84,16 +93,27 @@ def _output_rows(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return out
 
 
-def _output_rows_adjoint(g: torch.Tensor, dim: int) -> list[torch.Tensor]:
+def _output_rows_adjoint(
+    g: torch.Tensor, dim: int, out: list[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
     """The transpose of ``_output_rows``."""
     g0, g1 = _every_other(g, dim, 0), _every_other(g, dim, 1)
-    return [g0, g0 + g1, g0 - g1, -g1]
+    if out is None:
+        return [g0, g0 + g1, g0 - g1, -g1]
+    out[0].copy_(g0)
+    torch.add(g0, g1, out=out[1])
+    torch.sub(g0, g1, out=out[2])
+    torch.neg(g1, out=out[3])
+    return out
 
 
 def _input_transform(x: torch.Tensor) -> torch.Tensor:
     """(N, 2th+2, 2tw+2, C) channels-last input -> V, (16, N*th*tw, C)."""
-    tiles = [col for row in _input_rows(x, 1) for col in _input_rows(row, 2)]
-    return torch.stack(tiles).flatten(1, 3)
+    n, hp, wp, c = x.shape
+    v = x.new_empty(16, n, (hp - 2) // 2, (wp - 2) // 2, c)
+    for a, row in enumerate(_input_rows(x, 1)):
+        _input_rows(row, 2, out=list(v[4 * a : 4 * a + 4]))
+    return v.flatten(1, 3)
 
 
 def _input_transform_adjoint(grad_v: torch.Tensor, n: int, th: int, tw: int) -> torch.Tensor:
@@ -110,8 +130,11 @@ def _output_transform(m: torch.Tensor, n: int, th: int, tw: int) -> torch.Tensor
 
 
 def _output_transform_adjoint(grad: torch.Tensor) -> torch.Tensor:
-    tiles = [col for row in _output_rows_adjoint(grad, 1) for col in _output_rows_adjoint(row, 2)]
-    return torch.stack(tiles).flatten(1, 3)
+    n, h, w, k = grad.shape
+    m = grad.new_empty(16, n, h // 2, w // 2, k)
+    for a, row in enumerate(_output_rows_adjoint(grad, 1)):
+        _output_rows_adjoint(row, 2, out=list(m[4 * a : 4 * a + 4]))
+    return m.flatten(1, 3)
 
 
 def _filter_transform(weight: torch.Tensor) -> torch.Tensor:
@@ -141,17 +164,18 @@ class _WinogradConv3x3(torch.autograd.Function):
         th, tw = (hp - 2) // 2, (wp - 2) // 2
         k = weight.shape[0]
         grad_nhwc = grad.permute(0, 2, 3, 1).contiguous()
+        grad_b = grad_nhwc.sum((0, 1, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         grad_m = _output_transform_adjoint(grad_nhwc)  # (16, T, K)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_v = torch.bmm(grad_m, _filter_transform(weight).transpose(1, 2))  # (16, T, C)
-            grad_x = _input_transform_adjoint(grad_v, n, th, tw).permute(0, 3, 1, 2).contiguous()
+        del grad_nhwc  # backward runs at the step's peak memory: keep few buffers alive at once
+        grad_x = grad_w = None
         if ctx.needs_input_grad[1]:
             grad_u = torch.bmm(_input_transform(x_nhwc).transpose(1, 2), grad_m)  # (16, C, K)
             grad_w = (_GG.to(grad_u.dtype).T @ grad_u.reshape(16, c * k)).view(3, 3, c, k)
             grad_w = grad_w.permute(3, 2, 0, 1).contiguous()
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_nhwc.sum((0, 1, 2))
+        if ctx.needs_input_grad[0]:
+            grad_v = torch.bmm(grad_m, _filter_transform(weight).transpose(1, 2))  # (16, T, C)
+            del grad_m
+            grad_x = _input_transform_adjoint(grad_v, n, th, tw).permute(0, 3, 1, 2).contiguous()
         return grad_x, grad_w, grad_b
 
 

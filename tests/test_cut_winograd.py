@@ -39,12 +39,13 @@ def test_fits_only_small_even_float32_cpu_maps():
     assert not winograd.fits(torch.zeros(1, 2, 34, 34, dtype=torch.float64), w)
     side = int(winograd.MAX_PIXELS**0.5) + 2
     assert not winograd.fits(torch.zeros(1, 2, side + 2, side + 2), w)
-    assert not winograd.fits(torch.zeros(1, 2, 10, 10), torch.zeros(2, 2, 5, 5))
+    assert not winograd.fits(torch.zeros(1, 2, 34, 34), torch.zeros(2, 2, 5, 5))
+    assert not winograd.fits(torch.zeros(1, 2, 18, 18), w)  # 16x16: below MIN_PIXELS
 
 
 def test_block_conv_uses_winograd_only_when_training():
     conv = BlockConv2d(4)
-    x = torch.randn(2, 4, 10, 10, requires_grad=True)
+    x = torch.randn(2, 4, 26, 26, requires_grad=True)
     assert conv(x).grad_fn.name().startswith("_WinogradConv3x3")
     with torch.no_grad():
         torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias), rtol=0, atol=0)
@@ -53,7 +54,7 @@ def test_block_conv_uses_winograd_only_when_training():
 def test_generator_trains_the_same_with_and_without_winograd(monkeypatch):
     torch.manual_seed(0)
     g = ResnetGenerator(ngf=8, n_blocks=2)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 96, 96)  # 24x24 maps in the ResNet blocks
     out = g(x)
     out.square().mean().backward()
     grads = [p.grad.clone() for p in g.parameters()]
