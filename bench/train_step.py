@@ -5,8 +5,8 @@
 The baseline, measured in the same run, is the official step as cut-reference.md describes it: keys
 re-encoded from real_A and real_B with autograd on (``reuse_keys=False``), the official blur
 layers (upsampling as a grouped transposed convolution, downsampling as a depthwise convolution
-through plain autograd), torch's InstanceNorm2d followed by the in-place ReLU, and nn.Conv2d (no
-Winograd) in the ResNet blocks.
+through plain autograd), torch's InstanceNorm2d followed by the in-place ReLU, nn.Conv2d (no
+Winograd) in the ResNet blocks and torch's default (unfused) Adam.
 Time per step: the median over ``--rounds`` processes per variant, official and ours alternating
 (the load on a shared machine drifts by more than the differences measured).
 Peak memory: a fresh process per variant (max RSS during two steps, above the RSS before the first
@@ -63,6 +63,11 @@ def build(variant: str, preset: str, channels_last: bool) -> CUTModel:
     cfg = CUTConfig.from_preset(preset, reuse_keys=not official, channels_last=channels_last)
     model = CUTModel(cfg, seed=0)
     if official:
+        # torch's default Adam (a per-tensor loop on the CPU), as the official code constructs it.
+        adam = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)}
+        model.opt_G = torch.optim.Adam(model.netG.parameters(), **adam)
+        model.opt_D = torch.optim.Adam(model.netD.parameters(), **adam)
+        model.opt_F = torch.optim.Adam(model.netF.parameters(), **adam)
         # The official step zeroes gradients before each backward, so every gradient stays resident
         # until the same network's next backward; ours frees them once applied. Keep references alike.
         resident: dict[int, torch.Tensor] = {}
