@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cut import CUTConfig, CUTModel
-from cut.networks import BlockConv2d, Downsample, InstanceNorm, Upsample
+from cut.networks import BlockConv2d, Downsample, InstanceNorm, ResnetBlock, Upsample
 
 
 class OfficialDownsample(nn.Module):
@@ -92,6 +92,8 @@ def _use_official_layers(net: nn.Module) -> None:
         elif isinstance(module, BlockConv2d):
             module.__class__ = nn.Conv2d  # same Parameter objects, so the optimizer still owns them
         else:
+            if isinstance(module, ResnetBlock):  # x + conv_block(x): pad modules, then nn.Conv2d
+                module.forward = lambda x, block=module: x + block.conv_block(x)
             _use_official_layers(module)
 
 

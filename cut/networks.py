@@ -141,10 +141,10 @@ def _instance_norm(channels: int) -> InstanceNorm:
 
 
 class BlockConv2d(nn.Conv2d):
-    """The 3x3 convolution of a ResNet block (input already padded). While training on the CPU it
-    runs as a Winograd convolution where the feature map is small (``cut.winograd``), which
-    computes the same convolution with 2.25x fewer multiplications in the forward and both
-    backward passes; elsewhere, and on GPUs (whose cuDNN makes its own choice), as ``nn.Conv2d``.
+    """The 3x3 convolution of a ResNet block. While training on the CPU it runs as a Winograd
+    convolution where the feature map is small (``cut.winograd``), which computes the same
+    convolution with 2.25x fewer multiplications in the forward and both backward passes;
+    elsewhere, and on GPUs (whose cuDNN makes its own choice), as ``nn.Conv2d``.
     """
 
     def __init__(self, dim: int) -> None:
@@ -153,10 +153,46 @@ class BlockConv2d(nn.Conv2d):
     def _conv_forward(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if training and winograd.fits(x, weight):
+        if self._winograd(x, padded=True):
             return winograd.conv3x3(x, weight, bias)
         return super()._conv_forward(x, weight, bias)
+
+    def _winograd(self, x: torch.Tensor, padded: bool) -> bool:
+        training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        return training and winograd.fits(x, self.weight, padded)
+
+    def padded_forward(self, x: torch.Tensor, pad: nn.Module) -> torch.Tensor:
+        """``self(pad(x))``, keeping only the unpadded ``x`` (usually alive anyway) for backward."""
+        reflect_1 = isinstance(pad, nn.ReflectionPad2d) and pad.padding == (1, 1, 1, 1)
+        if not reflect_1 or torch.is_autocast_enabled(x.device.type):
+            return self(pad(x))
+        if self._winograd(x, padded=False):
+            return winograd.conv3x3(x, self.weight, self.bias, reflect_pad=True)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _ReflectPadConv.apply(x, self.weight, self.bias)
+        return self(pad(x))
+
+
+class _ReflectPadConv(torch.autograd.Function):
+    """conv2d(reflect_pad(x, 1), weight, bias) that saves ``x`` rather than its padded copy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_padded, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, padded, weight, [weight.shape[0]], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [need_x, need_w, need_b],
+        )
+        del padded
+        grad_x = torch.ops.aten.reflection_pad2d_backward(grad_padded, x, [1, 1, 1, 1]) if need_x else None
+        return grad_x, grad_w, grad_b
 
 
 class ResnetBlock(nn.Module):
@@ -175,7 +211,9 @@ class ResnetBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv_block(x)
+        pad1, conv1, norm1, relu, pad2, conv2, norm2 = self.conv_block
+        h = relu(norm1(conv1.padded_forward(x, pad1)))
+        return x + norm2(conv2.padded_forward(h, pad2))
 
 
 class ResnetGenerator(nn.Module):

@@ -15,6 +15,7 @@ convolution wins.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Filter transform G (4x3) of F(2x2, 3x3); the input (B^T) and output (A^T) transforms are written
 # out as additions in _input_rows and _output_rows.
@@ -27,12 +28,14 @@ MIN_PIXELS = 20 * 20
 MAX_PIXELS = 48 * 48
 
 
-def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``conv2d(x, weight)`` (3x3, stride 1, no padding) runs here: small even-sized CPU fp32.
-
-    Not under autocast, whose bf16 convolutions go to oneDNN.
+def fits(x: torch.Tensor, weight: torch.Tensor, padded: bool = True) -> bool:
+    """Whether the 3x3, stride-1 convolution of ``x`` (already ``padded``, or to be reflect-padded
+    by one) runs here: small even-sized float32 maps on the CPU, not under autocast (whose bf16
+    convolutions go to oneDNN).
     """
-    h, w = x.shape[-2] - 2, x.shape[-1] - 2
+    h, w = x.shape[-2:]
+    if padded:
+        h, w = h - 2, w - 2
     return (
         x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
@@ -143,23 +146,38 @@ def _filter_transform(weight: torch.Tensor) -> torch.Tensor:
     return (_GG.to(weight.dtype) @ weight.reshape(k * c, 9).T).view(16, k, c).transpose(1, 2)
 
 
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def _reflect_pad(x: torch.Tensor) -> torch.Tensor:
+    return F.pad(x, (1, 1, 1, 1), mode="reflect")
+
+
 class _WinogradConv3x3(torch.autograd.Function):
+    """Saves only its input as given: with ``reflect_pad`` that is the unpadded map, which the
+    caller usually keeps anyway (a ReLU's output), so no padded copy stays alive until backward.
+    """
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        n, _, hp, wp = x.shape
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reflect_pad: bool
+    ) -> torch.Tensor:
+        padded = _reflect_pad(x) if reflect_pad else x
+        n, _, hp, wp = padded.shape
         th, tw = (hp - 2) // 2, (wp - 2) // 2
-        x_nhwc = x.permute(0, 2, 3, 1).contiguous()
         u = _filter_transform(weight)
-        out = _output_transform(torch.bmm(_input_transform(x_nhwc), u), n, th, tw)
+        out = _output_transform(torch.bmm(_input_transform(_nhwc(padded)), u), n, th, tw)
         if bias is not None:
             out.add_(bias)
-        ctx.save_for_backward(x_nhwc, weight)
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias, ctx.reflect_pad = bias is not None, reflect_pad
         return out.permute(0, 3, 1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_nhwc, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
+        x_nhwc = _nhwc(_reflect_pad(x) if ctx.reflect_pad else x)
         n, hp, wp, c = x_nhwc.shape
         th, tw = (hp - 2) // 2, (wp - 2) // 2
         k = weight.shape[0]
@@ -172,13 +190,20 @@ class _WinogradConv3x3(torch.autograd.Function):
             grad_u = torch.bmm(_input_transform(x_nhwc).transpose(1, 2), grad_m)  # (16, C, K)
             grad_w = (_GG.to(grad_u.dtype).T @ grad_u.reshape(16, c * k)).view(3, 3, c, k)
             grad_w = grad_w.permute(3, 2, 0, 1).contiguous()
+        del x_nhwc
         if ctx.needs_input_grad[0]:
             grad_v = torch.bmm(grad_m, _filter_transform(weight).transpose(1, 2))  # (16, T, C)
             del grad_m
             grad_x = _input_transform_adjoint(grad_v, n, th, tw).permute(0, 3, 1, 2).contiguous()
-        return grad_x, grad_w, grad_b
+            if ctx.reflect_pad:
+                grad_x = torch.ops.aten.reflection_pad2d_backward(grad_x, x, [1, 1, 1, 1])
+        return grad_x, grad_w, grad_b, None
 
 
-def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias)`` for a 3x3 kernel, stride 1, no padding, where ``fits``."""
-    return _WinogradConv3x3.apply(x, weight, bias)
+def conv3x3(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, reflect_pad: bool = False
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias)`` for a 3x3 kernel, stride 1, where ``fits``: no padding, or
+    with ``reflect_pad`` the official reflect padding of one pixel applied first.
+    """
+    return _WinogradConv3x3.apply(x, weight, bias, reflect_pad)

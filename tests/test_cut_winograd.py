@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from cut import winograd
-from cut.networks import BlockConv2d, ResnetGenerator
+from cut.networks import BlockConv2d, ResnetBlock, ResnetGenerator
 
 
 @pytest.mark.parametrize(("n", "c", "k", "h", "w"), [(2, 3, 4, 6, 8), (1, 5, 2, 2, 2), (2, 16, 8, 10, 6)])
@@ -20,6 +20,41 @@ def test_winograd_conv_and_its_gradients_equal_conv2d(n, c, k, h, w):
     got = torch.autograd.grad(ours, (x, weight, bias), grad_out)
     for g, e in zip(got, want, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-11)
+
+
+def test_winograd_conv_with_its_own_reflect_padding_equals_pad_then_conv2d():
+    x = torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    direct = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), weight, bias)
+    ours = winograd.conv3x3(x, weight, bias, reflect_pad=True)
+    torch.testing.assert_close(ours, direct, rtol=0, atol=1e-12)
+    grad_out = torch.randn_like(direct)
+    want = torch.autograd.grad(direct, (x, weight, bias), grad_out)
+    got = torch.autograd.grad(ours, (x, weight, bias), grad_out)
+    for g, e in zip(got, want, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("size", [24, 16])  # Winograd, direct convolution
+def test_resnet_block_keeps_no_padded_copy_for_backward(monkeypatch, size):
+    """The block saves its unpadded maps (which the ReLU keeps anyway), not padded copies."""
+    block = ResnetBlock(8)
+    x = torch.randn(2, 8, size, size, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = block(x)
+    assert saved and not any(t.shape[-2:] == (size + 2, size + 2) for t in saved)
+    block.zero_grad()
+    out.square().sum().backward()
+    # Weights only: conv biases in front of an InstanceNorm have a zero true gradient (pure noise).
+    weights = [p for p in block.parameters() if p.dim() > 1]
+    grads = [p.grad.clone() for p in weights]
+    block.zero_grad()
+    monkeypatch.setattr(winograd, "MAX_PIXELS", 0)
+    (x + block.conv_block(x)).square().sum().backward()  # the official pad modules and nn.Conv2d
+    for got, want in zip(grads, (p.grad for p in weights), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
 
 
 def test_winograd_conv_without_bias_and_with_frozen_weights():
