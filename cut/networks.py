@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cut import winograd
+from cut.winograd import every_other
 
 NCE_LAYERS: tuple[int, ...] = (0, 4, 8, 12, 16)
 
@@ -25,12 +26,6 @@ def _binomial_filter(taps: Sequence[float], channels: int, scale: float) -> torc
     return kernel[None, None].repeat(channels, 1, 1, 1)
 
 
-def _every_other(x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
-    """The view of ``x`` at positions start, start+2, ... along ``dim`` (-1 or -2)."""
-    index = (slice(start, None, 2),) if dim == -1 else (slice(start, None, 2), slice(None))
-    return x[(..., *index)]
-
-
 def _blur_stride2(x: torch.Tensor, dim: int) -> torch.Tensor:
     """[1,2,1]/4 along ``dim`` after a reflect pad of 1, every second output kept.
 
@@ -38,8 +33,8 @@ def _blur_stride2(x: torch.Tensor, dim: int) -> torch.Tensor:
     """
     n = x.shape[dim]
     n_out, n_odd = (n + 1) // 2, n // 2
-    odd = _every_other(x, dim, 1)
-    out = _every_other(x, dim, 0) * 0.5
+    odd = every_other(x, dim, 1)
+    out = every_other(x, dim, 0) * 0.5
     out.narrow(dim, 1, n_out - 1).add_(odd.narrow(dim, 0, n_out - 1), alpha=0.25)  # left neighbours
     out.narrow(dim, 0, 1).add_(odd.narrow(dim, 0, 1), alpha=0.25)  # reflected x[-1] = x[1]
     out.narrow(dim, 0, n_odd).add_(odd, alpha=0.25)  # right neighbours
@@ -54,8 +49,8 @@ def _blur_stride2_adjoint(grad: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     shape = list(grad.shape)
     shape[dim] = n
     out = grad.new_empty(shape)
-    odd = _every_other(out, dim, 1)
-    torch.mul(grad, 0.5, out=_every_other(out, dim, 0))
+    odd = every_other(out, dim, 1)
+    torch.mul(grad, 0.5, out=every_other(out, dim, 0))
     torch.mul(grad.narrow(dim, 0, n_odd), 0.25, out=odd)
     odd.narrow(dim, 0, n_out - 1).add_(grad.narrow(dim, 1, n_out - 1), alpha=0.25)
     odd.narrow(dim, 0, 1).add_(grad.narrow(dim, 0, 1), alpha=0.25)
@@ -157,9 +152,11 @@ class BlockConv2d(nn.Conv2d):
             return winograd.conv3x3(x, weight, bias)
         return super()._conv_forward(x, weight, bias)
 
+    def _trains(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+
     def _winograd(self, x: torch.Tensor, padded: bool) -> bool:
-        training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        return training and winograd.fits(x, self.weight, padded)
+        return self._trains(x) and winograd.fits(x, self.weight, padded)
 
     def padded_forward(self, x: torch.Tensor, pad: nn.Module) -> torch.Tensor:
         """``self(pad(x))``, keeping only the unpadded ``x`` (usually alive anyway) for backward."""
@@ -168,7 +165,7 @@ class BlockConv2d(nn.Conv2d):
             return self(pad(x))
         if self._winograd(x, padded=False):
             return winograd.conv3x3(x, self.weight, self.bias, reflect_pad=True)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        if self._trains(x):
             return _ReflectPadConv.apply(x, self.weight, self.bias)
         return self(pad(x))
 

@@ -49,7 +49,8 @@ def fits(x: torch.Tensor, weight: torch.Tensor, padded: bool = True) -> bool:
     )
 
 
-def _every_other(x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
+def every_other(x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
+    """The view of ``x`` at positions start, start+2, ... along ``dim``."""
     index = [slice(None)] * x.dim()
     index[dim] = slice(start, None, 2)
     return x[tuple(index)]
@@ -58,7 +59,7 @@ def _every_other(x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
 def _input_rows(x: torch.Tensor, dim: int, out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """B^T along ``dim``: 2t+2 input rows -> the 4 transformed rows of each of the t tiles."""
     t = (x.shape[dim] - 2) // 2
-    even, odd = _every_other(x, dim, 0), _every_other(x, dim, 1)
+    even, odd = every_other(x, dim, 0), every_other(x, dim, 1)
     d0, d2 = even.narrow(dim, 0, t), even.narrow(dim, 1, t)
     d1, d3 = odd.narrow(dim, 0, t), odd.narrow(dim, 1, t)
     if out is None:
@@ -77,7 +78,7 @@ def _input_rows_adjoint(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     shape = list(p0.shape)
     shape[dim] = 2 * t + 2
     out = p0.new_zeros(shape)
-    even, odd = _every_other(out, dim, 0), _every_other(out, dim, 1)
+    even, odd = every_other(out, dim, 0), every_other(out, dim, 1)
     even.narrow(dim, 0, t).add_(p0)
     even.narrow(dim, 1, t).add_(p1 + p2 - p0)
     odd.narrow(dim, 0, t).add_(p1 - p2 + p3)
@@ -91,8 +92,8 @@ def _output_rows(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     shape = list(m0.shape)
     shape[dim] = 2 * m0.shape[dim]
     out = m0.new_empty(shape)
-    torch.add(m0 + m1, m2, out=_every_other(out, dim, 0))
-    torch.sub(m1 - m2, m3, out=_every_other(out, dim, 1))
+    torch.add(m0 + m1, m2, out=every_other(out, dim, 0))
+    torch.sub(m1 - m2, m3, out=every_other(out, dim, 1))
     return out
 
 
@@ -100,7 +101,7 @@ def _output_rows_adjoint(
     g: torch.Tensor, dim: int, out: list[torch.Tensor] | None = None
 ) -> list[torch.Tensor]:
     """The transpose of ``_output_rows``."""
-    g0, g1 = _every_other(g, dim, 0), _every_other(g, dim, 1)
+    g0, g1 = every_other(g, dim, 0), every_other(g, dim, 1)
     if out is None:
         return [g0, g0 + g1, g0 - g1, -g1]
     out[0].copy_(g0)

@@ -39,6 +39,7 @@ def test_winograd_conv_with_its_own_reflect_padding_equals_pad_then_conv2d():
 @pytest.mark.parametrize("size", [24, 16])  # Winograd, direct convolution
 def test_resnet_block_keeps_no_padded_copy_for_backward(monkeypatch, size):
     """The block saves its unpadded maps (which the ReLU keeps anyway), not padded copies."""
+    torch.manual_seed(size)
     block = ResnetBlock(8)
     x = torch.randn(2, 8, size, size, requires_grad=True)
     saved: list[torch.Tensor] = []
@@ -54,10 +55,12 @@ def test_resnet_block_keeps_no_padded_copy_for_backward(monkeypatch, size):
     monkeypatch.setattr(winograd, "MAX_PIXELS", 0)
     (x + block.conv_block(x)).square().sum().backward()  # the official pad modules and nn.Conv2d
     for got, want in zip(grads, (p.grad for p in weights), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+        # float32 sums in another order: compare against the gradient's scale (seen: 1e-6 of it)
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_winograd_conv_without_bias_and_with_frozen_weights():
+    torch.manual_seed(0)
     x = torch.randn(1, 4, 6, 6, requires_grad=True)
     weight = torch.randn(3, 4, 3, 3)
     out = winograd.conv3x3(x, weight)
