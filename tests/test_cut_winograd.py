@@ -8,32 +8,32 @@ from cut import winograd
 from cut.networks import BlockConv2d, ResnetBlock, ResnetGenerator
 
 
-@pytest.mark.parametrize(("n", "c", "k", "h", "w"), [(2, 3, 4, 6, 8), (1, 5, 2, 2, 2), (2, 16, 8, 10, 6)])
-def test_winograd_conv_and_its_gradients_equal_conv2d(n, c, k, h, w):
-    x = torch.randn(n, c, h + 2, w + 2, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(k, c, 3, 3, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(k, dtype=torch.float64, requires_grad=True)
-    direct, ours = F.conv2d(x, weight, bias), winograd.conv3x3(x, weight, bias)
+def assert_same_output_and_gradients(ours_fn, direct_fn, inputs: tuple[torch.Tensor, ...]) -> None:
+    direct, ours = direct_fn(*inputs), ours_fn(*inputs)
     torch.testing.assert_close(ours, direct, rtol=0, atol=1e-12)
     grad_out = torch.randn_like(direct)
-    want = torch.autograd.grad(direct, (x, weight, bias), grad_out)
-    got = torch.autograd.grad(ours, (x, weight, bias), grad_out)
+    want = torch.autograd.grad(direct, inputs, grad_out)
+    got = torch.autograd.grad(ours, inputs, grad_out)
     for g, e in zip(got, want, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-11)
+
+
+def _float64_conv_inputs(n: int, c: int, k: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+    shapes = [(n, c, h, w), (k, c, 3, 3), (k,)]
+    return tuple(torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes)
+
+
+@pytest.mark.parametrize(("n", "c", "k", "h", "w"), [(2, 3, 4, 6, 8), (1, 5, 2, 2, 2), (2, 16, 8, 10, 6)])
+def test_winograd_conv_and_its_gradients_equal_conv2d(n, c, k, h, w):
+    assert_same_output_and_gradients(winograd.conv3x3, F.conv2d, _float64_conv_inputs(n, c, k, h + 2, w + 2))
 
 
 def test_winograd_conv_with_its_own_reflect_padding_equals_pad_then_conv2d():
-    x = torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    direct = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), weight, bias)
-    ours = winograd.conv3x3(x, weight, bias, reflect_pad=True)
-    torch.testing.assert_close(ours, direct, rtol=0, atol=1e-12)
-    grad_out = torch.randn_like(direct)
-    want = torch.autograd.grad(direct, (x, weight, bias), grad_out)
-    got = torch.autograd.grad(ours, (x, weight, bias), grad_out)
-    for g, e in zip(got, want, strict=True):
-        torch.testing.assert_close(g, e, rtol=0, atol=1e-11)
+    assert_same_output_and_gradients(
+        lambda x, w, b: winograd.conv3x3(x, w, b, reflect_pad=True),
+        lambda x, w, b: F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), w, b),
+        _float64_conv_inputs(2, 3, 5, 6, 4),
+    )
 
 
 @pytest.mark.parametrize("size", [24, 16])  # Winograd, direct convolution
