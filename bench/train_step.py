@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cut import CUTConfig, CUTModel
-from cut.networks import BlockConv2d, Downsample, InstanceNorm, ResnetBlock, Upsample
+from cut.networks import Conv3x3, Downsample, InstanceNorm, ResnetBlock, Upsample
 
 
 class OfficialDownsample(nn.Module):
@@ -89,7 +89,7 @@ def _use_official_layers(net: nn.Module) -> None:
             setattr(net, name, OfficialDownsample(module.filt))
         elif isinstance(module, InstanceNorm):
             setattr(net, name, nn.InstanceNorm2d(module.num_features))
-        elif isinstance(module, BlockConv2d):
+        elif isinstance(module, Conv3x3):
             module.__class__ = nn.Conv2d  # same Parameter objects, so the optimizer still owns them
         else:
             if isinstance(module, ResnetBlock):  # x + conv_block(x): pad modules, then nn.Conv2d

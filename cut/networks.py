@@ -135,36 +135,45 @@ def _instance_norm(channels: int) -> InstanceNorm:
     return InstanceNorm(channels)
 
 
-class BlockConv2d(nn.Conv2d):
-    """The 3x3 convolution of a ResNet block. While training on the CPU it runs as a Winograd
-    convolution where the feature map is small (``cut.winograd``), which computes the same
-    convolution with 2.25x fewer multiplications in the forward and both backward passes;
-    elsewhere, and on GPUs (whose cuDNN makes its own choice), as ``nn.Conv2d``.
+class Conv3x3(nn.Conv2d):
+    """A 3x3, stride-1 convolution of the generator: unpadded in the ResNet blocks (after a
+    reflect pad), zero-padded by one in the down- and upsampling stages. While training on the
+    CPU it runs as a Winograd convolution (``cut.winograd``), which computes the same convolution
+    with 2.25x fewer multiplications in the forward and both backward passes; elsewhere, and on
+    GPUs (whose cuDNN makes its own choice), as ``nn.Conv2d``.
     """
 
-    def __init__(self, dim: int) -> None:
-        super().__init__(dim, dim, kernel_size=3, bias=True)
+    def __init__(self, c_in: int, c_out: int, padding: int = 0) -> None:
+        super().__init__(c_in, c_out, kernel_size=3, stride=1, padding=padding, bias=True)
 
     def _conv_forward(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        if self._winograd(x, padded=True):
-            return winograd.conv3x3(x, weight, bias)
+        padding = "zeros" if self.padding == (1, 1) else "none"
+        if self._winograd(x, padding):
+            return winograd.conv3x3(x, weight, bias, padding)
         return super()._conv_forward(x, weight, bias)
 
     def _trains(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
 
-    def _winograd(self, x: torch.Tensor, padded: bool) -> bool:
-        return self._trains(x) and winograd.fits(x, self.weight, padded)
+    def _winograd(self, x: torch.Tensor, padding: str) -> bool:
+        return (
+            self.padding_mode == "zeros"
+            and self.padding in ((0, 0), (1, 1))
+            and self._trains(x)
+            and winograd.fits(x, self.weight, padding)
+        )
 
     def padded_forward(self, x: torch.Tensor, pad: nn.Module) -> torch.Tensor:
-        """``self(pad(x))``, keeping only the unpadded ``x`` (usually alive anyway) for backward."""
+        """``self(pad(x))`` for an unpadded convolution, keeping only the unpadded ``x`` (usually
+        alive anyway) for backward.
+        """
         reflect_1 = isinstance(pad, nn.ReflectionPad2d) and pad.padding == (1, 1, 1, 1)
-        if not reflect_1 or torch.is_autocast_enabled(x.device.type):
+        if not reflect_1 or self.padding != (0, 0) or torch.is_autocast_enabled(x.device.type):
             return self(pad(x))
-        if self._winograd(x, padded=False):
-            return winograd.conv3x3(x, self.weight, self.bias, reflect_pad=True)
+        if self._winograd(x, "reflect"):
+            return winograd.conv3x3(x, self.weight, self.bias, "reflect")
         if self._trains(x):
             return _ReflectPadConv.apply(x, self.weight, self.bias)
         return self(pad(x))
@@ -199,11 +208,11 @@ class ResnetBlock(nn.Module):
         super().__init__()
         self.conv_block = nn.Sequential(
             nn.ReflectionPad2d(1),
-            BlockConv2d(dim),
+            Conv3x3(dim, dim),
             _instance_norm(dim),
             nn.ReLU(True),
             nn.ReflectionPad2d(1),
-            BlockConv2d(dim),
+            Conv3x3(dim, dim),
             _instance_norm(dim),
         )
 
@@ -247,7 +256,7 @@ class ResnetGenerator(nn.Module):
             c_in, c_out = ngf * 2**i, ngf * 2 ** (i + 1)
             if antialias:
                 layers += [
-                    nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=1, bias=True),
+                    Conv3x3(c_in, c_out, padding=1),
                     _instance_norm(c_out),
                     nn.ReLU(True),
                     Downsample(c_out),
@@ -264,7 +273,7 @@ class ResnetGenerator(nn.Module):
             if antialias_up:
                 layers += [
                     Upsample(c_in),
-                    nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=1, bias=True),
+                    Conv3x3(c_in, c_out, padding=1),
                     _instance_norm(c_out),
                     nn.ReLU(True),
                 ]

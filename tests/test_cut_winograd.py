@@ -1,11 +1,19 @@
 """The Winograd 3x3 convolution equals the direct one, forward and both gradients."""
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cut import winograd
-from cut.networks import BlockConv2d, ResnetBlock, ResnetGenerator
+from cut import native, winograd
+from cut.networks import Conv3x3, ResnetBlock, ResnetGenerator
+
+PAD = {"none": lambda x: x, "reflect": lambda x: F.pad(x, (1, 1, 1, 1), mode="reflect"),
+       "zeros": lambda x: F.pad(x, (1, 1, 1, 1))}
 
 
 def assert_same_output_and_gradients(ours_fn, direct_fn, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -19,24 +27,36 @@ def assert_same_output_and_gradients(ours_fn, direct_fn, inputs: tuple[torch.Ten
 
 
 def _float64_conv_inputs(n: int, c: int, k: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(n * 1000 + c * 100 + k * 10 + h + w)
     shapes = [(n, c, h, w), (k, c, 3, 3), (k,)]
     return tuple(torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes)
 
 
+@pytest.mark.parametrize("padding", ["none", "reflect", "zeros"])
 @pytest.mark.parametrize(("n", "c", "k", "h", "w"), [(2, 3, 4, 6, 8), (1, 5, 2, 2, 2), (2, 16, 8, 10, 6)])
-def test_winograd_conv_and_its_gradients_equal_conv2d(n, c, k, h, w):
-    assert_same_output_and_gradients(winograd.conv3x3, F.conv2d, _float64_conv_inputs(n, c, k, h + 2, w + 2))
-
-
-def test_winograd_conv_with_its_own_reflect_padding_equals_pad_then_conv2d():
+def test_winograd_conv_and_its_gradients_equal_pad_then_conv2d(padding, n, c, k, h, w):
+    if padding == "none":
+        h, w = h + 2, w + 2
     assert_same_output_and_gradients(
-        lambda x, w, b: winograd.conv3x3(x, w, b, reflect_pad=True),
-        lambda x, w, b: F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), w, b),
-        _float64_conv_inputs(2, 3, 5, 6, 4),
+        lambda x, wt, b: winograd.conv3x3(x, wt, b, padding),
+        lambda x, wt, b: F.conv2d(PAD[padding](x), wt, b),
+        _float64_conv_inputs(n, c, k, h, w),
     )
 
 
-@pytest.mark.parametrize("size", [24, 16])  # Winograd, direct convolution
+@pytest.mark.parametrize("padding", ["reflect", "zeros"])
+def test_a_map_in_several_bands_equals_one_band(monkeypatch, padding):
+    """Bands of 2 tile rows over a 14-row output: bands [0,2) .. [4,6) and a last band of one."""
+    monkeypatch.setattr(winograd, "BAND_BYTES", 16 * 6 * (2 * 5) * 8 * 2)
+    assert winograd._bands(7, 2 * 5, 6, 8) == [(0, 2), (2, 2), (4, 2), (6, 1)]
+    assert_same_output_and_gradients(
+        lambda x, wt, b: winograd.conv3x3(x, wt, b, padding),
+        lambda x, wt, b: F.conv2d(PAD[padding](x), wt, b),
+        _float64_conv_inputs(2, 4, 6, 14, 10),
+    )
+
+
+@pytest.mark.parametrize("size", [24, 16])
 def test_resnet_block_keeps_no_padded_copy_for_backward(monkeypatch, size):
     """The block saves its unpadded maps (which the ReLU keeps anyway), not padded copies."""
     torch.manual_seed(size)
@@ -52,7 +72,7 @@ def test_resnet_block_keeps_no_padded_copy_for_backward(monkeypatch, size):
     weights = [p for p in block.parameters() if p.dim() > 1]
     grads = [p.grad.clone() for p in weights]
     block.zero_grad()
-    monkeypatch.setattr(winograd, "MAX_PIXELS", 0)
+    monkeypatch.setattr(winograd, "MIN_PIXELS", 10**9)
     (x + block.conv_block(x)).square().sum().backward()  # the official pad modules and nn.Conv2d
     for got, want in zip(grads, (p.grad for p in weights), strict=True):
         # float32 sums in another order: compare against the gradient's scale (seen: 1e-6 of it)
@@ -70,36 +90,72 @@ def test_winograd_conv_without_bias_and_with_frozen_weights():
     torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
 
 
-def test_fits_only_small_even_float32_cpu_maps():
+def test_fits_only_even_float32_cpu_maps():
     w = torch.zeros(2, 2, 3, 3)
     assert winograd.fits(torch.zeros(1, 2, 34, 34), w)
+    assert winograd.fits(torch.zeros(1, 2, 32, 32), w, "zeros")
+    assert winograd.fits(torch.zeros(1, 2, 256, 256), w, "reflect")
     assert not winograd.fits(torch.zeros(1, 2, 33, 34), w)  # odd output height
+    assert not winograd.fits(torch.zeros(1, 2, 31, 32), w, "zeros")
     assert not winograd.fits(torch.zeros(1, 2, 34, 34, dtype=torch.float64), w)
-    side = int(winograd.MAX_PIXELS**0.5) + 2
-    assert not winograd.fits(torch.zeros(1, 2, side + 2, side + 2), w)
     assert not winograd.fits(torch.zeros(1, 2, 34, 34), torch.zeros(2, 2, 5, 5))
-    assert not winograd.fits(torch.zeros(1, 2, 18, 18), w)  # 16x16: below MIN_PIXELS
+    assert not winograd.fits(torch.zeros(1, 2, 8, 8), w)  # 6x6: below MIN_PIXELS
 
 
-def test_block_conv_uses_winograd_only_when_training():
-    conv = BlockConv2d(4)
-    x = torch.randn(2, 4, 26, 26, requires_grad=True)
-    assert conv(x).grad_fn.name().startswith("_WinogradConv3x3")
-    with torch.no_grad():
-        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias), rtol=0, atol=0)
+def test_conv3x3_uses_winograd_only_when_training():
+    for conv, size in ((Conv3x3(4, 4), 26), (Conv3x3(4, 6, padding=1), 24)):
+        x = torch.randn(2, 4, size, size, requires_grad=True)
+        assert conv(x).grad_fn.name().startswith("_WinogradConv3x3")
+        with torch.no_grad():
+            want = F.conv2d(x, conv.weight, conv.bias, padding=conv.padding)
+            torch.testing.assert_close(conv(x), want, rtol=0, atol=0)
 
 
 def test_generator_trains_the_same_with_and_without_winograd(monkeypatch):
     torch.manual_seed(0)
     g = ResnetGenerator(ngf=8, n_blocks=2)
-    x = torch.randn(2, 3, 96, 96)  # 24x24 maps in the ResNet blocks
+    x = torch.randn(2, 3, 64, 64)  # down/up convolutions at 64 and 32, ResNet blocks at 16
     out = g(x)
+    names = {type(m).__name__ for m in g.modules()}
+    assert "Conv3x3" in names
     out.square().mean().backward()
     grads = [p.grad.clone() for p in g.parameters()]
     g.zero_grad()
-    monkeypatch.setattr(winograd, "MAX_PIXELS", 0)
+    monkeypatch.setattr(winograd, "MIN_PIXELS", 10**9)
     direct = g(x)
     direct.square().mean().backward()
     torch.testing.assert_close(out, direct, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, (p.grad for p in g.parameters()), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+
+
+def test_native_kernels_reject_bad_shapes_with_a_clear_error():
+    ops = torch.ops.cut_native
+    x = torch.zeros(1, 2, 5, 6)
+    with pytest.raises(RuntimeError, match="cut_native winograd: a map of 5x6 padded by one"):
+        ops.winograd_input_transform(x, 1, 0, torch.zeros(16, 2, 6))
+    with pytest.raises(RuntimeError, match="unknown padding 7"):
+        ops.winograd_input_transform(torch.zeros(1, 2, 6, 6), 7, 0, torch.zeros(16, 2, 9))
+    with pytest.raises(RuntimeError, match=r"tile rows \[2, 4\) outside 0..3"):
+        ops.winograd_input_transform(torch.zeros(1, 2, 6, 6), 1, 2, torch.zeros(16, 2, 6))
+    with pytest.raises(RuntimeError, match="contiguous CPU tensor"):
+        ops.winograd_filter_transform(torch.zeros(4, 4, 3, 3).transpose(0, 1))
+    with pytest.raises(ValueError, match="padding must be one of"):
+        winograd.conv3x3(x, torch.zeros(2, 2, 3, 3), padding="circular")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler on this machine")
+def test_native_kernels_build_where_a_compiler_exists():
+    assert native.available()
+
+
+def test_without_native_kernels_training_takes_the_direct_convolution():
+    code = (
+        "import torch; from cut import native, winograd; from cut.networks import Conv3x3;"
+        "assert not native.available();"
+        "x = torch.randn(1, 4, 16, 16, requires_grad=True);"
+        "assert not winograd.fits(x, torch.zeros(4, 4, 3, 3), 'zeros');"
+        "assert Conv3x3(4, 4, padding=1)(x).grad_fn.name() == 'ConvolutionBackward0'"
+    )
+    env = dict(os.environ, CUT_NATIVE="0")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
