@@ -1,16 +1,21 @@
-"""Winograd F(2x2, 3x3) convolution on the CPU, forward and backward.
+"""Winograd convolution F(m x m, 3x3) on the CPU, forward and backward.
 
-A 3x3 convolution computes each 2x2 output tile from a 4x4 input tile with 36 multiplications
-per channel pair; Winograd's minimal filtering does it with 16, after cheap linear transforms of
-the input tile, the filter and the result (Lavin & Gray, 2016; cuDNN picks the same algorithm on
-GPUs). The transforms are native kernels (``cut/csrc/winograd.cpp``); the 16 products are batched
-matrix multiplies. Backward is the exact transpose of each stage, so all three passes (output,
-input gradient, weight gradient) do 2.25x fewer multiplications than a direct convolution.
-A large map runs in bands of tile rows whose transformed tiles fit ``BAND_BYTES``: the buffers
-are reused band after band, from the cache, instead of a map four times the input's size.
+A 3x3 convolution computes each m x m output tile from an (m+2) x (m+2) input tile with 9 m^2
+multiplications per channel pair; Winograd's minimal filtering does it with (m+2)^2, after cheap
+linear transforms of the input tile, the filter and the result (Lavin & Gray, 2016; cuDNN and
+oneDNN use the same algorithm): 2.25x fewer for m = 2, 4x for m = 4, whose rounding error in
+float32 is a few times a direct convolution's (1e-5 of the output's scale over 256 channels). The
+4x4 tiles are used on large maps only, and never with ``CUT_WINOGRAD_TILE=2`` in the environment.
+The transforms are native kernels (``cut/csrc/winograd.cpp``); the (m+2)^2 products are batched matrix
+multiplies. Backward is the exact transpose of each stage, so all three passes (output, input
+gradient, weight gradient) save the same multiplications. A large map runs in bands of tile rows
+whose transformed tiles fit ``BAND_BYTES``: the buffers are reused band after band, from the
+cache, instead of a map several times the input's size.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -22,14 +27,19 @@ PADDING = {"none": 0, "reflect": 1, "zeros": 2}
 #: Output height x width from which Winograd beats oneDNN's direct convolution (fwd + bwd, 2 cores).
 MIN_PIXELS = 8 * 8
 
-#: Bytes of transformed tiles (16 x channels x tiles) per band.
+#: Output pixels (batch x height x width) from which 4x4 output tiles beat 2x2 ones: the 4x4
+#: tiles' products are fewer but smaller matrix multiplies (2 cores: 1.1x slower at 1 x 16x16 and
+#: 1 x 32x32, 1.2x faster at 2 x 32x32, 1.6x at 2 x 64x64).
+TILE4_MIN_PIXELS = 2 * 32 * 32
+
+#: Bytes of transformed tiles (positions x channels x tiles) per band.
 BAND_BYTES = 4 << 20
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, padding: str = "none") -> bool:
     """Whether the 3x3, stride-1 convolution of ``x`` (padded by one pixel first unless
-    ``padding`` is "none") runs here: even-sized float32 maps on the CPU, not under autocast
-    (whose bf16 convolutions go to oneDNN), where the native kernels are available.
+    ``padding`` is "none") runs here: float32 maps on the CPU, not under autocast (whose bf16
+    convolutions go to oneDNN), where the native kernels are available.
     """
     h, w = x.shape[-2:]
     if padding == "none":
@@ -39,13 +49,17 @@ def fits(x: torch.Tensor, weight: torch.Tensor, padding: str = "none") -> bool:
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
         and weight.shape[-2:] == (3, 3)
-        and h > 0
-        and w > 0
-        and h % 2 == 0
-        and w % 2 == 0
+        and min(h, w) >= 2
         and h * w >= MIN_PIXELS
         and native.available()
     )
+
+
+def output_tile(n: int, oh: int, ow: int) -> int:
+    """The output tile side m for n outputs of oh x ow."""
+    if os.environ.get("CUT_WINOGRAD_TILE") == "2":
+        return 2
+    return 4 if n * oh * ow >= TILE4_MIN_PIXELS else 2
 
 
 def every_other(x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
@@ -55,18 +69,32 @@ def every_other(x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
     return x[tuple(index)]
 
 
-def _bands(th: int, tiles_per_row: int, channels: int, itemsize: int) -> list[tuple[int, int]]:
+def _bands(th: int, tiles_per_row: int, values_per_tile: int, itemsize: int) -> list[tuple[int, int]]:
     """(first tile row, rows) of each band."""
-    rows = max(1, min(th, BAND_BYTES // (16 * channels * tiles_per_row * itemsize)))
+    rows = max(1, min(th, BAND_BYTES // (values_per_tile * tiles_per_row * itemsize)))
     return [(ty0, min(rows, th - ty0)) for ty0 in range(0, th, rows)]
 
 
-def _buffer(like: torch.Tensor, channels: int, tiles: int) -> torch.Tensor:
-    return like.new_empty(16 * channels * tiles)
+class _Plan:
+    """The tiling of one convolution: tile side, grid, bands and their buffers."""
 
+    def __init__(self, x: torch.Tensor, k: int, pad: int, tile: int | None = None) -> None:
+        n, c, h, w = x.shape
+        self.hp, self.wp = (h + 2, w + 2) if pad else (h, w)
+        self.oh, self.ow = self.hp - 2, self.wp - 2
+        self.m = tile or output_tile(n, self.oh, self.ow)
+        self.th, self.tw = -(-self.oh // self.m), -(-self.ow // self.m)
+        self.positions = (self.m + 2) ** 2
+        self.row_tiles = n * self.tw
+        self.bands = _bands(self.th, self.row_tiles, self.positions * max(c, k), x.element_size())
+        self._most = self.bands[0][1] * self.row_tiles
 
-def _band(buffer: torch.Tensor, channels: int, tiles: int) -> torch.Tensor:
-    return buffer[: 16 * channels * tiles].view(16, channels, tiles)
+    def buffer(self, like: torch.Tensor, channels: int) -> torch.Tensor:
+        return like.new_empty(self.positions * channels * self._most)
+
+    def band(self, buffer: torch.Tensor, channels: int, rows: int) -> torch.Tensor:
+        tiles = rows * self.row_tiles
+        return buffer[: self.positions * channels * tiles].view(self.positions, channels, tiles)
 
 
 class _WinogradConv3x3(torch.autograd.Function):
@@ -76,26 +104,23 @@ class _WinogradConv3x3(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: str
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: str, tile: int | None
     ) -> torch.Tensor:
         ops, pad = torch.ops.cut_native, PADDING[padding]
         x, weight = x.contiguous(), weight.contiguous()
         bias = None if bias is None else bias.contiguous()
-        (n, c, h, w), k = x.shape, weight.shape[0]
-        hp, wp = (h, w) if pad == 0 else (h + 2, w + 2)
-        th, tw = (hp - 2) // 2, (wp - 2) // 2
-        u = ops.winograd_filter_transform(weight)  # (16, K, C)
-        out = x.new_empty(n, k, 2 * th, 2 * tw)
-        bands = _bands(th, n * tw, max(c, k), x.element_size())
-        most = bands[0][1] * n * tw
-        v_buf, m_buf = _buffer(x, c, most), _buffer(x, k, most)
-        for ty0, rows in bands:
-            v, m = _band(v_buf, c, rows * n * tw), _band(m_buf, k, rows * n * tw)
-            ops.winograd_input_transform(x, pad, ty0, v)
+        (n, c), k = x.shape[:2], weight.shape[0]
+        plan = _Plan(x, k, pad, tile)
+        u = ops.winograd_filter_transform(weight, plan.m)  # (P, K, C)
+        out = x.new_empty(n, k, plan.oh, plan.ow)
+        v_buf, m_buf = plan.buffer(x, c), plan.buffer(x, k)
+        for ty0, rows in plan.bands:
+            v, m = plan.band(v_buf, c, rows), plan.band(m_buf, k, rows)
+            ops.winograd_input_transform(x, plan.m, pad, ty0, v)
             torch.bmm(u, v, out=m)
-            ops.winograd_output_transform(m, bias, ty0, out)
+            ops.winograd_output_transform(m, plan.m, bias, ty0, out)
         ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.pad = bias is not None, pad
+        ctx.has_bias, ctx.pad, ctx.tile = bias is not None, pad, plan.m
         return out
 
     @staticmethod
@@ -105,48 +130,52 @@ class _WinogradConv3x3(torch.autograd.Function):
         (n, c), k = x.shape[:2], weight.shape[0]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad = grad.contiguous()
-        th, tw = grad.shape[2] // 2, grad.shape[3] // 2
         grad_b = grad.sum((0, 2, 3)) if ctx.has_bias and need_b else None
-        bands = _bands(th, n * tw, max(c, k), x.element_size())
-        most = bands[0][1] * n * tw
-        gm_buf = _buffer(x, k, most)
+        plan = _Plan(x, k, pad, ctx.tile)
+        gm_buf = plan.buffer(x, k)
         if need_w:
-            v_buf, grad_u = _buffer(x, c, most), x.new_zeros(16, k, c)
+            v_buf, grad_u = plan.buffer(x, c), x.new_zeros(plan.positions, k, c)
         if need_x:
-            gv_buf, u_t = _buffer(x, c, most), ops.winograd_filter_transform(weight).transpose(1, 2)
-            grad_padded = x.new_zeros(n, c, 2 * th + 2, 2 * tw + 2)
-        for ty0, rows in bands:
-            tiles = rows * n * tw
-            gm = _band(gm_buf, k, tiles)
-            ops.winograd_output_transform_adjoint(grad, ty0, gm)
+            gv_buf, u_t = plan.buffer(x, c), ops.winograd_filter_transform(weight, plan.m).transpose(1, 2)
+            grad_ext = x.new_empty(n, c, plan.m * plan.th + 2, plan.m * plan.tw + 2)
+        for ty0, rows in plan.bands:
+            gm = plan.band(gm_buf, k, rows)
+            ops.winograd_output_transform_adjoint(grad, plan.m, ty0, gm)
             if need_w:
-                v = _band(v_buf, c, tiles)
-                ops.winograd_input_transform(x, pad, ty0, v)
+                v = plan.band(v_buf, c, rows)
+                ops.winograd_input_transform(x, plan.m, pad, ty0, v)
                 grad_u.baddbmm_(gm, v.transpose(1, 2))
             if need_x:
-                gv = torch.bmm(u_t, gm, out=_band(gv_buf, c, tiles))
-                ops.winograd_input_transform_adjoint(gv, ty0, grad_padded)
-        grad_w = ops.winograd_filter_transform_adjoint(grad_u) if need_w else None
+                gv = torch.bmm(u_t, gm, out=plan.band(gv_buf, c, rows))
+                ops.winograd_input_transform_adjoint(gv, plan.m, ty0, grad_ext)
+        grad_w = ops.winograd_filter_transform_adjoint(grad_u, plan.m) if need_w else None
         grad_x = None
         if need_x:
+            grad_padded = grad_ext[:, :, : plan.hp, : plan.wp]
             if pad == PADDING["reflect"]:
                 grad_x = torch.ops.aten.reflection_pad2d_backward(grad_padded, x, [1, 1, 1, 1])
             elif pad == PADDING["zeros"]:
                 grad_x = grad_padded[:, :, 1:-1, 1:-1]
             else:
                 grad_x = grad_padded
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def conv3x3(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: str = "none"
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    padding: str = "none",
+    tile: int | None = None,
 ) -> torch.Tensor:
     """``F.conv2d(x, weight, bias)`` for a 3x3 kernel, stride 1, where ``fits`` (or in float64,
     for tests), after one pixel of ``padding``: "none", "reflect" (the ResNet blocks) or "zeros"
-    (``padding=1``).
+    (``padding=1``). ``tile`` (2 or 4) overrides :func:`output_tile`.
     """
     if padding not in PADDING:
         raise ValueError(f"padding must be one of {sorted(PADDING)}, got {padding!r}")
+    if tile not in (None, 2, 4):
+        raise ValueError(f"tile must be 2 or 4, got {tile!r}")
     if not native.available():
         raise RuntimeError("cut.winograd needs the native CPU kernels (see cut.native)")
-    return _WinogradConv3x3.apply(x, weight, bias, padding)
+    return _WinogradConv3x3.apply(x, weight, bias, padding, tile)

@@ -32,25 +32,34 @@ def _float64_conv_inputs(n: int, c: int, k: int, h: int, w: int) -> tuple[torch.
     return tuple(torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes)
 
 
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("padding", ["none", "reflect", "zeros"])
-@pytest.mark.parametrize(("n", "c", "k", "h", "w"), [(2, 3, 4, 6, 8), (1, 5, 2, 2, 2), (2, 16, 8, 10, 6)])
-def test_winograd_conv_and_its_gradients_equal_pad_then_conv2d(padding, n, c, k, h, w):
+@pytest.mark.parametrize(
+    ("n", "c", "k", "h", "w"), [(2, 3, 4, 6, 8), (1, 5, 2, 2, 2), (2, 16, 8, 10, 6), (2, 4, 6, 11, 7)]
+)
+def test_winograd_conv_and_its_gradients_equal_pad_then_conv2d(tile, padding, n, c, k, h, w):
+    """Both tile sizes, whole and partial tiles (11x7: the map is extended with zeros)."""
     if padding == "none":
         h, w = h + 2, w + 2
     assert_same_output_and_gradients(
-        lambda x, wt, b: winograd.conv3x3(x, wt, b, padding),
+        lambda x, wt, b: winograd.conv3x3(x, wt, b, padding, tile),
         lambda x, wt, b: F.conv2d(PAD[padding](x), wt, b),
         _float64_conv_inputs(n, c, k, h, w),
     )
 
 
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("padding", ["reflect", "zeros"])
-def test_a_map_in_several_bands_equals_one_band(monkeypatch, padding):
-    """Bands of 2 tile rows over a 14-row output: bands [0,2) .. [4,6) and a last band of one."""
-    monkeypatch.setattr(winograd, "BAND_BYTES", 16 * 6 * (2 * 5) * 8 * 2)
-    assert winograd._bands(7, 2 * 5, 6, 8) == [(0, 2), (2, 2), (4, 2), (6, 1)]
+def test_a_map_in_several_bands_equals_one_band(monkeypatch, tile, padding):
+    """Bands of 2 tile rows over 14 output rows: 7 rows of 2x2 tiles in bands [0,2) .. [4,6) and
+    a last band of one; 4 rows of 4x4 tiles (the last one partial) in two bands.
+    """
+    positions, tiles_per_row = (tile + 2) ** 2, 2 * -(-10 // tile)
+    monkeypatch.setattr(winograd, "BAND_BYTES", positions * 6 * tiles_per_row * 8 * 2)
+    want = [(0, 2), (2, 2), (4, 2), (6, 1)] if tile == 2 else [(0, 2), (2, 2)]
+    assert winograd._bands(-(-14 // tile), tiles_per_row, positions * 6, 8) == want
     assert_same_output_and_gradients(
-        lambda x, wt, b: winograd.conv3x3(x, wt, b, padding),
+        lambda x, wt, b: winograd.conv3x3(x, wt, b, padding, tile),
         lambda x, wt, b: F.conv2d(PAD[padding](x), wt, b),
         _float64_conv_inputs(2, 4, 6, 14, 10),
     )
@@ -90,16 +99,32 @@ def test_winograd_conv_without_bias_and_with_frozen_weights():
     torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
 
 
-def test_fits_only_even_float32_cpu_maps():
+def test_fits_only_float32_cpu_maps():
     w = torch.zeros(2, 2, 3, 3)
     assert winograd.fits(torch.zeros(1, 2, 34, 34), w)
-    assert winograd.fits(torch.zeros(1, 2, 32, 32), w, "zeros")
+    assert winograd.fits(torch.zeros(1, 2, 31, 32), w, "zeros")
     assert winograd.fits(torch.zeros(1, 2, 256, 256), w, "reflect")
-    assert not winograd.fits(torch.zeros(1, 2, 33, 34), w)  # odd output height
-    assert not winograd.fits(torch.zeros(1, 2, 31, 32), w, "zeros")
     assert not winograd.fits(torch.zeros(1, 2, 34, 34, dtype=torch.float64), w)
     assert not winograd.fits(torch.zeros(1, 2, 34, 34), torch.zeros(2, 2, 5, 5))
     assert not winograd.fits(torch.zeros(1, 2, 8, 8), w)  # 6x6: below MIN_PIXELS
+
+
+def test_output_tile_is_4_from_two_32x32_maps(monkeypatch):
+    assert winograd.output_tile(1, 16, 16) == winograd.output_tile(1, 32, 32) == 2
+    assert winograd.output_tile(2, 32, 32) == winograd.output_tile(1, 64, 64) == 4
+    monkeypatch.setenv("CUT_WINOGRAD_TILE", "2")
+    assert winograd.output_tile(1, 64, 64) == 2
+
+
+def test_float32_error_of_4x4_tiles_stays_near_the_direct_convolutions():
+    """256 channels, the ResNet blocks' width: both within 1e-5 of the output's scale."""
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 256, 12, 12), torch.randn(256, 256, 3, 3) * 0.02
+    exact = F.conv2d(x.double(), w.double())
+    scale = exact.abs().max()
+    for tile in (2, 4):
+        assert (winograd.conv3x3(x, w, tile=tile).double() - exact).abs().max() <= 1e-5 * scale
+    assert (F.conv2d(x, w).double() - exact).abs().max() <= 1e-5 * scale
 
 
 def test_conv3x3_uses_winograd_only_when_training():
@@ -112,6 +137,11 @@ def test_conv3x3_uses_winograd_only_when_training():
 
 
 def test_generator_trains_the_same_with_and_without_winograd(monkeypatch):
+    """With 2x2 tiles: the 4x4 tiles' larger rounding is checked per convolution above; through a
+    whole generator's norms it grows like any float32 rounding does (measured at ngf 64 against
+    float64: 4x4 tiles 1e-3..3e-2 of a weight gradient's scale, direct convolution 8e-4..5e-2).
+    """
+    monkeypatch.setenv("CUT_WINOGRAD_TILE", "2")
     torch.manual_seed(0)
     g = ResnetGenerator(ngf=8, n_blocks=2)
     x = torch.randn(2, 3, 64, 64)  # down/up convolutions at 64 and 32, ResNet blocks at 16
@@ -119,29 +149,38 @@ def test_generator_trains_the_same_with_and_without_winograd(monkeypatch):
     names = {type(m).__name__ for m in g.modules()}
     assert "Conv3x3" in names
     out.square().mean().backward()
-    grads = [p.grad.clone() for p in g.parameters()]
+    # Weights only: conv biases in front of an InstanceNorm have a zero true gradient (pure noise).
+    weights = [p for p in g.parameters() if p.dim() > 1]
+    grads = [p.grad.clone() for p in weights]
     g.zero_grad()
     monkeypatch.setattr(winograd, "MIN_PIXELS", 10**9)
     direct = g(x)
     direct.square().mean().backward()
     torch.testing.assert_close(out, direct, rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, (p.grad for p in g.parameters()), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+    for got, want in zip(grads, (p.grad for p in weights), strict=True):
+        # float32 sums in another order (and 4x4 tiles' rounding): against the gradient's scale
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_native_kernels_reject_bad_shapes_with_a_clear_error():
     ops = torch.ops.cut_native
     x = torch.zeros(1, 2, 5, 6)
-    with pytest.raises(RuntimeError, match="cut_native winograd: a map of 5x6 padded by one"):
-        ops.winograd_input_transform(x, 1, 0, torch.zeros(16, 2, 6))
+    with pytest.raises(RuntimeError, match="a map of 1x6 is too small to reflect-pad"):
+        ops.winograd_input_transform(torch.zeros(1, 2, 1, 6), 2, 1, 0, torch.zeros(16, 2, 3))
     with pytest.raises(RuntimeError, match="unknown padding 7"):
-        ops.winograd_input_transform(torch.zeros(1, 2, 6, 6), 7, 0, torch.zeros(16, 2, 9))
+        ops.winograd_input_transform(x, 2, 7, 0, torch.zeros(16, 2, 9))
     with pytest.raises(RuntimeError, match=r"tile rows \[2, 4\) outside 0..3"):
-        ops.winograd_input_transform(torch.zeros(1, 2, 6, 6), 1, 2, torch.zeros(16, 2, 6))
+        ops.winograd_input_transform(torch.zeros(1, 2, 6, 6), 2, 1, 2, torch.zeros(16, 2, 6))
+    with pytest.raises(RuntimeError, match=r"v of shape \[16, 2, 6\] is not \(36, 2, tiles\)"):
+        ops.winograd_input_transform(torch.zeros(1, 2, 6, 6), 4, 1, 0, torch.zeros(16, 2, 6))
+    with pytest.raises(RuntimeError, match="output tile must be 2 or 4, got 3"):
+        ops.winograd_filter_transform(torch.zeros(4, 4, 3, 3), 3)
     with pytest.raises(RuntimeError, match="contiguous CPU tensor"):
-        ops.winograd_filter_transform(torch.zeros(4, 4, 3, 3).transpose(0, 1))
+        ops.winograd_filter_transform(torch.zeros(4, 4, 3, 3).transpose(0, 1), 2)
     with pytest.raises(ValueError, match="padding must be one of"):
         winograd.conv3x3(x, torch.zeros(2, 2, 3, 3), padding="circular")
+    with pytest.raises(ValueError, match="tile must be 2 or 4"):
+        winograd.conv3x3(x, torch.zeros(2, 2, 3, 3), tile=6)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler on this machine")
