@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cut import CUTConfig, CUTModel
-from cut.networks import Conv3x3, Downsample, InstanceNorm, ResnetBlock, Upsample
+from cut.networks import Downsample, InstanceNorm, ResnetBlock, Upsample, WinogradConv2d
 
 
 class OfficialDownsample(nn.Module):
@@ -89,7 +89,7 @@ def _use_official_layers(net: nn.Module) -> None:
             setattr(net, name, OfficialDownsample(module.filt))
         elif isinstance(module, InstanceNorm):
             setattr(net, name, nn.InstanceNorm2d(module.num_features))
-        elif isinstance(module, Conv3x3):
+        elif isinstance(module, WinogradConv2d):
             module.__class__ = nn.Conv2d  # same Parameter objects, so the optimizer still owns them
         else:
             if isinstance(module, ResnetBlock):  # x + conv_block(x): pad modules, then nn.Conv2d

@@ -135,23 +135,24 @@ def _instance_norm(channels: int) -> InstanceNorm:
     return InstanceNorm(channels)
 
 
-class Conv3x3(nn.Conv2d):
-    """A 3x3, stride-1 convolution of the generator: unpadded in the ResNet blocks (after a
-    reflect pad), zero-padded by one in the down- and upsampling stages. While training on the
-    CPU it runs as a Winograd convolution (``cut.winograd``), which computes the same convolution
-    with 2.25x fewer multiplications in the forward and both backward passes; elsewhere, and on
-    GPUs (whose cuDNN makes its own choice), as ``nn.Conv2d``.
+class WinogradConv2d(nn.Conv2d):
+    """A stride-1 3x3 or 4x4 convolution, unpadded or zero-padded by one: the generator's (in
+    the ResNet blocks after a reflect pad; in the down- and upsampling stages) and the
+    discriminator's hidden layers. On the CPU in float32 it runs as a Winograd convolution
+    (``cut.winograd``), which computes the same convolution with 2.25-4x fewer multiplications
+    in the forward and both backward passes; elsewhere (autocast, and GPUs, whose cuDNN makes its
+    own choice) as ``nn.Conv2d``. Parameters and their names are nn.Conv2d's.
     """
 
-    def __init__(self, c_in: int, c_out: int, padding: int = 0) -> None:
-        super().__init__(c_in, c_out, kernel_size=3, stride=1, padding=padding, bias=True)
+    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, padding: int = 0) -> None:
+        super().__init__(c_in, c_out, kernel_size=kernel_size, stride=1, padding=padding, bias=True)
 
     def _conv_forward(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         padding = "zeros" if self.padding == (1, 1) else "none"
         if self._winograd(x, padding):
-            return winograd.conv3x3(x, weight, bias, padding)
+            return winograd.conv2d(x, weight, bias, padding)
         return super()._conv_forward(x, weight, bias)
 
     def _trains(self, x: torch.Tensor) -> bool:
@@ -161,19 +162,19 @@ class Conv3x3(nn.Conv2d):
         return (
             self.padding_mode == "zeros"
             and self.padding in ((0, 0), (1, 1))
-            and self._trains(x)
             and winograd.fits(x, self.weight, padding)
         )
 
     def padded_forward(self, x: torch.Tensor, pad: nn.Module) -> torch.Tensor:
-        """``self(pad(x))`` for an unpadded convolution, keeping only the unpadded ``x`` (usually
-        alive anyway) for backward.
+        """``self(pad(x))`` for an unpadded 3x3 convolution, keeping only the unpadded ``x``
+        (usually alive anyway) for backward.
         """
         reflect_1 = isinstance(pad, nn.ReflectionPad2d) and pad.padding == (1, 1, 1, 1)
-        if not reflect_1 or self.padding != (0, 0) or torch.is_autocast_enabled(x.device.type):
+        unpadded_3x3 = self.padding == (0, 0) and self.kernel_size == (3, 3)
+        if not reflect_1 or not unpadded_3x3 or torch.is_autocast_enabled(x.device.type):
             return self(pad(x))
         if self._winograd(x, "reflect"):
-            return winograd.conv3x3(x, self.weight, self.bias, "reflect")
+            return winograd.conv2d(x, self.weight, self.bias, "reflect")
         if self._trains(x):
             return _ReflectPadConv.apply(x, self.weight, self.bias)
         return self(pad(x))
@@ -208,11 +209,11 @@ class ResnetBlock(nn.Module):
         super().__init__()
         self.conv_block = nn.Sequential(
             nn.ReflectionPad2d(1),
-            Conv3x3(dim, dim),
+            WinogradConv2d(dim, dim),
             _instance_norm(dim),
             nn.ReLU(True),
             nn.ReflectionPad2d(1),
-            Conv3x3(dim, dim),
+            WinogradConv2d(dim, dim),
             _instance_norm(dim),
         )
 
@@ -256,7 +257,7 @@ class ResnetGenerator(nn.Module):
             c_in, c_out = ngf * 2**i, ngf * 2 ** (i + 1)
             if antialias:
                 layers += [
-                    Conv3x3(c_in, c_out, padding=1),
+                    WinogradConv2d(c_in, c_out, padding=1),
                     _instance_norm(c_out),
                     nn.ReLU(True),
                     Downsample(c_out),
@@ -273,7 +274,7 @@ class ResnetGenerator(nn.Module):
             if antialias_up:
                 layers += [
                     Upsample(c_in),
-                    Conv3x3(c_in, c_out, padding=1),
+                    WinogradConv2d(c_in, c_out, padding=1),
                     _instance_norm(c_out),
                     nn.ReLU(True),
                 ]
@@ -346,7 +347,9 @@ class ResnetGenerator(nn.Module):
 
 
 class NLayerDiscriminator(nn.Module):
-    """PatchGAN discriminator ('basic' is n_layers=3); no sigmoid, kernel 4, padding 1."""
+    """PatchGAN discriminator ('basic' is n_layers=3); no sigmoid, kernel 4, padding 1. The input
+    and output convolutions (3 and 1 channels) stay nn.Conv2d: too thin for Winograd to pay.
+    """
 
     def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3, antialias: bool = True) -> None:
         super().__init__()
@@ -366,7 +369,7 @@ class NLayerDiscriminator(nn.Module):
             prev, mult = mult, min(2**n, 8)
             if antialias:
                 seq += [
-                    nn.Conv2d(ndf * prev, ndf * mult, kw, stride=1, padding=padw, bias=True),
+                    WinogradConv2d(ndf * prev, ndf * mult, kw, padding=padw),
                     _instance_norm(ndf * mult),
                     nn.LeakyReLU(0.2, True),
                     Downsample(ndf * mult),
@@ -379,7 +382,7 @@ class NLayerDiscriminator(nn.Module):
                 ]
         prev, mult = mult, min(2**n_layers, 8)
         seq += [
-            nn.Conv2d(ndf * prev, ndf * mult, kw, stride=1, padding=padw, bias=True),
+            WinogradConv2d(ndf * prev, ndf * mult, kw, padding=padw),
             _instance_norm(ndf * mult),
             nn.LeakyReLU(0.2, True),
             nn.Conv2d(ndf * mult, 1, kw, stride=1, padding=padw),

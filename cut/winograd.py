@@ -1,10 +1,11 @@
-"""Winograd convolution F(m x m, 3x3) on the CPU, forward and backward.
+"""Winograd convolution F(m x m, r x r) on the CPU, forward and backward.
 
-A 3x3 convolution computes each m x m output tile from an (m+2) x (m+2) input tile with 9 m^2
-multiplications per channel pair; Winograd's minimal filtering does it with (m+2)^2, after cheap
-linear transforms of the input tile, the filter and the result (Lavin & Gray, 2016; cuDNN and
-oneDNN use the same algorithm): 2.25x fewer for m = 2, 4x for m = 4, whose rounding error in
-float32 is a few times a direct convolution's (1e-5 of the output's scale over 256 channels). The
+An r x r convolution computes each m x m output tile from an a x a input tile (a = m + r - 1)
+with r^2 m^2 multiplications per channel pair; Winograd's minimal filtering does it with a^2,
+after cheap linear transforms of the input tile, the filter and the result (Lavin & Gray, 2016;
+cuDNN and oneDNN use the same algorithm): for 3x3 kernels 2.25x fewer with m = 2, 4x with m = 4
+(whose rounding error in float32 is a few times a direct convolution's: 1e-5 of the output's
+scale over 256 channels); for the discriminator's 4x4 kernels 2.56x fewer with m = 2. The
 4x4 tiles are used on large maps only, and never with ``CUT_WINOGRAD_TILE=2`` in the environment.
 The transforms are native kernels (``cut/csrc/winograd.cpp``); the (m+2)^2 products are batched matrix
 multiplies. Backward is the exact transpose of each stage, so all three passes (output, input
@@ -37,27 +38,26 @@ BAND_BYTES = 4 << 20
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, padding: str = "none") -> bool:
-    """Whether the 3x3, stride-1 convolution of ``x`` (padded by one pixel first unless
+    """Whether the 3x3 or 4x4, stride-1 convolution of ``x`` (padded by one pixel first unless
     ``padding`` is "none") runs here: float32 maps on the CPU, not under autocast (whose bf16
     convolutions go to oneDNN), where the native kernels are available.
     """
     h, w = x.shape[-2:]
-    if padding == "none":
-        h, w = h - 2, w - 2
+    h, w = (h - weight.shape[-1] + 1, w - weight.shape[-1] + 1) if padding == "none" else (h, w)
     return (
         x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-        and weight.shape[-2:] == (3, 3)
+        and weight.shape[-1] == weight.shape[-2] in (3, 4)
         and min(h, w) >= 2
         and h * w >= MIN_PIXELS
         and native.available()
     )
 
 
-def output_tile(n: int, oh: int, ow: int) -> int:
-    """The output tile side m for n outputs of oh x ow."""
-    if os.environ.get("CUT_WINOGRAD_TILE") == "2":
+def output_tile(n: int, oh: int, ow: int, kernel: int = 3) -> int:
+    """The output tile side m for n outputs of oh x ow (always 2 for 4x4 kernels)."""
+    if kernel != 3 or os.environ.get("CUT_WINOGRAD_TILE") == "2":
         return 2
     return 4 if n * oh * ow >= TILE4_MIN_PIXELS else 2
 
@@ -78,13 +78,13 @@ def _bands(th: int, tiles_per_row: int, values_per_tile: int, itemsize: int) -> 
 class _Plan:
     """The tiling of one convolution: tile side, grid, bands and their buffers."""
 
-    def __init__(self, x: torch.Tensor, k: int, pad: int, tile: int | None = None) -> None:
-        n, c, h, w = x.shape
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, pad: int, tile: int | None = None) -> None:
+        (n, c, h, w), k, self.r = x.shape, weight.shape[0], weight.shape[-1]
         self.hp, self.wp = (h + 2, w + 2) if pad else (h, w)
-        self.oh, self.ow = self.hp - 2, self.wp - 2
-        self.m = tile or output_tile(n, self.oh, self.ow)
+        self.oh, self.ow = self.hp - self.r + 1, self.wp - self.r + 1
+        self.m = tile or output_tile(n, self.oh, self.ow, self.r)
         self.th, self.tw = -(-self.oh // self.m), -(-self.ow // self.m)
-        self.positions = (self.m + 2) ** 2
+        self.positions = (self.m + self.r - 1) ** 2
         self.row_tiles = n * self.tw
         self.bands = _bands(self.th, self.row_tiles, self.positions * max(c, k), x.element_size())
         self._most = self.bands[0][1] * self.row_tiles
@@ -97,7 +97,7 @@ class _Plan:
         return buffer[: self.positions * channels * tiles].view(self.positions, channels, tiles)
 
 
-class _WinogradConv3x3(torch.autograd.Function):
+class _WinogradConv2d(torch.autograd.Function):
     """Saves only its input as given: when it pads, that is the unpadded map, which the caller
     usually keeps anyway (a ReLU's output), so no padded copy stays alive until backward.
     """
@@ -110,15 +110,15 @@ class _WinogradConv3x3(torch.autograd.Function):
         x, weight = x.contiguous(), weight.contiguous()
         bias = None if bias is None else bias.contiguous()
         (n, c), k = x.shape[:2], weight.shape[0]
-        plan = _Plan(x, k, pad, tile)
+        plan = _Plan(x, weight, pad, tile)
         u = ops.winograd_filter_transform(weight, plan.m)  # (P, K, C)
         out = x.new_empty(n, k, plan.oh, plan.ow)
         v_buf, m_buf = plan.buffer(x, c), plan.buffer(x, k)
         for ty0, rows in plan.bands:
             v, m = plan.band(v_buf, c, rows), plan.band(m_buf, k, rows)
-            ops.winograd_input_transform(x, plan.m, pad, ty0, v)
+            ops.winograd_input_transform(x, plan.m, plan.r, pad, ty0, v)
             torch.bmm(u, v, out=m)
-            ops.winograd_output_transform(m, plan.m, bias, ty0, out)
+            ops.winograd_output_transform(m, plan.m, plan.r, bias, ty0, out)
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.pad, ctx.tile = bias is not None, pad, plan.m
         return out
@@ -131,24 +131,27 @@ class _WinogradConv3x3(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad = grad.contiguous()
         grad_b = grad.sum((0, 2, 3)) if ctx.has_bias and need_b else None
-        plan = _Plan(x, k, pad, ctx.tile)
+        plan = _Plan(x, weight, pad, ctx.tile)
         gm_buf = plan.buffer(x, k)
         if need_w:
-            v_buf, grad_u = plan.buffer(x, c), x.new_zeros(plan.positions, k, c)
+            v_buf, grad_u = plan.buffer(x, c), x.new_empty(plan.positions, k, c)
         if need_x:
             gv_buf, u_t = plan.buffer(x, c), ops.winograd_filter_transform(weight, plan.m).transpose(1, 2)
-            grad_ext = x.new_empty(n, c, plan.m * plan.th + 2, plan.m * plan.tw + 2)
+            grad_ext = x.new_empty(n, c, plan.m * plan.th + plan.r - 1, plan.m * plan.tw + plan.r - 1)
         for ty0, rows in plan.bands:
             gm = plan.band(gm_buf, k, rows)
-            ops.winograd_output_transform_adjoint(grad, plan.m, ty0, gm)
+            ops.winograd_output_transform_adjoint(grad, plan.m, plan.r, ty0, gm)
             if need_w:
                 v = plan.band(v_buf, c, rows)
-                ops.winograd_input_transform(x, plan.m, pad, ty0, v)
-                grad_u.baddbmm_(gm, v.transpose(1, 2))
+                ops.winograd_input_transform(x, plan.m, plan.r, pad, ty0, v)
+                if ty0 == 0:
+                    torch.bmm(gm, v.transpose(1, 2), out=grad_u)
+                else:
+                    grad_u.baddbmm_(gm, v.transpose(1, 2))
             if need_x:
                 gv = torch.bmm(u_t, gm, out=plan.band(gv_buf, c, rows))
-                ops.winograd_input_transform_adjoint(gv, plan.m, ty0, grad_ext)
-        grad_w = ops.winograd_filter_transform_adjoint(grad_u, plan.m) if need_w else None
+                ops.winograd_input_transform_adjoint(gv, plan.m, plan.r, ty0, grad_ext)
+        grad_w = ops.winograd_filter_transform_adjoint(grad_u, plan.m, plan.r) if need_w else None
         grad_x = None
         if need_x:
             grad_padded = grad_ext[:, :, : plan.hp, : plan.wp]
@@ -161,21 +164,21 @@ class _WinogradConv3x3(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def conv3x3(
+def conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     padding: str = "none",
     tile: int | None = None,
 ) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias)`` for a 3x3 kernel, stride 1, where ``fits`` (or in float64,
-    for tests), after one pixel of ``padding``: "none", "reflect" (the ResNet blocks) or "zeros"
-    (``padding=1``). ``tile`` (2 or 4) overrides :func:`output_tile`.
+    """``F.conv2d(x, weight, bias)`` for a 3x3 or 4x4 kernel, stride 1, where ``fits`` (or in
+    float64, for tests), after one pixel of ``padding``: "none", "reflect" (the ResNet blocks) or
+    "zeros" (``padding=1``). ``tile`` (2, or 4 for 3x3 kernels) overrides :func:`output_tile`.
     """
     if padding not in PADDING:
         raise ValueError(f"padding must be one of {sorted(PADDING)}, got {padding!r}")
-    if tile not in (None, 2, 4):
-        raise ValueError(f"tile must be 2 or 4, got {tile!r}")
+    if tile not in (None, 2, 4) or (tile == 4 and weight.shape[-1] != 3):
+        raise ValueError(f"tile must be 2, or 4 for 3x3 kernels, got {tile!r}")
     if not native.available():
         raise RuntimeError("cut.winograd needs the native CPU kernels (see cut.native)")
-    return _WinogradConv3x3.apply(x, weight, bias, padding, tile)
+    return _WinogradConv2d.apply(x, weight, bias, padding, tile)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cut import native, winograd
-from cut.networks import Conv3x3, ResnetBlock, ResnetGenerator
+from cut.networks import ResnetBlock, ResnetGenerator, WinogradConv2d
 
 PAD = {"none": lambda x: x, "reflect": lambda x: F.pad(x, (1, 1, 1, 1), mode="reflect"),
        "zeros": lambda x: F.pad(x, (1, 1, 1, 1))}
@@ -42,9 +42,22 @@ def test_winograd_conv_and_its_gradients_equal_pad_then_conv2d(tile, padding, n,
     if padding == "none":
         h, w = h + 2, w + 2
     assert_same_output_and_gradients(
-        lambda x, wt, b: winograd.conv3x3(x, wt, b, padding, tile),
+        lambda x, wt, b: winograd.conv2d(x, wt, b, padding, tile),
         lambda x, wt, b: F.conv2d(PAD[padding](x), wt, b),
         _float64_conv_inputs(n, c, k, h, w),
+    )
+
+
+@pytest.mark.parametrize("padding", ["none", "zeros"])
+@pytest.mark.parametrize(("n", "c", "k", "h", "w"), [(2, 3, 4, 7, 9), (1, 5, 2, 4, 4), (2, 8, 6, 16, 12)])
+def test_winograd_4x4_kernel_and_its_gradients_equal_conv2d(padding, n, c, k, h, w):
+    """The discriminator's 4x4 kernels with padding 1: odd outputs (15x11), partial tiles."""
+    x, weight, bias = _float64_conv_inputs(n, c, k, h, w)
+    weight = torch.randn(k, c, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert_same_output_and_gradients(
+        lambda x, wt, b: winograd.conv2d(x, wt, b, padding),
+        lambda x, wt, b: F.conv2d(PAD[padding](x), wt, b),
+        (x, weight, bias),
     )
 
 
@@ -59,7 +72,7 @@ def test_a_map_in_several_bands_equals_one_band(monkeypatch, tile, padding):
     want = [(0, 2), (2, 2), (4, 2), (6, 1)] if tile == 2 else [(0, 2), (2, 2)]
     assert winograd._bands(-(-14 // tile), tiles_per_row, positions * 6, 8) == want
     assert_same_output_and_gradients(
-        lambda x, wt, b: winograd.conv3x3(x, wt, b, padding, tile),
+        lambda x, wt, b: winograd.conv2d(x, wt, b, padding, tile),
         lambda x, wt, b: F.conv2d(PAD[padding](x), wt, b),
         _float64_conv_inputs(2, 4, 6, 14, 10),
     )
@@ -92,7 +105,7 @@ def test_winograd_conv_without_bias_and_with_frozen_weights():
     torch.manual_seed(0)
     x = torch.randn(1, 4, 6, 6, requires_grad=True)
     weight = torch.randn(3, 4, 3, 3)
-    out = winograd.conv3x3(x, weight)
+    out = winograd.conv2d(x, weight)
     torch.testing.assert_close(out, F.conv2d(x, weight), rtol=1e-5, atol=1e-5)
     (grad,) = torch.autograd.grad(out.sum(), x)
     (want,) = torch.autograd.grad(F.conv2d(x, weight).sum(), x)
@@ -123,17 +136,21 @@ def test_float32_error_of_4x4_tiles_stays_near_the_direct_convolutions():
     exact = F.conv2d(x.double(), w.double())
     scale = exact.abs().max()
     for tile in (2, 4):
-        assert (winograd.conv3x3(x, w, tile=tile).double() - exact).abs().max() <= 1e-5 * scale
+        assert (winograd.conv2d(x, w, tile=tile).double() - exact).abs().max() <= 1e-5 * scale
     assert (F.conv2d(x, w).double() - exact).abs().max() <= 1e-5 * scale
 
 
-def test_conv3x3_uses_winograd_only_when_training():
-    for conv, size in ((Conv3x3(4, 4), 26), (Conv3x3(4, 6, padding=1), 24)):
+def test_winograd_conv2d_module_runs_winograd_in_float32_and_nn_conv2d_under_autocast():
+    torch.manual_seed(0)
+    convs = (WinogradConv2d(4, 4), WinogradConv2d(4, 6, padding=1), WinogradConv2d(4, 6, 4, padding=1))
+    for conv, size in zip(convs, (26, 24, 24), strict=True):
         x = torch.randn(2, 4, size, size, requires_grad=True)
-        assert conv(x).grad_fn.name().startswith("_WinogradConv3x3")
+        assert conv(x).grad_fn.name() == "_WinogradConv2dBackward"
+        want = F.conv2d(x, conv.weight, conv.bias, padding=conv.padding)
         with torch.no_grad():
-            want = F.conv2d(x, conv.weight, conv.bias, padding=conv.padding)
-            torch.testing.assert_close(conv(x), want, rtol=0, atol=0)
+            torch.testing.assert_close(conv(x), want, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert conv(x).grad_fn.name() == "ConvolutionBackward0"
 
 
 def test_generator_trains_the_same_with_and_without_winograd(monkeypatch):
@@ -147,7 +164,7 @@ def test_generator_trains_the_same_with_and_without_winograd(monkeypatch):
     x = torch.randn(2, 3, 64, 64)  # down/up convolutions at 64 and 32, ResNet blocks at 16
     out = g(x)
     names = {type(m).__name__ for m in g.modules()}
-    assert "Conv3x3" in names
+    assert "WinogradConv2d" in names
     out.square().mean().backward()
     # Weights only: conv biases in front of an InstanceNorm have a zero true gradient (pure noise).
     weights = [p for p in g.parameters() if p.dim() > 1]
@@ -166,21 +183,25 @@ def test_native_kernels_reject_bad_shapes_with_a_clear_error():
     ops = torch.ops.cut_native
     x = torch.zeros(1, 2, 5, 6)
     with pytest.raises(RuntimeError, match="a map of 1x6 is too small to reflect-pad"):
-        ops.winograd_input_transform(torch.zeros(1, 2, 1, 6), 2, 1, 0, torch.zeros(16, 2, 3))
+        ops.winograd_input_transform(torch.zeros(1, 2, 1, 6), 2, 3, 1, 0, torch.zeros(16, 2, 3))
     with pytest.raises(RuntimeError, match="unknown padding 7"):
-        ops.winograd_input_transform(x, 2, 7, 0, torch.zeros(16, 2, 9))
+        ops.winograd_input_transform(x, 2, 3, 7, 0, torch.zeros(16, 2, 9))
     with pytest.raises(RuntimeError, match=r"tile rows \[2, 4\) outside 0..3"):
-        ops.winograd_input_transform(torch.zeros(1, 2, 6, 6), 2, 1, 2, torch.zeros(16, 2, 6))
+        ops.winograd_input_transform(torch.zeros(1, 2, 6, 6), 2, 3, 1, 2, torch.zeros(16, 2, 6))
     with pytest.raises(RuntimeError, match=r"v of shape \[16, 2, 6\] is not \(36, 2, tiles\)"):
-        ops.winograd_input_transform(torch.zeros(1, 2, 6, 6), 4, 1, 0, torch.zeros(16, 2, 6))
-    with pytest.raises(RuntimeError, match="output tile must be 2 or 4, got 3"):
+        ops.winograd_input_transform(torch.zeros(1, 2, 6, 6), 4, 3, 1, 0, torch.zeros(16, 2, 6))
+    with pytest.raises(RuntimeError, match=r"no F\(3x3, 3x3\) transforms"):
         ops.winograd_filter_transform(torch.zeros(4, 4, 3, 3), 3)
     with pytest.raises(RuntimeError, match="contiguous CPU tensor"):
         ops.winograd_filter_transform(torch.zeros(4, 4, 3, 3).transpose(0, 1), 2)
     with pytest.raises(ValueError, match="padding must be one of"):
-        winograd.conv3x3(x, torch.zeros(2, 2, 3, 3), padding="circular")
-    with pytest.raises(ValueError, match="tile must be 2 or 4"):
-        winograd.conv3x3(x, torch.zeros(2, 2, 3, 3), tile=6)
+        winograd.conv2d(x, torch.zeros(2, 2, 3, 3), padding="circular")
+    with pytest.raises(ValueError, match="tile must be 2, or 4 for 3x3 kernels"):
+        winograd.conv2d(x, torch.zeros(2, 2, 3, 3), tile=6)
+    with pytest.raises(ValueError, match="tile must be 2, or 4 for 3x3 kernels"):
+        winograd.conv2d(x, torch.zeros(2, 2, 4, 4), tile=4)
+    with pytest.raises(RuntimeError, match=r"no F\(2x2, 5x5\) transforms"):
+        ops.winograd_filter_transform(torch.zeros(2, 2, 5, 5), 2)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler on this machine")
@@ -190,11 +211,11 @@ def test_native_kernels_build_where_a_compiler_exists():
 
 def test_without_native_kernels_training_takes_the_direct_convolution():
     code = (
-        "import torch; from cut import native, winograd; from cut.networks import Conv3x3;"
+        "import torch; from cut import native, winograd; from cut.networks import WinogradConv2d;"
         "assert not native.available();"
         "x = torch.randn(1, 4, 16, 16, requires_grad=True);"
         "assert not winograd.fits(x, torch.zeros(4, 4, 3, 3), 'zeros');"
-        "assert Conv3x3(4, 4, padding=1)(x).grad_fn.name() == 'ConvolutionBackward0'"
+        "assert WinogradConv2d(4, 4, padding=1)(x).grad_fn.name() == 'ConvolutionBackward0'"
     )
     env = dict(os.environ, CUT_NATIVE="0")
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -1,11 +1,12 @@
-// The transforms of the Winograd convolutions F(2x2, 3x3) and F(4x4, 3x3) in cut/winograd.py,
-// as the operators torch.ops.cut_native.*. F(m x m, 3x3) computes each m x m output tile from an
-// (m+2) x (m+2) input tile d as A^T [(G w G^T) * (B^T d B)] A: (m+2)^2 products per channel pair
-// instead of 9 m^2 (2.25x fewer for m = 2, 4x for m = 4). The map transforms are memory-bound:
+// The transforms of the Winograd convolutions F(2x2, 3x3), F(4x4, 3x3) and F(2x2, 4x4) in
+// cut/winograd.py, as the operators torch.ops.cut_native.*. F(m x m, r x r) computes each m x m
+// output tile from an a x a input tile d (a = m + r - 1) as A^T [(G w G^T) * (B^T d B)] A: a^2
+// products per channel pair instead of r^2 m^2 (2.25x fewer for F(2, 3), 4x for F(4, 3), 2.56x
+// for F(2, 4)). The map transforms are memory-bound:
 // each is one pass, plane by plane (one channel of one image) in torch's thread pool, over a band
 // of tile rows [ty0, ty0 + rows), so that the caller can run a large map band by band with
 // cache-sized buffers. Layouts: maps are (N, C, H, W); the transformed tiles of a band are
-// (P, C, N*rows*tw), the P = (m+2)^2 tile positions outermost, so the products are P matrix
+// (P, C, N*rows*tw), the P = a^2 tile positions outermost, so the products are P matrix
 // multiplies. Maps whose output is not a multiple of m are extended with zeros to whole tiles.
 // Every adjoint is the exact transpose, for backward. Padding (one pixel, as the generator's
 // convolutions use): 0 none, 1 reflect, 2 zeros.
@@ -19,6 +20,7 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -27,12 +29,11 @@ enum Pad : int64_t { kNone = 0, kReflect = 1, kZeros = 2 };
 
 // The 1-D transforms of F(m, 3) (points 0, 1, -1 and for m = 4 also 2, -2, then infinity):
 // input B^T (m+2 -> m+2), output A^T (m+2 -> m), filter G (3 -> m+2), and their transposes.
-template <int M>
+template <int M, int R>
 struct Wino;
 
 template <>
-struct Wino<2> {
-  static constexpr int kA = 4;
+struct Wino<2, 3> {
   template <typename T>
   static inline void input(const T (&d)[4], T (&v)[4]) {
     v[0] = d[0] - d[2];
@@ -75,8 +76,7 @@ struct Wino<2> {
 };
 
 template <>
-struct Wino<4> {
-  static constexpr int kA = 6;
+struct Wino<4, 3> {
   template <typename T>
   static inline void input(const T (&d)[6], T (&v)[6]) {
     v[0] = T(4) * d[0] - T(5) * d[2] + d[4];
@@ -130,6 +130,55 @@ struct Wino<4> {
   }
 };
 
+// F(2, 4), for the discriminator's 4x4 kernels (points 0, 1, -1, 2, infinity).
+template <>
+struct Wino<2, 4> {
+  template <typename T>
+  static inline void input(const T (&d)[5], T (&v)[5]) {
+    v[0] = T(2) * (d[0] - d[2]) + d[3] - d[1];
+    v[1] = d[3] - d[2] - T(2) * d[1];
+    v[2] = T(2) * d[1] - T(3) * d[2] + d[3];
+    v[3] = d[3] - d[1];
+    v[4] = T(2) * (d[1] - d[3]) - d[2] + d[4];
+  }
+  template <typename T>
+  static inline void input_adjoint(const T (&g)[5], T (&d)[5]) {
+    d[0] = T(2) * g[0];
+    d[1] = T(2) * (g[2] - g[1] + g[4]) - g[0] - g[3];
+    d[2] = -T(2) * g[0] - g[1] - T(3) * g[2] - g[4];
+    d[3] = g[0] + g[1] + g[2] + g[3] - T(2) * g[4];
+    d[4] = g[4];
+  }
+  template <typename T>
+  static inline void output(const T (&m)[5], T (&o)[2]) {
+    o[0] = m[0] + m[1] + m[2] + m[3];
+    o[1] = m[1] - m[2] + T(2) * m[3] + m[4];
+  }
+  template <typename T>
+  static inline void output_adjoint(const T (&g)[2], T (&m)[5]) {
+    m[0] = g[0];
+    m[1] = g[0] + g[1];
+    m[2] = g[0] - g[1];
+    m[3] = g[0] + T(2) * g[1];
+    m[4] = g[1];
+  }
+  template <typename T>
+  static inline void filter(const T (&w)[4], T (&u)[5]) {
+    u[0] = w[0] / T(2);
+    u[1] = -(w[0] + w[1] + w[2] + w[3]) / T(2);
+    u[2] = (w[1] + w[3] - w[0] - w[2]) / T(6);
+    u[3] = (w[0] + T(2) * w[1] + T(4) * w[2] + T(8) * w[3]) / T(6);
+    u[4] = w[3];
+  }
+  template <typename T>
+  static inline void filter_adjoint(const T (&u)[5], T (&w)[4]) {
+    w[0] = (u[0] - u[1]) / T(2) + (u[3] - u[2]) / T(6);
+    w[1] = u[3] / T(3) + u[2] / T(6) - u[1] / T(2);
+    w[2] = T(2) * u[3] / T(3) - u[2] / T(6) - u[1] / T(2);
+    w[3] = T(4) * u[3] / T(3) + u[2] / T(6) - u[1] / T(2) + u[4];
+  }
+};
+
 void check_tensor(const at::Tensor& t, int64_t dim, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.dim() == dim,
               "cut_native winograd: ", name, " must be a contiguous CPU tensor with ", dim,
@@ -143,28 +192,25 @@ void check_same(const at::Tensor& a, const at::Tensor& b) {
               " and ", b.scalar_type());
 }
 
-void check_tile(int64_t m) {
-  TORCH_CHECK(m == 2 || m == 4, "cut_native winograd: output tile must be 2 or 4, got ", m);
-}
-
-// The tile grid of F(m, 3) over a map: oh x ow outputs in th x tw tiles; the input, padded
-// (hp x wp), is read as if extended with zeros to he x we = (m th + 2) x (m tw + 2).
+// The tile grid of F(m, r) over a map: oh x ow outputs in th x tw tiles; the input, padded
+// (hp x wp), is read as if extended with zeros to he x we = (m th + r - 1) x (m tw + r - 1).
 struct Grid {
   int64_t oh, ow, th, tw, he, we;
-  Grid(int64_t hp, int64_t wp, int64_t m) : oh(hp - 2), ow(wp - 2) {
-    TORCH_CHECK(oh >= 1 && ow >= 1, "cut_native winograd: a ", hp, "x", wp, " input has no 3x3 output");
+  Grid(int64_t hp, int64_t wp, int64_t m, int64_t r) : oh(hp - r + 1), ow(wp - r + 1) {
+    TORCH_CHECK(oh >= 1 && ow >= 1, "cut_native winograd: a ", hp, "x", wp, " input has no ", r, "x", r,
+                " output");
     th = (oh + m - 1) / m;
     tw = (ow + m - 1) / m;
-    he = m * th + 2;
-    we = m * tw + 2;
+    he = m * th + r - 1;
+    we = m * tw + r - 1;
   }
 };
 
-Grid padded_grid(int64_t h, int64_t w, int64_t pad, int64_t m) {
+Grid padded_grid(int64_t h, int64_t w, int64_t pad, int64_t m, int64_t r) {
   TORCH_CHECK(pad >= kNone && pad <= kZeros, "cut_native winograd: unknown padding ", pad);
   TORCH_CHECK(pad != kReflect || (h >= 2 && w >= 2), "cut_native winograd: a map of ", h, "x", w,
               " is too small to reflect-pad");
-  return pad ? Grid(h + 2, w + 2, m) : Grid(h, w, m);
+  return pad ? Grid(h + 2, w + 2, m, r) : Grid(h, w, m, r);
 }
 
 // The band's tile rows: `cols` / (n_img * tw), checked against the grid.
@@ -177,8 +223,8 @@ int64_t band_rows(int64_t cols, int64_t n_img, const Grid& g, int64_t ty0) {
   return rows;
 }
 
-void check_positions(const at::Tensor& t, int64_t m, int64_t channels, const char* name) {
-  const int64_t a = m + 2;
+void check_positions(const at::Tensor& t, int64_t m, int64_t r, int64_t channels, const char* name) {
+  const int64_t a = m + r - 1;
   TORCH_CHECK(t.size(0) == a * a && t.size(1) == channels, "cut_native winograd: ", name, " of shape ",
               t.sizes(), " is not (", a * a, ", ", channels, ", tiles)");
 }
@@ -210,29 +256,29 @@ void extended_rows(const T* src, int64_t h, int64_t w, int64_t pad, int64_t r0, 
 }
 
 // Band [ty0, ty0 + rows) of x (N, C, h, w), padded as `pad` says -> v (P, C, N*rows*tw).
-template <int M>
+template <int M, int R>
 void input_transform_impl(const at::Tensor& x, int64_t pad, int64_t ty0, const at::Tensor& v) {
-  constexpr int A = M + 2;
+  constexpr int A = M + R - 1;
   const int64_t n_img = x.size(0), c_n = x.size(1), h = x.size(2), w = x.size(3);
-  const Grid g = padded_grid(h, w, pad, M);
-  check_positions(v, M, c_n, "v");
+  const Grid g = padded_grid(h, w, pad, M, R);
+  check_positions(v, M, R, c_n, "v");
   const int64_t rows = band_rows(v.size(2), n_img, g, ty0), cols = v.size(2), we = g.we, tw = g.tw;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cut_native_input_transform", [&] {
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     scalar_t* dst = v.data_ptr<scalar_t>();
     const int64_t stride = c_n * cols;  // between tile positions in v
     at::parallel_for(0, n_img * c_n, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> band((M * rows + 2) * we), tmp(A * we);
+      std::vector<scalar_t> band((M * rows + R - 1) * we), tmp(A * we);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t img = p / c_n, c = p % c_n;
-        extended_rows(src + p * h * w, h, w, pad, M * ty0, M * rows + 2, we, band.data());
+        extended_rows(src + p * h * w, h, w, pad, M * ty0, M * rows + R - 1, we, band.data());
         scalar_t* out = dst + c * cols + img * rows * tw;
         for (int64_t ty = 0; ty < rows; ++ty) {
           const scalar_t* d = band.data() + M * ty * we;
           for (int64_t i = 0; i < we; ++i) {  // B^T along y, every column
             scalar_t in[A], o[A];
             for (int k = 0; k < A; ++k) in[k] = d[k * we + i];
-            Wino<M>::input(in, o);
+            Wino<M, R>::input(in, o);
             for (int k = 0; k < A; ++k) tmp[k * we + i] = o[k];
           }
           for (int a = 0; a < A; ++a) {  // B^T along x, every tile
@@ -241,7 +287,7 @@ void input_transform_impl(const at::Tensor& x, int64_t pad, int64_t ty0, const a
             for (int64_t t = 0; t < tw; ++t) {
               scalar_t in[A], res[A];
               for (int k = 0; k < A; ++k) in[k] = r[M * t + k];
-              Wino<M>::input(in, res);
+              Wino<M, R>::input(in, res);
               for (int b = 0; b < A; ++b) o[b * stride + t] = res[b];
             }
           }
@@ -254,14 +300,14 @@ void input_transform_impl(const at::Tensor& x, int64_t pad, int64_t ty0, const a
 // The transpose of input_transform for band [ty0, ty0 + rows): adds gv (P, C, N*rows*tw) into
 // gx, the gradient of the padded map extended to whole tiles (N, C, he, we). The band's rows that
 // no earlier band touched (all of them for ty0 = 0) are overwritten, so gx may start uninitialised.
-template <int M>
+template <int M, int R>
 void input_transform_adjoint_impl(const at::Tensor& gv, int64_t ty0, const at::Tensor& gx) {
-  constexpr int A = M + 2;
+  constexpr int A = M + R - 1;
   const int64_t n_img = gx.size(0), c_n = gx.size(1);
-  const Grid g(gx.size(2), gx.size(3), M);
+  const Grid g(gx.size(2), gx.size(3), M, R);
   TORCH_CHECK(g.he == gx.size(2) && g.we == gx.size(3), "cut_native winograd: gx of shape ", gx.sizes(),
               " is not whole tiles of ", M);
-  check_positions(gv, M, c_n, "gv");
+  check_positions(gv, M, R, c_n, "gv");
   const int64_t rows = band_rows(gv.size(2), n_img, g, ty0), cols = gv.size(2), we = g.we, tw = g.tw;
   AT_DISPATCH_FLOATING_TYPES(gv.scalar_type(), "cut_native_input_transform_adjoint", [&] {
     const scalar_t* src = gv.const_data_ptr<scalar_t>();
@@ -273,8 +319,8 @@ void input_transform_adjoint_impl(const at::Tensor& gv, int64_t ty0, const at::T
         const int64_t img = p / c_n, c = p % c_n;
         const scalar_t* in = src + c * cols + img * rows * tw;
         scalar_t* plane = dst + p * g.he * we + M * ty0 * we;
-        const int64_t fresh = ty0 == 0 ? 0 : 2;  // rows the previous band already added to
-        std::fill(plane + fresh * we, plane + (M * rows + 2) * we, scalar_t(0));
+        const int64_t fresh = ty0 == 0 ? 0 : R - 1;  // rows the previous band already added to
+        std::fill(plane + fresh * we, plane + (M * rows + R - 1) * we, scalar_t(0));
         for (int64_t ty = 0; ty < rows; ++ty) {
           std::fill(tmp.begin(), tmp.end(), scalar_t(0));
           for (int a = 0; a < A; ++a) {
@@ -283,7 +329,7 @@ void input_transform_adjoint_impl(const at::Tensor& gv, int64_t ty0, const at::T
             for (int64_t t = 0; t < tw; ++t) {
               scalar_t gg[A], d[A];
               for (int b = 0; b < A; ++b) gg[b] = gi[b * stride + t];
-              Wino<M>::input_adjoint(gg, d);
+              Wino<M, R>::input_adjoint(gg, d);
               for (int k = 0; k < A; ++k) r[M * t + k] += d[k];
             }
           }
@@ -291,7 +337,7 @@ void input_transform_adjoint_impl(const at::Tensor& gv, int64_t ty0, const at::T
           for (int64_t i = 0; i < we; ++i) {
             scalar_t gg[A], o[A];
             for (int k = 0; k < A; ++k) gg[k] = tmp[k * we + i];
-            Wino<M>::input_adjoint(gg, o);
+            Wino<M, R>::input_adjoint(gg, o);
             for (int k = 0; k < A; ++k) d[k * we + i] += o[k];
           }
         }
@@ -302,13 +348,13 @@ void input_transform_adjoint_impl(const at::Tensor& gv, int64_t ty0, const at::T
 
 // Band [ty0, ty0 + rows) of the products m (P, K, N*rows*tw), plus bias (K) when given -> its
 // output rows of out (N, K, oh, ow).
-template <int M>
+template <int M, int R>
 void output_transform_impl(const at::Tensor& m, const std::optional<at::Tensor>& bias, int64_t ty0,
                            const at::Tensor& out) {
-  constexpr int A = M + 2;
+  constexpr int A = M + R - 1;
   const int64_t n_img = out.size(0), k_n = out.size(1), oh = out.size(2), ow = out.size(3);
-  const Grid g(oh + 2, ow + 2, M);
-  check_positions(m, M, k_n, "m");
+  const Grid g(oh + R - 1, ow + R - 1, M, R);
+  check_positions(m, M, R, k_n, "m");
   if (bias) {
     check_tensor(*bias, 1, "bias");
     check_same(*bias, m);
@@ -333,7 +379,7 @@ void output_transform_impl(const at::Tensor& m, const std::optional<at::Tensor>&
             for (int64_t t = 0; t < tw; ++t) {
               scalar_t mm[A], o[M];
               for (int bb = 0; bb < A; ++bb) mm[bb] = mi[bb * stride + t];
-              Wino<M>::output(mm, o);
+              Wino<M, R>::output(mm, o);
               for (int j = 0; j < M; ++j) tmp[(a * M + j) * tw + t] = o[j];
             }
           }
@@ -341,7 +387,7 @@ void output_transform_impl(const at::Tensor& m, const std::optional<at::Tensor>&
             for (int64_t t = 0; t < tw; ++t) {
               scalar_t mm[A], o[M];
               for (int a = 0; a < A; ++a) mm[a] = tmp[(a * M + j) * tw + t];
-              Wino<M>::output(mm, o);
+              Wino<M, R>::output(mm, o);
               for (int i = 0; i < M; ++i) tile_rows[i * wt + M * t + j] = o[i] + offset;
             }
           }
@@ -356,12 +402,12 @@ void output_transform_impl(const at::Tensor& m, const std::optional<at::Tensor>&
 
 // The transpose of output_transform (without the bias): band [ty0, ty0 + rows) of the output's
 // gradient g (N, K, oh, ow) -> the products' gradient gm (P, K, N*rows*tw).
-template <int M>
+template <int M, int R>
 void output_transform_adjoint_impl(const at::Tensor& g, int64_t ty0, const at::Tensor& gm) {
-  constexpr int A = M + 2;
+  constexpr int A = M + R - 1;
   const int64_t n_img = g.size(0), k_n = g.size(1), oh = g.size(2), ow = g.size(3);
-  const Grid grid(oh + 2, ow + 2, M);
-  check_positions(gm, M, k_n, "gm");
+  const Grid grid(oh + R - 1, ow + R - 1, M, R);
+  check_positions(gm, M, R, k_n, "gm");
   const int64_t rows = band_rows(gm.size(2), n_img, grid, ty0), cols = gm.size(2), tw = grid.tw;
   const int64_t wt = M * tw;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cut_native_output_transform_adjoint", [&] {
@@ -389,7 +435,7 @@ void output_transform_adjoint_impl(const at::Tensor& g, int64_t ty0, const at::T
             for (int64_t t = 0; t < tw; ++t) {
               scalar_t gg[M], mm[A];
               for (int i = 0; i < M; ++i) gg[i] = tile_rows[i * wt + M * t + j];
-              Wino<M>::output_adjoint(gg, mm);
+              Wino<M, R>::output_adjoint(gg, mm);
               for (int a = 0; a < A; ++a) tmp[(a * M + j) * tw + t] = mm[a];
             }
           }
@@ -398,7 +444,7 @@ void output_transform_adjoint_impl(const at::Tensor& g, int64_t ty0, const at::T
             for (int64_t t = 0; t < tw; ++t) {
               scalar_t gg[M], mm[A];
               for (int j = 0; j < M; ++j) gg[j] = tmp[(a * M + j) * tw + t];
-              Wino<M>::output_adjoint(gg, mm);
+              Wino<M, R>::output_adjoint(gg, mm);
               for (int bb = 0; bb < A; ++bb) o[bb * stride + t] = mm[bb];
             }
           }
@@ -412,9 +458,9 @@ void output_transform_adjoint_impl(const at::Tensor& g, int64_t ty0, const at::T
 // kernels so that U's P rows (pairs apart, often a multiple of 4 KiB) are written in runs.
 constexpr int64_t kPairBlock = 64;
 
-template <int M>
+template <int M, int R>
 at::Tensor filter_transform_impl(const at::Tensor& weight) {
-  constexpr int A = M + 2;
+  constexpr int A = M + R - 1;
   const int64_t pairs = weight.size(0) * weight.size(1);
   at::Tensor u = at::empty({A * A, weight.size(0), weight.size(1)}, weight.options());
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "cut_native_filter_transform", [&] {
@@ -426,16 +472,18 @@ at::Tensor filter_transform_impl(const at::Tensor& weight) {
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t p0 = blk * kPairBlock, len = std::min(kPairBlock, pairs - p0);
         for (int64_t j = 0; j < len; ++j) {
-          const scalar_t* w = src + 9 * (p0 + j);
-          scalar_t cols[3][A];  // G along y of each column s
-          for (int s = 0; s < 3; ++s) {
-            const scalar_t col[3] = {w[s], w[3 + s], w[6 + s]};
-            Wino<M>::filter(col, cols[s]);
+          const scalar_t* w = src + R * R * (p0 + j);
+          scalar_t cols[R][A];  // G along y of each column s
+          for (int s = 0; s < R; ++s) {
+            scalar_t col[R];
+            for (int r = 0; r < R; ++r) col[r] = w[R * r + s];
+            Wino<M, R>::filter(col, cols[s]);
           }
           for (int a = 0; a < A; ++a) {
-            const scalar_t row[3] = {cols[0][a], cols[1][a], cols[2][a]};
+            scalar_t row[R];
+            for (int s = 0; s < R; ++s) row[s] = cols[s][a];
             scalar_t res[A];
-            Wino<M>::filter(row, res);
+            Wino<M, R>::filter(row, res);
             for (int b = 0; b < A; ++b) t[(A * a + b) * kPairBlock + j] = res[b];
           }
         }
@@ -448,11 +496,11 @@ at::Tensor filter_transform_impl(const at::Tensor& weight) {
 }
 
 // The transpose of filter_transform: U's gradient (P, K, C) -> the weight's (K, C, 3, 3).
-template <int M>
+template <int M, int R>
 at::Tensor filter_transform_adjoint_impl(const at::Tensor& gu) {
-  constexpr int A = M + 2;
+  constexpr int A = M + R - 1;
   const int64_t pairs = gu.size(1) * gu.size(2);
-  at::Tensor gw = at::empty({gu.size(1), gu.size(2), 3, 3}, gu.options());
+  at::Tensor gw = at::empty({gu.size(1), gu.size(2), R, R}, gu.options());
   AT_DISPATCH_FLOATING_TYPES(gu.scalar_type(), "cut_native_filter_transform_adjoint", [&] {
     const scalar_t* src = gu.const_data_ptr<scalar_t>();
     scalar_t* dst = gw.data_ptr<scalar_t>();
@@ -464,18 +512,18 @@ at::Tensor filter_transform_adjoint_impl(const at::Tensor& gu) {
         for (int64_t i = 0; i < A * A; ++i)
           std::memcpy(t.data() + i * kPairBlock, src + i * pairs + p0, len * sizeof(scalar_t));
         for (int64_t j = 0; j < len; ++j) {
-          scalar_t cols[3][A];  // G^T along x of each row a
+          scalar_t cols[R][A];  // G^T along x of each row a
           for (int a = 0; a < A; ++a) {
-            scalar_t row[A], res[3];
+            scalar_t row[A], res[R];
             for (int b = 0; b < A; ++b) row[b] = t[(A * a + b) * kPairBlock + j];
-            Wino<M>::filter_adjoint(row, res);
-            for (int s = 0; s < 3; ++s) cols[s][a] = res[s];
+            Wino<M, R>::filter_adjoint(row, res);
+            for (int s = 0; s < R; ++s) cols[s][a] = res[s];
           }
-          scalar_t* w = dst + 9 * (p0 + j);
-          for (int s = 0; s < 3; ++s) {
-            scalar_t res[3];
-            Wino<M>::filter_adjoint(cols[s], res);
-            for (int r = 0; r < 3; ++r) w[3 * r + s] = res[r];
+          scalar_t* w = dst + R * R * (p0 + j);
+          for (int s = 0; s < R; ++s) {
+            scalar_t res[R];
+            Wino<M, R>::filter_adjoint(cols[s], res);
+            for (int r = 0; r < R; ++r) w[R * r + s] = res[r];
           }
         }
       }
@@ -484,65 +532,80 @@ at::Tensor filter_transform_adjoint_impl(const at::Tensor& gu) {
   return gw;
 }
 
-void input_transform(const at::Tensor& x, int64_t m, int64_t pad, int64_t ty0, const at::Tensor& v) {
+// Calls f(M, R) as compile-time constants for the transforms there are.
+template <typename F>
+void with_tile(int64_t m, int64_t r, F&& f) {
+  using std::integral_constant;
+  if (m == 2 && r == 3) {
+    f(integral_constant<int, 2>{}, integral_constant<int, 3>{});
+  } else if (m == 4 && r == 3) {
+    f(integral_constant<int, 4>{}, integral_constant<int, 3>{});
+  } else if (m == 2 && r == 4) {
+    f(integral_constant<int, 2>{}, integral_constant<int, 4>{});
+  } else {
+    TORCH_CHECK(false, "cut_native winograd: no F(", m, "x", m, ", ", r, "x", r,
+                ") transforms; there are F(2x2, 3x3), F(4x4, 3x3) and F(2x2, 4x4)");
+  }
+}
+
+void input_transform(const at::Tensor& x, int64_t m, int64_t r, int64_t pad, int64_t ty0, const at::Tensor& v) {
   check_tensor(x, 4, "x");
   check_tensor(v, 3, "v");
   check_same(x, v);
-  check_tile(m);
-  m == 2 ? input_transform_impl<2>(x, pad, ty0, v) : input_transform_impl<4>(x, pad, ty0, v);
+  with_tile(m, r, [&](auto mc, auto rc) { input_transform_impl<mc.value, rc.value>(x, pad, ty0, v); });
 }
 
-void input_transform_adjoint(const at::Tensor& gv, int64_t m, int64_t ty0, const at::Tensor& gx) {
+void input_transform_adjoint(const at::Tensor& gv, int64_t m, int64_t r, int64_t ty0, const at::Tensor& gx) {
   check_tensor(gv, 3, "gv");
   check_tensor(gx, 4, "gx");
   check_same(gv, gx);
-  check_tile(m);
-  m == 2 ? input_transform_adjoint_impl<2>(gv, ty0, gx) : input_transform_adjoint_impl<4>(gv, ty0, gx);
+  with_tile(m, r, [&](auto mc, auto rc) { input_transform_adjoint_impl<mc.value, rc.value>(gv, ty0, gx); });
 }
 
-void output_transform(const at::Tensor& mm, int64_t m, const std::optional<at::Tensor>& bias, int64_t ty0,
-                      const at::Tensor& out) {
+void output_transform(const at::Tensor& mm, int64_t m, int64_t r, const std::optional<at::Tensor>& bias,
+                      int64_t ty0, const at::Tensor& out) {
   check_tensor(mm, 3, "m");
   check_tensor(out, 4, "out");
   check_same(mm, out);
-  check_tile(m);
-  m == 2 ? output_transform_impl<2>(mm, bias, ty0, out) : output_transform_impl<4>(mm, bias, ty0, out);
+  with_tile(m, r, [&](auto mc, auto rc) { output_transform_impl<mc.value, rc.value>(mm, bias, ty0, out); });
 }
 
-void output_transform_adjoint(const at::Tensor& g, int64_t m, int64_t ty0, const at::Tensor& gm) {
+void output_transform_adjoint(const at::Tensor& g, int64_t m, int64_t r, int64_t ty0, const at::Tensor& gm) {
   check_tensor(g, 4, "g");
   check_tensor(gm, 3, "gm");
   check_same(g, gm);
-  check_tile(m);
-  m == 2 ? output_transform_adjoint_impl<2>(g, ty0, gm) : output_transform_adjoint_impl<4>(g, ty0, gm);
+  with_tile(m, r, [&](auto mc, auto rc) { output_transform_adjoint_impl<mc.value, rc.value>(g, ty0, gm); });
 }
 
 at::Tensor filter_transform(const at::Tensor& weight, int64_t m) {
   check_tensor(weight, 4, "weight");
-  TORCH_CHECK(weight.size(2) == 3 && weight.size(3) == 3, "cut_native winograd: weight must be 3x3, got ",
-              weight.sizes());
-  check_tile(m);
-  return m == 2 ? filter_transform_impl<2>(weight) : filter_transform_impl<4>(weight);
+  const int64_t r = weight.size(2);
+  TORCH_CHECK(weight.size(3) == r, "cut_native winograd: weight must be square, got ", weight.sizes());
+  at::Tensor u;
+  with_tile(m, r, [&](auto mc, auto rc) { u = filter_transform_impl<mc.value, rc.value>(weight); });
+  return u;
 }
 
-at::Tensor filter_transform_adjoint(const at::Tensor& gu, int64_t m) {
+at::Tensor filter_transform_adjoint(const at::Tensor& gu, int64_t m, int64_t r) {
   check_tensor(gu, 3, "gu");
-  check_tile(m);
-  TORCH_CHECK(gu.size(0) == (m + 2) * (m + 2), "cut_native winograd: filter gradient of shape ", gu.sizes(),
-              " for tiles of ", m);
-  return m == 2 ? filter_transform_adjoint_impl<2>(gu) : filter_transform_adjoint_impl<4>(gu);
+  TORCH_CHECK(gu.size(0) == (m + r - 1) * (m + r - 1), "cut_native winograd: filter gradient of shape ",
+              gu.sizes(), " for F(", m, "x", m, ", ", r, "x", r, ")");
+  at::Tensor gw;
+  with_tile(m, r, [&](auto mc, auto rc) { gw = filter_transform_adjoint_impl<mc.value, rc.value>(gu); });
+  return gw;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(cut_native, m) {
-  m.def("winograd_input_transform(Tensor x, int m, int pad, int ty0, Tensor(a!) v) -> ()", &input_transform);
-  m.def("winograd_input_transform_adjoint(Tensor gv, int m, int ty0, Tensor(a!) gx) -> ()",
+  m.def("winograd_input_transform(Tensor x, int m, int r, int pad, int ty0, Tensor(a!) v) -> ()",
+        &input_transform);
+  m.def("winograd_input_transform_adjoint(Tensor gv, int m, int r, int ty0, Tensor(a!) gx) -> ()",
         &input_transform_adjoint);
-  m.def("winograd_output_transform(Tensor mm, int m, Tensor? bias, int ty0, Tensor(a!) out) -> ()",
+  m.def("winograd_output_transform(Tensor mm, int m, int r, Tensor? bias, int ty0, Tensor(a!) out) -> ()",
         &output_transform);
-  m.def("winograd_output_transform_adjoint(Tensor g, int m, int ty0, Tensor(a!) gm) -> ()",
+  m.def("winograd_output_transform_adjoint(Tensor g, int m, int r, int ty0, Tensor(a!) gm) -> ()",
         &output_transform_adjoint);
   m.def("winograd_filter_transform(Tensor weight, int m) -> Tensor", &filter_transform);
-  m.def("winograd_filter_transform_adjoint(Tensor gu, int m) -> Tensor", &filter_transform_adjoint);
+  m.def("winograd_filter_transform_adjoint(Tensor gu, int m, int r) -> Tensor", &filter_transform_adjoint);
 }
