@@ -1,7 +1,8 @@
 """Native CPU kernels (``cut/csrc``), compiled with the machine's C++ compiler on first use.
 
-The library is built once per machine, source and torch version, into a cache directory
-(``$CUT_NATIVE_CACHE``, else ``$XDG_CACHE_HOME/cut-pipeline`` or ``~/.cache/cut-pipeline``) and
+The library is built once per machine, source and torch version (about 20 s), into a cache
+directory (``$CUT_NATIVE_CACHE``, else ``$XDG_CACHE_HOME/cut-pipeline`` or
+``~/.cache/cut-pipeline``, else the temp directory: the one build artefact ``cut/`` writes) and
 loaded as the torch operators ``torch.ops.cut_native.*``. Concurrent processes (DDP ranks) may
 build at once: each writes its own file and renames it into place. Where there is no compiler, or
 ``CUT_NATIVE=0``, :func:`available` is False and callers take their pure-PyTorch path instead.
@@ -41,14 +42,27 @@ def _library_path(compiler: str) -> Path:
         key.update(part.encode())
     for source in SOURCES:
         key.update(source.read_bytes())
-    root = os.environ.get("CUT_NATIVE_CACHE") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "cut-pipeline"
-    )
-    return Path(root) / f"cut_native-{key.hexdigest()[:16]}.so"
+    return _cache_dir() / f"cut_native-{key.hexdigest()[:16]}.so"
+
+
+def _cache_dir() -> Path:
+    """The first writable of $CUT_NATIVE_CACHE, the user's cache directory and the temp directory
+    (a read-only home, as in many containers, must not cost the kernels).
+    """
+    explicit = os.environ.get("CUT_NATIVE_CACHE")
+    home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "cut-pipeline")
+    fallback = Path(tempfile.gettempdir(), f"cut-pipeline-{os.getuid()}")
+    for candidate in ([Path(explicit)] if explicit else [home_cache, fallback]):
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(candidate, os.W_OK):
+            return candidate
+    return fallback
 
 
 def _build(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     (lib_dir,) = cpp_extension.library_paths()[:1]
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
