@@ -13,9 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from cut import winograd
-from cut.winograd import every_other
 
 NCE_LAYERS: tuple[int, ...] = (0, 4, 8, 12, 16)
+
+
+def every_other(x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
+    """The view of ``x`` at positions start, start+2, ... along ``dim``."""
+    index = [slice(None)] * x.dim()
+    index[dim] = slice(start, None, 2)
+    return x[tuple(index)]
 
 
 def _binomial_filter(taps: Sequence[float], channels: int, scale: float) -> torch.Tensor:

@@ -62,13 +62,6 @@ def output_tile(n: int, oh: int, ow: int, kernel: int = 3) -> int:
     return 4 if n * oh * ow >= TILE4_MIN_PIXELS else 2
 
 
-def every_other(x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
-    """The view of ``x`` at positions start, start+2, ... along ``dim``."""
-    index = [slice(None)] * x.dim()
-    index[dim] = slice(start, None, 2)
-    return x[tuple(index)]
-
-
 def _bands(th: int, tiles_per_row: int, values_per_tile: int, itemsize: int) -> list[tuple[int, int]]:
     """(first tile row, rows) of each band."""
     rows = max(1, min(th, BAND_BYTES // (values_per_tile * tiles_per_row * itemsize)))
