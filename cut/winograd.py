@@ -7,8 +7,8 @@ cuDNN and oneDNN use the same algorithm): for 3x3 kernels 2.25x fewer with m = 2
 (whose rounding error in float32 is a few times a direct convolution's: 1e-5 of the output's
 scale over 256 channels); for the discriminator's 4x4 kernels 2.56x fewer with m = 2. The
 4x4 tiles are used on large maps only, and never with ``CUT_WINOGRAD_TILE=2`` in the environment.
-The transforms are native kernels (``cut/csrc/winograd.cpp``); the (m+2)^2 products are batched matrix
-multiplies. Backward is the exact transpose of each stage, so all three passes (output, input
+The transforms are native kernels (``cut/csrc/winograd.cpp``); the a^2 products are batched
+matrix multiplies. Backward is the exact transpose of each stage, so all three passes (output, input
 gradient, weight gradient) save the same multiplications. A large map runs in bands of tile rows
 whose transformed tiles fit ``BAND_BYTES``: the buffers are reused band after band, from the
 cache, instead of a map several times the input's size.
@@ -42,8 +42,8 @@ def fits(x: torch.Tensor, weight: torch.Tensor, padding: str = "none") -> bool:
     ``padding`` is "none") runs here: float32 maps on the CPU, not under autocast (whose bf16
     convolutions go to oneDNN), where the native kernels are available.
     """
-    h, w = x.shape[-2:]
-    h, w = (h - weight.shape[-1] + 1, w - weight.shape[-1] + 1) if padding == "none" else (h, w)
+    grow = (0 if padding == "none" else 2) - weight.shape[-1] + 1  # output size - input size
+    h, w = x.shape[-2] + grow, x.shape[-1] + grow
     return (
         x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32

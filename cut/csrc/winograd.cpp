@@ -532,6 +532,14 @@ at::Tensor filter_transform_adjoint_impl(const at::Tensor& gu) {
   return gw;
 }
 
+// An operator's input and output: both contiguous CPU float tensors of one dtype.
+void check_pair(const at::Tensor& a, int64_t a_dim, const char* a_name, const at::Tensor& b, int64_t b_dim,
+                const char* b_name) {
+  check_tensor(a, a_dim, a_name);
+  check_tensor(b, b_dim, b_name);
+  check_same(a, b);
+}
+
 // Calls f(M, R) as compile-time constants for the transforms there are.
 template <typename F>
 void with_tile(int64_t m, int64_t r, F&& f) {
@@ -549,31 +557,23 @@ void with_tile(int64_t m, int64_t r, F&& f) {
 }
 
 void input_transform(const at::Tensor& x, int64_t m, int64_t r, int64_t pad, int64_t ty0, const at::Tensor& v) {
-  check_tensor(x, 4, "x");
-  check_tensor(v, 3, "v");
-  check_same(x, v);
+  check_pair(x, 4, "x", v, 3, "v");
   with_tile(m, r, [&](auto mc, auto rc) { input_transform_impl<mc.value, rc.value>(x, pad, ty0, v); });
 }
 
 void input_transform_adjoint(const at::Tensor& gv, int64_t m, int64_t r, int64_t ty0, const at::Tensor& gx) {
-  check_tensor(gv, 3, "gv");
-  check_tensor(gx, 4, "gx");
-  check_same(gv, gx);
+  check_pair(gv, 3, "gv", gx, 4, "gx");
   with_tile(m, r, [&](auto mc, auto rc) { input_transform_adjoint_impl<mc.value, rc.value>(gv, ty0, gx); });
 }
 
 void output_transform(const at::Tensor& mm, int64_t m, int64_t r, const std::optional<at::Tensor>& bias,
                       int64_t ty0, const at::Tensor& out) {
-  check_tensor(mm, 3, "m");
-  check_tensor(out, 4, "out");
-  check_same(mm, out);
+  check_pair(mm, 3, "m", out, 4, "out");
   with_tile(m, r, [&](auto mc, auto rc) { output_transform_impl<mc.value, rc.value>(mm, bias, ty0, out); });
 }
 
 void output_transform_adjoint(const at::Tensor& g, int64_t m, int64_t r, int64_t ty0, const at::Tensor& gm) {
-  check_tensor(g, 4, "g");
-  check_tensor(gm, 3, "gm");
-  check_same(g, gm);
+  check_pair(g, 4, "g", gm, 3, "gm");
   with_tile(m, r, [&](auto mc, auto rc) { output_transform_adjoint_impl<mc.value, rc.value>(g, ty0, gm); });
 }
 
