@@ -10,26 +10,25 @@ import concurrent.futures as cf
 import hashlib
 import io
 import json
+import logging
 import posixpath
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline import storage
+from pipeline import formats, storage
+from pipeline.keys import path_key
 from pipeline.shards import INDEX_NAME, REJECTS_NAME, ShardIndex, ShardWriter, index_url
 from pipeline.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, inspect_image
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".tif", ".tiff", ".webp"})
 LIST_EXTENSIONS = (".txt", ".parquet")
-_FORMAT_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif",
-                      "PPM": "ppm", "GIF": "gif"}
-_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-/]")
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -43,12 +42,20 @@ class OutputExistsError(FileExistsError):
     """The output already holds a shard set and overwriting was not asked for."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Source:
     """One image to ingest and the sample key it gets."""
 
     url: str
     key: str
+
+
+@dataclass
+class SourceListing:
+    """What one SOURCE names: its images, and the files skipped because their names are not images."""
+
+    sources: list[Source] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -72,13 +79,6 @@ class Summary:
     seconds: float
 
 
-def sample_key(relative_path: str) -> str:
-    """Stable key from a path below its source root: extension dropped, characters outside
-    `[A-Za-z0-9_-/]` (dots included, which WebDataset reserves for extensions) replaced by `_`."""
-    stem = posixpath.splitext(relative_path.strip("/"))[0]
-    return _KEY_UNSAFE.sub("_", stem)
-
-
 def _url_list(url: str) -> list[str]:
     if url.endswith(".parquet"):
         table = pq.read_table(io.BytesIO(storage.read_bytes(url)))
@@ -94,28 +94,30 @@ def _glob_root(pattern: str) -> str:
     return storage.dirname(pattern[:first] + "x")
 
 
-def expand_source(spec: str) -> list[Source]:
+def expand_source(spec: str) -> SourceListing:
     """The images one SOURCE argument names.
 
-    A folder or prefix: its image files (by extension), recursively, keyed by path below it.
-    A glob: every matching file, keyed by path below the glob's fixed part.
-    A `.txt` (one URL a line) or `.parquet` (column `url`) list: those URLs, keyed by their path.
-    Anything else: that single file, keyed by its name.
+    A folder or prefix: its files with an image extension (`pipeline.formats`), recursively, keyed
+    by path below it; other files are listed as skipped. A glob: every matching file, keyed by path
+    below the glob's fixed part. A `.txt` (one URL a line) or `.parquet` (column `url`) list: those
+    URLs, keyed by their path. Anything else: that single file, keyed by its name.
     """
     if storage.has_glob(spec):
-        root = _glob_root(spec)
-        return [Source(u, sample_key(storage.relative(u, root))) for u in storage.list_files(spec)]
+        below = storage.relative_to(_glob_root(spec))
+        return SourceListing([Source(u, path_key(below(u))) for u in storage.list_files(spec)])
     if storage.is_dir(spec):
-        return [Source(u, sample_key(storage.relative(u, spec))) for u in storage.list_files(spec)
-                if posixpath.splitext(u)[1].lower() in IMAGE_EXTENSIONS]
+        below = storage.relative_to(spec)
+        listing = SourceListing()
+        for u in storage.list_files(spec):
+            if formats.is_image_name(u):
+                listing.sources.append(Source(u, path_key(below(u))))
+            else:
+                listing.skipped.append(u)
+        return listing
     if spec.endswith(LIST_EXTENSIONS):
-        return [Source(u, sample_key(_path_of(u))) for u in _url_list(spec)]
-    return [Source(u, sample_key(posixpath.basename(_path_of(u)))) for u in storage.list_files(spec)]
-
-
-def _path_of(url: str) -> str:
-    """A URL's location without its protocol (`bucket/dir/img.jpg`)."""
-    return storage.filesystem(url)[1]
+        return SourceListing([Source(u, path_key(storage.url_path(u))) for u in _url_list(spec)])
+    return SourceListing([Source(u, path_key(posixpath.basename(storage.url_path(u))))
+                          for u in storage.list_files(spec)])
 
 
 def list_sources(specs: Iterable[str]) -> list[Source]:
@@ -123,7 +125,11 @@ def list_sources(specs: Iterable[str]) -> list[Source]:
     seen: dict[str, str] = {}
     sources = []
     for spec in specs:
-        for source in expand_source(spec):
+        listing = expand_source(spec)
+        if listing.skipped:
+            log.warning("%s: skipped %d files whose names are not images (e.g. %s)", spec,
+                        len(listing.skipped), ", ".join(listing.skipped[:3]))
+        for source in listing.sources:
             if source.key in seen:
                 raise KeyCollisionError(f"sources {seen[source.key]} and {source.url} both map to sample "
                                         f"key {source.key!r}; rename one or shard them separately")
@@ -133,6 +139,8 @@ def list_sources(specs: Iterable[str]) -> list[Source]:
 
 
 def _load(source: Source, domain: str | None, max_pixels: int) -> tuple[Source, dict[str, bytes] | Reject]:
+    if formats.extension(source.url) in formats.UNSUPPORTED:
+        return source, Reject(source.url, "unsupported-format", formats.unsupported_detail(source.url))
     try:
         data = storage.read_bytes(source.url)
     except OSError as exc:
@@ -144,7 +152,7 @@ def _load(source: Source, domain: str | None, max_pixels: int) -> tuple[Source, 
     meta = {"key": source.key, "source_url": source.url, "width": info.width, "height": info.height,
             "format": info.format, "domain": domain, "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest()}
-    ext = _FORMAT_EXTENSIONS.get(info.format, info.format.lower())
+    ext = formats.MEMBER_EXTENSIONS[info.format]
     return source, {ext: data, "json": json.dumps(meta, sort_keys=True).encode()}
 
 

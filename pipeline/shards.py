@@ -9,14 +9,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from typing import IO
 
 from pipeline import storage
+from pipeline.keys import UnsafeKeyError, member_key
 
 INDEX_NAME = "_index.json"
 REJECTS_NAME = "_rejects.jsonl"
@@ -30,6 +31,10 @@ class ShardIndexNotFoundError(FileNotFoundError):
 
 class ShardNotFoundError(FileNotFoundError):
     """A shard listed in an index is missing."""
+
+
+class ShardIndexError(ValueError):
+    """An `_index.json` that cannot be trusted: not JSON, the wrong shape, or entries that lie."""
 
 
 @dataclass(frozen=True)
@@ -70,14 +75,25 @@ class ShardIndex:
 
     @classmethod
     def load(cls, url: str) -> ShardIndex:
-        """Read the index at `url`: the `_index.json` URL itself or the shard-set folder holding it."""
+        """Read and check the index at `url`: the `_index.json` URL itself or the shard-set folder
+        holding it. ShardIndexError names the file and the entry when it cannot be trusted."""
         location = index_url(url)
         try:
-            body = json.loads(storage.read_bytes(location))
+            raw = storage.read_bytes(location)
         except FileNotFoundError as exc:
             raise ShardIndexNotFoundError(
                 f"no shard index at {location} (build the set with `python -m jobs.shard`)") from exc
-        shards = tuple(ShardInfo(s["name"], int(s["samples"]), int(s["bytes"])) for s in body.pop("shards"))
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ShardIndexError(f"{location} is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict) or not isinstance(body.get("shards"), list):
+            raise ShardIndexError(f"{location}: expected an object with a 'shards' list")
+        shards = tuple(_shard_info(entry, i, location) for i, entry in enumerate(body.pop("shards")))
+        names = [s.name for s in shards]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ShardIndexError(f"{location}: shards listed more than once: {', '.join(twice[:5])}")
         for derived in ("version", "samples", "bytes"):
             body.pop(derived, None)
         return cls(storage.dirname(location), shards, body)
@@ -92,6 +108,29 @@ class ShardIndex:
         if missing:
             raise ShardNotFoundError(f"{len(missing)} shard(s) listed in {index_url(self.base_url)} are "
                                      f"missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+
+def _shard_info(entry: object, i: int, location: str) -> ShardInfo:
+    """One checked index entry: a file name inside the set's folder and non-negative counts."""
+    where = f"{location}: shard entry {i}"
+    if not isinstance(entry, dict):
+        raise ShardIndexError(f"{where} is not an object")
+    name = entry.get("name")
+    if not isinstance(name, str):
+        raise ShardIndexError(f"{where} has no file name")
+    try:
+        if member_key(name) != name:
+            raise UnsafeKeyError("characters that are not allowed in a shard name")
+    except UnsafeKeyError as exc:
+        raise ShardIndexError(f"{where}: name {name!r} does not stay in the set's folder ({exc})") from exc
+    counts = []
+    for field_name in ("samples", "bytes"):
+        value = entry.get(field_name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ShardIndexError(f"{where} ({name}): {field_name} must be a non-negative integer, "
+                                  f"got {value!r}")
+        counts.append(value)
+    return ShardInfo(name, *counts)
 
 
 def index_url(url: str) -> str:
@@ -170,5 +209,46 @@ def iter_shard(url: str, size: int | None = None) -> Iterator[dict[str, object]]
     except FileNotFoundError as exc:
         raise ShardNotFoundError(f"shard {url} is missing") from exc
     with stream:
-        files = ({**member, "__url__": url} for member in tar_file_iterator(stream))
-        yield from group_by_keys(files)
+        yield from group_members(url, tar_members(stream))
+
+
+def tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular files of a tar stream, in order; holds one member at a time."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if info.isreg():
+                member = tar.extractfile(info)
+                assert member is not None
+                yield info.name, member.read()
+            tar.members = []  # a streamed tar would otherwise keep every header
+
+
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """(key, lower-case extension) by the WebDataset rule: the key ends at the first dot of the last
+    path segment. A name without such a dot is all key, with extension ""."""
+    match = _MEMBER_NAME.match(name)
+    return (match.group(1), match.group(2).lower()) if match else (name, "")
+
+
+def group_members(url: str, members: Iterable[tuple[str, bytes]]) -> Iterator[dict[str, object]]:
+    """Consecutive members that share a key form a sample, as WebDataset groups them; `__x__`
+    metadata members are skipped. Unlike WebDataset, nothing is dropped or fatal: a member without an
+    extension is a sample with no data (readers report it), and a repeated extension starts a new
+    sample with the same key (key allocation renames it)."""
+    current: dict[str, object] | None = None
+    for name, data in members:
+        if _META.match(name):
+            continue
+        key, ext = split_member_name(name)
+        if current is None or key != current["__key__"] or ext in current:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": url}
+        if ext:
+            current[ext] = data
+    if current is not None:
+        yield current

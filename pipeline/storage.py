@@ -158,11 +158,22 @@ def upload_atomic(source_path: str, url: str) -> None:
         retry(lambda: fs.put_file(source_path, path), what=f"upload {url}")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; written files get the usual 0666 & ~umask, readable by other users.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def _replace_local(path: str, write: Callable[[IO[bytes]], object]) -> None:
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as tmp:
             write(tmp)
             tmp.flush()
@@ -206,6 +217,56 @@ def list_files(url_or_glob: str) -> list[str]:
         raise FileNotFoundError(f"nothing at {url_or_glob}")
     keep_plain = is_local(url_or_glob) and "://" not in url_or_glob
     return sorted(p if keep_plain else fs.unstrip_protocol(p) for p in paths)
+
+
+def url_path(url: str) -> str:
+    """A URL's location without its protocol (`bucket/dir/img.jpg`, `/abs/img.jpg`): string work only,
+    fast enough for millions of listed URLs."""
+    protocol, sep, rest = url.partition("://")
+    return rest if sep and protocol not in LOCAL_PROTOCOLS else (rest if sep else url)
+
+
+def _normalized(url: str) -> tuple[str, str]:
+    """(protocol, normalized path) of a URL, for comparing locations lexically."""
+    protocol = get_protocol(url)
+    path = url_path(url)
+    if protocol in LOCAL_PROTOCOLS:
+        return "file", os.path.abspath(path)
+    return protocol, posixpath.normpath("/" + path)
+
+
+def within(root: str) -> Callable[[str], bool]:
+    """A test of whether a URL lies at or below `root` (same store; `..` and `.` resolved lexically)."""
+    protocol, base = _normalized(root)
+    prefix = base.rstrip("/") + "/"
+
+    def test(url: str) -> bool:
+        other, path = _normalized(url)
+        return other == protocol and (path == base or path.startswith(prefix))
+
+    return test
+
+
+def relative_to(root: str) -> Callable[[str], str]:
+    """`relative(url, root)` for many URLs under one root (the root is parsed once)."""
+    root_path = filesystem(root)[1].rstrip("/") + "/"
+    fs = filesystem(root)[0]
+
+    def below(url: str) -> str:
+        path = fs._strip_protocol(url) if "://" in url else url
+        if not path.startswith(root_path):
+            raise ValueError(f"{url} is not under {root}")
+        return path[len(root_path):]
+
+    return below
+
+
+def list_sizes(url: str) -> dict[str, int]:
+    """Byte size of every file under a folder or prefix, keyed by its path relative to it."""
+    fs, path = filesystem(url)
+    found = retry(lambda: fs.find(path, detail=True), what=f"list {url}")
+    root = path.rstrip("/") + "/"
+    return {p[len(root):]: int(info["size"]) for p, info in found.items() if p.startswith(root)}
 
 
 def relative(url: str, root: str) -> str:

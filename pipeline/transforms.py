@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from pipeline import formats
+
 # ~67 megapixels (~200 MB as RGB). Pillow's own bomb check (2 x Image.MAX_IMAGE_PIXELS) still applies.
 DEFAULT_MAX_PIXELS = 64 * 2**20
 TEST_MODES = ("official", "none", "shortside")
@@ -20,11 +22,12 @@ _SWAPPED_ORIENTATIONS = {5, 6, 7, 8}
 
 
 class ImageDecodeError(ValueError):
-    """Encoded bytes that are not a usable image; `reason` is one short word for counting."""
+    """Encoded bytes that are not a usable image; `reason` is its code (`pipeline.manifest.ERROR_CODES`)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageDecodeError("not-an-image", "no image format recognises these bytes") from exc
     except OSError as exc:
         raise _decode_failure(exc) from exc
+    if img.format not in formats.MEMBER_EXTENSIONS:
+        raise ImageDecodeError("unsupported-format", f"{img.format} images are not decoded by this project")
     width, height = img.size
     if width * height > max_pixels:
         raise ImageDecodeError("too-large", f"{width}x{height} exceeds {max_pixels} pixels")

@@ -18,7 +18,8 @@ from conftest import image_bytes, png_bomb
 
 from jobs import shard as shard_job
 from pipeline import storage
-from pipeline.ingest import KeyCollisionError, OutputExistsError, build_shards, sample_key
+from pipeline.ingest import KeyCollisionError, OutputExistsError, build_shards
+from pipeline.keys import path_key as sample_key
 from pipeline.shards import ShardIndex, ShardIndexNotFoundError, iter_shard
 
 
