@@ -4,23 +4,34 @@
         --input s3://b/corpus/horses/ --out s3://b/translated/h2z
 
 Inputs: shard sets (a folder or _index.json URL) and raw image listings (a prefix, a glob, or a .txt
-or .parquet file of URLs). The work is cut into units (one input shard, or a chunk of --unit-size
-images of the sorted listing); unit i belongs to worker i % workers, where the worker comes from
-torchrun (RANK, WORLD_SIZE), a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, and JOB_COMPLETIONS
-set by the manifest) or --worker-index/--num-workers. A unit writes its images, then its manifest
-part OUT/manifest/part-%06d.parquet last (its existence is the commit); a rerun skips committed
-units. When every unit is committed, OUT/_SUCCESS holds the totals.
+or .parquet file of URLs). Worker 0 lists them once and freezes the plan in OUT/_plan/: units of
+--unit-size images of a listing or samples of a shard, every output key, and the job's identity
+(inputs, model hash, output options); the other workers wait for it, and reruns read it instead of
+listing again. Unit i belongs to worker i % workers, where the worker comes from torchrun (RANK,
+WORLD_SIZE), a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, JOB_COMPLETIONS) or
+--worker-index/--num-workers. A unit writes its images, then its manifest part
+OUT/manifest/part-%06d.parquet last (its existence is the commit); a rerun skips committed units.
+When every unit is committed, OUT/_SUCCESS holds the totals.
+
+A rerun with another model or other output options exits 2 before writing anything; so does a
+rerun whose inputs list differently (unless --add-new-inputs or --skip-input-check). SIGTERM stops
+taking batches, commits the units that are complete and exits 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,12 +39,24 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cut import CheckpointError, generator_from_checkpoint, read_checkpoint
+from cut.inference import BatchTranslator
 from jobs.config import ConfigError, build
 from jobs.runtime import env_int, setup_logging
 from pipeline import storage
-from pipeline.corpus import WorkUnit, plan_units
-from pipeline.manifest import committed_units, manifest_dir, read_manifest, write_part, write_success
-from pipeline.translation_io import Preprocess, UnitBatches, encode_image, pack_tar, sha256, to_uint8
+from pipeline.corpus import WorkUnit
+from pipeline.keys import UnsafeKeyError
+from pipeline.manifest import SUCCESS, committed_units, manifest_dir, read_manifest, write_part, write_success
+from pipeline.plan import JobPlan, PlanError, obtain_plan, worker_units
+from pipeline.shards import ShardIndexError
+from pipeline.translation_io import (
+    OutputLayout,
+    Preprocess,
+    UnitBatches,
+    error_record,
+    pack_tar,
+    sha256,
+    write_output_index,
+)
 
 log = logging.getLogger("jobs.infer")
 
@@ -64,6 +87,9 @@ class InferConfig:
     channels_last: bool | None = None
     compile: bool = False
     progress: bool = True
+    plan_timeout: float = 3600.0
+    check_inputs: bool = True
+    add_new_inputs: bool = False
 
 
 def wants_cuda(config: InferConfig) -> bool:
@@ -96,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=None, help="default: 16 on CUDA, 1 on CPU (cache-bound)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader decode workers")
-    p.add_argument("--unit-size", type=int, default=1000, help="images per work unit of a raw listing")
+    p.add_argument(
+        "--unit-size", type=int, default=1000, help="images (or shard samples) per work unit, at planning"
+    )
     p.add_argument(
         "--worker-index", type=int, default=None, help="this worker (default: RANK or JOB_COMPLETION_INDEX)"
     )
@@ -110,6 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the generator (CUDA)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument(
+        "--plan-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds workers other than 0 wait for worker 0's plan (default: 3600)",
+    )
+    p.add_argument(
+        "--add-new-inputs",
+        action="store_true",
+        help="rerun: add inputs that appeared since the plan was made as new units",
+    )
+    p.add_argument(
+        "--skip-input-check",
+        dest="check_inputs",
+        action="store_false",
+        help="rerun: do not relist the inputs (worker 0 relists them by default to find changes)",
+    )
     return p
 
 
@@ -122,6 +167,10 @@ def load_infer_config(args: argparse.Namespace) -> InferConfig:
         config.num_workers = env_int("WORLD_SIZE", "JOB_COMPLETIONS", default=1)
     if config.batch_size is None:
         config.batch_size = 16 if wants_cuda(config) else 1
+    if config.bf16 is None:
+        config.bf16 = wants_cuda(config)
+    if config.channels_last is None:
+        config.channels_last = wants_cuda(config)
     checks = [
         ("--batch-size", config.batch_size >= 1, ">= 1"),
         ("--workers", config.workers >= 0, ">= 0"),
@@ -131,6 +180,7 @@ def load_infer_config(args: argparse.Namespace) -> InferConfig:
         ("--quality", 1 <= config.quality <= 100, "within 1..100"),
         ("--num-workers", config.num_workers >= 1, ">= 1"),
         ("--worker-index", 0 <= config.worker_index < config.num_workers, "within 0..num-workers-1"),
+        ("--plan-timeout", config.plan_timeout > 0, "> 0"),
     ]
     for flag, ok, expected in checks:
         if not ok:
@@ -139,90 +189,114 @@ def load_infer_config(args: argparse.Namespace) -> InferConfig:
 
 
 # ------------------------------------------------------------------------------------------------ run
+def job_identity(config: InferConfig, model_sha256: str) -> dict[str, Any]:
+    """What makes two runs the same job: inputs as given, the model, and every option that changes
+    the outputs (options that do not apply to the chosen modes are left out)."""
+    identity: dict[str, Any] = {
+        "inputs": [url.rstrip("/") or url for url in config.inputs],
+        "model_sha256": model_sha256,
+        "format": config.format,
+        "image_format": config.image_format,
+        "preprocess": config.preprocess,
+        "max_pixels": config.max_pixels,
+        "bf16": config.bf16,
+    }
+    if config.image_format != "png":
+        identity["quality"] = config.quality
+    if config.preprocess == "official":
+        identity["crop_size"] = config.crop_size
+    if config.preprocess == "shortside":
+        identity["load_size"] = config.load_size
+    return identity
+
+
 @dataclass
 class _Unit:
     """A unit in flight in the main process: its finished rows and pending output writes."""
 
-    rows: list[dict] = field(default_factory=list)
     writes: list[Future] = field(default_factory=list)
-    tar_members: list[tuple[str, bytes]] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+    tar_members: list[tuple[str, str, bytes]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class Translator:
     """Runs this worker's units: model on batches, outputs and manifest parts written as units finish."""
 
-    def __init__(self, config: InferConfig) -> None:
+    def __init__(self, config: InferConfig, stop: threading.Event | None = None) -> None:
         self.cfg = config
         use_cuda = wants_cuda(config)
         if use_cuda and not torch.cuda.is_available():
             raise ConfigError("--device cuda given but no CUDA device is available")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-        self.bf16 = use_cuda if config.bf16 is None else config.bf16
-        self.channels_last = use_cuda if config.channels_last is None else config.channels_last
         data = storage.read_bytes(config.checkpoint)
         checkpoint = read_checkpoint(data, config.checkpoint)
         self.netG = generator_from_checkpoint(checkpoint, config.checkpoint).to(self.device)
-        if self.channels_last:
+        if config.channels_last:
             self.netG = self.netG.to(memory_format=torch.channels_last)
-        self.forward = torch.compile(self.netG) if config.compile else self.netG
+        forward = torch.compile(self.netG) if config.compile else self.netG
+        self.translate = BatchTranslator(forward, self.device, bool(config.bf16), bool(config.channels_last))
         meta = checkpoint.get("metadata", {}) if isinstance(checkpoint, dict) else {}
         self.preset = str(meta.get("preset", "unknown"))
-        self.model_id = f"{config.checkpoint}#sha256={sha256(data)}"
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="encode")
+        self.model_sha256 = sha256(data)
+        self.model_id = f"{config.checkpoint}#sha256={self.model_sha256}"
+        self.layout = OutputLayout(config.out, config.format, config.image_format, config.quality)
+        self.stop = stop or threading.Event()
         self.failed: list[int] = []
+        self.unfinished: list[int] = []
         self.stats = {"ok": 0, "error": 0}
-
-    def _shard_url(self, unit: WorkUnit) -> str:
-        return storage.join(self.cfg.out, "shards", f"part-{unit.index:06d}.tar")
-
-    def _output_url(self, unit: WorkUnit, key: str) -> str:
-        cfg = self.cfg
-        if cfg.format == "shards":
-            return f"{self._shard_url(unit)}#{key}.{cfg.image_format}"
-        return storage.join(cfg.out, "images", str(unit.input_index), f"{key}.{cfg.image_format}")
-
-    @torch.inference_mode()
-    def _translate(self, x: torch.Tensor) -> np.ndarray:
-        x = x.to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            y = self.forward(x)
-        return to_uint8(y).permute(0, 2, 3, 1).cpu().numpy()
+        self.elapsed = 0.0
 
     def _write_one(
         self, unit: WorkUnit, meta: dict, pixels: np.ndarray, model_ms: float, state: _Unit
     ) -> dict:
         """Encode one output and store it (a file, or a member of the unit's shard); returns its row."""
         t0 = time.perf_counter()
-        cfg = self.cfg
-        data = encode_image(pixels, cfg.image_format, cfg.quality, meta["restore"])
-        url = self._output_url(unit, meta["key"])
-        if cfg.format == "shards":
-            state.tar_members.append((f"{meta['key']}.{cfg.image_format}", data))
-        else:
-            storage.write_bytes_atomic(url, data)
+        try:
+            url = self.layout.image_url(unit, meta["key"])
+        except UnsafeKeyError as exc:
+            return error_record(
+                meta["order"],
+                meta["key"],
+                meta["source_url"],
+                "unsafe-key",
+                str(exc),
+                meta["input_bytes"],
+                (meta["width"], meta["height"]),
+            )
+        data = self.layout.encode(pixels, meta["restore"])
         out_h, out_w = (
             (pixels.shape[0], pixels.shape[1]) if meta["restore"] is None else meta["restore"][::-1]
         )
-        return {
+        row = {
             **{k: meta[k] for k in ("order", "key", "source_url", "width", "height", "input_bytes")},
             "output_url": url,
             "status": "ok",
-            "error": None,
             "out_width": out_w,
             "out_height": out_h,
             "output_bytes": len(data),
             "output_sha256": sha256(data),
-            "elapsed_ms": meta["prep_ms"] + model_ms + 1000 * (time.perf_counter() - t0),
         }
+        if self.cfg.format == "shards":
+            sidecar = {
+                k: row[k]
+                for k in ("key", "source_url", "width", "height", "out_width", "out_height", "output_sha256")
+            }
+            sidecar.update(model_id=self.model_id, preset=self.preset)
+            with state.lock:
+                state.tar_members.append((meta["key"], self.cfg.image_format, data))
+                state.tar_members.append((meta["key"], "json", json.dumps(sidecar, sort_keys=True).encode()))
+        else:
+            storage.write_bytes_atomic(url, data)
+        row["elapsed_ms"] = meta["prep_ms"] + model_ms + 1000 * (time.perf_counter() - t0)
+        return row
 
     def _commit(self, unit: WorkUnit, state: _Unit, errors: list[dict]) -> None:
-        rows = [f.result() for f in state.writes] + errors
-        if self.cfg.format == "shards":
-            members = sorted(state.tar_members)
-            storage.write_bytes_atomic(self._shard_url(unit), pack_tar(members))
+        rows = state.rows + [f.result() for f in state.writes] + errors
+        if self.cfg.format == "shards" and state.tar_members:
+            members = [(f"{key}.{ext}", data) for key, ext, data in sorted(state.tar_members)]
+            storage.write_bytes_atomic(self.layout.shard_url(unit.index), pack_tar(members))
         rows.sort(key=lambda r: r["order"])
         for row in rows:
             row.update(
@@ -234,58 +308,118 @@ class Translator:
         self.stats["ok"] += ok
         self.stats["error"] += len(rows) - ok
 
+    def _device_error(self, meta: dict, x: torch.Tensor) -> dict:
+        detail = (
+            f"a {meta['width']}x{meta['height']} input ({x.shape[-1]}x{x.shape[-2]} at the network) "
+            f"does not fit in {self.device.type} memory at batch size 1"
+        )
+        log.error("%s: %s", meta["source_url"], detail)
+        return error_record(
+            meta["order"],
+            meta["key"],
+            meta["source_url"],
+            "too-large-for-device",
+            detail,
+            meta["input_bytes"],
+            (meta["width"], meta["height"]),
+        )
+
     def run(self, units: list[WorkUnit]) -> None:
+        """Translate `units`; returns early, leaving later units uncommitted, once `stop` is set."""
         cfg = self.cfg
+        if not units:
+            return
         pre = Preprocess(cfg.preprocess, cfg.load_size, cfg.crop_size, cfg.max_pixels)
+        loader_workers = min(cfg.workers, len(units))
         loader = DataLoader(
             UnitBatches(units, pre, cfg.batch_size),
             batch_size=None,
-            num_workers=min(cfg.workers, len(units)),
+            num_workers=loader_workers,
             pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if cfg.workers else None,
+            prefetch_factor=4 if loader_workers else None,
         )
         by_index = {u.index: u for u in units}
         states: dict[int, _Unit] = {}
+        pending = set(by_index)
         bar = tqdm(
             total=sum(u.expected for u in units), unit="img", disable=not cfg.progress, desc="translate"
         )
-        start, last_log, done = time.perf_counter(), time.perf_counter(), 0
-        for msg in loader:
-            unit = by_index[msg["unit"]]
-            state = states.setdefault(unit.index, _Unit())
-            if "end" in msg:
+        start = last_log = time.perf_counter()
+        done = 0
+        pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="encode")
+        batches = iter(loader)
+        try:
+            while not self.stop.is_set():
                 try:
-                    self._commit(unit, states.pop(unit.index), msg["errors"])
-                except Exception as exc:  # storage trouble after retries: report, keep going
-                    self.failed.append(unit.index)
-                    log.error("unit %d (%s) failed and stays uncommitted: %s", unit.index, unit.source, exc)
-                done += msg["count"]
-                bar.update(msg["count"])
-                bar.set_postfix(units=f"{len(units) - len(states)}/{len(units)}")
+                    msg = next(batches)
+                except StopIteration:
+                    break
+                unit = by_index[msg["unit"]]
+                state = states.setdefault(unit.index, _Unit())
+                if "end" in msg:
+                    pending.discard(unit.index)
+                    self._finish_unit(unit, states.pop(unit.index), msg["errors"])
+                    count = len(msg["errors"])
+                else:
+                    count = self._translate_batch(unit, msg, state, pool)
+                done += count
+                bar.update(count)
+                bar.set_postfix(units=f"{len(units) - len(pending)}/{len(units)}")
                 if time.perf_counter() - last_log > 30:
                     last_log = time.perf_counter()
-                    log.info("%d images, %.1f images/s", done, done / (last_log - start))
-                continue
-            t0 = time.perf_counter()
-            pixels = self._translate(msg["x"])
-            model_ms = 1000 * (time.perf_counter() - t0) / len(pixels)
-            for meta, image in zip(msg["meta"], pixels, strict=True):
-                state.writes.append(self.pool.submit(self._write_one, unit, meta, image, model_ms, state))
-        bar.close()
-        self.pool.shutdown()
+                    log.info("%d of %d images, %.1f images/s", done, bar.total, done / (last_log - start))
+        except RuntimeError:
+            if not self.stop.is_set():  # DataLoader workers die with the job on SIGTERM/SIGINT
+                raise
+        finally:
+            bar.close()
+            pool.shutdown(wait=True, cancel_futures=True)
+            del batches
+        self.unfinished = sorted(pending)
         self.elapsed = time.perf_counter() - start
 
+    def _translate_batch(self, unit: WorkUnit, msg: dict, state: _Unit, pool: ThreadPoolExecutor) -> int:
+        t0 = time.perf_counter()
+        outputs = self.translate(msg["x"])
+        model_ms = 1000 * (time.perf_counter() - t0) / len(outputs)
+        for meta, x, pixels in zip(msg["meta"], msg["x"], outputs, strict=True):
+            if pixels is None:
+                state.rows.append(self._device_error(meta, x))
+            else:
+                state.writes.append(pool.submit(self._write_one, unit, meta, pixels.numpy(), model_ms, state))
+        return len(outputs)
 
-def _finish(out: str, total_units: int) -> str | None:
-    """Write _SUCCESS with the totals if every unit of the job is committed; returns its URL."""
-    if len(committed_units(out)) != total_units:
+    def _finish_unit(self, unit: WorkUnit, state: _Unit, errors: list[dict]) -> None:
+        try:
+            self._commit(unit, state, errors)
+        except Exception as exc:  # storage trouble after retries: report, keep going
+            self.failed.append(unit.index)
+            log.error("unit %d (%s) failed and stays uncommitted: %s", unit.index, unit.source, exc)
+
+
+def finish(out: str, plan: JobPlan, layout: OutputLayout, model_id: str) -> str | None:
+    """If every unit of the plan is committed: the output shard index (for --format shards), then
+    OUT/_SUCCESS with the totals. Returns the _SUCCESS URL, or None while units are missing."""
+    done = committed_units(out)
+    if any(i not in done for i in range(plan.units)):
         return None
-    status = read_manifest(out, columns=["status"]).column("status").to_pylist()
+    success = storage.join(out, SUCCESS)
+    if storage.exists(success):
+        return success
+    table = read_manifest(out, columns=["status", "unit"])
+    status = table.column("status").to_pylist()
+    if layout.format == "shards":
+        per_unit = Counter(
+            u for u, s in zip(table.column("unit").to_pylist(), status, strict=True) if s == "ok"
+        )
+        write_output_index(layout, dict(per_unit), {"prefix": "part", "model_id": model_id})
     totals = {
-        "units": total_units,
+        "units": plan.units,
         "rows": len(status),
         "ok": status.count("ok"),
         "error": status.count("error"),
+        "plan_revision": plan.revision,
+        "model_id": model_id,
     }
     return write_success(out, totals)
 
@@ -298,34 +432,62 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     setup_logging(config.worker_index)
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return _run(config, stop)
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        units = plan_units(config.inputs, config.unit_size)
-        translator = Translator(config)
-    except (FileNotFoundError, CheckpointError, ConfigError) as exc:
+        return _run(config, stop)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(config: InferConfig, stop: threading.Event) -> int:
+    try:
+        translator = Translator(config, stop)
+        plan = obtain_plan(
+            config.out,
+            config.inputs,
+            job_identity(config, translator.model_sha256),
+            config.unit_size,
+            planner=config.worker_index == 0,
+            check_inputs=config.check_inputs,
+            add_new_inputs=config.add_new_inputs,
+            timeout=config.plan_timeout,
+        )
+    except (PlanError, ShardIndexError) as exc:
+        log.error("%s", exc)
+        return 2
+    except (OSError, CheckpointError, ConfigError) as exc:
         log.error("%s", exc)
         return 1
     done = committed_units(config.out)
-    mine = [u for u in units if u.index % config.num_workers == config.worker_index and u.index not in done]
+    mine = [u for u in worker_units(plan, config.worker_index, config.num_workers) if u.index not in done]
     log.info(
         "worker %d of %d: %d of %d units to do (%d already committed), model %s",
         config.worker_index,
         config.num_workers,
         len(mine),
-        len(units),
+        plan.units,
         len(done),
         translator.model_id,
     )
     translator.run(mine)
     images = translator.stats["ok"] + translator.stats["error"]
-    success = _finish(config.out, len(units))
+    success = finish(config.out, plan, translator.layout, translator.model_id)
     print(
         f"ok {translator.stats['ok']}, errors {translator.stats['error']}, "
         f"{images / max(translator.elapsed, 1e-9):.1f} images/s; manifest: {manifest_dir(config.out)}"
-        + (f"; all {len(units)} units committed: {success}" if success else "")
+        + (f"; all {plan.units} units committed: {success}" if success else "")
     )
     if translator.failed:
         log.error("units %s failed; rerun this worker to retry them", translator.failed)
         return 1
+    if translator.unfinished:
+        log.warning(
+            "stopped by SIGTERM with units %s uncommitted; rerun to finish them", translator.unfinished
+        )
+        return 143
     return 0
 
 

@@ -1,132 +1,306 @@
-"""A corpus to translate, cut into work units: one input shard, or a chunk of a sorted listing.
+"""A corpus to translate, cut into work units, and read back unit by unit.
 
-Unit numbering is a pure function of the inputs (their order, the shard indexes, the sorted
-listings), so every worker of a job, and every rerun, sees the same units.
+Each input (a shard set, or a listing: prefix, glob, `.txt` or `.parquet` of URLs) is listed once.
+A listing is cut into chunks of `unit_size` images in listing order; a shard into ranges of
+`unit_size` samples, so one big shard feeds many workers. Units are numbered 0..n-1 in input order.
+
+Keys (the names of the outputs) are unique over the whole corpus (`pipeline.keys`): listing keys
+come from the path below the input and are allocated in order over every listing input; a shard's
+samples are keyed `<namespace>/<member key>`, with one namespace per shard (its file name), and
+their member keys are checked and allocated in shard order when the shard is read (an index knows
+counts, not names). Whatever cannot be read becomes an item with an error code, never a gap.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import posixpath
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
-from pipeline import storage
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import formats, storage
 from pipeline.ingest import expand_source
-from pipeline.shards import INDEX_NAME, ShardIndex, iter_shard
+from pipeline.keys import KeyAllocator, UnsafeKeyError, check_length, member_key, shard_namespace
+from pipeline.shards import INDEX_NAME, ShardIndex, ShardInfo, iter_shard
 
 log = logging.getLogger(__name__)
 
-IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
+LISTING, SHARDS = "listing", "shards"
+# A listing unit's items in a plan: one row group per unit (see pipeline.plan).
+ITEMS_SCHEMA = pa.schema([("url", pa.string()), ("key", pa.string()), ("error", pa.string()),
+                          ("error_detail", pa.string())])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One planned input of a listing: its URL, its output key, and an error known before reading."""
+
+    url: str
+    key: str
+    error: str = ""
+    error_detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class WorkUnit:
-    """One commit unit: either a shard (``shard_url``) or a chunk of listed files (``urls``)."""
+    """One commit unit: samples [start, stop) of a shard, or items [start, stop) of a listing.
+
+    A listing unit's items travel with it (`items`) or are read from a plan (`items_url`, `row_group`).
+    """
 
     index: int
     input_index: int
+    kind: str
+    start: int
+    stop: int
     shard_url: str = ""
     shard_bytes: int | None = None
-    expected: int = 0
-    urls: tuple[str, ...] = ()
-    keys: tuple[str, ...] = ()
+    namespace: str = ""
+    last_of_shard: bool = False
+    items: tuple[Item, ...] | None = None
+    items_url: str = ""
+    row_group: int = 0
+
+    @property
+    def expected(self) -> int:
+        return self.stop - self.start
 
     @property
     def source(self) -> str:
-        return self.shard_url or (self.urls[0] if self.urls else "")
+        if self.kind == SHARDS:
+            return f"{self.shard_url} samples {self.start}..{self.stop - 1}"
+        return f"items {self.start}..{self.stop - 1} of input {self.input_index}"
 
 
 @dataclass(frozen=True)
 class CorpusItem:
-    """One input of a unit: its encoded bytes, or why they could not be read."""
+    """One input of a unit: its encoded bytes, or the error code and message of why there are none."""
 
     key: str
     source_url: str
     data: bytes | None
     error: str = ""
+    error_detail: str = ""
+
+
+@dataclass
+class InputListing:
+    """What one input names, listed once: the image URLs of a listing, or the shards of a set."""
+
+    url: str
+    kind: str
+    urls: list[str] = field(default_factory=list)
+    natural_keys: list[str] = field(default_factory=list)
+    base_url: str = ""
+    shards: tuple[ShardInfo, ...] = ()
+    skipped: list[str] = field(default_factory=list)
+    excluded: int = 0
+    duplicates: int = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.urls) if self.kind == LISTING else sum(s.samples for s in self.shards)
+
+    def entries(self) -> list[str]:
+        """What identifies this listing: its URLs, or its shards' names, counts and sizes."""
+        if self.kind == LISTING:
+            return self.urls
+        return [f"{s.name}\t{s.samples}\t{s.bytes}" for s in self.shards]
+
+    def digest(self) -> str:
+        return digest(self.entries())
+
+
+def digest(entries: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for entry in entries:
+        h.update(entry.encode())
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 def is_shard_set(url: str) -> bool:
     return url.endswith(INDEX_NAME) or storage.exists(storage.join(url, INDEX_NAME))
 
 
-def _unique_keys(keys: Sequence[str]) -> list[str]:
-    """Keys made unique in order (``a.jpg`` and ``a.png`` both key ``a``: the second becomes ``a_2``)."""
-    seen: dict[str, int] = {}
-    out = []
-    for key in keys:
-        seen[key] = seen.get(key, 0) + 1
-        out.append(key if seen[key] == 1 else f"{key}_{seen[key]}")
-    return out
+def list_input(url: str, exclude: Callable[[str], bool] | None = None) -> InputListing:
+    """List one input; URLs for which `exclude` holds (an output prefix) are left out and counted."""
+    if is_shard_set(url):
+        index = ShardIndex.load(url)
+        return InputListing(url, SHARDS, base_url=index.base_url, shards=index.shards)
+    found = expand_source(url)
+    listing = InputListing(url, LISTING, skipped=found.skipped)
+    for source in found.sources:
+        if exclude is not None and exclude(source.url):
+            listing.excluded += 1
+            continue
+        listing.urls.append(source.url)
+        listing.natural_keys.append(source.key)
+    if not listing.urls:
+        notes = [f"{len(listing.skipped)} files skipped, their names are not images"] * bool(listing.skipped)
+        notes += [f"{listing.excluded} under the output prefix left out"] * bool(listing.excluded)
+        raise FileNotFoundError(f"no images found at {url}" + (f" ({'; '.join(notes)})" if notes else ""))
+    return listing
+
+
+@dataclass
+class UnitLayout:
+    """Units cut from listings, with the allocated key (and a known error) of every listing item."""
+
+    units: list[WorkUnit]
+    keys: dict[int, list[str]]
+    errors: dict[int, dict[int, tuple[str, str]]]
+
+
+def lay_out_units(listings: Sequence[tuple[int, InputListing]], unit_size: int, keys: KeyAllocator,
+                  namespaces: KeyAllocator, first_unit: int = 0) -> UnitLayout:
+    """Units for `(input_index, listing)` pairs, numbered from `first_unit`.
+
+    `keys` and `namespaces` hold what earlier units took, so an extended plan stays unique.
+    """
+    layout = UnitLayout([], {}, {})
+    for input_index, listing in listings:
+        if listing.kind == SHARDS:
+            for shard in listing.shards:
+                namespace = namespaces.take(shard_namespace(shard.name))
+                url = storage.join(listing.base_url, shard.name)
+                for start in range(0, shard.samples, unit_size):
+                    stop = min(start + unit_size, shard.samples)
+                    layout.units.append(WorkUnit(
+                        first_unit + len(layout.units), input_index, SHARDS, start, stop, url, shard.bytes,
+                        namespace, last_of_shard=stop == shard.samples))
+            continue
+        allocated, errors = _listing_keys(listing, keys)
+        layout.keys[input_index], layout.errors[input_index] = allocated, errors
+        for start in range(0, len(listing.urls), unit_size):
+            stop = min(start + unit_size, len(listing.urls))
+            layout.units.append(WorkUnit(first_unit + len(layout.units), input_index, LISTING, start, stop))
+    return layout
+
+
+def _listing_keys(listing: InputListing, keys: KeyAllocator) -> tuple[list[str], dict[int, tuple[str, str]]]:
+    allocated, errors = [], {}
+    for i, (url, natural) in enumerate(zip(listing.urls, listing.natural_keys, strict=True)):
+        try:
+            check_length(natural)
+        except UnsafeKeyError as exc:
+            errors[i] = ("unsafe-key", f"key of {url}: {exc}")
+            natural = f"unsafe-key-{i:06d}"
+        allocated.append(keys.take(natural))
+        if formats.extension(url) in formats.UNSUPPORTED:
+            errors[i] = ("unsupported-format", formats.unsupported_detail(url))
+    return allocated, errors
+
+
+def unit_items(unit: WorkUnit, listing: InputListing, layout: UnitLayout) -> tuple[Item, ...]:
+    keys, errors = layout.keys[unit.input_index], layout.errors[unit.input_index]
+    return tuple(Item(listing.urls[i], keys[i], *errors.get(i, ("", "")))
+                 for i in range(unit.start, unit.stop))
 
 
 def plan_units(inputs: Sequence[str], unit_size: int) -> list[WorkUnit]:
-    """Every unit of the corpus, numbered 0..n-1 in input order."""
-    units: list[WorkUnit] = []
-    for input_index, url in enumerate(inputs):
-        if is_shard_set(url):
-            index = ShardIndex.load(url)
-            for shard in index.shards:
-                units.append(
-                    WorkUnit(len(units), input_index, index.url(shard), shard.bytes, expected=shard.samples)
-                )
-            continue
-        sources = expand_source(url)
-        if not sources:
-            raise FileNotFoundError(f"no images found at {url}")
-        keys = _unique_keys([s.key for s in sources])
-        for start in range(0, len(sources), unit_size):
-            chunk = sources[start : start + unit_size]
-            units.append(
-                WorkUnit(
-                    len(units),
-                    input_index,
-                    expected=len(chunk),
-                    urls=tuple(s.url for s in chunk),
-                    keys=tuple(keys[start : start + unit_size]),
-                )
-            )
-    return units
+    """Every unit of the corpus, held in memory with its items (for readers that need no plan)."""
+    listings = [(i, list_input(url)) for i, url in enumerate(inputs)]
+    layout = lay_out_units(listings, unit_size, KeyAllocator(), KeyAllocator())
+    by_input = dict(listings)
+    return [u if u.kind == SHARDS else _with_items(u, unit_items(u, by_input[u.input_index], layout))
+            for u in layout.units]
 
 
-def _image_member(sample: dict[str, object]) -> tuple[str, bytes] | None:
-    for ext in IMAGE_MEMBERS:
-        if isinstance(sample.get(ext), bytes):
-            return ext, sample[ext]  # type: ignore[return-value]
-    return None
+def _with_items(unit: WorkUnit, items: tuple[Item, ...]) -> WorkUnit:
+    return WorkUnit(unit.index, unit.input_index, unit.kind, unit.start, unit.stop, items=items)
+
+
+def items_table(items: Sequence[Item]) -> pa.Table:
+    return pa.table({
+        "url": [i.url for i in items], "key": [i.key for i in items],
+        "error": [i.error or None for i in items], "error_detail": [i.error_detail or None for i in items],
+    }, schema=ITEMS_SCHEMA)
+
+
+def read_items(unit: WorkUnit) -> tuple[Item, ...]:
+    """A listing unit's items, from the unit or from its row group of the plan."""
+    if unit.items is not None:
+        return unit.items
+    with storage.open_read(unit.items_url) as f:
+        table = pq.ParquetFile(f).read_row_group(unit.row_group)
+    return tuple(Item(u, k, e or "", d or "") for u, k, e, d in zip(
+        *(table.column(n).to_pylist() for n in ITEMS_SCHEMA.names), strict=True))
 
 
 def read_unit(unit: WorkUnit) -> Iterator[CorpusItem]:
-    """The unit's inputs in order. Nothing is lost: what cannot be read becomes an item with an error.
-
-    A shard that is missing or breaks off midway yields error items for the samples the index
-    promised but the shard did not deliver.
-    """
-    if not unit.shard_url:
-        for key, url in zip(unit.keys, unit.urls, strict=True):
-            try:
-                yield CorpusItem(key, url, storage.read_bytes(url))
-            except Exception as exc:  # a storage error after retries: this input's row says so
-                yield CorpusItem(key, url, None, f"read-error: {type(exc).__name__}: {exc}")
+    """The unit's inputs in order. Nothing is lost: what cannot be read becomes an item with an error."""
+    if unit.kind == SHARDS:
+        yield from _read_shard_range(unit)
         return
-    delivered = 0
-    failure = ""
+    for item in read_items(unit):
+        if item.error:
+            yield CorpusItem(item.key, item.url, None, item.error, item.error_detail)
+            continue
+        try:
+            yield CorpusItem(item.key, item.url, storage.read_bytes(item.url))
+        except Exception as exc:  # a storage error after retries: this input's row says so
+            yield CorpusItem(item.key, item.url, None, "read-error", f"{type(exc).__name__}: {exc}")
+
+
+def image_member(sample: dict[str, object]) -> tuple[str, bytes] | tuple[str, str]:
+    """(extension, bytes) of a sample's first decodable member, else (error code, detail)."""
+    names = [k for k in sample if not k.startswith("__")]
+    for ext in names:
+        if ext.rsplit(".", 1)[-1] in formats.DECODED and isinstance(sample[ext], bytes):
+            return ext, sample[ext]  # type: ignore[return-value]
+    unsupported = [ext for ext in names if ext.rsplit(".", 1)[-1] in formats.UNSUPPORTED]
+    if unsupported:
+        return "unsupported-format", formats.unsupported_detail(f"x.{unsupported[0]}")
+    return "no-image", f"the sample has no image member (members: {', '.join(names) or 'none'})"
+
+
+def _read_shard_range(unit: WorkUnit) -> Iterator[CorpusItem]:
+    """Samples [start, stop) of a shard. Samples before `start` are read for their keys only, so every
+    unit of a shard allocates keys exactly as one pass over the whole shard would.
+
+    A shard that is missing or breaks off yields `shard-error` items for the samples its index
+    promised; a shard that holds more samples than its index lists yields `shard-error` items for
+    the extra ones (in the shard's last unit), so the manifest still has a row for each.
+    """
+    keys = KeyAllocator()
+    delivered, failure = 0, ""
     try:
-        for sample in iter_shard(unit.shard_url, unit.shard_bytes):
-            key = str(sample["__key__"])
-            member = _image_member(sample)
-            delivered += 1
-            if member is None:
-                yield CorpusItem(
-                    key, f"{unit.shard_url}#{key}", None, "no-image: the sample has no image member"
-                )
-            else:
-                yield CorpusItem(key, f"{unit.shard_url}#{key}.{member[0]}", member[1])
+        for position, sample in enumerate(iter_shard(unit.shard_url, unit.shard_bytes)):
+            if position >= unit.stop and not unit.last_of_shard:
+                break
+            delivered = position + 1
+            raw = str(sample["__key__"])
+            try:
+                key, error, detail = keys.take(member_key(raw)), "", ""
+            except UnsafeKeyError as exc:
+                key = keys.take(f"unsafe-key-{position:06d}")
+                error, detail = "unsafe-key", f"member key {raw!r} of sample {position}: {exc}"
+            if position < unit.start:
+                continue
+            yield _shard_item(unit, position, raw, key, sample, error, detail)
     except Exception as exc:
         failure = f"{type(exc).__name__}: {exc}"
         log.error("input shard %s unreadable after %d samples: %s", unit.shard_url, delivered, failure)
-    name = posixpath.basename(unit.shard_url)
-    for i in range(delivered, unit.expected):
+    for position in range(max(delivered, unit.start), unit.stop):
         reason = failure or "the shard holds fewer samples than its index lists"
-        yield CorpusItem(f"{name}#missing-{i:06d}", f"{unit.shard_url}#{i}", None, f"shard-error: {reason}")
+        key = keys.take(f"missing-{position:06d}")
+        url = f"{unit.shard_url}#{position}"
+        yield CorpusItem(f"{unit.namespace}/{key}", url, None, "shard-error", reason)
+
+
+def _shard_item(unit: WorkUnit, position: int, raw: str, key: str, sample: dict[str, object], error: str,
+                detail: str) -> CorpusItem:
+    full_key = f"{unit.namespace}/{key}"
+    if error:
+        return CorpusItem(full_key, f"{unit.shard_url}#{position}", None, error, detail)
+    if position >= unit.stop:
+        return CorpusItem(full_key, f"{unit.shard_url}#{raw}", None, "shard-error",
+                          f"sample {position} is beyond the {unit.stop} samples the index lists")
+    found = image_member(sample)
+    if isinstance(found[1], str):
+        return CorpusItem(full_key, f"{unit.shard_url}#{raw}", None, found[0], found[1])
+    return CorpusItem(full_key, f"{unit.shard_url}#{raw}.{found[0]}", found[1])

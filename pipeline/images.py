@@ -108,7 +108,7 @@ def iter_encoded(url: str) -> Iterator[EvalImage]:
     for unit in plan_units([url], _UNIT_SIZE):
         for item in read_unit(unit):
             if item.data is None:
-                log.warning("skipping %s: %s", item.source_url, item.error)
+                log.warning("skipping %s: %s: %s", item.source_url, item.error, item.error_detail)
             else:
                 yield EvalImage(item.key, item.source_url, item.data)
 

@@ -24,6 +24,7 @@ SCHEMA = pa.schema(
         ("output_url", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("error_detail", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("out_width", pa.int32()),
@@ -38,6 +39,20 @@ SCHEMA = pa.schema(
         ("unit", pa.int32()),
     ]
 )
+# The values of the `error` column; `error_detail` holds the message.
+ERROR_CODES = {
+    "empty": "the input has no bytes",
+    "not-an-image": "no image format recognises the bytes",
+    "unsupported-format": "an image format this project does not decode (pipeline.formats)",
+    "truncated": "the image data ends early",
+    "corrupt": "the image data does not decode",
+    "too-large": "more pixels than --max-pixels (decompression bombs included)",
+    "too-large-for-device": "the device ran out of memory for this image alone, at batch size 1",
+    "read-error": "the input could not be read from storage (after retries)",
+    "shard-error": "the input shard is missing, breaks off, or holds samples its index does not list",
+    "no-image": "a shard sample without an image member",
+    "unsafe-key": "a key that would name a path outside the output (absolute, '..', control characters)",
+}
 SUCCESS = "_SUCCESS"
 _PART = re.compile(r"part-(\d{6})\.parquet$")
 
@@ -52,6 +67,9 @@ def part_url(out_url: str, unit: int) -> str:
 
 def write_part(out_url: str, unit: int, rows: Sequence[dict[str, Any]]) -> str:
     """Commit a unit: its rows as one Parquet object, written atomically."""
+    unknown = {row["error"] for row in rows if row.get("error")} - set(ERROR_CODES)
+    if unknown:
+        raise ValueError(f"unknown error codes {sorted(unknown)}; add them to ERROR_CODES")
     table = pa.Table.from_pylist(
         [{name: row.get(name) for name in SCHEMA.names} for row in rows], schema=SCHEMA
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import posixpath
 import tarfile
 import time
 from collections.abc import Iterator, Sequence
@@ -20,7 +21,10 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline import storage
 from pipeline.corpus import WorkUnit, read_unit
+from pipeline.keys import UnsafeKeyError
+from pipeline.shards import ShardIndex, ShardInfo, index_url
 from pipeline.transforms import ImageDecodeError, decode_rgb, displayed_size, test_draft_size, test_transform
 
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
@@ -36,13 +40,17 @@ class Preprocess:
     max_pixels: int = 64 * 2**20
 
 
-def _error_record(order: int, key: str, source_url: str, error: str, size: int, dims=(None, None)) -> dict:
+def error_record(
+    order: int, key: str, source_url: str, error: str, detail: str, size: int, dims=(None, None)
+) -> dict:
+    """A manifest row for an input that has no output: `error` is a code of manifest.ERROR_CODES."""
     return {
         "order": order,
         "key": key,
         "source_url": source_url,
         "status": "error",
         "error": error,
+        "error_detail": detail,
         "width": dims[0],
         "height": dims[1],
         "input_bytes": size,
@@ -75,7 +83,9 @@ class UnitBatches(IterableDataset):
             count += 1
             size = len(item.data) if item.data is not None else 0
             if item.data is None:
-                errors.append(_error_record(order, item.key, item.source_url, item.error, size))
+                errors.append(
+                    error_record(order, item.key, item.source_url, item.error, item.error_detail, size)
+                )
                 continue
             t0 = time.perf_counter()
             try:
@@ -83,7 +93,7 @@ class UnitBatches(IterableDataset):
                 full_size = img.size if draft is None else displayed_size(item.data)
                 x = test_transform(img, pre.mode, pre.load_size, pre.crop_size)
             except ImageDecodeError as exc:
-                errors.append(_error_record(order, item.key, item.source_url, f"{exc.reason}: {exc}", size))
+                errors.append(error_record(order, item.key, item.source_url, exc.reason, exc.detail, size))
                 continue
             meta = {
                 "order": order,
@@ -108,11 +118,6 @@ def _batch(unit: int, items: list[tuple[torch.Tensor, dict]]) -> dict[str, Any]:
     return {"unit": unit, "x": torch.stack([x for x, _ in items]), "meta": [m for _, m in items]}
 
 
-def to_uint8(y: torch.Tensor) -> torch.Tensor:
-    """Network output in [-1, 1] to uint8 as the official test does: clamp, scale, truncate."""
-    return ((y.float().clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8)
-
-
 def encode_image(pixels: np.ndarray, fmt: str, quality: int, restore: tuple[int, int] | None) -> bytes:
     """HWC uint8 pixels as PNG, JPEG or WebP bytes; ``restore`` resizes back to an input's size first."""
     img = Image.fromarray(pixels)
@@ -126,17 +131,71 @@ def encode_image(pixels: np.ndarray, fmt: str, quality: int, restore: tuple[int,
     return buffer.getvalue()
 
 
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where a job's outputs go: ``OUT/images/<input>/<key>.<ext>`` files, or one
+    ``OUT/shards/part-<unit>.tar`` per unit; every URL is checked to lie under OUT."""
+
+    out: str
+    format: str = "files"
+    image_format: str = "png"
+    quality: int = 95
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_inside", storage.within(self.out))
+
+    @property
+    def shards_url(self) -> str:
+        return storage.join(self.out, "shards")
+
+    def shard_url(self, unit: int) -> str:
+        return storage.join(self.shards_url, f"part-{unit:06d}.tar")
+
+    def member_name(self, key: str) -> str:
+        return f"{key}.{self.image_format}"
+
+    def image_url(self, unit: WorkUnit, key: str) -> str:
+        """The output URL of `key`; UnsafeKeyError if it would not lie under OUT."""
+        if self.format == "shards":
+            url = f"{self.shard_url(unit.index)}#{self.member_name(key)}"
+        else:
+            url = storage.join(self.out, "images", str(unit.input_index), self.member_name(key))
+        if not self._inside(url.partition("#")[0]) or key.startswith("/") or ".." in key.split("/"):
+            raise UnsafeKeyError(f"output {url} would not lie under {self.out}")
+        return url
+
+    def encode(self, pixels: np.ndarray, restore: tuple[int, int] | None) -> bytes:
+        return encode_image(pixels, self.image_format, self.quality, restore)
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
 def pack_tar(members: Sequence[tuple[str, bytes]]) -> bytes:
-    """A WebDataset tar of (name, bytes) members, with fixed metadata so identical input packs identically."""
+    """A WebDataset tar of (name, bytes) members, with fixed metadata so identical input packs identically
+    (PAX headers only where a name needs them: long or non-ASCII)."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+def write_output_index(layout: OutputLayout, samples_per_unit: dict[int, int], extra: dict[str, Any]) -> str:
+    """The `_index.json` of a `--format shards` output, so jobs.infer and jobs.train read it as a shard
+    set: every unit's tar that holds samples, with its count and size."""
+    sizes = storage.list_sizes(layout.shards_url)
+    shards = []
+    for unit, samples in sorted(samples_per_unit.items()):
+        name = posixpath.basename(layout.shard_url(unit))
+        if samples:
+            if name not in sizes:
+                raise FileNotFoundError(f"{layout.shard_url(unit)} is missing, yet unit {unit} is committed")
+            shards.append(ShardInfo(name, samples, sizes[name]))
+    index = ShardIndex(layout.shards_url, tuple(shards), extra)
+    index.save()
+    return index_url(layout.shards_url)

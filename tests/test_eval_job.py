@@ -82,7 +82,7 @@ def translation_output(tmp_path: Path, make_images) -> Path:
     rows.append({"key": "k2", "source_url": shard_input, "output_url": f"{tar_path}#k2.png", "status": "ok"})
     write_part(str(out), 0, rows[:2])
     write_part(str(out), 1, [rows[2], {"key": "bad", "source_url": "/gone.jpg", "status": "error",
-                                        "error": "corrupt: not an image"}])
+                                        "error": "corrupt", "error_detail": "not an image"}])
     return out
 
 
@@ -96,8 +96,8 @@ def test_images_stream_from_listings_shard_sets_and_inference_outputs(tmp_path, 
 
     shard_set = str(tmp_path / "shards")
     build_shards([str(make_images("b", 3, start_seed=10))], shard_set, max_count=2, progress=False)
-    assert [e.key for e in iter_encoded(shard_set)] == [
-        "part0/img-000", "part0/img-002", "part1/img-001"]
+    assert [e.key for e in iter_encoded(shard_set)] == [  # keys of shard samples carry their shard's name
+        "shard-000000.tar/part0/img-000", "shard-000000.tar/part0/img-002", "shard-000001.tar/part1/img-001"]
 
     out = translation_output(tmp_path, make_images)
     translated = list(iter_encoded(str(out)))
