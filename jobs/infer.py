@@ -4,14 +4,14 @@
         --input s3://b/corpus/horses/ --out s3://b/translated/h2z
 
 Inputs: shard sets (a folder or _index.json URL) and raw image listings (a prefix, a glob, or a .txt
-or .parquet file of URLs). Worker 0 lists them once and freezes the plan in OUT/_plan/: units of
---unit-size images of a listing or samples of a shard, every output key, and the job's identity
-(inputs, model hash, output options); the other workers wait for it, and reruns read it instead of
-listing again. Unit i belongs to worker i % workers, where the worker comes from torchrun (RANK,
-WORLD_SIZE), a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, JOB_COMPLETIONS) or
---worker-index/--num-workers. A unit writes its images, then its manifest part
-OUT/manifest/part-%06d.parquet last (its existence is the commit); a rerun skips committed units.
-When every unit is committed, OUT/_SUCCESS holds the totals.
+or .parquet file of URLs). The first worker lists them once and freezes the plan in OUT/_plan/:
+units of --unit-size images of a listing or samples of a shard, every output key, and the job's
+identity (inputs, model hash, output options); the other workers wait for it, and reruns read it
+instead of listing again (worker 0 relists to find inputs that changed). Unit i belongs to
+worker i % workers, where the worker comes from torchrun (RANK, WORLD_SIZE), a Kubernetes Indexed
+Job (JOB_COMPLETION_INDEX, JOB_COMPLETIONS) or --worker-index/--num-workers. A unit writes its
+images, then its manifest part OUT/manifest/part-%06d.parquet last (its existence is the commit); a
+rerun skips committed units. When every unit is committed, OUT/_SUCCESS holds the totals.
 
 A rerun with another model or other output options exits 2 before writing anything; so does a
 rerun whose inputs list differently (unless --add-new-inputs or --skip-input-check). SIGTERM stops
@@ -46,7 +46,8 @@ from pipeline import storage
 from pipeline.corpus import WorkUnit
 from pipeline.keys import UnsafeKeyError
 from pipeline.manifest import SUCCESS, committed_units, manifest_dir, read_manifest, write_part, write_success
-from pipeline.plan import JobPlan, PlanError, obtain_plan, worker_units
+from pipeline.plan import JobPlan, PlanError, worker_units
+from pipeline.planner import obtain_plan
 from pipeline.shards import ShardIndexError
 from pipeline.translation_io import (
     OutputLayout,
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--plan-timeout",
         type=float,
         default=3600.0,
-        help="seconds workers other than 0 wait for worker 0's plan (default: 3600)",
+        help="seconds a worker waits for the plan another worker is making (default: 3600)",
     )
     p.add_argument(
         "--add-new-inputs",
@@ -450,7 +451,7 @@ def _run(config: InferConfig, stop: threading.Event) -> int:
             config.inputs,
             job_identity(config, translator.model_sha256),
             config.unit_size,
-            planner=config.worker_index == 0,
+            worker=config.worker_index,
             check_inputs=config.check_inputs,
             add_new_inputs=config.add_new_inputs,
             timeout=config.plan_timeout,

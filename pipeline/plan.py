@@ -1,18 +1,20 @@
 """The frozen plan of an inference job: made once under ``OUT/_plan/``, then read by every worker.
 
 ```
-OUT/_plan/plan.json              the job's identity (inputs as given, model hash, every option that
-                                 changes outputs), each input's count and listing digest, the unit
-                                 count; written last, so its existence commits the plan
-OUT/_plan/units.parquet          one row per unit: kind, range, shard, key namespace, items location
-OUT/_plan/items-%06d.parquet     listing items (url, key, known error) of up to 64 units, one row
-                                 group per unit, so a worker reads only its own units' rows
+OUT/_plan/plan.json                 the job's identity (inputs as given, model hash, every option
+                                    that changes outputs), each input's count and listing digest, the
+                                    unit count, and where its tables are; created last, exclusively:
+                                    its existence commits the plan, and only one plan can commit
+OUT/_plan/r<N>-<id>/units.parquet   revision N's units: kind, range, shard, key namespace, items file
+OUT/_plan/r<N>-<id>/items-%06d.parquet  listing items (url, key, known error) of up to 64 units, one
+                                    row group per unit, so a worker reads only its own units' rows
 ```
 
 Planning lists every input once (never anything under OUT). Workers and reruns read the plan
-instead of listing again. A rerun can relist (``check_inputs``) to find inputs that appeared or
-vanished since, and either refuse or extend the plan with the new ones as new units; units once
-planned never change, so committed manifest parts stay valid.
+instead of listing again. A rerun can relist to find inputs that appeared or vanished since, and
+either refuse or extend the plan with the new ones as new units (a new revision whose unit table
+repeats the old units); units once planned never change, so committed manifest parts stay valid.
+Who plans, and how the others wait, is `pipeline.planner`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -41,7 +43,6 @@ from pipeline.corpus import (
     list_input,
 )
 from pipeline.keys import KeyAllocator
-from pipeline.manifest import SUCCESS, committed_units
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ UNITS_PER_BLOCK = 64
 UNITS_SCHEMA = pa.schema([
     ("index", pa.int64()), ("input_index", pa.int32()), ("kind", pa.string()), ("start", pa.int64()),
     ("stop", pa.int64()), ("shard_url", pa.string()), ("shard_bytes", pa.int64()), ("namespace", pa.string()),
-    ("last_of_shard", pa.bool_()), ("block", pa.int32()), ("row_group", pa.int32()),
+    ("last_of_shard", pa.bool_()), ("items_file", pa.string()), ("row_group", pa.int32()),
 ])
 
 
@@ -79,8 +80,8 @@ class JobPlan:
     inputs: list[PlannedInput]
     units: int
     items: int
-    blocks: int
     unit_size: int
+    units_file: str
     revision: int = 1
     created: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -120,12 +121,9 @@ def plan_json_url(out: str) -> str:
     return storage.join(plan_dir(out), "plan.json")
 
 
-def _units_url(out: str) -> str:
-    return storage.join(plan_dir(out), "units.parquet")
-
-
-def _block_url(out: str, block: int) -> str:
-    return storage.join(plan_dir(out), f"items-{block:06d}.parquet")
+def _revision_dir(revision: int) -> str:
+    """A folder of its own for each attempt at a revision, so concurrent planners never mix files."""
+    return f"r{revision}-{uuid.uuid4().hex[:12]}"
 
 
 def load_plan(out: str) -> JobPlan | None:
@@ -156,18 +154,24 @@ def check_identity(plan: JobPlan, identity: dict[str, Any]) -> None:
 
 
 def make_plan(out: str, inputs: Sequence[str], identity: dict[str, Any], unit_size: int) -> JobPlan:
-    """List the inputs (nothing under `out`), cut them into units and commit the plan."""
+    """List the inputs (nothing under `out`), cut them into units and commit the plan; if another
+    planner committed first, its plan (this attempt's files are removed)."""
     listings = list_inputs(out, inputs)
     layout = lay_out_units(list(enumerate(listings)), unit_size, KeyAllocator(), KeyAllocator())
-    blocks = _write_blocks(out, layout, dict(enumerate(listings)), first_block=0)
-    _write_units(out, [], layout.units, blocks)
+    folder = _revision_dir(1)
+    items_files = _write_items(out, folder, layout, dict(enumerate(listings)), first_block=0)
     plan = JobPlan(
         out, identity, [_planned(url, listing) for url, listing in zip(inputs, listings, strict=True)],
-        units=len(layout.units), items=sum(listing.count for listing in listings),
-        blocks=len({b for b, _ in blocks.values()}), unit_size=unit_size,
+        units=len(layout.units), items=sum(listing.count for listing in listings), unit_size=unit_size,
+        units_file=_write_units(out, folder, [], layout.units, items_files),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    storage.write_bytes_atomic(plan_json_url(out), plan.to_json())
-    return plan
+    if storage.write_bytes_exclusive(plan_json_url(out), plan.to_json()):
+        return plan
+    log.warning("another worker committed its plan first; using it")
+    storage.remove_folder(storage.join(plan_dir(out), folder))
+    committed = load_plan(out)
+    assert committed is not None
+    return committed
 
 
 def list_inputs(out: str, inputs: Sequence[str]) -> list[InputListing]:
@@ -209,21 +213,22 @@ def _planned(url: str, listing: InputListing) -> PlannedInput:
                         listing.excluded, listing.duplicates)
 
 
-def _write_blocks(out: str, layout: UnitLayout, listings: dict[int, InputListing],
-                  first_block: int) -> dict[int, tuple[int, int]]:
-    """Write the listing units' items, UNITS_PER_BLOCK units a file; returns unit index -> (block,
-    row group)."""
+def _write_items(out: str, folder: str, layout: UnitLayout, listings: dict[int, InputListing],
+                 first_block: int) -> dict[int, tuple[str, int]]:
+    """Write the listing units' items, UNITS_PER_BLOCK units a file; returns unit index -> (items file
+    relative to the plan folder, row group)."""
     listing_units = [u for u in layout.units if u.kind == LISTING]
-    blocks = {}
+    where = {}
     for b, start in enumerate(range(0, len(listing_units), UNITS_PER_BLOCK)):
+        name = f"{folder}/items-{first_block + b:06d}.parquet"
         buffer = io.BytesIO()
         with pq.ParquetWriter(buffer, ITEMS_SCHEMA, compression="zstd") as writer:
             for row_group, unit in enumerate(listing_units[start:start + UNITS_PER_BLOCK]):
                 table = _unit_table(unit, listings[unit.input_index], layout)
                 writer.write_table(table, row_group_size=max(1, table.num_rows))
-                blocks[unit.index] = (first_block + b, row_group)
-        storage.write_bytes_atomic(_block_url(out, first_block + b), buffer.getvalue())
-    return blocks
+                where[unit.index] = (name, row_group)
+        storage.write_bytes_atomic(storage.join(plan_dir(out), name), buffer.getvalue())
+    return where
 
 
 def _unit_table(unit: WorkUnit, listing: InputListing, layout: UnitLayout) -> pa.Table:
@@ -237,21 +242,24 @@ def _unit_table(unit: WorkUnit, listing: InputListing, layout: UnitLayout) -> pa
     }, schema=ITEMS_SCHEMA)
 
 
-def _write_units(out: str, old: list[dict[str, Any]], units: list[WorkUnit],
-                 blocks: dict[int, tuple[int, int]]) -> None:
+def _write_units(out: str, folder: str, old: list[dict[str, Any]], units: list[WorkUnit],
+                 items_files: dict[int, tuple[str, int]]) -> str:
+    """Write the unit table (`old` rows, then `units`); returns its name relative to the plan folder."""
     rows = old + [{
         "index": u.index, "input_index": u.input_index, "kind": u.kind, "start": u.start, "stop": u.stop,
         "shard_url": u.shard_url or None, "shard_bytes": u.shard_bytes, "namespace": u.namespace or None,
-        "last_of_shard": u.last_of_shard, "block": blocks.get(u.index, (-1, -1))[0],
-        "row_group": blocks.get(u.index, (-1, -1))[1],
+        "last_of_shard": u.last_of_shard, "items_file": items_files.get(u.index, (None, -1))[0],
+        "row_group": items_files.get(u.index, (None, -1))[1],
     } for u in units]
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=UNITS_SCHEMA), buffer, compression="zstd")
-    storage.write_bytes_atomic(_units_url(out), buffer.getvalue())
+    name = f"{folder}/units.parquet"
+    storage.write_bytes_atomic(storage.join(plan_dir(out), name), buffer.getvalue())
+    return name
 
 
 def _units_table(plan: JobPlan) -> pa.Table:
-    url = _units_url(plan.out)
+    url = storage.join(plan_dir(plan.out), plan.units_file)
     try:
         with storage.open_read(url) as f:
             return pq.read_table(f)
@@ -264,7 +272,8 @@ def _unit(plan: JobPlan, row: dict[str, Any]) -> WorkUnit:
     return WorkUnit(
         row["index"], row["input_index"], row["kind"], row["start"], row["stop"], row["shard_url"] or "",
         row["shard_bytes"], row["namespace"] or "", row["last_of_shard"],
-        items_url=_block_url(plan.out, row["block"]) if listing else "", row_group=max(0, row["row_group"]))
+        items_url=storage.join(plan_dir(plan.out), row["items_file"]) if listing else "",
+        row_group=max(0, row["row_group"]))
 
 
 def worker_units(plan: JobPlan, worker: int, workers: int) -> list[WorkUnit]:
@@ -343,71 +352,14 @@ def extend_plan(plan: JobPlan, listings: Sequence[InputListing], changes: Sequen
                                  shards=tuple(names[u] for u in change.new))
         additions.append((change.input_index, extra))
     layout = lay_out_units(additions, plan.unit_size, keys, namespaces, first_unit=plan.units)
-    blocks = _write_blocks(plan.out, layout, dict(additions), first_block=plan.blocks)
+    folder = _revision_dir(plan.revision + 1)
+    items_files = _write_items(plan.out, folder, layout, dict(additions), first_block=0)
     old_rows = _units_table(plan).to_pylist()
-    _write_units(plan.out, old_rows, layout.units, blocks)
+    plan.units_file = _write_units(plan.out, folder, old_rows, layout.units, items_files)
     plan.units += len(layout.units)
     plan.items += sum(extra.count for _, extra in additions)
-    plan.blocks += len({b for b, _ in blocks.values()})
     plan.revision += 1
     for i, listing in enumerate(listings):
         plan.inputs[i] = _planned(plan.inputs[i].url, listing)
     storage.write_bytes_atomic(plan_json_url(plan.out), plan.to_json())
     return plan
-
-
-def wait_for_plan(out: str, timeout: float, poll: float = 1.0) -> JobPlan:
-    """The plan another worker is making, once it is committed; PlanError after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        plan = load_plan(out)
-        if plan is not None:
-            return plan
-        if time.monotonic() > deadline:
-            raise PlanError(f"no plan at {plan_json_url(out)} after {timeout:.0f} s: worker 0 makes it "
-                            f"(is it running? see its log), or raise --plan-timeout")
-        time.sleep(poll)
-        poll = min(poll * 1.5, 10.0)
-
-
-def obtain_plan(out: str, inputs: Sequence[str], identity: dict[str, Any], unit_size: int, *,
-                planner: bool, check_inputs: bool = True, add_new_inputs: bool = False,
-                timeout: float = 3600.0) -> JobPlan:
-    """The job's plan for one worker: made by the planner (worker 0) when there is none, awaited by
-    the others; checked against this run's identity; on the planner's rerun, checked against a new
-    listing of the inputs (`check_inputs`), and extended with the new ones if `add_new_inputs`.
-
-    PlanError, before anything is written, when the plan does not fit this run.
-    """
-    plan = load_plan(out)
-    if plan is None:
-        if not planner:
-            plan = wait_for_plan(out, timeout)
-        elif committed_units(out):
-            raise PlanError(f"{out} holds manifest parts but no plan ({plan_json_url(out)}): it was "
-                            f"written by an older version or its plan was removed; use a new --out")
-        else:
-            plan = make_plan(out, inputs, identity, unit_size)
-            log.info("planned %d inputs in %d units: %s", plan.items, plan.units, plan_json_url(out))
-            return plan
-    check_identity(plan, identity)
-    if not (planner and check_inputs):
-        return plan
-    listings = list_inputs(out, [i.url for i in plan.inputs])
-    changes = compare_inputs(plan, listings)
-    if not changes:
-        return plan
-    report = "\n  ".join(c.describe() for c in changes)
-    if not add_new_inputs:
-        raise PlanError(
-            f"the inputs list differently than when the plan was made ({plan.created}); nothing was "
-            f"written.\n  {report}\nTo translate the new inputs into this output as new units, rerun "
-            f"with --add-new-inputs; to finish the planned inputs only, rerun with --skip-input-check; "
-            f"or give a new --out.")
-    log.warning("inputs changed since the plan; adding the new ones as new units:\n  %s", report)
-    if any(c.gone or c.changed for c in changes):
-        log.warning("planned inputs that are gone or changed stay planned: unless already translated, "
-                    "they become error rows")
-    extended = extend_plan(plan, listings, changes)
-    storage.remove(storage.join(out, SUCCESS))
-    return extended

@@ -7,6 +7,7 @@ so MinIO, Ceph or any S3-compatible store works without code changes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -132,6 +133,16 @@ def open_read(url: str, size: int | None = None, block_size: int = 8 << 20) -> I
     return io.BufferedReader(remote, buffer_size=1 << 20)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; written files get the usual 0666 & ~umask, readable by other users.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write `data` so that readers see the old object or the whole new one, never a partial one.
 
@@ -145,6 +156,37 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         retry(lambda: fs.pipe_file(path, data), what=f"write {url}")
 
 
+def write_bytes_exclusive(url: str, data: bytes) -> bool:
+    """Create the object at `url` with `data` only if nothing is there yet; False if something was.
+
+    Atomic and exclusive on local disks (a complete temporary file, hard-linked into place) and on S3
+    (a conditional PUT, `If-None-Match: *`); on other stores, whatever their `pipe_file(mode="create")`
+    guarantees (fsspec's default checks first, which is not atomic).
+    """
+    fs, path = filesystem(url)
+    if not is_local(url):
+        try:
+            retry(lambda: fs.pipe_file(path, data, mode="create"), what=f"create {url}")
+        except FileExistsError:
+            return False
+        return True
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        os.fchmod(fd, _FILE_MODE)
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.link(tmp_path, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp_path)
+    return True
+
+
 def upload_atomic(source_path: str, url: str) -> None:
     """Copy a local file to `url` atomically (multipart uploads only appear once completed)."""
     fs, path = filesystem(url)
@@ -156,16 +198,6 @@ def upload_atomic(source_path: str, url: str) -> None:
         _replace_local(path, copy)
     else:
         retry(lambda: fs.put_file(source_path, path), what=f"upload {url}")
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp creates 0600 files; written files get the usual 0666 & ~umask, readable by other users.
-_FILE_MODE = 0o666 & ~_current_umask()
 
 
 def _replace_local(path: str, write: Callable[[IO[bytes]], object]) -> None:
@@ -192,6 +224,13 @@ def remove(url: str, missing_ok: bool = True) -> None:
     except FileNotFoundError:
         if not missing_ok:
             raise
+
+
+def remove_folder(url: str) -> None:
+    """Delete a folder or prefix and everything under it (nothing if it does not exist)."""
+    fs, path = filesystem(url)
+    with contextlib.suppress(FileNotFoundError):
+        retry(lambda: fs.rm(path, recursive=True), what=f"remove {url}")
 
 
 def has_glob(url: str) -> bool:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -148,10 +150,11 @@ def test_idle_workers_exit_zero_and_finish_a_run_killed_before_success(tmp_path)
     ckpt = write_generator(tmp_path / "g.pt")
     src = str(image_folder(tmp_path / "in", 2))
     out = tmp_path / "out"
-    # more workers than units: worker 3 of 4 has nothing to do, before and after the plan exists
-    assert run("--checkpoint", ckpt, "--input", src, "--out", str(out), "--worker-index", "0",
-               "--num-workers", "4") == 0
+    # more workers than units: worker 3 of 4, first on the scene, plans and has nothing to do
     assert run("--checkpoint", ckpt, "--input", src, "--out", str(out), "--worker-index", "3",
+               "--num-workers", "4") == 0
+    assert load_plan(str(out)) is not None and not (out / "manifest").exists()
+    assert run("--checkpoint", ckpt, "--input", src, "--out", str(out), "--worker-index", "0",
                "--num-workers", "4") == 0
     (out / "_SUCCESS").unlink()  # killed after its last commit, before _SUCCESS
     idle = infer("--checkpoint", ckpt, "--input", src, "--out", str(out), "--workers", "2",
@@ -189,22 +192,39 @@ def test_one_big_shard_is_shared_by_four_workers(tmp_path):
     assert sorted(k.split("/", 1)[1] for k in rows) == [f"img-{i:03d}" for i in range(12)]
 
 
-def test_workers_wait_for_the_plan_and_time_out_clearly(tmp_path):
+@pytest.mark.slow
+def test_workers_started_together_make_one_plan(tmp_path):
     ckpt = write_generator(tmp_path / "g.pt")
-    src = str(image_folder(tmp_path / "in", 4))
+    src = str(image_folder(tmp_path / "in", 8))
     out = tmp_path / "out"
     args = ["--checkpoint", ckpt, "--input", src, "--out", str(out), "--unit-size", "1", "--workers", "0"]
-    lonely = infer(*args, "--worker-index", "1", "--num-workers", "2", "--plan-timeout", "1")
-    assert lonely.returncode == 2 and "no plan at" in lonely.stderr and "worker 0" in lonely.stderr
-    assert not (out / "manifest").exists()
-    waiting = subprocess.Popen(
+    workers = [subprocess.Popen(
         [sys.executable, "-m", "jobs.infer", "--no-progress", "--crop-size", "32", *args, "--worker-index",
-         "1", "--num-workers", "2"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-        stderr=subprocess.PIPE, text=True)
-    time.sleep(4)  # worker 1 is up and waiting before worker 0 plans
-    assert run(*args[:-2], "--worker-index", "0", "--num-workers", "2") == 0
-    assert waiting.wait(120) == 0, waiting.stderr.read()
-    assert len(read_manifest(str(out))) == 4 and (out / "_SUCCESS").exists()
+         str(i), "--num-workers", "4"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stderr=subprocess.PIPE, text=True) for i in (3, 1, 2, 0)]
+    assert [w.wait(180) for w in workers] == [0, 0, 0, 0], [w.stderr.read()[-2000:] for w in workers]
+    assert len(list((out / "_plan").glob("r1-*"))) == 1 and not (out / "_plan" / "lock").exists()
+    rows = rows_by_key(out)
+    assert sorted(rows) == [f"img-{i:03d}" for i in range(8)]
+    assert {r["unit"] % 4 for r in rows.values()} == {r["worker"] for r in rows.values()} == {0, 1, 2, 3}
+
+
+def test_a_held_planning_lock_is_waited_for_with_a_timeout_and_a_dead_holder_is_replaced(tmp_path):
+    ckpt = write_generator(tmp_path / "g.pt")
+    src = str(image_folder(tmp_path / "in", 2))
+    out = tmp_path / "out"
+    lock = out / "_plan" / "lock"
+    lock.parent.mkdir(parents=True)
+    alive = {"worker": 0, "host": socket.gethostname(), "pid": os.getpid(), "beat": 3}
+    lock.write_text(json.dumps(alive))
+    waited = infer("--checkpoint", ckpt, "--input", src, "--out", str(out), "--plan-timeout", "2")
+    assert waited.returncode == 2 and "no plan at" in waited.stderr and "plan-timeout" in waited.stderr
+    assert not (out / "manifest").exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    lock.write_text(json.dumps({**alive, "pid": int(gone.stdout)}))  # a planner that died on this host
+    assert run("--checkpoint", ckpt, "--input", src, "--out", str(out), "--plan-timeout", "60") == 0
+    assert len(read_manifest(str(out))) == 2 and not lock.exists()
 
 
 def test_a_worker_reads_only_its_own_units_from_the_plan(tmp_path):
@@ -286,8 +306,7 @@ def test_a_manifest_written_before_plans_is_not_mixed_with_a_new_plan(tmp_path):
     src = str(image_folder(tmp_path / "in", 2))
     out = tmp_path / "out"
     assert run("--checkpoint", ckpt, "--input", src, "--out", str(out)) == 0
-    for path in (out / "_plan").iterdir():
-        path.unlink()
+    shutil.rmtree(out / "_plan")
     assert run("--checkpoint", ckpt, "--input", src, "--out", str(out)) == 2
 
 
@@ -317,10 +336,10 @@ def test_out_of_memory_splits_the_batch_and_an_image_too_large_alone_becomes_an_
     translator = infer_job.Translator(config)
     device = OutOfMemoryAbove(translator.translate.forward, pixels=2 * 40 * 40)
     translator.translate.forward = device
-    from pipeline.plan import obtain_plan
+    from pipeline.planner import obtain_plan
 
     plan = obtain_plan(str(out), config.inputs, infer_job.job_identity(config, translator.model_sha256),
-                       config.unit_size, planner=True)
+                       config.unit_size, worker=0)
     translator.run(worker_units(plan, 0, 1))
     assert infer_job.finish(str(out), plan, translator.layout, translator.model_id)
     rows = rows_by_key(out)
