@@ -17,6 +17,13 @@ def to_uint8(y: torch.Tensor) -> torch.Tensor:
     return ((y.float().clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8)
 
 
+_OOM_MESSAGES = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or any(m in str(exc) for m in _OOM_MESSAGES)
+
+
 class BatchTranslator:
     """Runs `forward` on (B, C, H, W) batches in [-1, 1]; returns (H, W, C) uint8 CPU tensors per image,
     None where an image does not fit in device memory even alone."""
@@ -50,9 +57,10 @@ class BatchTranslator:
     def _fit(self, x: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor | None]:
         try:
             return self._run(x)
-        except torch.OutOfMemoryError:
-            pass  # leave the handler first: its traceback holds the failed forward's tensors
-        self._release()
+        except RuntimeError as exc:  # torch.OutOfMemoryError, or a library's allocation failure
+            if not is_out_of_memory(exc):
+                raise
+        self._release()  # outside the handler, whose traceback holds the failed forward's tensors
         if len(x) == 1:
             self.fitting[shape] = 1
             return [None]

@@ -14,8 +14,8 @@ images, then its manifest part OUT/manifest/part-%06d.parquet last (its existenc
 rerun skips committed units. When every unit is committed, OUT/_SUCCESS holds the totals.
 
 A rerun with another model or other output options exits 2 before writing anything; so does a
-rerun whose inputs list differently (unless --add-new-inputs or --skip-input-check). SIGTERM stops
-taking batches, commits the units that are complete and exits 143.
+rerun whose inputs list differently (unless --add-new-inputs or --skip-input-check). SIGTERM (or
+Ctrl-C) stops taking batches, commits the units that are complete and exits 143 (130).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from jobs.config import ConfigError, build
 from jobs.runtime import env_int, setup_logging
 from pipeline import storage
 from pipeline.corpus import WorkUnit
+from pipeline.ingest import ListingError
 from pipeline.keys import UnsafeKeyError
 from pipeline.manifest import SUCCESS, committed_units, manifest_dir, read_manifest, write_part, write_success
 from pipeline.plan import JobPlan, PlanError, worker_units
@@ -433,17 +434,32 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     setup_logging(config.worker_index)
-    stop = threading.Event()
+    stop = StopSignal()
     if threading.current_thread() is not threading.main_thread():
         return _run(config, stop)
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _run(config, stop)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _run(config: InferConfig, stop: threading.Event) -> int:
+class StopSignal(threading.Event):
+    """Set by SIGTERM or SIGINT (a second SIGINT interrupts at once); remembers which came first."""
+
+    signum = signal.SIGTERM
+
+    def handle(self, signum: int, _frame: object) -> None:
+        if self.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.is_set():
+            self.signum = signal.Signals(signum)
+            log.warning("%s: finishing the units that are complete, then stopping", self.signum.name)
+        self.set()
+
+
+def _run(config: InferConfig, stop: StopSignal) -> int:
     try:
         translator = Translator(config, stop)
         plan = obtain_plan(
@@ -456,7 +472,7 @@ def _run(config: InferConfig, stop: threading.Event) -> int:
             add_new_inputs=config.add_new_inputs,
             timeout=config.plan_timeout,
         )
-    except (PlanError, ShardIndexError) as exc:
+    except (PlanError, ShardIndexError, ListingError) as exc:
         log.error("%s", exc)
         return 2
     except (OSError, CheckpointError, ConfigError) as exc:
@@ -486,9 +502,11 @@ def _run(config: InferConfig, stop: threading.Event) -> int:
         return 1
     if translator.unfinished:
         log.warning(
-            "stopped by SIGTERM with units %s uncommitted; rerun to finish them", translator.unfinished
+            "stopped by %s with units %s uncommitted; rerun to finish them",
+            stop.signum.name,
+            translator.unfinished,
         )
-        return 143
+        return 128 + stop.signum
     return 0
 
 

@@ -8,7 +8,7 @@ import logging
 import sys
 from dataclasses import asdict
 
-from pipeline.ingest import KeyCollisionError, build_shards
+from pipeline.ingest import KeyCollisionError, ListingError, build_shards
 from pipeline.transforms import DEFAULT_MAX_PIXELS
 
 EPILOG = """\
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except (FileNotFoundError, FileExistsError, KeyCollisionError) as exc:
+    except (FileNotFoundError, FileExistsError, KeyCollisionError, ListingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(asdict(summary)))

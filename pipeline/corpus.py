@@ -24,7 +24,12 @@ import pyarrow.parquet as pq
 from pipeline import formats, storage
 from pipeline.ingest import expand_source
 from pipeline.keys import KeyAllocator, UnsafeKeyError, check_length, member_key, shard_namespace
-from pipeline.shards import INDEX_NAME, ShardIndex, ShardInfo, iter_shard
+from pipeline.shards import (
+    INDEX_NAME,
+    ShardIndex,
+    ShardInfo,
+    iter_shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +135,7 @@ def list_input(url: str, exclude: Callable[[str], bool] | None = None) -> InputL
     """List one input; URLs for which `exclude` holds (an output prefix) are left out and counted."""
     if is_shard_set(url):
         index = ShardIndex.load(url)
-        return InputListing(url, SHARDS, base_url=index.base_url, shards=index.shards)
+        return InputListing(url, SHARDS, base_url=index.base_url, shards=checked_shards(index))
     found = expand_source(url)
     listing = InputListing(url, LISTING, skipped=found.skipped)
     for source in found.sources:
@@ -144,6 +149,28 @@ def list_input(url: str, exclude: Callable[[str], bool] | None = None) -> InputL
         notes += [f"{listing.excluded} under the output prefix left out"] * bool(listing.excluded)
         raise FileNotFoundError(f"no images found at {url}" + (f" ({'; '.join(notes)})" if notes else ""))
     return listing
+
+
+def checked_shards(index: ShardIndex) -> tuple[ShardInfo, ...]:
+    """The index's shards against what is stored (one listing): a shard stored at another size is
+    read at its stored size and a missing one kept, so the samples they lack become error rows."""
+    try:
+        sizes = storage.list_sizes(index.base_url)
+    except FileNotFoundError:
+        sizes = {}
+    checked, missing = [], []
+    for shard in index.shards:
+        stored = sizes.get(shard.name)
+        if stored is None:
+            missing.append(shard.name)
+        elif stored != shard.bytes:
+            log.warning("%s: %s holds %d bytes, its index says %d", index.base_url, shard.name, stored,
+                        shard.bytes)
+        checked.append(ShardInfo(shard.name, shard.samples, shard.bytes if stored is None else stored))
+    if missing:
+        log.error("%s: %d listed shards are missing (their samples become shard-error rows): %s",
+                  index.base_url, len(missing), ", ".join(missing[:5]))
+    return tuple(checked)
 
 
 @dataclass

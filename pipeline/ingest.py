@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -36,6 +37,10 @@ R = TypeVar("R")
 
 class KeyCollisionError(ValueError):
     """Two sources map to the same sample key."""
+
+
+class ListingError(ValueError):
+    """A `.txt` or `.parquet` list of URLs that cannot be read as one."""
 
 
 class OutputExistsError(FileExistsError):
@@ -80,11 +85,15 @@ class Summary:
 
 
 def _url_list(url: str) -> list[str]:
-    if url.endswith(".parquet"):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(url)))
-        column = "url" if "url" in table.column_names else table.column_names[0]
-        return [str(u) for u in table.column(column).to_pylist() if u]
-    lines = storage.read_bytes(url).decode().splitlines()
+    data = storage.read_bytes(url)
+    try:
+        if url.endswith(".parquet"):
+            table = pq.read_table(io.BytesIO(data))
+            column = "url" if "url" in table.column_names else table.column_names[0]
+            return [str(u) for u in table.column(column).to_pylist() if u]
+        lines = data.decode().splitlines()
+    except (ValueError, IndexError, pa.ArrowException) as exc:  # not UTF-8, not Parquet, no column
+        raise ListingError(f"{url} is not a usable list of URLs ({type(exc).__name__}: {exc})") from exc
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 

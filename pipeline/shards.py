@@ -22,7 +22,7 @@ from pipeline.keys import UnsafeKeyError, member_key
 INDEX_NAME = "_index.json"
 REJECTS_NAME = "_rejects.jsonl"
 INDEX_VERSION = 1
-_TAR_BLOCK = 512
+TAR_BLOCK = 512
 
 
 class ShardIndexNotFoundError(FileNotFoundError):
@@ -130,6 +130,9 @@ def _shard_info(entry: object, i: int, location: str) -> ShardInfo:
             raise ShardIndexError(f"{where} ({name}): {field_name} must be a non-negative integer, "
                                   f"got {value!r}")
         counts.append(value)
+    if counts[0] * TAR_BLOCK > counts[1]:
+        raise ShardIndexError(f"{where} ({name}): {counts[0]} samples cannot fit in {counts[1]} bytes "
+                              f"(each takes at least {TAR_BLOCK})")
     return ShardInfo(name, *counts)
 
 
@@ -140,7 +143,7 @@ def index_url(url: str) -> str:
 
 def tar_member_size(n: int) -> int:
     """Bytes a member of `n` bytes takes in a tar file (header plus padded data)."""
-    return _TAR_BLOCK + -(-n // _TAR_BLOCK) * _TAR_BLOCK
+    return TAR_BLOCK + -(-n // TAR_BLOCK) * TAR_BLOCK
 
 
 class ShardWriter:

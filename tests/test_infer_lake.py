@@ -34,18 +34,22 @@ def run(*args: str) -> int:
     return infer_job.main(["--no-progress", "--crop-size", "32", "--workers", "0", *args])
 
 
-def write_shard_set(root: Path, members: list[tuple[str, bytes]], samples: int | None = None) -> Path:
-    """A shard set written by someone else: one tar with these member names, and its index."""
-    root.mkdir(parents=True)
-    tar_path = root / "s-000000.tar"
+def write_shard_set(root: Path, members: list[tuple[str, bytes]], samples: int | None = None,
+                    name: str = "s-000000.tar") -> Path:
+    """A shard set written by someone else: a tar with these member names, added to the set's index
+    (`samples`: what the index claims, by default the member count)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tar_path = root / name
     with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
+        for member, data in members:
+            info = tarfile.TarInfo(member)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     count = samples if samples is not None else len(members)
-    index = {"shards": [{"name": tar_path.name, "samples": count, "bytes": tar_path.stat().st_size}]}
-    (root / "_index.json").write_text(json.dumps(index))
+    index_path = root / "_index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {"shards": []}
+    index["shards"].append({"name": name, "samples": count, "bytes": tar_path.stat().st_size})
+    index_path.write_text(json.dumps(index))
     return root
 
 
@@ -120,13 +124,17 @@ def test_key_collisions_in_a_folder_and_across_shards_keep_every_output(tmp_path
     # the same keys in two shards of one set, and two sets whose shards share names
     sets = []
     for s in range(2):
-        members = [(f"k{i}.png", image_bytes(10 * s + i, (40, 40), fmt="PNG")) for i in range(2)]
-        root = write_shard_set(tmp_path / f"set{s}", members)
-        sets.append(str(root))
+        for shard in range(2):
+            seeds = (10 * s + 3 * shard + i for i in range(2))
+            members = [(f"k{i}.png", image_bytes(seed, (40, 40), fmt="PNG")) for i, seed in enumerate(seeds)]
+            write_shard_set(tmp_path / f"set{s}", members, name=f"s-{shard:06d}.tar")
+        sets.append(str(tmp_path / f"set{s}"))
     out2 = tmp_path / "out2"
-    assert run("--checkpoint", ckpt, "--input", *sets, "--out", str(out2)) == 0
+    assert run("--checkpoint", ckpt, "--input", *sets, "--out", str(out2), "--format", "shards") == 0
     rows = rows_by_key(out2)
-    assert len(rows) == 4 and len({r["output_url"] for r in rows.values()}) == 4
+    assert len(rows) == 8 and len({r["output_url"] for r in rows.values()}) == 8
+    assert {k.split("/")[0] for k in rows} == {"s-000000.tar", "s-000001.tar", "s-000000.tar~2",
+                                               "s-000001.tar~2"}
     assert_rows_match_outputs(out2)
 
 
@@ -268,6 +276,31 @@ def test_a_rerun_after_the_listing_grew_refuses_then_adds_only_the_new_inputs(tm
     assert json.loads((out / "_SUCCESS").read_text())["rows"] == 18
     assert run(*args) == 0  # the extended plan matches the listing again
     assert_rows_match_outputs(out)
+
+
+def test_a_shard_set_that_grew_is_noticed_and_its_new_shards_added(tmp_path):
+    ckpt = write_generator(tmp_path / "g.pt")
+    png = [image_bytes(i, (40, 40), fmt="PNG") for i in range(4)]
+    src = write_shard_set(tmp_path / "set", [("a.png", png[0]), ("b.png", png[1])])
+    out = tmp_path / "out"
+    args = ["--checkpoint", ckpt, "--input", str(src), "--out", str(out)]
+    assert run(*args) == 0
+    write_shard_set(src, [("a.png", png[2]), ("c.png", png[3])], name="s-000001.tar")
+    refused = infer(*args, "--workers", "0")
+    assert refused.returncode == 2 and "1 new, 0 gone" in refused.stderr and "s-000001.tar" in refused.stderr
+    assert run(*args, "--add-new-inputs") == 0
+    expected = [f"s-00000{n}.tar/{k}" for n, k in ((0, "a"), (0, "b"), (1, "a"), (1, "c"))]
+    assert sorted(rows_by_key(out)) == expected
+
+
+def test_unusable_listings_are_clear_errors(tmp_path):
+    ckpt = write_generator(tmp_path / "g.pt")
+    (tmp_path / "list.txt").write_bytes(b"\xff\xfe not utf-8\n")
+    (tmp_path / "list.parquet").write_bytes(b"PAR1 but not really")
+    for listing in ("list.txt", "list.parquet"):
+        done = infer("--checkpoint", ckpt, "--input", str(tmp_path / listing), "--out", str(tmp_path / "o"))
+        assert done.returncode == 2 and "is not a usable list of URLs" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
 
 
 def test_a_rerun_with_another_model_or_options_exits_before_writing(tmp_path):
@@ -452,6 +485,10 @@ def test_lying_and_broken_indexes_are_clear_errors(tmp_path):
     rows = rows_by_key(out)
     assert len(rows) == 3 and rows["s-000000.tar/k2"]["error"] == "shard-error"
     assert "beyond the 2 samples" in rows["s-000000.tar/k2"]["error_detail"]
+
+    big = write_shard_set(tmp_path / "big", [("k.png", png)], samples=10**9)
+    done = infer("--checkpoint", ckpt, "--input", str(big), "--out", str(tmp_path / "o-big"))
+    assert done.returncode == 2 and "1000000000 samples cannot fit" in done.stderr
 
     for name, body, message in (
         ("json", "{not json", "is not valid JSON"),
