@@ -90,6 +90,20 @@ class _Plan:
         return buffer[: self.positions * channels * tiles].view(self.positions, channels, tiles)
 
 
+def _transformed_filter(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """The filter transform of `weight`. Under inference mode it is computed once per weight and tile
+    (weights do not change while translating: the cache is keyed by the tensor's version counter,
+    which any in-place update bumps); otherwise each call computes it, as training needs."""
+    if not torch.is_inference_mode_enabled():
+        return torch.ops.cut_native.winograd_filter_transform(weight, m)
+    key = (weight.data_ptr(), weight._version, m)
+    cached = getattr(weight, "_cut_winograd_filter", None)  # lives and dies with the weight
+    if cached is None or cached[0] != key:
+        cached = (key, torch.ops.cut_native.winograd_filter_transform(weight, m))
+        weight._cut_winograd_filter = cached  # type: ignore[attr-defined]
+    return cached[1]
+
+
 class _WinogradConv2d(torch.autograd.Function):
     """Saves only its input as given: when it pads, that is the unpadded map, which the caller
     usually keeps anyway (a ReLU's output), so no padded copy stays alive until backward.
@@ -104,7 +118,7 @@ class _WinogradConv2d(torch.autograd.Function):
         bias = None if bias is None else bias.contiguous()
         (n, c), k = x.shape[:2], weight.shape[0]
         plan = _Plan(x, weight, pad, tile)
-        u = ops.winograd_filter_transform(weight, plan.m)  # (P, K, C)
+        u = _transformed_filter(weight, plan.m)  # (P, K, C)
         out = x.new_empty(n, k, plan.oh, plan.ow)
         v_buf, m_buf = plan.buffer(x, c), plan.buffer(x, k)
         for ty0, rows in plan.bands:

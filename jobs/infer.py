@@ -39,9 +39,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cut import CheckpointError, generator_from_checkpoint, read_checkpoint
-from cut.inference import BatchTranslator
+from cut.inference import BatchTranslator, PendingBatch
 from jobs.config import ConfigError, build
-from jobs.runtime import env_int, setup_logging
+from jobs.runtime import available_cores, env_int, setup_logging
 from pipeline import storage
 from pipeline.corpus import WorkUnit
 from pipeline.ingest import ListingError
@@ -75,12 +75,14 @@ class InferConfig:
     format: str = "files"
     image_format: str = "png"
     quality: int = 95
+    png_level: int = 1
     preprocess: str = "official"
     load_size: int = 256
     crop_size: int = 256
     max_pixels: int = 64 * 2**20
     batch_size: int | None = None
-    workers: int = 4
+    workers: int | None = None
+    encode_threads: int | None = None
     unit_size: int = 1000
     worker_index: int | None = None
     num_workers: int | None = None
@@ -109,7 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output URL (images/, manifest/, _SUCCESS)")
     p.add_argument("--format", choices=FORMATS, default="files", help="write image files or shards")
     p.add_argument("--image-format", choices=IMAGE_FORMATS, default="png")
-    p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality")
+    p.add_argument(
+        "--quality", type=int, default=95, help="JPEG/WebP quality, 1-100 (default: 95); PNG is lossless"
+    )
+    p.add_argument(
+        "--png-level",
+        type=int,
+        default=1,
+        help="PNG zlib level 0-9 (default: 1, about 2 ms for 256x256 with files the size of Pillow's "
+        "level 1; 6 or more: files a few percent smaller, several times slower)",
+    )
     p.add_argument(
         "--preprocess",
         choices=PREPROCESS,
@@ -123,7 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-pixels", type=int, default=64 * 2**20, help="inputs with more pixels become error rows"
     )
     p.add_argument("--batch-size", type=int, default=None, help="default: 16 on CUDA, 1 on CPU (cache-bound)")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader decode workers")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader processes that read and decode (default: a third of the usable cores on CUDA, "
+        "1 on CPU)",
+    )
+    p.add_argument(
+        "--encode-threads",
+        type=int,
+        default=None,
+        help="threads that encode, hash and write outputs (default: half the usable cores on CUDA, 1 on CPU)",
+    )
     p.add_argument(
         "--unit-size", type=int, default=1000, help="images (or shard samples) per work unit, at planning"
     )
@@ -169,6 +192,11 @@ def load_infer_config(args: argparse.Namespace) -> InferConfig:
         config.num_workers = env_int("WORLD_SIZE", "JOB_COMPLETIONS", default=1)
     if config.batch_size is None:
         config.batch_size = 16 if wants_cuda(config) else 1
+    cores = available_cores()
+    if config.workers is None:
+        config.workers = max(1, cores // 3) if wants_cuda(config) else 1
+    if config.encode_threads is None:
+        config.encode_threads = max(1, cores // 2) if wants_cuda(config) else 1
     if config.bf16 is None:
         config.bf16 = wants_cuda(config)
     if config.channels_last is None:
@@ -176,6 +204,8 @@ def load_infer_config(args: argparse.Namespace) -> InferConfig:
     checks = [
         ("--batch-size", config.batch_size >= 1, ">= 1"),
         ("--workers", config.workers >= 0, ">= 0"),
+        ("--encode-threads", config.encode_threads >= 1, ">= 1"),
+        ("--png-level", 0 <= config.png_level <= 9, "within 0..9"),
         ("--unit-size", config.unit_size >= 1, ">= 1"),
         ("--crop-size", config.crop_size >= 8 and config.crop_size % 4 == 0, "a multiple of 4, at least 8"),
         ("--load-size", config.load_size >= 8, ">= 8"),
@@ -205,11 +235,17 @@ def job_identity(config: InferConfig, model_sha256: str) -> dict[str, Any]:
     }
     if config.image_format != "png":
         identity["quality"] = config.quality
+    else:
+        identity["png_level"] = config.png_level
     if config.preprocess == "official":
         identity["crop_size"] = config.crop_size
     if config.preprocess == "shortside":
         identity["load_size"] = config.load_size
     return identity
+
+
+DATA_STAGES = ("read", "decode", "preprocess")  # in the DataLoader workers
+STAGES = (*DATA_STAGES, "model", "encode", "hash", "write", "manifest")
 
 
 @dataclass
@@ -222,8 +258,22 @@ class _Unit:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+@dataclass
+class _Launched:
+    """A batch whose outputs are on their way from the device."""
+
+    unit: WorkUnit
+    meta: list[dict]
+    shapes: list[tuple[int, ...]]
+    pending: PendingBatch
+    seconds: float = 0.0  # wall time spent launching it
+    cpu: float = 0.0  # of it, CPU time of this thread
+
+
 class Translator:
-    """Runs this worker's units: model on batches, outputs and manifest parts written as units finish."""
+    """Runs this worker's units: the model on batches (one in flight on the device while the host
+    handles the previous one), outputs encoded and written by a bounded thread pool, a unit's
+    manifest part written once all its outputs are stored."""
 
     def __init__(self, config: InferConfig, stop: threading.Event | None = None) -> None:
         self.cfg = config
@@ -232,6 +282,8 @@ class Translator:
             raise ConfigError("--device cuda given but no CUDA device is available")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.backends.cudnn.benchmark = True  # batches mostly share one size
         data = storage.read_bytes(config.checkpoint)
         checkpoint = read_checkpoint(data, config.checkpoint)
         self.netG = generator_from_checkpoint(checkpoint, config.checkpoint).to(self.device)
@@ -243,18 +295,29 @@ class Translator:
         self.preset = str(meta.get("preset", "unknown"))
         self.model_sha256 = sha256(data)
         self.model_id = f"{config.checkpoint}#sha256={self.model_sha256}"
-        self.layout = OutputLayout(config.out, config.format, config.image_format, config.quality)
+        self.layout = OutputLayout(
+            config.out, config.format, config.image_format, config.quality, config.png_level
+        )
         self.stop = stop or threading.Event()
         self.failed: list[int] = []
         self.unfinished: list[int] = []
         self.stats = {"ok": 0, "error": 0}
+        # CPU seconds per stage over all images ("model": the main thread's CPU in device calls, all of
+        # the model's on a CPU device, launches and copies on CUDA)
+        self.seconds = dict.fromkeys(STAGES, 0.0)
         self.elapsed = 0.0
+        self._timing = threading.Lock()
+
+    def _add_time(self, **seconds: float) -> None:
+        with self._timing:
+            for stage, value in seconds.items():
+                self.seconds[stage] += value
 
     def _write_one(
         self, unit: WorkUnit, meta: dict, pixels: np.ndarray, model_ms: float, state: _Unit
     ) -> dict:
         """Encode one output and store it (a file, or a member of the unit's shard); returns its row."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             url = self.layout.image_url(unit, meta["key"])
         except UnsafeKeyError as exc:
@@ -268,6 +331,9 @@ class Translator:
                 (meta["width"], meta["height"]),
             )
         data = self.layout.encode(pixels, meta["restore"])
+        c1 = time.thread_time()
+        digest = sha256(data)
+        c2 = time.thread_time()
         out_h, out_w = (
             (pixels.shape[0], pixels.shape[1]) if meta["restore"] is None else meta["restore"][::-1]
         )
@@ -278,7 +344,7 @@ class Translator:
             "out_width": out_w,
             "out_height": out_h,
             "output_bytes": len(data),
-            "output_sha256": sha256(data),
+            "output_sha256": digest,
         }
         if self.cfg.format == "shards":
             sidecar = {
@@ -290,15 +356,19 @@ class Translator:
                 state.tar_members.append((meta["key"], self.cfg.image_format, data))
                 state.tar_members.append((meta["key"], "json", json.dumps(sidecar, sort_keys=True).encode()))
         else:
-            storage.write_bytes_atomic(url, data)
+            storage.write_bytes_atomic(url, data, durable=False)  # synced once per unit, before its part
+        self._add_time(encode=c1 - c0, hash=c2 - c1, write=time.thread_time() - c2)
         row["elapsed_ms"] = meta["prep_ms"] + model_ms + 1000 * (time.perf_counter() - t0)
         return row
 
     def _commit(self, unit: WorkUnit, state: _Unit, errors: list[dict]) -> None:
         rows = state.rows + [f.result() for f in state.writes] + errors
+        c0 = time.thread_time()
         if self.cfg.format == "shards" and state.tar_members:
             members = [(f"{key}.{ext}", data) for key, ext, data in sorted(state.tar_members)]
             storage.write_bytes_atomic(self.layout.shard_url(unit.index), pack_tar(members))
+        elif self.cfg.format == "files":
+            storage.sync_local(self.cfg.out)  # the outputs are on disk before the part says so
         rows.sort(key=lambda r: r["order"])
         for row in rows:
             row.update(
@@ -306,13 +376,14 @@ class Translator:
             )
             row.setdefault("elapsed_ms", 0.0)
         write_part(self.cfg.out, unit.index, rows)
+        self._add_time(manifest=time.thread_time() - c0)
         ok = sum(r["status"] == "ok" for r in rows)
         self.stats["ok"] += ok
         self.stats["error"] += len(rows) - ok
 
-    def _device_error(self, meta: dict, x: torch.Tensor) -> dict:
+    def _device_error(self, meta: dict, shape: tuple[int, ...]) -> dict:
         detail = (
-            f"a {meta['width']}x{meta['height']} input ({x.shape[-1]}x{x.shape[-2]} at the network) "
+            f"a {meta['width']}x{meta['height']} input ({shape[-1]}x{shape[-2]} at the network) "
             f"does not fit in {self.device.type} memory at batch size 1"
         )
         log.error("%s: %s", meta["source_url"], detail)
@@ -348,8 +419,12 @@ class Translator:
         )
         start = last_log = time.perf_counter()
         done = 0
-        pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="encode")
+        threads = cfg.encode_threads
+        # Outputs in memory are bounded: a batch waits for room before its images are handed over.
+        room = threading.BoundedSemaphore(2 * cfg.batch_size + 2 * threads)
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encode")
         batches = iter(loader)
+        launched: _Launched | None = None
         try:
             while not self.stop.is_set():
                 try:
@@ -357,13 +432,20 @@ class Translator:
                 except StopIteration:
                     break
                 unit = by_index[msg["unit"]]
-                state = states.setdefault(unit.index, _Unit())
+                states.setdefault(unit.index, _Unit())
                 if "end" in msg:
+                    count = self._hand_over(launched, states, pool, room) + len(msg["errors"])
+                    launched = None
                     pending.discard(unit.index)
                     self._finish_unit(unit, states.pop(unit.index), msg["errors"])
-                    count = len(msg["errors"])
                 else:
-                    count = self._translate_batch(unit, msg, state, pool)
+                    t0, c0 = time.perf_counter(), time.thread_time()
+                    shapes = [tuple(x.shape) for x in msg["x"]]
+                    current = _Launched(unit, msg["meta"], shapes, self.translate.start(msg["x"]))
+                    current.seconds, current.cpu = time.perf_counter() - t0, time.thread_time() - c0
+                    count = self._hand_over(launched, states, pool, room)
+                    launched = current
+                    self._add_time(**{s: sum(m["cpu"][s] for m in msg["meta"]) for s in DATA_STAGES})
                 done += count
                 bar.update(count)
                 bar.set_postfix(units=f"{len(units) - len(pending)}/{len(units)}")
@@ -380,15 +462,30 @@ class Translator:
         self.unfinished = sorted(pending)
         self.elapsed = time.perf_counter() - start
 
-    def _translate_batch(self, unit: WorkUnit, msg: dict, state: _Unit, pool: ThreadPoolExecutor) -> int:
-        t0 = time.perf_counter()
-        outputs = self.translate(msg["x"])
-        model_ms = 1000 * (time.perf_counter() - t0) / len(outputs)
-        for meta, x, pixels in zip(msg["meta"], msg["x"], outputs, strict=True):
+    def _hand_over(
+        self,
+        launched: _Launched | None,
+        states: dict[int, _Unit],
+        pool: ThreadPoolExecutor,
+        room: threading.BoundedSemaphore,
+    ) -> int:
+        """Wait for a launched batch's outputs and queue their encoding; returns its image count."""
+        if launched is None:
+            return 0
+        t0, c0 = time.perf_counter(), time.thread_time()
+        outputs = launched.pending.result()
+        seconds = launched.seconds + time.perf_counter() - t0
+        self._add_time(model=launched.cpu + time.thread_time() - c0)
+        model_ms = 1000 * seconds / len(outputs)
+        state = states[launched.unit.index]
+        for meta, shape, pixels in zip(launched.meta, launched.shapes, outputs, strict=True):
             if pixels is None:
-                state.rows.append(self._device_error(meta, x))
-            else:
-                state.writes.append(pool.submit(self._write_one, unit, meta, pixels.numpy(), model_ms, state))
+                state.rows.append(self._device_error(meta, shape))
+                continue
+            room.acquire()
+            future = pool.submit(self._write_one, launched.unit, meta, pixels.numpy(), model_ms, state)
+            future.add_done_callback(lambda _: room.release())
+            state.writes.append(future)
         return len(outputs)
 
     def _finish_unit(self, unit: WorkUnit, state: _Unit, errors: list[dict]) -> None:

@@ -38,6 +38,19 @@ def env_int(*names: str, default: int) -> int:
     return default
 
 
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's
+    CPU limit), which os.cpu_count() ignores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
 def init_runtime(device: str = "auto") -> Runtime:
     """Rank and device from the environment torchrun (or a PyTorchJob/JobSet) sets; joins the group.
 

@@ -14,8 +14,8 @@ import os
 import posixpath
 import random
 import shutil
-import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from typing import IO, TypeVar
 
@@ -133,25 +133,17 @@ def open_read(url: str, size: int | None = None, block_size: int = 8 << 20) -> I
     return io.BufferedReader(remote, buffer_size=1 << 20)
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp creates 0600 files; written files get the usual 0666 & ~umask, readable by other users.
-_FILE_MODE = 0o666 & ~_current_umask()
-
-
-def write_bytes_atomic(url: str, data: bytes) -> None:
+def write_bytes_atomic(url: str, data: bytes, durable: bool = True) -> None:
     """Write `data` so that readers see the old object or the whole new one, never a partial one.
 
     Local files go to a temporary file beside the target, then `os.replace`; an object store PUT is
-    already atomic, so the whole object goes in one request.
+    already atomic, so the whole object goes in one request. `durable=False` skips the local fsync
+    (which costs more than writing a small file): the caller makes many files durable at once with
+    `sync_local` before it relies on them.
     """
     fs, path = filesystem(url)
     if is_local(url):
-        _replace_local(path, lambda tmp: tmp.write(data))
+        _replace_local(path, lambda tmp: tmp.write(data), durable)
     else:
         retry(lambda: fs.pipe_file(path, data), what=f"write {url}")
 
@@ -170,11 +162,8 @@ def write_bytes_exclusive(url: str, data: bytes) -> bool:
         except FileExistsError:
             return False
         return True
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    fd, tmp_path = _create_temporary(path)
     try:
-        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as tmp:
             tmp.write(data)
             tmp.flush()
@@ -200,16 +189,33 @@ def upload_atomic(source_path: str, url: str) -> None:
         retry(lambda: fs.put_file(source_path, path), what=f"upload {url}")
 
 
-def _replace_local(path: str, write: Callable[[IO[bytes]], object]) -> None:
+def sync_local(url: str) -> None:
+    """Flush files written with `durable=False` to disk, if `url` is local (object stores need not)."""
+    if is_local(url):
+        os.sync()
+
+
+def _create_temporary(path: str) -> tuple[int, str]:
+    """A new file beside `path` for writing (its folder made if missing), created with mode 0666, so
+    the umask gives it the usual permissions (mkstemp's 0600 would hide outputs from other users)."""
     folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    tmp_path = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     try:
-        os.fchmod(fd, _FILE_MODE)
+        return os.open(tmp_path, flags, 0o666), tmp_path
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
+        return os.open(tmp_path, flags, 0o666), tmp_path
+
+
+def _replace_local(path: str, write: Callable[[IO[bytes]], object], durable: bool = True) -> None:
+    fd, tmp_path = _create_temporary(path)
+    try:
         with os.fdopen(fd, "wb") as tmp:
             write(tmp)
             tmp.flush()
-            os.fsync(tmp.fileno())
+            if durable:
+                os.fsync(tmp.fileno())
         os.replace(tmp_path, path)
     except BaseException:
         os.unlink(tmp_path)

@@ -178,8 +178,13 @@ def round_to_multiple(img: Image.Image, base: int = 4) -> Image.Image:
 
 
 def test_transform(img: Image.Image, mode: str, load_size: int, crop_size: int) -> torch.Tensor:
-    """Test-time preprocessing with Pillow's resize (bit-exact with the official test inputs when the
-    image was decoded at full size).
+    """The network input of `test_pixels`, in [-1, 1]."""
+    return to_tensor(test_pixels(img, mode, load_size, crop_size))
+
+
+def test_pixels(img: Image.Image, mode: str, load_size: int, crop_size: int) -> torch.Tensor:
+    """Test-time preprocessing with Pillow's resize, as uint8 (3, H, W) (bit-exact with the official
+    test inputs when the image was decoded at full size; `to_tensor` scales them).
 
     `official`: resize to crop_size x crop_size, as test.py does (its load_size defaults to the crop).
     `none`: keep the size, rounded to a multiple of 4 for the network.
@@ -193,10 +198,11 @@ def test_transform(img: Image.Image, mode: str, load_size: int, crop_size: int) 
         img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
     elif mode != "none":
         raise ValueError(f"unknown preprocess mode {mode!r}; expected one of {TEST_MODES}")
-    return to_tensor(_uint8_tensor(round_to_multiple(img)))
+    return _uint8_tensor(round_to_multiple(img))
 
 
 test_transform.__test__ = False  # type: ignore[attr-defined]  # not a pytest test despite its name
+test_pixels.__test__ = False  # type: ignore[attr-defined]
 
 
 def test_draft_size(mode: str, load_size: int, crop_size: int) -> int | None:

@@ -219,3 +219,19 @@ def test_without_native_kernels_training_takes_the_direct_convolution():
     )
     env = dict(os.environ, CUT_NATIVE="0")
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@pytest.mark.skipif(not native.available(), reason="needs the native CPU kernels")
+def test_inference_reuses_the_filter_transform_until_the_weights_change():
+    torch.manual_seed(0)
+    conv = WinogradConv2d(16, 16, padding=1)
+    x = torch.randn(1, 16, 40, 40)
+    with torch.inference_mode():
+        first = conv(x)
+        assert hasattr(conv.weight, "_cut_winograd_filter")
+        torch.testing.assert_close(conv(x), first, rtol=0, atol=0)
+    with torch.no_grad():
+        conv.weight.mul_(2)  # an optimizer step, or load_state_dict, updates in place
+        direct = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), direct, rtol=1e-5, atol=1e-4)
