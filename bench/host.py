@@ -1,0 +1,143 @@
+"""Host cost per image of jobs.infer: everything but the model, on one core, per output format and size.
+
+    python -m bench.host [--images 120] [--sizes 256 1024]
+
+Runs the real job (plan, DataLoader, batches, encode threads, manifest) with a stand-in generator
+that costs nothing (the identity behind the same interface: its outputs are its inputs), pinned to
+one core, so wall time per image is the host's CPU cost per image: read, decode, resize, to
+tensor, to pixels, encode, hash, write, manifest. Inputs: horse2zebra test JPEGs at 256x256
+(`--images` of them, the 120 files repeated under distinct names), and the same images upscaled to
+1024x1024 JPEGs (quality 90). The baseline, measured in the same run,
+is the same job writing PNGs with Pillow at its default level, which jobs.infer did before
+(`pipeline.png`). The per-stage split is CPU time summed over images.
+Goal (issue 13): at most 3 ms per image per core at 256x256 with the default output (PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "horse2zebra" / "testA"
+FORMATS = ("png", "jpg", "webp", "png-pillow")
+
+
+def measure(listing: str, out: str, size: int, fmt: str) -> dict:
+    """One job on one core with the identity generator; seconds per image and per stage."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from cut import ResnetGenerator, export_generator
+    from cut.checkpoint import to_bytes
+    from jobs import infer
+    from pipeline import translation_io
+    from pipeline.plan import worker_units
+    from pipeline.planner import obtain_plan
+
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    torch.set_num_threads(1)
+    ckpt = Path(out).parent / f"g-{fmt}-{size}.pt"
+    ckpt.write_bytes(to_bytes(export_generator(ResnetGenerator(ngf=8, n_blocks=1))))
+    image_format = "png" if fmt == "png-pillow" else fmt
+    argv = ["--checkpoint", str(ckpt), "--input", listing, "--out", out, "--device", "cpu",
+            "--crop-size", str(size), "--image-format", image_format, "--batch-size", "16", "--no-progress"]
+    config = infer.load_infer_config(infer.build_parser().parse_args(argv))
+    if fmt == "png-pillow":
+        def pillow_png(pixels, fmt, quality, restore, png_level=1) -> bytes:
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, "PNG")
+            return buffer.getvalue()
+
+        translation_io.encode_image = pillow_png
+    translator = infer.Translator(config)
+    translator.translate.forward = torch.nn.Identity()
+    identity = infer.job_identity(config, translator.model_sha256)
+    plan = obtain_plan(out, config.inputs, identity, config.unit_size, worker=0)
+    translator.run(worker_units(plan, 0, 1))
+    images = translator.stats["ok"]
+    assert images == plan.items, translator.stats
+    sizes = [r for r in Path(out, "images").rglob("*") if r.is_file()]
+    return {
+        "ms": 1000 * translator.elapsed / images,
+        "stages": {k: 1000 * v / images for k, v in translator.seconds.items()},
+        "kib": sum(p.stat().st_size for p in sizes) / len(sizes) / 1024,
+        "images": images,
+    }
+
+
+def make_inputs(root: Path, files: list[Path], size: int, count: int) -> str:
+    """A listing of `count` distinct input files (links to `files`, or upscaled copies of them)."""
+    from PIL import Image
+
+    folder = root / f"in-{size}"
+    folder.mkdir()
+    sources = files
+    if size != 256:
+        sources = []
+        for f in files[:count]:
+            path = folder / f"up-{f.name}"
+            Image.open(f).convert("RGB").resize((size, size), Image.Resampling.BICUBIC).save(path, quality=90)
+            sources.append(path)
+    paths = []
+    for i in range(count):
+        path = folder / f"{i:06d}.jpg"
+        path.symlink_to(sources[i % len(sources)])
+        paths.append(path)
+    listing = root / f"inputs-{size}.txt"
+    listing.write_text("".join(f"{p}\n" for p in paths))
+    return str(listing)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=960, help="inputs at 256x256 (a sixteenth at 1024x1024)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
+    p.add_argument("--rounds", type=int, default=3, help="runs per variant, alternating; the fastest counts")
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--_one", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._one:
+        listing, out, size, fmt = args._one
+        print(json.dumps(measure(listing, out, int(size), fmt)))
+        return
+    files = sorted(args.data.glob("*.jpg"))
+    print("jobs.infer on one core with an identity generator, start-up included; ms per image, fastest of "
+          f"{args.rounds} runs. host = wall - model (the stand-in's own CPU: scaling pixels, which a GPU "
+          "does on the device); stages: CPU time")
+    stages = ("read", "decode", "preprocess", "model", "encode", "hash", "write", "manifest")
+    header = f"{'size':>5} {'format':>10} {'wall':>6} {'host':>6} {'img/s':>6} {'KiB':>6} "
+    print(header + " ".join(f"{s:>8}" for s in stages))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for size in args.sizes:
+            count = max(16, args.images * 256**2 // size**2)
+            listing = make_inputs(root, files, size, count)
+            runs: dict[str, list[dict]] = {fmt: [] for fmt in FORMATS}
+            for r in range(args.rounds):
+                for fmt in FORMATS:
+                    out = root / f"out-{size}-{fmt}-{r}"
+                    cmd = [sys.executable, "-m", "bench.host", "--_one", listing, str(out), str(size), fmt]
+                    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                    runs[fmt].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    shutil.rmtree(out)
+            host = {}
+            for fmt, results in runs.items():
+                best = min(results, key=lambda r: r["ms"])
+                host[fmt] = best["ms"] - best["stages"]["model"]
+                split = " ".join(f"{best['stages'][s]:8.2f}" for s in stages)
+                row = f"{size:5d} {fmt:>10} {best['ms']:6.2f} {host[fmt]:6.2f} {1000 / host[fmt]:6.0f} "
+                print(row + f"{best['kib']:6.0f} " + split, flush=True)
+            print(f"{size:5d} host cost of the default PNG against Pillow's PNG (the old default): "
+                  f"{host['png-pillow'] / host['png']:.2f}x the images per core")
+
+
+if __name__ == "__main__":
+    main()
