@@ -33,10 +33,13 @@ from bench.official import use_official_layers
 from cut import CUTConfig, CUTModel
 
 
-def build(variant: str, preset: str, channels_last: bool) -> CUTModel:
+def build(variant: str, preset: str, channels_last: bool, device: str | torch.device = "cpu",
+          bf16: bool = False) -> CUTModel:
+    """Our CUT model, or (`variant` "official") the official step: keys re-encoded, the official
+    network (`bench.official`), torch's default Adam, gradients kept until the next backward."""
     official = variant == "official"
-    cfg = CUTConfig.from_preset(preset, reuse_keys=not official, channels_last=channels_last)
-    model = CUTModel(cfg, seed=0)
+    cfg = CUTConfig.from_preset(preset, reuse_keys=not official, channels_last=channels_last, bf16=bf16)
+    model = CUTModel(cfg, device=device, seed=0)
     if official:
         # torch's default Adam (a per-tensor loop on the CPU), as the official code constructs it.
         adam = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)}

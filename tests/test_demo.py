@@ -22,3 +22,4 @@ def test_make_demo_runs_end_to_end(tmp_path):
     assert (out / "translated" / "_SUCCESS").exists()
     assert any((out / "run" / "tb").iterdir())
     assert len(list((out / "translated" / "images").rglob("*.png"))) == 8
+
