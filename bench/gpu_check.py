@@ -135,6 +135,7 @@ def end_to_end(device: torch.device, root: Path, size: int, images: int, batch: 
                gpu_rate: float | None) -> None:
     """The steady rate of the real job, from its first committed unit to its last."""
     from jobs import infer
+    from jobs.translator import Translator
     from pipeline.plan import worker_units
     from pipeline.planner import obtain_plan
 
@@ -150,7 +151,7 @@ def end_to_end(device: torch.device, root: Path, size: int, images: int, batch: 
     if device.type == "cuda":
         argv += ["--bf16", "--channels-last"]
     config = infer.load_infer_config(infer.build_parser().parse_args(argv))
-    translator = infer.Translator(config)
+    translator = Translator(config)
     commits: list[tuple[float, int]] = []
     commit = translator._commit
 

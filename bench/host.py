@@ -38,6 +38,7 @@ def measure(listing: str, out: str, size: int, fmt: str) -> dict:
     from cut import ResnetGenerator, export_generator
     from cut.checkpoint import to_bytes
     from jobs import infer
+    from jobs.translator import Translator
     from pipeline import translation_io
     from pipeline.plan import worker_units
     from pipeline.planner import obtain_plan
@@ -57,7 +58,7 @@ def measure(listing: str, out: str, size: int, fmt: str) -> dict:
             return buffer.getvalue()
 
         translation_io.encode_image = pillow_png
-    translator = infer.Translator(config)
+    translator = Translator(config)
     translator.translate.forward = torch.nn.Identity()
     identity = infer.job_identity(config, translator.model_sha256)
     plan = obtain_plan(out, config.inputs, identity, config.unit_size, worker=0)

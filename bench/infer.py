@@ -5,10 +5,13 @@
 All three translate the same horse2zebra test images (256x256 JPEGs) with the same weights
 (resnet_9blocks, random: speed does not depend on them) at the official preprocessing, and write
 PNGs to local disk:
-- official test.py path: the official network (`bench.official`: its blur layers, InstanceNorm2d,
-  plain convolutions), per image: PIL open, bicubic resize to 256, to tensor, G under no_grad at
-  batch 1, clamp/scale/truncate, PNG save at Pillow's default level;
-- plain loop: the same loop over our generator;
+- official test.py path: what the official test.py does per test image, on the official network
+  (`bench.official`: its blur layers, InstanceNorm2d, plain convolutions): its unaligned test set
+  loads an A and a B image (PIL open, RGB, bicubic resize to 256, to tensor, normalise), G runs on A
+  under no_grad at batch 1, and every visual of the CUT model (real_A, fake_B, real_B) is converted
+  as its tensor2im does (clamp, numpy, (x + 1) / 2 * 255, truncate) and saved as a PNG at Pillow's
+  default level;
+- plain loop: A alone through our generator, fake_B saved the same way;
 - jobs.infer: the whole job with its CPU defaults (planning and start-up included).
 """
 
@@ -34,17 +37,36 @@ from jobs import infer
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "horse2zebra" / "testA"
 
 
-def per_image_loop(g: nn.Module, files: list[Path], out: Path) -> float:
-    """The per-image path of the official test.py; returns seconds."""
-    out.mkdir(parents=True)
+def _load(path: Path) -> torch.Tensor:
+    img = Image.open(path).convert("RGB").resize((256, 256), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)[None]
+
+
+def _save(x: torch.Tensor, path: Path) -> None:
+    pixels = (np.transpose(x[0].clamp(-1, 1).cpu().float().numpy(), (1, 2, 0)) + 1) / 2.0 * 255.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+
+
+def official_test_path(g: nn.Module, files: list[Path], b_files: list[Path], out: Path) -> float:
+    """The official test.py's work per test image (see the module docstring); returns seconds."""
+    start = time.perf_counter()
+    for i, path in enumerate(files):
+        real_a, real_b = _load(path), _load(b_files[i % len(b_files)])
+        with torch.no_grad():
+            fake_b = g(real_a)
+        for label, x in (("real_A", real_a), ("fake_B", fake_b), ("real_B", real_b)):
+            _save(x, out / label / f"{path.stem}.png")
+    return time.perf_counter() - start
+
+
+def plain_loop(g: nn.Module, files: list[Path], out: Path) -> float:
+    """A per-image loop over our generator: load, translate, save; returns seconds."""
     start = time.perf_counter()
     for path in files:
-        img = Image.open(path).convert("RGB").resize((256, 256), Image.Resampling.BICUBIC)
-        x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
         with torch.no_grad():
-            y = g(x[None])[0]
-        pixels = ((y.clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 0).numpy()
-        Image.fromarray(pixels).save(out / f"{path.stem}.png")
+            y = g(_load(path))
+        _save(y, out / f"{path.stem}.png")
     return time.perf_counter() - start
 
 
@@ -65,11 +87,12 @@ def main() -> None:
         (root / "g.pt").write_bytes(to_bytes(export_generator(g)))
         listing = root / "inputs.txt"
         listing.write_text("".join(f"{f}\n" for f in files))
-        per_image_loop(official, files[:1], root / "warm-official")
-        per_image_loop(g, files[:1], root / "warm-ours")
+        b_files = sorted((args.data.parent / "testB").glob("*.jpg"))
+        official_test_path(official, files[:1], b_files, root / "warm-official")
+        plain_loop(g, files[:1], root / "warm-ours")
         seconds = {
-            "official": per_image_loop(official, files, root / "official"),
-            "plain": per_image_loop(g, files, root / "plain"),
+            "official": official_test_path(official, files, b_files, root / "official"),
+            "plain": plain_loop(g, files, root / "plain"),
         }
         start = time.perf_counter()
         argv = ["--checkpoint", str(root / "g.pt"), "--input", str(listing), "--out", str(root / "job")]

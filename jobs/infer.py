@@ -21,44 +21,22 @@ Ctrl-C) stops taking batches, commits the units that are complete and exits 143 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import signal
 import sys
 import threading
-import time
-from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
-
-from cut import CheckpointError, generator_from_checkpoint, read_checkpoint
-from cut.inference import BatchTranslator, PendingBatch
+from cut import CheckpointError
 from jobs.config import ConfigError, build
 from jobs.runtime import available_cores, env_int, setup_logging
-from pipeline import storage
-from pipeline.corpus import WorkUnit
+from jobs.translator import Translator, finish, wants_cuda
 from pipeline.ingest import ListingError
-from pipeline.keys import UnsafeKeyError
-from pipeline.manifest import SUCCESS, committed_units, manifest_dir, read_manifest, write_part, write_success
-from pipeline.plan import JobPlan, PlanError, worker_units
+from pipeline.manifest import committed_units, manifest_dir
+from pipeline.plan import PlanError, worker_units
 from pipeline.planner import obtain_plan
 from pipeline.shards import ShardIndexError
-from pipeline.translation_io import (
-    OutputLayout,
-    Preprocess,
-    UnitBatches,
-    error_record,
-    pack_tar,
-    sha256,
-    write_output_index,
-)
 
 log = logging.getLogger("jobs.infer")
 
@@ -94,10 +72,6 @@ class InferConfig:
     plan_timeout: float = 3600.0
     check_inputs: bool = True
     add_new_inputs: bool = False
-
-
-def wants_cuda(config: InferConfig) -> bool:
-    return torch.cuda.is_available() if config.device == "auto" else config.device == "cuda"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,285 +216,6 @@ def job_identity(config: InferConfig, model_sha256: str) -> dict[str, Any]:
     if config.preprocess == "shortside":
         identity["load_size"] = config.load_size
     return identity
-
-
-DATA_STAGES = ("read", "decode", "preprocess")  # in the DataLoader workers
-STAGES = (*DATA_STAGES, "model", "encode", "hash", "write", "manifest")
-
-
-@dataclass
-class _Unit:
-    """A unit in flight in the main process: its finished rows and pending output writes."""
-
-    writes: list[Future] = field(default_factory=list)
-    rows: list[dict] = field(default_factory=list)
-    tar_members: list[tuple[str, str, bytes]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-@dataclass
-class _Launched:
-    """A batch whose outputs are on their way from the device."""
-
-    unit: WorkUnit
-    meta: list[dict]
-    shapes: list[tuple[int, ...]]
-    pending: PendingBatch
-    seconds: float = 0.0  # wall time spent launching it
-    cpu: float = 0.0  # of it, CPU time of this thread
-
-
-class Translator:
-    """Runs this worker's units: the model on batches (one in flight on the device while the host
-    handles the previous one), outputs encoded and written by a bounded thread pool, a unit's
-    manifest part written once all its outputs are stored."""
-
-    def __init__(self, config: InferConfig, stop: threading.Event | None = None) -> None:
-        self.cfg = config
-        use_cuda = wants_cuda(config)
-        if use_cuda and not torch.cuda.is_available():
-            raise ConfigError("--device cuda given but no CUDA device is available")
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.backends.cudnn.benchmark = True  # batches mostly share one size
-        data = storage.read_bytes(config.checkpoint)
-        checkpoint = read_checkpoint(data, config.checkpoint)
-        self.netG = generator_from_checkpoint(checkpoint, config.checkpoint).to(self.device)
-        if config.channels_last:
-            self.netG = self.netG.to(memory_format=torch.channels_last)
-        forward = torch.compile(self.netG) if config.compile else self.netG
-        self.translate = BatchTranslator(forward, self.device, bool(config.bf16), bool(config.channels_last))
-        meta = checkpoint.get("metadata", {}) if isinstance(checkpoint, dict) else {}
-        self.preset = str(meta.get("preset", "unknown"))
-        self.model_sha256 = sha256(data)
-        self.model_id = f"{config.checkpoint}#sha256={self.model_sha256}"
-        self.layout = OutputLayout(
-            config.out, config.format, config.image_format, config.quality, config.png_level
-        )
-        self.stop = stop or threading.Event()
-        self.failed: list[int] = []
-        self.unfinished: list[int] = []
-        self.stats = {"ok": 0, "error": 0}
-        # CPU seconds per stage over all images ("model": the main thread's CPU in device calls, all of
-        # the model's on a CPU device, launches and copies on CUDA)
-        self.seconds = dict.fromkeys(STAGES, 0.0)
-        self.elapsed = 0.0
-        self._timing = threading.Lock()
-
-    def _add_time(self, **seconds: float) -> None:
-        with self._timing:
-            for stage, value in seconds.items():
-                self.seconds[stage] += value
-
-    def _write_one(
-        self, unit: WorkUnit, meta: dict, pixels: np.ndarray, model_ms: float, state: _Unit
-    ) -> dict:
-        """Encode one output and store it (a file, or a member of the unit's shard); returns its row."""
-        t0, c0 = time.perf_counter(), time.thread_time()
-        try:
-            url = self.layout.image_url(unit, meta["key"])
-        except UnsafeKeyError as exc:
-            return error_record(
-                meta["order"],
-                meta["key"],
-                meta["source_url"],
-                "unsafe-key",
-                str(exc),
-                meta["input_bytes"],
-                (meta["width"], meta["height"]),
-            )
-        data = self.layout.encode(pixels, meta["restore"])
-        c1 = time.thread_time()
-        digest = sha256(data)
-        c2 = time.thread_time()
-        out_h, out_w = (
-            (pixels.shape[0], pixels.shape[1]) if meta["restore"] is None else meta["restore"][::-1]
-        )
-        row = {
-            **{k: meta[k] for k in ("order", "key", "source_url", "width", "height", "input_bytes")},
-            "output_url": url,
-            "status": "ok",
-            "out_width": out_w,
-            "out_height": out_h,
-            "output_bytes": len(data),
-            "output_sha256": digest,
-        }
-        if self.cfg.format == "shards":
-            sidecar = {
-                k: row[k]
-                for k in ("key", "source_url", "width", "height", "out_width", "out_height", "output_sha256")
-            }
-            sidecar.update(model_id=self.model_id, preset=self.preset)
-            with state.lock:
-                state.tar_members.append((meta["key"], self.cfg.image_format, data))
-                state.tar_members.append((meta["key"], "json", json.dumps(sidecar, sort_keys=True).encode()))
-        else:
-            storage.write_bytes_atomic(url, data, durable=False)  # synced once per unit, before its part
-        self._add_time(encode=c1 - c0, hash=c2 - c1, write=time.thread_time() - c2)
-        row["elapsed_ms"] = meta["prep_ms"] + model_ms + 1000 * (time.perf_counter() - t0)
-        return row
-
-    def _commit(self, unit: WorkUnit, state: _Unit, errors: list[dict]) -> None:
-        rows = state.rows + [f.result() for f in state.writes] + errors
-        c0 = time.thread_time()
-        if self.cfg.format == "shards" and state.tar_members:
-            members = [(f"{key}.{ext}", data) for key, ext, data in sorted(state.tar_members)]
-            storage.write_bytes_atomic(self.layout.shard_url(unit.index), pack_tar(members))
-        elif self.cfg.format == "files":
-            storage.sync_local(self.cfg.out)  # the outputs are on disk before the part says so
-        rows.sort(key=lambda r: r["order"])
-        for row in rows:
-            row.update(
-                model_id=self.model_id, preset=self.preset, worker=self.cfg.worker_index, unit=unit.index
-            )
-            row.setdefault("elapsed_ms", 0.0)
-        write_part(self.cfg.out, unit.index, rows)
-        self._add_time(manifest=time.thread_time() - c0)
-        ok = sum(r["status"] == "ok" for r in rows)
-        self.stats["ok"] += ok
-        self.stats["error"] += len(rows) - ok
-
-    def _device_error(self, meta: dict, shape: tuple[int, ...]) -> dict:
-        detail = (
-            f"a {meta['width']}x{meta['height']} input ({shape[-1]}x{shape[-2]} at the network) "
-            f"does not fit in {self.device.type} memory at batch size 1"
-        )
-        log.error("%s: %s", meta["source_url"], detail)
-        return error_record(
-            meta["order"],
-            meta["key"],
-            meta["source_url"],
-            "too-large-for-device",
-            detail,
-            meta["input_bytes"],
-            (meta["width"], meta["height"]),
-        )
-
-    def run(self, units: list[WorkUnit]) -> None:
-        """Translate `units`; returns early, leaving later units uncommitted, once `stop` is set."""
-        cfg = self.cfg
-        if not units:
-            return
-        pre = Preprocess(cfg.preprocess, cfg.load_size, cfg.crop_size, cfg.max_pixels)
-        loader_workers = min(cfg.workers, len(units))
-        loader = DataLoader(
-            UnitBatches(units, pre, cfg.batch_size),
-            batch_size=None,
-            num_workers=loader_workers,
-            pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if loader_workers else None,
-        )
-        by_index = {u.index: u for u in units}
-        states: dict[int, _Unit] = {}
-        pending = set(by_index)
-        bar = tqdm(
-            total=sum(u.expected for u in units), unit="img", disable=not cfg.progress, desc="translate"
-        )
-        start = last_log = time.perf_counter()
-        done = 0
-        threads = cfg.encode_threads
-        # Outputs in memory are bounded: a batch waits for room before its images are handed over.
-        room = threading.BoundedSemaphore(2 * cfg.batch_size + 2 * threads)
-        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encode")
-        batches = iter(loader)
-        launched: _Launched | None = None
-        try:
-            while not self.stop.is_set():
-                try:
-                    msg = next(batches)
-                except StopIteration:
-                    break
-                unit = by_index[msg["unit"]]
-                states.setdefault(unit.index, _Unit())
-                if "end" in msg:
-                    count = self._hand_over(launched, states, pool, room) + len(msg["errors"])
-                    launched = None
-                    pending.discard(unit.index)
-                    self._finish_unit(unit, states.pop(unit.index), msg["errors"])
-                else:
-                    t0, c0 = time.perf_counter(), time.thread_time()
-                    shapes = [tuple(x.shape) for x in msg["x"]]
-                    current = _Launched(unit, msg["meta"], shapes, self.translate.start(msg["x"]))
-                    current.seconds, current.cpu = time.perf_counter() - t0, time.thread_time() - c0
-                    count = self._hand_over(launched, states, pool, room)
-                    launched = current
-                    self._add_time(**{s: sum(m["cpu"][s] for m in msg["meta"]) for s in DATA_STAGES})
-                done += count
-                bar.update(count)
-                bar.set_postfix(units=f"{len(units) - len(pending)}/{len(units)}")
-                if time.perf_counter() - last_log > 30:
-                    last_log = time.perf_counter()
-                    log.info("%d of %d images, %.1f images/s", done, bar.total, done / (last_log - start))
-        except RuntimeError:
-            if not self.stop.is_set():  # DataLoader workers die with the job on SIGTERM/SIGINT
-                raise
-        finally:
-            bar.close()
-            pool.shutdown(wait=True, cancel_futures=True)
-            del batches
-        self.unfinished = sorted(pending)
-        self.elapsed = time.perf_counter() - start
-
-    def _hand_over(
-        self,
-        launched: _Launched | None,
-        states: dict[int, _Unit],
-        pool: ThreadPoolExecutor,
-        room: threading.BoundedSemaphore,
-    ) -> int:
-        """Wait for a launched batch's outputs and queue their encoding; returns its image count."""
-        if launched is None:
-            return 0
-        t0, c0 = time.perf_counter(), time.thread_time()
-        outputs = launched.pending.result()
-        seconds = launched.seconds + time.perf_counter() - t0
-        self._add_time(model=launched.cpu + time.thread_time() - c0)
-        model_ms = 1000 * seconds / len(outputs)
-        state = states[launched.unit.index]
-        for meta, shape, pixels in zip(launched.meta, launched.shapes, outputs, strict=True):
-            if pixels is None:
-                state.rows.append(self._device_error(meta, shape))
-                continue
-            room.acquire()
-            future = pool.submit(self._write_one, launched.unit, meta, pixels.numpy(), model_ms, state)
-            future.add_done_callback(lambda _: room.release())
-            state.writes.append(future)
-        return len(outputs)
-
-    def _finish_unit(self, unit: WorkUnit, state: _Unit, errors: list[dict]) -> None:
-        try:
-            self._commit(unit, state, errors)
-        except Exception as exc:  # storage trouble after retries: report, keep going
-            self.failed.append(unit.index)
-            log.error("unit %d (%s) failed and stays uncommitted: %s", unit.index, unit.source, exc)
-
-
-def finish(out: str, plan: JobPlan, layout: OutputLayout, model_id: str) -> str | None:
-    """If every unit of the plan is committed: the output shard index (for --format shards), then
-    OUT/_SUCCESS with the totals. Returns the _SUCCESS URL, or None while units are missing."""
-    done = committed_units(out)
-    if any(i not in done for i in range(plan.units)):
-        return None
-    success = storage.join(out, SUCCESS)
-    if storage.exists(success):
-        return success
-    table = read_manifest(out, columns=["status", "unit"])
-    status = table.column("status").to_pylist()
-    if layout.format == "shards":
-        per_unit = Counter(
-            u for u, s in zip(table.column("unit").to_pylist(), status, strict=True) if s == "ok"
-        )
-        write_output_index(layout, dict(per_unit), {"prefix": "part", "model_id": model_id})
-    totals = {
-        "units": plan.units,
-        "rows": len(status),
-        "ok": status.count("ok"),
-        "error": status.count("error"),
-        "plan_revision": plan.revision,
-        "model_id": model_id,
-    }
-    return write_success(out, totals)
 
 
 def main(argv: list[str] | None = None) -> int:

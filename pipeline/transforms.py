@@ -84,28 +84,37 @@ def inspect_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     return ImageInfo(fmt, width, height)
 
 
-def displayed_size(data: bytes) -> tuple[int, int]:
-    """Width and height of valid image bytes as displayed (EXIF orientation applied), from the header."""
-    with Image.open(io.BytesIO(data)) as img:
-        width, height = img.size
-        swapped = img.getexif().get(ExifTags.Base.Orientation) in _SWAPPED_ORIENTATIONS
-    return (height, width) if swapped else (width, height)
-
-
 def decode_rgb(data: bytes, *, draft_to: int | None = None,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode to an RGB image with EXIF orientation applied.
 
     `draft_to`: JPEGs at least twice this size on both sides decode with DCT scaling to no less than
-    `draft_to` per side (much faster than decoding full size and resizing down).
+    `draft_to` per side (much faster than decoding full size and resizing down); `full_size` of the
+    result still tells the size as displayed before that scaling.
     Raises ImageDecodeError for empty, non-image, too large, truncated or corrupt data.
     """
     img = _open(data, max_pixels)
-    if draft_to and img.format == "JPEG":
+    displayed = None
+    if draft_to and img.format == "JPEG":  # a JPEG's EXIF is in its header: reading it decodes nothing
+        swapped = img.getexif().get(ExifTags.Base.Orientation) in _SWAPPED_ORIENTATIONS
+        displayed = (img.height, img.width) if swapped else img.size
         img.draft("RGB", (draft_to, draft_to))
     _load(img)
-    ImageOps.exif_transpose(img, in_place=True)
-    return _to_rgb(img)
+    try:
+        ImageOps.exif_transpose(img, in_place=True)
+        rgb = _to_rgb(img)
+    except Exception as exc:  # a broken EXIF block or palette, found only now
+        raise _decode_failure(exc) from exc
+    rgb.info[_FULL_SIZE] = displayed or rgb.size
+    return rgb
+
+
+_FULL_SIZE = "cut_full_size"
+
+
+def full_size(img: Image.Image) -> tuple[int, int]:
+    """Width and height of a `decode_rgb` result as displayed, before any DCT scaling."""
+    return img.info.get(_FULL_SIZE, img.size)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

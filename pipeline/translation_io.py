@@ -27,7 +27,7 @@ from pipeline.corpus import WorkUnit, read_unit
 from pipeline.keys import UnsafeKeyError
 from pipeline.png import encode_png
 from pipeline.shards import ShardIndex, ShardInfo, index_url
-from pipeline.transforms import ImageDecodeError, decode_rgb, displayed_size, test_draft_size, test_pixels
+from pipeline.transforms import ImageDecodeError, decode_rgb, full_size, test_draft_size, test_pixels
 
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
@@ -97,20 +97,24 @@ class UnitBatches(IterableDataset):
                 continue
             try:
                 img = decode_rgb(item.data, draft_to=draft, max_pixels=pre.max_pixels)
-                full_size = img.size if draft is None else displayed_size(item.data)
+                displayed = full_size(img)
                 c2 = time.thread_time()
                 x = test_pixels(img, pre.mode, pre.load_size, pre.crop_size)
             except ImageDecodeError as exc:
                 errors.append(error_record(order, item.key, item.source_url, exc.reason, exc.detail, size))
                 continue
+            except Exception as exc:  # whatever else one image can do: its row says so; the job goes on
+                detail = f"{type(exc).__name__}: {exc}"
+                errors.append(error_record(order, item.key, item.source_url, "corrupt", detail, size))
+                continue
             meta = {
                 "order": order,
                 "key": item.key,
                 "source_url": item.source_url,
-                "width": full_size[0],
-                "height": full_size[1],
+                "width": displayed[0],
+                "height": displayed[1],
                 "input_bytes": size,
-                "restore": full_size if pre.mode == "none" else None,
+                "restore": displayed if pre.mode == "none" else None,
                 "prep_ms": 1000 * (time.perf_counter() - t0),  # wall time, for the row's elapsed_ms
                 "cpu": {"read": c1 - c0, "decode": c2 - c1, "preprocess": time.thread_time() - c2},
             }

@@ -23,6 +23,7 @@ from PIL import Image
 from test_infer import ROOT, image_folder, infer, write_generator
 
 from jobs import infer as infer_job
+from jobs.translator import Translator, finish
 from pipeline.ingest import build_shards
 from pipeline.manifest import read_manifest
 from pipeline.plan import load_plan, worker_units
@@ -366,7 +367,7 @@ def test_out_of_memory_splits_the_batch_and_an_image_too_large_alone_becomes_an_
     argv = ["--no-progress", "--checkpoint", ckpt, "--input", str(folder), "--out", str(out),
             "--preprocess", "none", "--batch-size", "4", "--workers", "0"]
     config = infer_job.load_infer_config(infer_job.build_parser().parse_args(argv))
-    translator = infer_job.Translator(config)
+    translator = Translator(config)
     device = OutOfMemoryAbove(translator.translate.forward, pixels=2 * 40 * 40)
     translator.translate.forward = device
     from pipeline.planner import obtain_plan
@@ -374,7 +375,7 @@ def test_out_of_memory_splits_the_batch_and_an_image_too_large_alone_becomes_an_
     plan = obtain_plan(str(out), config.inputs, infer_job.job_identity(config, translator.model_sha256),
                        config.unit_size, worker=0)
     translator.run(worker_units(plan, 0, 1))
-    assert infer_job.finish(str(out), plan, translator.layout, translator.model_id)
+    assert finish(str(out), plan, translator.layout, translator.model_id)
     rows = rows_by_key(out)
     assert rows["big"]["status"] == "error" and rows["big"]["error"] == "too-large-for-device"
     assert "96x96" in rows["big"]["error_detail"]

@@ -122,3 +122,18 @@ def test_test_modes_keep_sizes_network_friendly(mode: str, size: tuple[int, int]
 def test_unknown_test_mode_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown preprocess mode"):
         transforms.test_transform(Image.new("RGB", (8, 8)), "zoom", 8, 8)
+
+
+def test_full_size_is_the_displayed_size_before_dct_scaling():
+    from PIL import ExifTags
+
+    from pipeline.transforms import full_size
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # rotated: displayed as 400 wide, 600 high
+    buffer = io.BytesIO()
+    Image.new("RGB", (600, 400), (10, 20, 30)).save(buffer, "JPEG", exif=exif)
+    drafted = decode_rgb(buffer.getvalue(), draft_to=100)
+    assert full_size(drafted) == (400, 600) and max(drafted.size) < 600
+    whole = decode_rgb(buffer.getvalue())
+    assert full_size(whole) == whole.size == (400, 600)
