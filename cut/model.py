@@ -25,6 +25,7 @@ from cut.networks import (
     NLayerDiscriminator,
     PatchSampleF,
     ResnetGenerator,
+    generator_layer_count,
     init_weights,
     sample_patch_ids,
 )
@@ -77,6 +78,12 @@ class CUTConfig:
             raise ValueError("model.n_blocks, model.ngf and model.ndf must be positive")
         if list(self.nce_layers) != sorted(set(self.nce_layers)) or not self.nce_layers:
             raise ValueError(f"model.nce_layers must be ascending and distinct, got {self.nce_layers}")
+        layers = generator_layer_count(self.n_blocks, self.antialias, self.antialias_up)
+        if self.nce_layers[0] < 0 or self.nce_layers[-1] >= layers:
+            raise ValueError(f"model.nce_layers must lie within the generator's layers 0..{layers - 1} "
+                             f"(n_blocks {self.n_blocks}), got {list(self.nce_layers)}")
+        if self.nce_T <= 0:
+            raise ValueError(f"model.nce_T must be > 0, got {self.nce_T}")
         if self.lambda_NCE < 0 or self.lambda_GAN < 0:
             raise ValueError("model.lambda_NCE and model.lambda_GAN must be >= 0")
         if self.num_patches < 1:

@@ -229,6 +229,11 @@ class ResnetBlock(nn.Module):
         return x + norm2(conv2.padded_forward(h, pad2))
 
 
+def generator_layer_count(n_blocks: int, antialias: bool = True, antialias_up: bool = True) -> int:
+    """How many modules ``ResnetGenerator.model`` holds (the indices ``nce_layers`` may name)."""
+    return 4 + 2 * (4 if antialias else 3) + n_blocks + 2 * (4 if antialias_up else 3) + 3
+
+
 class ResnetGenerator(nn.Module):
     """The CUT ResNet generator (resnet_9blocks / resnet_6blocks) as one ``nn.Sequential`` ``model``.
 

@@ -74,6 +74,7 @@ class TrainSection:
     log_every: int = 50
     image_every: int = 500
     device: str = "auto"
+    start_fresh_if_unreadable: bool = False  # every checkpoint unreadable: start at step 0, not stop
 
 
 @dataclass
@@ -201,6 +202,9 @@ def load_config(
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections (model:, data:, "
+                              f"train:, ...), got {type(data).__name__}")
     for item in overrides:
         data = _merge(data, parse_override(item))
     return build(cls, data, source)
@@ -237,8 +241,11 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
         ("data.workers", d.workers >= 0, ">= 0"),
         ("train.batch_size", t.batch_size >= 1, ">= 1"),
         ("train.lr", t.lr > 0, "> 0"),
+        ("train.beta1", 0 <= t.beta1 < 1, "in [0, 1) (Adam's first-moment decay)"),
+        ("train.beta2", 0 <= t.beta2 < 1, "in [0, 1) (Adam's second-moment decay)"),
         ("train.n_epochs", t.n_epochs >= 0, ">= 0"),
         ("train.n_epochs_decay", t.n_epochs_decay >= 0, ">= 0"),
+        ("train.n_epochs", t.n_epochs + t.n_epochs_decay >= 1, "such that n_epochs + n_epochs_decay >= 1"),
         ("train.max_steps", t.max_steps is None or t.max_steps >= 1, ">= 1 or null"),
         ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),
         ("train.keep_last", t.keep_last >= 1, ">= 1"),

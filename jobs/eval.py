@@ -63,6 +63,8 @@ from pipeline.images import (
     read_urls,
     translated_pairs,
 )
+from pipeline.ingest import ListingError
+from pipeline.shards import ShardIndexError
 
 log = logging.getLogger("jobs.eval")
 
@@ -462,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(0)
     try:
         metrics = evaluate(config)
-    except (InceptionWeightsError, UnavailableError, CheckpointError, ConfigError, FileNotFoundError) as exc:
+    except (InceptionWeightsError, UnavailableError, CheckpointError, ConfigError, FileNotFoundError,
+            ShardIndexError, ListingError) as exc:
         log.error("%s", exc)
         return 1
     print(format_table(metrics))

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from cut import CheckpointError
 from jobs.config import ConfigError, build
 from jobs.runtime import available_cores, env_int, setup_logging
+from jobs.signals import StopSignals
 from jobs.translator import Translator, finish, wants_cuda
 from pipeline.ingest import ListingError
 from pipeline.manifest import committed_units, manifest_dir
@@ -226,32 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     setup_logging(config.worker_index)
-    stop = StopSignal()
-    if threading.current_thread() is not threading.main_thread():
+    stop = StopSignals()
+    with stop.installed():
         return _run(config, stop)
-    previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return _run(config, stop)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
-class StopSignal(threading.Event):
-    """Set by SIGTERM or SIGINT (a second SIGINT interrupts at once); remembers which came first."""
-
-    signum = signal.SIGTERM
-
-    def handle(self, signum: int, _frame: object) -> None:
-        if self.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if not self.is_set():
-            self.signum = signal.Signals(signum)
-            log.warning("%s: finishing the units that are complete, then stopping", self.signum.name)
-        self.set()
-
-
-def _run(config: InferConfig, stop: StopSignal) -> int:
+def _run(config: InferConfig, stop: StopSignals) -> int:
     try:
         translator = Translator(config, stop)
         plan = obtain_plan(
@@ -281,7 +260,9 @@ def _run(config: InferConfig, stop: StopSignal) -> int:
         len(done),
         translator.model_id,
     )
+    stop.graceful = True  # from here a first signal lets the complete units commit
     translator.run(mine)
+    stop.graceful = False
     images = translator.stats["ok"] + translator.stats["error"]
     success = finish(config.out, plan, translator.layout, translator.model_id)
     print(
@@ -293,12 +274,8 @@ def _run(config: InferConfig, stop: StopSignal) -> int:
         log.error("units %s failed; rerun this worker to retry them", translator.failed)
         return 1
     if translator.unfinished:
-        log.warning(
-            "stopped by %s with units %s uncommitted; rerun to finish them",
-            stop.signum.name,
-            translator.unfinished,
-        )
-        return 128 + stop.signum
+        log.warning("stopped with units %s uncommitted; rerun to finish them", translator.unfinished)
+        return stop.exit_code
     return 0
 
 

@@ -8,15 +8,19 @@ import logging
 import sys
 from dataclasses import asdict
 
+from jobs.signals import StopSignals
 from pipeline.ingest import KeyCollisionError, ListingError, build_shards
+from pipeline.shards import ShardIndexError
 from pipeline.transforms import DEFAULT_MAX_PIXELS
 
 EPILOG = """\
 outputs:
-  OUT/PREFIX-000000.tar ...  shards; a sample is <key>.<ext> (original bytes) + <key>.json (metadata)
+  OUT/PREFIX-000000.tar ...  shards; a sample is <key>.<ext> (original bytes) + <key>.json (metadata);
+                             a rebuild (--overwrite) names its shards PREFIX-r<N>-000000.tar ...
   OUT/_rejects.jsonl         one {"source_url", "reason", "detail"} per image kept out
   OUT/_index.json            every shard with its sample count and bytes, and totals (written last)
 
+SIGTERM or Ctrl-C stops a build at once (exit 143 or 130); the output keeps the set it had.
 Every path is an fsspec URL; S3 endpoint and credentials come from AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (any S3-compatible store).
 
@@ -68,7 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--workers", type=int, default=8, metavar="N", help="images read and checked in parallel (default: 8)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a shard set already in --out")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the shard set in --out, or finish an interrupted build: the new shards are written "
+        "beside the old ones, readers switch when the new index is written, then the old files go",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)
 
@@ -76,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM/SIGINT end the build at once (exit 143/130): the spool is removed on the way out and the
+    # output keeps the set it had (a rebuild switches sets only by writing its index, last).
+    with StopSignals().installed():
+        return _build(args)
+
+
+def _build(args: argparse.Namespace) -> int:
     try:
         summary = build_shards(
             args.sources,
@@ -89,9 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except (FileNotFoundError, FileExistsError, KeyCollisionError, ListingError) as exc:
+    except (FileNotFoundError, FileExistsError, KeyCollisionError, ListingError, ShardIndexError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # storage trouble after retries
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(asdict(summary)))
     return 0
 

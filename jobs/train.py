@@ -4,8 +4,10 @@
     python -m jobs.train --config configs/tiny.yaml data.a=... data.b=... run.url=/tmp/run
 
 Outputs under run.url: config.yaml, checkpoints/step-%09d/ (full training state; the newest
-complete one is resumed automatically), tb/ (TensorBoard), export/ (generator.pt for jobs.infer and
-an official-layout latest_net_G.pth). SIGTERM saves a checkpoint and exits 0.
+complete one is resumed automatically; one that cannot be read is set aside and the one before it
+resumed), tb/ (TensorBoard), export/ (generator.pt for jobs.infer and an official-layout
+latest_net_G.pth). In the training loop, SIGTERM or SIGINT saves a checkpoint and exits 0; before
+it, or a second time, they end the run at once (exit 143 or 130).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import argparse
 import json
 import logging
 import resource
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -38,14 +39,17 @@ from jobs.config import (
 )
 from jobs.quality import HeldOutEvaluator
 from jobs.runtime import Runtime, code_version, init_runtime, setup_logging, shutdown
+from jobs.signals import StopSignals
 from jobs.tensorboard import TensorBoard
 from pipeline import storage
 from pipeline.checkpoints import CheckpointStore
-from pipeline.unpaired import StreamPosition, UnpairedStream
+from pipeline.shards import ShardIndexError
+from pipeline.unpaired import DataSetError, StreamPosition, UnpairedStream
 
 log = logging.getLogger("jobs.train")
 
 STATE_BLOB = "state.pt"
+Loaded = tuple[int, str, dict[str, Any]]  # a checkpoint's step, the URL of its state and the state
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,9 +64,10 @@ def lr_factor(epoch: int, n_epochs: int, n_epochs_decay: int) -> float:
 class Trainer:
     """The training loop of one rank: model, stream, schedule, checkpoints, logs."""
 
-    def __init__(self, config: TrainConfig, runtime: Runtime) -> None:
+    def __init__(self, config: TrainConfig, runtime: Runtime, signals: StopSignals | None = None) -> None:
         self.config = config
         self.rt = runtime
+        self.signals = signals or StopSignals()
         t = config.train
         self.run_url = config.run.url.rstrip("/")
         self.model = CUTModel(cut_config(config, runtime.device.type), runtime.device, seed=t.seed)
@@ -87,7 +92,6 @@ class Trainer:
         self.step = 0
         self.position = StreamPosition(0, 0)
         self.last_saved = -1
-        self.stop_requested = False
         # A host sync per step is free on CPU; on CUDA the stop/finite check runs every few steps.
         self.control_every = 1 if runtime.device.type == "cpu" else 10
         self.tb = TensorBoard(storage.join(self.run_url, "tb")) if runtime.is_main else None
@@ -132,12 +136,16 @@ class Trainer:
         self.last_saved = self.step
 
     def resume(self) -> bool:
-        """Load the newest complete checkpoint, if any; returns whether one was loaded."""
-        latest = self.store.latest_step()
-        if latest is None:
+        """Load the newest complete checkpoint that can be read, if any; returns whether one was loaded.
+
+        An unreadable one is set aside (rank 0 renames it; a warning names it) and the one before it
+        taken; all ranks then agree on the oldest choice among them. If checkpoints exist but none can
+        be read, the run stops unless ``train.start_fresh_if_unreadable`` allows starting at step 0.
+        """
+        found = self._readable_state()
+        if found is None:
             return False
-        source = storage.join(self.store.root, f"step-{latest:09d}", STATE_BLOB)
-        state = read_checkpoint(self.store.read(latest, STATE_BLOB), source)
+        _, source, state = found
         self.model.load_state_dict(state["model"])
         self.step = int(state["step"])
         rng = state["rng"]
@@ -155,6 +163,42 @@ class Trainer:
             self.evaluator.best = json.loads(storage.read_bytes(best))["scores"].get(self.evaluator.metric)
         log.info("step %d: resumed from %s (epoch %d, step %d of it)", self.step, source, *self._pos())
         return True
+
+    def _readable_state(self) -> Loaded | None:
+        steps = list(reversed(self.store.complete_steps()))
+        set_aside = []
+        chosen = None
+        for step in steps:
+            source = storage.join(self.store.root, f"step-{step:09d}", STATE_BLOB)
+            try:
+                chosen = (step, source, read_checkpoint(self.store.read(step, STATE_BLOB), source))
+                break
+            except (CheckpointError, FileNotFoundError) as exc:
+                log.warning("step %d: checkpoint %s cannot be read (%s)", step, source, exc)
+                if self.rt.is_main:
+                    set_aside.append(self.store.set_aside(step))
+                    log.warning("moved it aside to %s; resuming from the one before", set_aside[-1])
+        chosen = self._agree(chosen)
+        if chosen is None and steps:
+            message = (f"no checkpoint under {self.store.root} can be read ({len(steps)} unreadable, set "
+                       f"aside); set train.start_fresh_if_unreadable=true to start again at step 0")
+            if not self.config.train.start_fresh_if_unreadable:
+                raise CheckpointError(message)
+            log.warning("%s: starting at step 0 as train.start_fresh_if_unreadable allows", message)
+        return chosen
+
+    def _agree(self, chosen: Loaded | None) -> Loaded | None:
+        """The same checkpoint on every rank: the oldest any rank chose (-1: none)."""
+        if not self.rt.distributed:
+            return chosen
+        step = torch.tensor(-1 if chosen is None else chosen[0])
+        dist.all_reduce(step, op=dist.ReduceOp.MIN)
+        if int(step) == (-1 if chosen is None else chosen[0]):
+            return chosen
+        if int(step) < 0:
+            return None
+        source = storage.join(self.store.root, f"step-{int(step):09d}", STATE_BLOB)
+        return int(step), source, read_checkpoint(self.store.read(int(step), STATE_BLOB), source)
 
     def evaluate(self) -> None:
         """Score G on the held-out set (rank 0); keep the state as ``checkpoints/best`` if it improved."""
@@ -183,7 +227,7 @@ class Trainer:
     def _control(self, losses: dict[str, torch.Tensor]) -> tuple[bool, bool]:
         """(stop requested on any rank, non-finite loss on any rank), agreed by all ranks."""
         bad = ~torch.isfinite(torch.stack([v.float() for v in losses.values()])).all()
-        flags = torch.stack([torch.tensor(self.stop_requested, device=bad.device), bad]).to(torch.int32)
+        flags = torch.stack([torch.tensor(self.signals.is_set(), device=bad.device), bad]).to(torch.int32)
         if self.rt.distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stop, nonfinite = (bool(v) for v in flags.tolist())
@@ -228,7 +272,8 @@ class Trainer:
                     )
                 if stop:
                     self.save()
-                    log.info("step %d: stop requested (SIGTERM), checkpoint saved, exiting", self.step)
+                    why = self.signals.requested.name if self.signals.requested else "on another rank"
+                    log.info("step %d: stop requested (%s), checkpoint saved, exiting", self.step, why)
                     return "preempted"
             if due_save:
                 self.save()
@@ -305,7 +350,6 @@ class Trainer:
         if self.rt.distributed:
             device_ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             self.model.wrap(lambda net: DistributedDataParallel(net, device_ids=device_ids))
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         log.info(
             "training %s: %d steps of %d per epoch, %d epochs, %d rank(s), device %s, from step %d",
             self.config.model.preset,
@@ -316,18 +360,16 @@ class Trainer:
             self.rt.device,
             self.step,
         )
+        self.signals.graceful = True  # a first SIGTERM/SIGINT now checkpoints and exits 0
         try:
             outcome = self.train()
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            self.signals.graceful = False
             if self.tb is not None:
                 self.tb.close()
         if outcome == "done" and self.rt.is_main:
             self.export()
         return 0
-
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self.stop_requested = True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,16 +393,19 @@ def main(argv: list[str] | None = None) -> int:
         config = load_train_config(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    runtime = init_runtime(config.train.device)
-    setup_logging(runtime.rank)
-    torch.manual_seed(config.train.seed)
-    try:
-        return Trainer(config, runtime).run()
-    except (NonFiniteLossError, CheckpointError, InceptionWeightsError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
-    finally:
-        shutdown(runtime)
+    signals = StopSignals()
+    with signals.installed():
+        runtime = init_runtime(config.train.device)
+        setup_logging(runtime.rank)
+        torch.manual_seed(config.train.seed)
+        try:
+            return Trainer(config, runtime, signals).run()
+        except (NonFiniteLossError, CheckpointError, InceptionWeightsError, FileNotFoundError,
+                ShardIndexError, DataSetError) as exc:
+            log.error("%s", str(exc).strip().splitlines()[-1])
+            return 1
+        finally:
+            shutdown(runtime)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from cut import generator_from_checkpoint, read_checkpoint
 from cut.inference import BatchTranslator, PendingBatch
 from jobs.config import ConfigError
+from jobs.signals import StopSignals
 from pipeline import storage
 from pipeline.corpus import WorkUnit
 from pipeline.keys import UnsafeKeyError
@@ -82,7 +83,7 @@ class Translator:
     handles the previous one), outputs encoded and written by a bounded thread pool, a unit's
     manifest part written once all its outputs are stored."""
 
-    def __init__(self, config: InferConfig, stop: threading.Event | None = None) -> None:
+    def __init__(self, config: InferConfig, stop: StopSignals | None = None) -> None:
         self.cfg = config
         use_cuda = wants_cuda(config)
         if use_cuda and not torch.cuda.is_available():
@@ -105,7 +106,7 @@ class Translator:
         self.layout = OutputLayout(
             config.out, config.format, config.image_format, config.quality, config.png_level
         )
-        self.stop = stop or threading.Event()
+        self.stop = stop or StopSignals()
         self.failed: list[int] = []
         self.unfinished: list[int] = []
         self.stats = {"ok": 0, "error": 0}

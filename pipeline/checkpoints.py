@@ -3,13 +3,16 @@
 A checkpoint is a folder ``<root>/step-%09d/`` of named blobs. Its blobs are written first and the
 marker ``_COMPLETE`` last, so a folder without the marker (a writer killed midway) is never taken
 for a checkpoint. ``<root>/latest`` names the newest complete folder; when it is missing or points
-at something incomplete, readers fall back to scanning. Model-agnostic: blobs are bytes.
+at something incomplete, readers fall back to scanning. A complete checkpoint whose bytes turn out
+unreadable (a disk or store that lost them) is set aside as ``step-%09d.unreadable-<time>``.
+Model-agnostic: blobs are bytes.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 
 from pipeline import storage
 
@@ -66,6 +69,22 @@ class CheckpointStore:
             log.warning("checkpoint pointer %s names %r, which is not complete; scanning", pointer, name)
         steps = self.complete_steps()
         return steps[-1] if steps else None
+
+    def set_aside(self, step: int) -> str:
+        """Move an unreadable checkpoint out of the way (renamed, kept for inspection): readers then
+        take the newest one before it. Returns its new URL."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        source = storage.join(self.root, step_dir_name(step))
+        target = storage.join(self.root, f"{step_dir_name(step)}.unreadable-{stamp}")
+        fs, path = storage.filesystem(source)
+        target_path = storage.filesystem(target)[1]
+        storage.retry(lambda: fs.mv(path, target_path, recursive=True), what=f"move {source}")
+        steps = self.complete_steps()
+        if steps:
+            storage.write_bytes_atomic(storage.join(self.root, LATEST), step_dir_name(steps[-1]).encode())
+        else:
+            storage.remove(storage.join(self.root, LATEST))
+        return target
 
     def read(self, step: int, name: str) -> bytes:
         return storage.read_bytes(storage.join(self.root, step_dir_name(step), name))

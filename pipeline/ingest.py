@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline import formats, storage
 from pipeline.keys import path_key
-from pipeline.shards import INDEX_NAME, REJECTS_NAME, ShardIndex, ShardWriter, index_url
+from pipeline.shards import INDEX_NAME, REJECTS_NAME, ShardIndex, ShardWriter
 from pipeline.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, inspect_image
 
 LIST_EXTENSIONS = (".txt", ".parquet")
@@ -132,7 +132,7 @@ def expand_source(spec: str) -> SourceListing:
 def list_sources(specs: Iterable[str]) -> list[Source]:
     """All sources of the SOURCE arguments in order; a key shared by two sources is an error."""
     seen: dict[str, str] = {}
-    sources = []
+    sources, collisions = [], []
     for spec in specs:
         listing = expand_source(spec)
         if listing.skipped:
@@ -140,10 +140,15 @@ def list_sources(specs: Iterable[str]) -> list[Source]:
                         len(listing.skipped), ", ".join(listing.skipped[:3]))
         for source in listing.sources:
             if source.key in seen:
-                raise KeyCollisionError(f"sources {seen[source.key]} and {source.url} both map to sample "
-                                        f"key {source.key!r}; rename one or shard them separately")
+                collisions.append(f"{seen[source.key]} and {source.url} -> {source.key!r}")
+                continue
             seen[source.key] = source.url
             sources.append(source)
+    if collisions:
+        more = f"\n  ... and {len(collisions) - 50} more" if len(collisions) > 50 else ""
+        shown = "\n  ".join(collisions[:50]) + more
+        raise KeyCollisionError(f"{len(collisions)} sample key collision(s): two sources map to one key "
+                                f"(rename them or shard them separately):\n  {shown}")
     return sources
 
 
@@ -177,24 +182,51 @@ def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Itera
             yield pending.popleft().result()
 
 
-def prepare_output(out_url: str, overwrite: bool) -> None:
-    """Refuse an output that already holds shards, or clear them when `overwrite` (index first)."""
+@dataclass(frozen=True)
+class ExistingSet:
+    """What an output folder already holds: its index (if any) and its top-level shard-set files."""
+
+    index: ShardIndex | None
+    files: dict[str, str]  # name -> URL: shards, the index, rejects, temporary files of killed writes
+
+    @property
+    def revision(self) -> int:
+        return int(self.index.extra.get("revision", 1)) if self.index is not None else 1
+
+
+def existing_set(out_url: str) -> ExistingSet:
     try:
         names = {storage.relative(u, out_url): u for u in storage.list_files(out_url)}
     except FileNotFoundError:
+        return ExistingSet(None, {})
+    files = {name: u for name, u in names.items() if "/" not in name and (
+        name.endswith(".tar") or name in (INDEX_NAME, REJECTS_NAME) or name.startswith(".tmp-"))}
+    index = ShardIndex.load(out_url) if INDEX_NAME in files else None
+    return ExistingSet(index, files)
+
+
+def check_output(existing: ExistingSet, out_url: str, overwrite: bool) -> None:
+    """Refuse an output that already holds a set (or the leftovers of one) unless overwriting."""
+    if overwrite or not existing.files:
         return
-    old = [u for name, u in names.items()
-           if "/" not in name and (name.endswith(".tar") or name in (INDEX_NAME, REJECTS_NAME))]
-    if not old:
-        return
-    if not overwrite:
-        raise OutputExistsError(f"{out_url} already holds a shard set ({len(old)} files); "
-                                f"pass --overwrite to replace it")
-    index = index_url(out_url)
-    storage.remove(index)
-    for url in old:
-        if url != index:
-            storage.remove(url)
+    shards = sum(name.endswith(".tar") for name in existing.files)
+    if existing.index is None:
+        raise OutputExistsError(
+            f"{out_url} holds {shards} shard file(s) but no {INDEX_NAME}: a build that was interrupted, so "
+            f"the set is incomplete. Rerun with --overwrite to build it again; the leftovers are removed "
+            f"once the new index is written")
+    raise OutputExistsError(
+        f"{out_url} already holds a shard set ({len(existing.index.shards)} shards); pass --overwrite to "
+        f"replace it (readers keep the old set until the new index is written)")
+
+
+def remove_unlisted(existing: ExistingSet, index: ShardIndex) -> list[str]:
+    """After the switch to `index`: delete the old set's shards and leftovers it does not name."""
+    keep = {s.name for s in index.shards} | {INDEX_NAME, REJECTS_NAME}
+    removed = [url for name, url in existing.files.items() if name not in keep]
+    for url in removed:
+        storage.remove(url)
+    return removed
 
 
 def build_shards(specs: Sequence[str], out_url: str, *, prefix: str = "shard", domain: str | None = None,
@@ -205,8 +237,12 @@ def build_shards(specs: Sequence[str], out_url: str, *, prefix: str = "shard", d
     sources = list_sources(specs)
     if not sources:
         raise FileNotFoundError(f"no images found in {', '.join(specs)}")
-    prepare_output(out_url, overwrite)
-    writer = ShardWriter(out_url, prefix, max_count, max_size)
+    existing = existing_set(out_url)
+    check_output(existing, out_url, overwrite)
+    # A rebuild writes beside the old set under new names; the new index switches readers over.
+    revision = existing.revision + 1 if existing.files else 1
+    writer = ShardWriter(out_url, f"{prefix}-" if revision == 1 else f"{prefix}-r{revision}-", max_count,
+                         max_size)
     rejects: list[Reject] = []
     bar = tqdm(total=len(sources), unit="img", desc=f"shard {prefix}", disable=not progress)
     try:
@@ -226,6 +262,10 @@ def build_shards(specs: Sequence[str], out_url: str, *, prefix: str = "shard", d
     lines = "".join(json.dumps({"source_url": r.source_url, "reason": r.reason, "detail": r.detail}) + "\n"
                     for r in rejects)
     storage.write_bytes_atomic(storage.join(out_url, REJECTS_NAME), lines.encode())
-    index = ShardIndex(out_url, tuple(shards), {"prefix": prefix, "domain": domain, "rejects": len(rejects)})
+    extra = {"prefix": prefix, "domain": domain, "rejects": len(rejects), "revision": revision}
+    index = ShardIndex(out_url, tuple(shards), extra)
     index.save()
+    removed = remove_unlisted(existing, index)
+    if removed:
+        log.info("removed %d files of the previous set or of interrupted builds", len(removed))
     return Summary(out_url, len(shards), index.samples, index.bytes, len(rejects), time.monotonic() - start)

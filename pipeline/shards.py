@@ -6,8 +6,10 @@ shard with its sample count and bytes, so readers know dataset sizes without sca
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
 import re
 import tarfile
@@ -89,6 +91,9 @@ class ShardIndex:
             raise ShardIndexError(f"{location} is not valid JSON: {exc}") from exc
         if not isinstance(body, dict) or not isinstance(body.get("shards"), list):
             raise ShardIndexError(f"{location}: expected an object with a 'shards' list")
+        if body.get("version", INDEX_VERSION) != INDEX_VERSION:
+            raise ShardIndexError(f"{location}: index version {body['version']!r} is not one this tool reads "
+                                  f"({INDEX_VERSION})")
         shards = tuple(_shard_info(entry, i, location) for i, entry in enumerate(body.pop("shards")))
         names = [s.name for s in shards]
         if len(set(names)) != len(names):
@@ -146,19 +151,60 @@ def tar_member_size(n: int) -> int:
     return TAR_BLOCK + -(-n // TAR_BLOCK) * TAR_BLOCK
 
 
-class ShardWriter:
-    """Write samples into `<prefix>-%06d.tar` shards under `out_url`, each closed and uploaded atomically
-    when the next sample would exceed `max_count` samples or `max_size` bytes."""
+SPOOL_DIR = "cut-pipeline-spool"
 
-    def __init__(self, out_url: str, prefix: str, max_count: int, max_size: int) -> None:
+
+def spool_folder() -> str:
+    """Where shards are assembled before upload: one folder under the temporary directory, whose files
+    name their writer's pid, so a killed writer's leftovers are found and removed by the next one."""
+    folder = os.path.join(tempfile.gettempdir(), SPOOL_DIR)
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def remove_stale_spools(folder: str) -> list[str]:
+    """Delete spool files of writers (on this host) that no longer run; returns their paths."""
+    removed = []
+    for name in os.listdir(folder):
+        pid = name.split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        path = os.path.join(folder, name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ShardWriter:
+    """Write samples into `<name_prefix>%06d.tar` shards under `out_url`, each closed and uploaded
+    atomically when the next sample would exceed `max_count` samples or `max_size` bytes.
+
+    `name_prefix` is `<prefix>-` for a new set and `<prefix>-r<revision>-` for a rebuild, so a rebuild
+    never overwrites the shards the current index names."""
+
+    def __init__(self, out_url: str, name_prefix: str, max_count: int, max_size: int) -> None:
         if max_count < 1 or max_size < 1:
             raise ValueError("max_count and max_size must be positive")
-        self.out_url, self.prefix = out_url, prefix
+        self.out_url, self.name_prefix = out_url, name_prefix
         self.max_count, self.max_size = max_count, max_size
         self.written: list[ShardInfo] = []
         self._tar: tarfile.TarFile | None = None
         self._spool = ""
         self._count = self._size = 0
+        self._folder = spool_folder()
+        for path in remove_stale_spools(self._folder):
+            logging.getLogger(__name__).info("removed the spool of an interrupted writer: %s", path)
 
     def write(self, key: str, members: Mapping[str, bytes]) -> None:
         """Add one sample: `members` maps extensions (`jpg`, `json`) to bytes, stored as `<key>.<ext>`."""
@@ -166,7 +212,7 @@ class ShardWriter:
         if self._tar is not None and (self._count + 1 > self.max_count or self._size + size > self.max_size):
             self._finish()
         if self._tar is None:
-            fd, self._spool = tempfile.mkstemp(suffix=".tar")
+            fd, self._spool = tempfile.mkstemp(prefix=f"{os.getpid()}-", suffix=".tar", dir=self._folder)
             os.close(fd)
             # Stays open across write() calls; _finish or abort closes it.
             self._tar = tarfile.open(self._spool, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
@@ -179,14 +225,16 @@ class ShardWriter:
 
     def _finish(self) -> None:
         assert self._tar is not None
-        self._tar.close()
-        name = f"{self.prefix}-{len(self.written):06d}.tar"
+        tar, spool, count = self._tar, self._spool, self._count
+        self._tar, self._spool, self._count, self._size = None, "", 0, 0
         try:
-            storage.upload_atomic(self._spool, storage.join(self.out_url, name))
-            self.written.append(ShardInfo(name, self._count, os.path.getsize(self._spool)))
+            tar.close()
+            name = f"{self.name_prefix}{len(self.written):06d}.tar"
+            storage.upload_atomic(spool, storage.join(self.out_url, name))
+            self.written.append(ShardInfo(name, count, os.path.getsize(spool)))
         finally:
-            os.unlink(self._spool)
-        self._tar, self._count, self._size = None, 0, 0
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spool)
 
     def close(self) -> list[ShardInfo]:
         """Finish the last shard; returns every shard written."""
@@ -196,10 +244,14 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the shard being written (already uploaded shards stay)."""
-        if self._tar is not None:
-            self._tar.close()
-            os.unlink(self._spool)
-            self._tar = None
+        tar, spool = self._tar, self._spool
+        self._tar, self._spool = None, ""
+        if tar is not None:
+            with contextlib.suppress(Exception):
+                tar.close()
+        if spool:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spool)
 
 
 def iter_shard(url: str, size: int | None = None) -> Iterator[dict[str, object]]:

@@ -8,6 +8,7 @@ so MinIO, Ceph or any S3-compatible store works without code changes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -32,6 +33,9 @@ LOCAL_PROTOCOLS = ("file", "local")
 _GLOB_CHARS = "*?["
 # Errors that retrying cannot fix; every other OSError (timeouts, resets, 5xx) is transient.
 _PERMANENT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+_PERMANENT_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENOTDIR,
+                               errno.EISDIR, errno.ENAMETOOLONG, errno.EROFS, errno.EEXIST, errno.ENOSPC,
+                               errno.EDQUOT, errno.EBADF, errno.EINVAL})
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:
@@ -48,6 +52,8 @@ _jitter = random.Random()  # private, so retries never disturb a seeded global `
 
 def is_transient(exc: BaseException) -> bool:
     """Whether `exc` is worth retrying (network and server trouble, not missing or forbidden objects)."""
+    if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
+        return False
     return isinstance(exc, _TRANSIENT) and not isinstance(exc, _PERMANENT)
 
 

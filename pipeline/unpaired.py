@@ -83,6 +83,11 @@ class ShardSequence:
     def total(self) -> int:
         return sum(self.counts)
 
+    @property
+    def name(self) -> str:
+        """The shard set's folder."""
+        return self.urls[0].rsplit("/", 1)[0] if self.urls else ""
+
     def segments(self, epoch: int, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
         """(shard, first sample, end sample, first position) runs covering positions [start, stop)."""
         position = start
@@ -154,7 +159,7 @@ Decoded = tuple[str, torch.Tensor, list[tuple[str, str]]]
 
 
 def decode_filled(items: Iterable[RawSample], decode: Callable[[bytes], Image.Image], transform: Transform,
-                  fallback: Callable[[], Iterable[RawSample]]) -> Iterator[Decoded]:
+                  fallback: Callable[[], Iterable[RawSample]], source: str = "") -> Iterator[Decoded]:
     """(key, tensor, skipped) per item; a corrupt item takes the image of the next good one.
 
     `skipped` lists the (key, reason) of the corrupt item it replaces. Corrupt items at the end take
@@ -172,18 +177,27 @@ def decode_filled(items: Iterable[RawSample], decode: Callable[[bytes], Image.Im
         holes.clear()
         yield item.key, transform(image, item), []
     if holes:
-        key, image = _first_good(fallback(), decode, holes[0][0].key)
+        key, image = _first_good(fallback(), decode, holes[0][0].key, source)
         for hole, why in holes:
             yield key, transform(image, hole), [(hole.key, why)]
 
 
+class DataSetError(ValueError):
+    """A shard set training cannot use: empty, too small for one batch, or nothing decodable."""
+
+
+class NoDecodableSampleError(DataSetError):
+    """A stream whose samples (this worker's share of them) are all corrupt."""
+
+
 def _first_good(items: Iterable[RawSample], decode: Callable[[bytes], Image.Image],
-                first_bad: str) -> tuple[str, Image.Image]:
+                first_bad: str, source: str) -> tuple[str, Image.Image]:
     for item in items:
         image = _try_decode(item, decode)[0]
         if image is not None:
             return item.key, image
-    raise RuntimeError(f"no decodable sample in this worker's share (first bad: {first_bad})")
+    raise NoDecodableSampleError(f"no decodable sample in shard set {source or '?'} (in this data worker's "
+                                 f"share of it; first bad: {first_bad}): check it with python -m jobs.shard")
 
 
 def _try_decode(item: RawSample, decode: Callable[[bytes], Image.Image]) -> tuple[Image.Image | None, str]:
@@ -193,6 +207,8 @@ def _try_decode(item: RawSample, decode: Callable[[bytes], Image.Image]) -> tupl
         return decode(item.data), ""
     except ImageDecodeError as exc:
         return None, str(exc)
+    except Exception as exc:  # whatever else one image can raise: skipped like any corrupt sample
+        return None, f"corrupt: {type(exc).__name__}: {exc}"
 
 
 @dataclass(frozen=True)
@@ -247,7 +263,7 @@ class EpochPlan:
 
         return decode_filled(islice(self._order(seq, logical), skip, None),
                              lambda data: decode_rgb(data, draft_to=size), transform,
-                             lambda: self._order(seq, logical))
+                             lambda: self._order(seq, logical), seq.name)
 
 
 class _EpochDataset(IterableDataset):
@@ -287,13 +303,13 @@ class UnpairedStream:
         for index in indexes:
             index.check_complete()
             if index.samples == 0:
-                raise ValueError(f"shard set {index.base_url} holds no samples")
+                raise DataSetError(f"shard set {index.base_url} holds no samples")
         self.a = ShardSequence.from_index(indexes[0], seed, A_STREAM)
         self.b = ShardSequence.from_index(indexes[1], seed, B_STREAM)
         self.steps_per_epoch = max(self.a.total, self.b.total) // (self.world_size * batch_size)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{max(self.a.total, self.b.total)} samples cannot fill one batch of "
-                             f"{batch_size} on each of {self.world_size} ranks")
+            raise DataSetError(f"{max(self.a.total, self.b.total)} samples cannot fill one batch of "
+                               f"{batch_size} on each of {self.world_size} ranks")
         self.seed, self.batch_size, self.workers = seed, batch_size, workers
         self.load_size, self.crop_size, self.flip = load_size, crop_size, flip
         self.shuffle_buffer = shuffle_buffer

@@ -90,13 +90,16 @@ def test_shards_respect_the_byte_limit(make_images: Callable[..., Path], tmp_pat
     assert all(s.bytes <= 12_000 + 10_240 for s in index.shards)  # tar end padding is not counted ahead
 
 
-def test_key_collision_names_both_sources(tmp_path: Path) -> None:
+def test_every_key_collision_is_named_in_one_run(tmp_path: Path) -> None:
     folder = tmp_path / "src"
     folder.mkdir()
-    (folder / "cat.jpg").write_bytes(image_bytes(1))
-    (folder / "cat.png").write_bytes(image_bytes(2, fmt="PNG"))
-    with pytest.raises(KeyCollisionError, match=r"cat\.jpg and .*cat\.png both map to sample key 'cat'"):
+    for name in ("cat.jpg", "cat.png", "dog.jpg", "dog.webp", "a.b.jpg", "a_b.jpg"):
+        (folder / name).write_bytes(image_bytes(1))
+    with pytest.raises(KeyCollisionError, match="3 sample key collision") as caught:
         build_shards([str(folder)], str(tmp_path / "out"), progress=False)
+    message = str(caught.value)
+    assert all(f"-> '{key}'" in message for key in ("cat", "dog", "a_b")) and "cat.png" in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_is_refused_unless_overwrite(make_images: Callable[..., Path], tmp_path: Path,
@@ -109,7 +112,7 @@ def test_existing_output_is_refused_unless_overwrite(make_images: Callable[..., 
         build_shards([str(make_images("b", 1))], out, progress=False)
     assert shard_job.main([str(make_images("b", 1)), "--out", out, "--overwrite", "--no-progress"]) == 0
     names = sorted(p.name for p in Path(out).iterdir())
-    assert names == ["_index.json", "_rejects.jsonl", "shard-000000.tar"]
+    assert names == ["_index.json", "_rejects.jsonl", "shard-r2-000000.tar"]  # beside the old, then switched
     assert ShardIndex.load(out).samples == 1
 
 

@@ -21,7 +21,7 @@ SIZES = {"load_size": 36, "crop_size": 32}
 
 def _shard_set(url: str, samples: list[tuple[str, bytes]], max_count: int) -> str:
     """Write samples as given, unchecked (ingest would reject bad ones)."""
-    writer = ShardWriter(url, "s", max_count=max_count, max_size=1 << 30)
+    writer = ShardWriter(url, "s-", max_count=max_count, max_size=1 << 30)
     for key, data in samples:
         writer.write(key, {"jpg": data, "json": b"{}"})
     ShardIndex(url, tuple(writer.close())).save()
