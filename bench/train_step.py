@@ -2,7 +2,7 @@
 
     python -m bench.train_step --preset CUT --crop 64 128 256
 
-The baseline, measured in the same run, is the official step as cut-reference.md describes it: keys
+The baseline, measured in the same run, is the official step in docs/official-reference.md §9: keys
 re-encoded from real_A and real_B with autograd on (``reuse_keys=False``), the official blur
 layers (upsampling as a grouped transposed convolution, downsampling as a depthwise convolution
 through plain autograd), torch's InstanceNorm2d followed by the in-place ReLU, nn.Conv2d (no

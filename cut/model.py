@@ -1,7 +1,7 @@
 """The CUT / FastCUT model: three networks, three optimizers and one training step.
 
 One step is the official order: a discriminator update, then a generator and head update against
-the freshly updated discriminator (cut-reference.md section 5). The math is the official one; the
+the freshly updated discriminator (docs/official-reference.md §9). The math is the official one; the
 speed comes from not recomputing what the generator's forward pass already produced (the PatchNCE
 keys), from never building autograd graphs that nothing uses, from cheaper kernels for the same
 functions in ``cut.networks`` (separable blur, group-norm instance norm, Winograd block convolutions

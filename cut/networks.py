@@ -1,7 +1,7 @@
 """CUT networks: ResNet generator, PatchGAN discriminator, PatchSampleF heads, blur resampling.
 
 Module indices, parameter names and buffer names follow the official implementation, so its
-checkpoints load with ``strict=True`` (cut-reference.md sections 1-3 and 9).
+checkpoints load with ``strict=True`` (docs/official-reference.md §4-§7 and §14).
 """
 
 from __future__ import annotations

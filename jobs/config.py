@@ -7,6 +7,7 @@ names the key (and the file it came from).
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Sequence
@@ -25,75 +26,94 @@ class ConfigError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ schema
+def key(default: Any, meaning: str) -> Any:
+    """A config key: its default and one line of meaning (``--help`` lists them from here)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": meaning})
+    return field(default=default, metadata={"help": meaning})
+
+
+PRESET_VALUE = "null: the preset's value"
+
+
 @dataclass
 class ModelSection:
-    """The CUT model; ``None`` means "the preset's value" (cut-reference.md section 6)."""
+    """The CUT model (docs/official-reference.md §1-§2: the official defaults and presets)."""
 
-    preset: str = "CUT"
-    ngf: int = 64
-    ndf: int = 64
-    n_blocks: int = 9
-    n_layers_D: int = 3
-    antialias: bool = True
-    antialias_up: bool = True
-    netF_nc: int = 256
-    num_patches: int = 256
-    nce_layers: list[int] = field(default_factory=lambda: [0, 4, 8, 12, 16])
-    nce_T: float = 0.07
-    lambda_GAN: float = 1.0
-    lambda_NCE: float | None = None
-    nce_idt: bool | None = None
-    flip_equivariance: bool | None = None
-    gan_mode: str = "lsgan"
-    channels_last: bool | None = None
-    bf16: bool | None = None
+    preset: str = key("CUT", "CUT or FastCUT: the official presets (NCE weight, identity NCE, flips, epochs)")
+    ngf: int = key(64, "generator width (filters of its first layer)")
+    ndf: int = key(64, "discriminator width")
+    n_blocks: int = key(9, "ResNet blocks in the generator (9: resnet_9blocks, 6: resnet_6blocks)")
+    n_layers_D: int = key(3, "strided layers of the PatchGAN discriminator")
+    antialias: bool = key(True, "blur-pool downsampling (the official default)")
+    antialias_up: bool = key(True, "blur upsampling (the official default)")
+    netF_nc: int = key(256, "width of the PatchNCE projection heads")
+    num_patches: int = key(256, "patches sampled per layer for PatchNCE")
+    nce_layers: list[int] = key(  # noqa: RUF009 (key copies a list default per instance)
+        [0, 4, 8, 12, 16], "generator layers whose features PatchNCE compares"
+    )
+    nce_T: float = key(0.07, "PatchNCE temperature")
+    lambda_GAN: float = key(1.0, "weight of the adversarial loss")
+    lambda_NCE: float | None = key(None, f"weight of the PatchNCE loss; {PRESET_VALUE} (1 CUT, 10 FastCUT)")
+    nce_idt: bool | None = key(None, f"identity PatchNCE on real B; {PRESET_VALUE} (on for CUT)")
+    flip_equivariance: bool | None = key(None, f"flip-equivariance augmentation; {PRESET_VALUE} (FastCUT)")
+    gan_mode: str = key("lsgan", "adversarial loss: lsgan, vanilla or nonsaturating")
+    channels_last: bool | None = key(None, "channels_last memory format; null: on for CUDA")
+    bf16: bool | None = key(None, "bf16 autocast; null: on for CUDA")
 
 
 @dataclass
 class DataSection:
-    a: str = ""
-    b: str = ""
-    load_size: int = 286
-    crop_size: int = 256
-    workers: int = 4
-    flip: bool = True
+    """The two training domains, and how images become crops."""
+
+    a: str = key("", "domain A: a shard set (its folder or _index.json URL), or an image folder, prefix, "
+                     "glob, .txt or .parquet list of URLs (frozen into the run on its first start)")
+    b: str = key("", "domain B: as data.a")
+    load_size: int = key(286, "images are resized to load_size x load_size, then randomly cropped")
+    crop_size: int = key(256, "training crop (a multiple of 4)")
+    workers: int = key(4, "DataLoader processes per rank (exact resume needs the same count)")
+    flip: bool = key(True, "random horizontal flips")
 
 
 @dataclass
 class TrainSection:
-    batch_size: int = 1
-    lr: float = 0.0002
-    beta1: float = 0.5
-    beta2: float = 0.999
-    n_epochs: int | None = None
-    n_epochs_decay: int | None = None
-    max_steps: int | None = None
-    seed: int = 0
-    checkpoint_every: int = 1000
-    keep_last: int = 3
-    log_every: int = 50
-    image_every: int = 500
-    device: str = "auto"
-    start_fresh_if_unreadable: bool = False  # every checkpoint unreadable: start at step 0, not stop
+    """The schedule, the optimizer and what a run writes."""
+
+    batch_size: int = key(1, "images per rank per step")
+    lr: float = key(0.0002, "Adam learning rate of G, D and the NCE heads")
+    beta1: float = key(0.5, "Adam beta1, in [0, 1)")
+    beta2: float = key(0.999, "Adam beta2, in [0, 1)")
+    n_epochs: int | None = key(None, f"epochs at the full rate; {PRESET_VALUE} (200 CUT, 150 FastCUT)")
+    n_epochs_decay: int | None = key(None, f"epochs of linear decay after them; {PRESET_VALUE} (200, 50)")
+    max_steps: int | None = key(None, "stop after this many steps (null: when the schedule ends)")
+    seed: int = key(0, "seeds weights, data order, crops and patches")
+    checkpoint_every: int = key(1000, "steps between checkpoints (each also refreshes export/)")
+    keep_last: int = key(3, "complete checkpoints kept; older ones are pruned")
+    log_every: int = key(50, "steps between log lines and TensorBoard scalars")
+    image_every: int = key(500, "steps between TensorBoard image grids")
+    device: str = key("auto", "auto, cpu or cuda")
+    start_fresh_if_unreadable: bool = key(False, "every checkpoint unreadable: start at step 0 (else stop)")
 
 
 @dataclass
 class EvalSection:
     """Periodic evaluation on held-out images (rank 0); the best checkpoint is kept beside the latest."""
 
-    every: int = 0  # steps between evaluations; 0 turns it off
-    a: str = ""  # held-out domain-A images: a shard set, folder, prefix, glob or URL list
-    b: str = ""  # held-out real B images: the FID/KID reference (optional)
-    domain_classifier: str = ""  # a classifier saved by jobs.eval (for domain_score)
-    inception_weights: str = ""  # FID Inception weights; empty: the torch hub cache
-    metric: str = "domain_score"  # picks the best checkpoint: domain_score (higher) | fid | kid (lower)
-    max_images: int = 200
-    batch_size: int = 16
+    every: int = key(0, "steps between evaluations; 0 turns it off")
+    a: str = key("", "held-out domain-A images: a shard set, folder, prefix, glob or URL list")
+    b: str = key("", "held-out real B images: the FID/KID reference (optional)")
+    domain_classifier: str = key("", "a classifier saved by jobs.eval (for domain_score)")
+    inception_weights: str = key("", "FID Inception weights; empty: the torch hub cache")
+    metric: str = key("domain_score", "picks checkpoints/best: domain_score (higher is better), fid or kid")
+    max_images: int = key(200, "held-out images scored per evaluation")
+    batch_size: int = key(16, "evaluation batch size")
 
 
 @dataclass
 class RunSection:
-    url: str = ""
+    """Where the run lives."""
+
+    url: str = key("", "run URL: config.yaml, checkpoints/, tb/, export/ (any fsspec URL)")
 
 
 @dataclass
@@ -103,6 +123,33 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     run: RunSection = field(default_factory=RunSection)
+
+
+def schema_keys(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, meaning) of every key of a config dataclass, sections flattened."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += schema_keys(hints[f.name], f"{name}.")
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        hint = hints[f.name]
+        kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("NoneType", "None")
+        rows.append((name, kind, default, f.metadata.get("help", "")))
+    return rows
+
+
+def describe_keys(cls: type) -> str:
+    """Every config key with its type, default and meaning, as --help lists them."""
+    rows = schema_keys(cls)
+    width = max(len(k) for k, *_ in rows)
+    lines = []
+    for name, kind, default, meaning in rows:
+        shown = "null" if default is None else json.dumps(default)
+        lines.append(f"  {name:<{width}}  {kind} = {shown}\n  {'':<{width}}  {meaning}")
+    return "\n".join(lines)
 
 
 EPOCH_PRESETS = {"CUT": (200, 200), "FastCUT": (150, 50)}
@@ -233,8 +280,8 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
         n_epochs_decay=n_decay if t.n_epochs_decay is None else t.n_epochs_decay,
     )
     checks = [
-        ("data.a", bool(d.a), "a shard set URL for domain A"),
-        ("data.b", bool(d.b), "a shard set URL for domain B"),
+        ("data.a", bool(d.a), "a shard set or image source (folder, prefix, glob, URL list) for domain A"),
+        ("data.b", bool(d.b), "a shard set or image source for domain B"),
         ("run.url", bool(config.run.url), "the run URL for checkpoints and logs"),
         ("data.crop_size", d.crop_size >= 32 and d.crop_size % 4 == 0, "a multiple of 4, at least 32"),
         ("data.load_size", d.load_size >= d.crop_size, "at least data.crop_size"),

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from jobs.cli import HelpFormatter
 from pipeline.manifest import read_manifest
 
 
@@ -54,15 +55,32 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__)
-    parser.add_argument(
-        "--data", default=os.environ.get("DATA") or None, help="folder with trainA/trainB/testA"
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.demo", description=__doc__, formatter_class=HelpFormatter
     )
-    parser.add_argument("--out", default=os.environ.get("DEMO_OUT", "demo-out"))
-    parser.add_argument("--steps", type=int, default=int(os.environ.get("DEMO_STEPS", "60")))
-    parser.add_argument("--ranks", type=int, default=2)
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--data",
+        default=os.environ.get("DATA") or None,
+        help="folder with trainA/, trainB/ and testA/ (also DATA=...); default: generated shapes",
+    )
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("DEMO_OUT", "demo-out"),
+        help="output folder, emptied first (also DEMO_OUT=...)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=int(os.environ.get("DEMO_STEPS", "60")),
+        help="training steps (also DEMO_STEPS=...)",
+    )
+    parser.add_argument("--ranks", type=int, default=2, help="torchrun processes (gloo on the CPU)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     data = Path(args.data) if args.data else out / "data"

@@ -51,9 +51,10 @@ from cut.inception import (
     InceptionWeightsError,
 )
 from cut.metrics import FeatureStats, QualityMeter, quantize
+from jobs.cli import HelpFormatter, add_logging_arguments
 from jobs.config import ConfigError, build
+from jobs.logs import setup_logging
 from jobs.quality import hub_weights_path, load_domain_classifier, load_inception
-from jobs.runtime import setup_logging
 from pipeline import storage
 from pipeline.images import (
     batched,
@@ -105,7 +106,7 @@ class EvalConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", help="generator to evaluate: our export or latest_net_G.pth")
     what.add_argument("--translated", help="inference output folder (OUT/manifest/*.parquet, OUT/images/...)")
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "and --train-a/--train-b are given)")
     p.add_argument("--train-a", help="real domain A training images for the domain classifier")
     p.add_argument("--train-b", help="real domain B training images for the domain classifier")
-    p.add_argument("--classifier-epochs", type=int, default=20)
+    p.add_argument("--classifier-epochs", type=int, default=20, help="epochs of the domain classifier")
     p.add_argument("--classifier-max-images", type=int, default=5000, help="training images per domain")
     p.add_argument("--inception-weights", help=f"path or URL of {WEIGHTS_NAME} (default: torch hub cache)")
     p.add_argument("--no-download", dest="download", action="store_false",
@@ -129,18 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="skip scoring the untranslated inputs")
     p.add_argument("--crop-size", type=int, default=256, help="images are resized to this square size")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch through G and the scorers")
     p.add_argument("--samples", type=int, default=8, help="input/output pairs shown in the report")
-    p.add_argument("--kid-subsets", type=int, default=100)
-    p.add_argument("--kid-subset-size", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--kid-subsets", type=int, default=100, help="random subsets KID averages over")
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="images per KID subset (at most all)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the classifier and the KID subsets")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if any")
+    add_logging_arguments(p)
     return p
 
 
 def load_eval_config(args: argparse.Namespace) -> EvalConfig:
     """The validated config of a parsed command line."""
-    data = {k: ("" if v is None and k != "metrics" else v) for k, v in vars(args).items()}
+    options = {k: v for k, v in vars(args).items() if k != "log_format"}
+    data = {k: ("" if v is None and k != "metrics" else v) for k, v in options.items()}
     config = build(EvalConfig, data, "command line")
     checks = [
         ("--test-a", bool(config.test_a) or not config.checkpoint, "given with --checkpoint"),
@@ -461,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_eval_config(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    setup_logging(0)
+    setup_logging(0, args.log_format)
     try:
         metrics = evaluate(config)
     except (InceptionWeightsError, UnavailableError, CheckpointError, ConfigError, FileNotFoundError,

@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cut import CheckpointError
+from jobs.cli import HelpFormatter, add_logging_arguments
 from jobs.config import ConfigError, build
-from jobs.runtime import available_cores, env_int, setup_logging
+from jobs.logs import setup_logging
+from jobs.runtime import available_cores, env_int
 from jobs.signals import StopSignals
 from jobs.translator import Translator, finish, wants_cuda
 from pipeline.ingest import ListingError
@@ -75,7 +77,7 @@ class InferConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m jobs.infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m jobs.infer", description=__doc__, formatter_class=HelpFormatter
     )
     p.add_argument("--checkpoint", required=True, help="our export (export/generator.pt) or latest_net_G.pth")
     p.add_argument(
@@ -83,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output URL (images/, manifest/, _SUCCESS)")
     p.add_argument("--format", choices=FORMATS, default="files", help="write image files or shards")
-    p.add_argument("--image-format", choices=IMAGE_FORMATS, default="png")
+    p.add_argument(
+        "--image-format",
+        choices=IMAGE_FORMATS,
+        default="png",
+        help="png (lossless, fast: pipeline/png.py), jpg or webp (lossy, --quality)",
+    )
     p.add_argument(
         "--quality", type=int, default=95, help="JPEG/WebP quality, 1-100 (default: 95); PNG is lossless"
     )
@@ -91,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--png-level",
         type=int,
         default=1,
-        help="PNG zlib level 0-9 (default: 1, about 2 ms for 256x256 with files the size of Pillow's "
-        "level 1; 6 or more: files a few percent smaller, several times slower)",
+        help="PNG deflate level 0-9 (default: 1, ISA-L: 0.7 ms for 256x256, files the size of Pillow's "
+        "level 1; 2-9: zlib, a few percent smaller, several times slower)",
     )
     p.add_argument(
         "--preprocess",
@@ -101,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="official: resize to the crop size as test.py; none: keep the size (network at a multiple "
         "of 4, output restored to the input size); shortside: shortest side to --load-size",
     )
-    p.add_argument("--load-size", type=int, default=256)
-    p.add_argument("--crop-size", type=int, default=256)
+    p.add_argument("--load-size", type=int, default=256, help="shortest side for --preprocess shortside")
+    p.add_argument("--crop-size", type=int, default=256, help="network size for --preprocess official")
     p.add_argument(
         "--max-pixels", type=int, default=64 * 2**20, help="inputs with more pixels become error rows"
     )
@@ -129,13 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--num-workers", type=int, default=None, help="all workers (default: WORLD_SIZE or JOB_COMPLETIONS)"
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if there is one"
+    )
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
     p.add_argument(
         "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the generator (CUDA)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.add_argument(
         "--plan-timeout",
         type=float,
@@ -153,12 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="rerun: do not relist the inputs (worker 0 relists them by default to find changes)",
     )
+    add_logging_arguments(p)
     return p
 
 
 def load_infer_config(args: argparse.Namespace) -> InferConfig:
     """The validated config of a parsed command line (ConfigError if a value is out of range)."""
-    config = build(InferConfig, dict(vars(args)), "command line")
+    options = {k: v for k, v in vars(args).items() if k != "log_format"}
+    config = build(InferConfig, options, "command line")
     if config.worker_index is None:
         config.worker_index = env_int("RANK", "JOB_COMPLETION_INDEX", default=0)
     if config.num_workers is None:
@@ -224,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_infer_config(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    setup_logging(config.worker_index)
+    setup_logging(config.worker_index, args.log_format)
     stop = StopSignals()
     with stop.installed():
         return _run(config, stop)

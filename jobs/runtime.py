@@ -1,8 +1,7 @@
-"""Process setup the jobs share: the torchrun/Kubernetes environment, device, logging, code version."""
+"""Process setup the jobs share: the torchrun/Kubernetes environment, device, code version."""
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 from dataclasses import dataclass
@@ -100,15 +99,6 @@ def _attempt_store(rank: int, world: int) -> dist.Store:
 def shutdown(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def setup_logging(rank: int, level: int = logging.INFO) -> None:
-    """Log lines carry the rank; the step goes into each message."""
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s rank={rank} %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
 
 
 def code_version() -> str:

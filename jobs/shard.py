@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from dataclasses import asdict
 
+from jobs.cli import HelpFormatter, add_logging_arguments
+from jobs.logs import setup_logging
 from jobs.signals import StopSignals
 from pipeline.ingest import KeyCollisionError, ListingError, build_shards
 from pipeline.shards import ShardIndexError
@@ -29,12 +30,12 @@ example:
 """
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.shard",
         description=__doc__,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "sources",
@@ -79,12 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "beside the old ones, readers switch when the new index is written, then the old files go",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser.parse_args(argv)
+    add_logging_arguments(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    setup_logging(0, args.log_format)
     # SIGTERM/SIGINT end the build at once (exit 143/130): the spool is removed on the way out and the
     # output keeps the set it had (a rebuild switches sets only by writing its index, last).
     with StopSignals().installed():

@@ -31,9 +31,19 @@ class TensorBoard:
             self.writer.add_scalar(tag, value, step)
 
     def images(self, step: int, images: dict[str, torch.Tensor]) -> None:
-        """Add (3, H, W) images in [-1, 1] under their tags."""
+        """Add images in [-1, 1] under their tags: (3, H, W), or (N, 3, H, W) shown side by side."""
         for tag, img in images.items():
-            self.writer.add_image(tag, (img.detach().float().cpu().clamp(-1, 1) + 1) / 2, step)
+            img = img.detach().float().cpu().clamp(-1, 1)
+            if img.dim() == 4:
+                img = torch.cat(list(img), dim=2)
+            self.writer.add_image(tag, (img + 1) / 2, step)
+
+    def text(self, tag: str, markdown: str, step: int = 0) -> None:
+        self.writer.add_text(tag, markdown, step)
+
+    def hparams(self, params: dict[str, float | int | str | bool], metrics: dict[str, float]) -> None:
+        """The run's hyperparameters beside its final metrics (TensorBoard's HPARAMS tab)."""
+        self.writer.add_hparams(params, {f"hparam/{k}": v for k, v in metrics.items()}, run_name="hparams")
 
     def sync(self) -> None:
         """Flush, and upload the event files that grew since the last sync (remote runs)."""

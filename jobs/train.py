@@ -6,8 +6,9 @@
 Outputs under run.url: config.yaml, checkpoints/step-%09d/ (full training state; the newest
 complete one is resumed automatically; one that cannot be read is set aside and the one before it
 resumed), tb/ (TensorBoard), export/ (generator.pt for jobs.infer and an official-layout
-latest_net_G.pth). In the training loop, SIGTERM or SIGINT saves a checkpoint and exits 0; before
-it, or a second time, they end the run at once (exit 143 or 130).
+latest_net_G.pth: the generator of the newest checkpoint, rewritten with each). In the training
+loop, SIGTERM or SIGINT saves a checkpoint and exits 0; before it, or a second time, they end the
+run at once (exit 143 or 130).
 """
 
 from __future__ import annotations
@@ -18,33 +19,39 @@ import logging
 import resource
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from cut import CheckpointError, CUTModel, export_generator, read_checkpoint
 from cut.checkpoint import to_bytes
 from cut.inception import InceptionWeightsError
+from jobs.cli import HelpFormatter, add_logging_arguments
 from jobs.config import (
     ConfigError,
     TrainConfig,
     cut_config,
+    describe_keys,
     load_config,
     resolve_train_config,
     to_dict,
     to_yaml,
 )
+from jobs.logs import setup_logging
 from jobs.quality import HeldOutEvaluator
-from jobs.runtime import Runtime, code_version, init_runtime, setup_logging, shutdown
+from jobs.runtime import Runtime, code_version, init_runtime, shutdown
 from jobs.signals import StopSignals
 from jobs.tensorboard import TensorBoard
 from pipeline import storage
 from pipeline.checkpoints import CheckpointStore
+from pipeline.corpus import is_shard_set
 from pipeline.shards import ShardIndexError
-from pipeline.unpaired import DataSetError, StreamPosition, UnpairedStream
+from pipeline.unpaired import DataSetError, StreamPosition, UnpairedStream, freeze_listing
 
 log = logging.getLogger("jobs.train")
 
@@ -74,8 +81,8 @@ class Trainer:
         # Each rank draws its own patch positions and flips, as replicas do in the official code.
         self.model.generator.manual_seed(t.seed + 1 + 100_003 * runtime.rank)
         self.stream = UnpairedStream(
-            config.data.a,
-            config.data.b,
+            self._source(config.data.a, "a"),
+            self._source(config.data.b, "b"),
             load_size=config.data.load_size,
             crop_size=config.data.crop_size,
             batch_size=t.batch_size,
@@ -95,10 +102,27 @@ class Trainer:
         # A host sync per step is free on CPU; on CUDA the stop/finite check runs every few steps.
         self.control_every = 1 if runtime.device.type == "cpu" else 10
         self.tb = TensorBoard(storage.join(self.run_url, "tb")) if runtime.is_main else None
+        self.recent: deque[dict[str, torch.Tensor]] = deque(maxlen=4)  # visuals of the last steps
+        self.last_losses: dict[str, float] = {}
         self.best_url = storage.join(self.store.root, "best")
         self.evaluator = None
         if config.eval.every and runtime.is_main:
             self.evaluator = HeldOutEvaluator(config.eval, config.data.crop_size, runtime.device)
+
+    def _source(self, url: str, name: str) -> str | tuple[str, ...]:
+        """A shard set as it is; a folder, prefix, glob or URL list frozen into RUN/data/<name>.txt on the
+        run's first start (rank 0 lists it, the others read the frozen list), for exact resumes."""
+        if is_shard_set(url):
+            return url
+        frozen = storage.join(self.run_url, "data", f"{name}.txt")
+        if self.rt.is_main:
+            files = freeze_listing(url, frozen)
+        if self.rt.distributed:
+            dist.barrier()
+        if not self.rt.is_main:
+            files = freeze_listing(url, frozen)
+        log.info("data.%s: %d image files from %s (frozen in %s)", name, len(files), url, frozen)
+        return files
 
     # -------------------------------------------------------------------------------------- state
     def _gather_rng(self) -> list[torch.Tensor]:
@@ -131,6 +155,7 @@ class Trainer:
             )
             removed = self.store.prune(self.config.train.keep_last)
             log.info("step %d: saved checkpoint %s (pruned %s)", self.step, folder, removed or "none")
+            self.export()  # export/ always holds the newest checkpoint's generator
         if self.rt.distributed:
             dist.barrier()
         self.last_saved = self.step
@@ -180,8 +205,10 @@ class Trainer:
                     log.warning("moved it aside to %s; resuming from the one before", set_aside[-1])
         chosen = self._agree(chosen)
         if chosen is None and steps:
-            message = (f"no checkpoint under {self.store.root} can be read ({len(steps)} unreadable, set "
-                       f"aside); set train.start_fresh_if_unreadable=true to start again at step 0")
+            message = (
+                f"no checkpoint under {self.store.root} can be read ({len(steps)} unreadable, set "
+                f"aside); set train.start_fresh_if_unreadable=true to start again at step 0"
+            )
             if not self.config.train.start_fresh_if_unreadable:
                 raise CheckpointError(message)
             log.warning("%s: starting at step 0 as train.start_fresh_if_unreadable allows", message)
@@ -252,11 +279,26 @@ class Trainer:
 
     def train(self) -> str:
         """Run to the end or to a stop request; returns 'done' or 'preempted'."""
-        t = self.config.train
         window: dict[str, Any] = {"losses": [], "wait": 0.0, "start": time.perf_counter(), "steps": 0}
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            unit="step",
+            desc="train",
+            dynamic_ncols=True,
+            disable=not (self.rt.is_main and sys.stderr.isatty()),
+        )
+        try:
+            return self._loop(window, bar)
+        finally:
+            bar.close()
+
+    def _loop(self, window: dict[str, Any], bar: tqdm) -> str:
+        t = self.config.train
         for batch, waited in self._batches():
             losses = self.model.train_step(batch["A"], batch["B"], sync=False)
             self.step += 1
+            bar.update()
             self.position = StreamPosition(self.position.epoch, self.position.step + 1)
             window["losses"].append(losses)
             window["wait"] += waited
@@ -282,11 +324,21 @@ class Trainer:
             if self.step % t.log_every == 0:
                 self._log(window)
                 window = {"losses": [], "wait": 0.0, "start": time.perf_counter(), "steps": 0}
-            if self.tb is not None and self.step % t.image_every == 0:
-                self.tb.images(self.step, {f"images/{k}": v[0] for k, v in self.model.visuals.items()})
+            if self.tb is not None:
+                self.recent.append(self.model.visuals)  # references only: no copy, no device sync
+                if self.step % t.image_every == 0:
+                    self.tb.images(self.step, self._grids())
         if self.last_saved != self.step:
             self.save()
         return "done"
+
+    def _grids(self) -> dict[str, torch.Tensor]:
+        """Per visual, the samples of the last few steps (all of each batch, up to 8) side by side."""
+        grids = {}
+        for name in self.recent[-1]:
+            samples = torch.cat([v[name].detach().float().cpu() for v in self.recent if name in v])
+            grids[f"images/{name}"] = samples[-8:]
+        return grids
 
     @staticmethod
     def _floats(losses: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -296,6 +348,7 @@ class Trainer:
         elapsed = time.perf_counter() - window["start"]
         n = window["steps"]
         mean = {k: sum(float(d[k]) for d in window["losses"]) / n for k in window["losses"][0]}
+        self.last_losses = mean
         images_per_s = n * self.config.train.batch_size * self.rt.world_size / max(elapsed, 1e-9)
         if self.rt.device.type == "cuda":
             memory = torch.cuda.max_memory_allocated(self.rt.device) / 2**20
@@ -303,15 +356,19 @@ class Trainer:
             memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         lr = self.model.opt_G.param_groups[0]["lr"]
         wait = window["wait"] / max(elapsed, 1e-9)
+        eta = (self.total_steps - self.step) * elapsed / max(n, 1)
         log.info(
-            "step %d epoch %d: %s lr=%.3g images/s=%.2f data_wait=%.0f%% memory=%.0fMiB",
+            "step %d/%d (%.1f%%) epoch %d: %s lr=%.3g images/s=%.2f data_wait=%.0f%% memory=%.0fMiB ETA %s",
             self.step,
+            self.total_steps,
+            100 * self.step / max(self.total_steps, 1),
             self.position.epoch,
             " ".join(f"{k}={v:.4f}" for k, v in mean.items()),
             lr,
             images_per_s,
             100 * wait,
             memory,
+            _duration(eta),
         )
         if self.tb is not None:
             scalars = {f"loss/{k}": v for k, v in mean.items()}
@@ -350,34 +407,101 @@ class Trainer:
         if self.rt.distributed:
             device_ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             self.model.wrap(lambda net: DistributedDataParallel(net, device_ids=device_ids))
+        t = self.config.train
+        limit = (
+            f", stopping at max_steps {t.max_steps}"
+            if self.total_steps < self.epochs * self.stream.steps_per_epoch
+            else ""
+        )
         log.info(
-            "training %s: %d steps of %d per epoch, %d epochs, %d rank(s), device %s, from step %d",
+            "training %s for %d steps: %d epochs (%d + %d decaying) of %d steps%s; %d rank(s), "
+            "batch %d each, device %s, from step %d",
             self.config.model.preset,
             self.total_steps,
-            self.stream.steps_per_epoch,
             self.epochs,
+            t.n_epochs,
+            t.n_epochs_decay,
+            self.stream.steps_per_epoch,
+            limit,
             self.rt.world_size,
+            t.batch_size,
             self.rt.device,
             self.step,
         )
+        if self.tb is not None:
+            self.tb.text("config", f"```yaml\n{to_yaml(self.config)}```", self.step)
+            self.tb.text("model_card", self._model_card(), self.step)
         self.signals.graceful = True  # a first SIGTERM/SIGINT now checkpoints and exits 0
         try:
-            outcome = self.train()
+            self.train()
         finally:
             self.signals.graceful = False
             if self.tb is not None:
+                self._write_hparams()
                 self.tb.close()
-        if outcome == "done" and self.rt.is_main:
-            self.export()
         return 0
+
+    def _model_card(self) -> str:
+        c, t = self.config, self.config.train
+        params = {
+            name: sum(p.numel() for p in net.parameters())
+            for name, net in (("G", self.model.netG), ("D", self.model.netD), ("F", self.model.netF))
+        }
+        rows = [
+            ("preset", c.model.preset),
+            ("generator", f"resnet {c.model.n_blocks} blocks, ngf {c.model.ngf}"),
+            ("parameters", ", ".join(f"{k} {v:,}" for k, v in params.items())),
+            ("domain A", f"{c.data.a} ({self.stream.a.total} images)"),
+            ("domain B", f"{c.data.b} ({self.stream.b.total} images)"),
+            ("crop", f"{c.data.crop_size} from {c.data.load_size}"),
+            ("batch", f"{t.batch_size} per rank x {self.rt.world_size} ranks"),
+            ("schedule", f"{self.total_steps} steps, lr {t.lr}, {t.n_epochs} + {t.n_epochs_decay} epochs"),
+            ("device", str(self.rt.device)),
+            ("code", code_version()),
+        ]
+        return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+    def _write_hparams(self) -> None:
+        """Hyperparameters beside the final losses (and the best evaluation score, if any)."""
+        c = self.config
+        params = {
+            "preset": c.model.preset,
+            "ngf": c.model.ngf,
+            "n_blocks": c.model.n_blocks,
+            "crop_size": c.data.crop_size,
+            "batch_size": c.train.batch_size,
+            "ranks": self.rt.world_size,
+            "lr": c.train.lr,
+            "lambda_NCE": float(self.model.config.lambda_NCE),
+            "steps": self.step,
+        }
+        metrics = {f"final/{k}": v for k, v in self.last_losses.items()}
+        if self.evaluator is not None and self.evaluator.best is not None:
+            metrics[f"best/{self.evaluator.metric}"] = float(self.evaluator.best)
+        if metrics:
+            self.tb.hparams(params, metrics)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m jobs.train",
+        description=__doc__,
+        epilog="config keys (YAML sections, or key.sub=value on the command line):\n"
+        + describe_keys(TrainConfig),
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", required=True, help="YAML config file (configs/cut.yaml, ...)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (keys below)")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
+    add_logging_arguments(parser)
     return parser
 
 
@@ -393,15 +517,24 @@ def main(argv: list[str] | None = None) -> int:
         config = load_train_config(args)
     except ConfigError as exc:
         parser.error(str(exc))
+    if args.print_config:
+        print(to_yaml(config), end="")
+        return 0
     signals = StopSignals()
     with signals.installed():
         runtime = init_runtime(config.train.device)
-        setup_logging(runtime.rank)
+        setup_logging(runtime.rank, args.log_format)
         torch.manual_seed(config.train.seed)
         try:
             return Trainer(config, runtime, signals).run()
-        except (NonFiniteLossError, CheckpointError, InceptionWeightsError, FileNotFoundError,
-                ShardIndexError, DataSetError) as exc:
+        except (
+            NonFiniteLossError,
+            CheckpointError,
+            InceptionWeightsError,
+            FileNotFoundError,
+            ShardIndexError,
+            DataSetError,
+        ) as exc:
             log.error("%s", str(exc).strip().splitlines()[-1])
             return 1
         finally:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline import formats, storage
 from pipeline.keys import path_key
-from pipeline.shards import INDEX_NAME, REJECTS_NAME, ShardIndex, ShardWriter
+from pipeline.shards import INDEX_NAME, REJECTS_NAME, ShardIndex, ShardWriter, index_url
 from pipeline.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, inspect_image
 
 LIST_EXTENSIONS = (".txt", ".parquet")
@@ -239,6 +239,8 @@ def build_shards(specs: Sequence[str], out_url: str, *, prefix: str = "shard", d
         raise FileNotFoundError(f"no images found in {', '.join(specs)}")
     existing = existing_set(out_url)
     check_output(existing, out_url, overwrite)
+    log.info("sharding %d images into %s (at most %d samples or %d bytes a shard)", len(sources), out_url,
+             max_count, max_size)
     # A rebuild writes beside the old set under new names; the new index switches readers over.
     revision = existing.revision + 1 if existing.files else 1
     writer = ShardWriter(out_url, f"{prefix}-" if revision == 1 else f"{prefix}-r{revision}-", max_count,
@@ -268,4 +270,6 @@ def build_shards(specs: Sequence[str], out_url: str, *, prefix: str = "shard", d
     removed = remove_unlisted(existing, index)
     if removed:
         log.info("removed %d files of the previous set or of interrupted builds", len(removed))
+    log.info("wrote %d shards (%d samples, %d rejected) and %s", len(shards), index.samples, len(rejects),
+             index_url(out_url))
     return Summary(out_url, len(shards), index.samples, index.bytes, len(rejects), time.monotonic() - start)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, TypeVar
@@ -31,6 +31,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline import formats, storage
+from pipeline.ingest import expand_source
 from pipeline.shards import ShardIndex, ShardNotFoundError, iter_shard
 from pipeline.transforms import ImageDecodeError, decode_rgb, to_tensor, train_crop
 
@@ -64,20 +66,31 @@ class RawSample:
     error: str = ""
 
 
+FILES_PER_CHUNK = 64  # a listing is read as chunks of this many files, each standing in for a shard
+
+
 @dataclass(frozen=True)
 class ShardSequence:
-    """A shard set laid out as one stream's positions for any epoch."""
+    """A shard set, or a frozen list of image files read in chunks as if they were shards, laid out as
+    one stream's positions for any epoch."""
 
     urls: tuple[str, ...]
     counts: tuple[int, ...]
     sizes: tuple[int, ...]
     seed: int
     stream: int
+    files: tuple[tuple[str, ...], ...] = ()  # per chunk, its files (a listing), else ()
 
     @classmethod
     def from_index(cls, index: ShardIndex, seed: int, stream: int) -> ShardSequence:
         return cls(tuple(index.url(s) for s in index.shards), tuple(s.samples for s in index.shards),
                    tuple(s.bytes for s in index.shards), seed, stream)
+
+    @classmethod
+    def from_files(cls, files: Sequence[str], seed: int, stream: int) -> ShardSequence:
+        chunks = tuple(tuple(files[i:i + FILES_PER_CHUNK]) for i in range(0, len(files), FILES_PER_CHUNK))
+        names = tuple(f"{chunk[0]} (+{len(chunk) - 1} files)" for chunk in chunks)
+        return cls(names, tuple(len(c) for c in chunks), (0,) * len(chunks), seed, stream, chunks)
 
     @property
     def total(self) -> int:
@@ -85,8 +98,9 @@ class ShardSequence:
 
     @property
     def name(self) -> str:
-        """The shard set's folder."""
-        return self.urls[0].rsplit("/", 1)[0] if self.urls else ""
+        """The shard set's folder (or the first file's, for a listing)."""
+        first = self.files[0][0] if self.files else self.urls[0] if self.urls else ""
+        return first.rsplit("/", 1)[0]
 
     def segments(self, epoch: int, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
         """(shard, first sample, end sample, first position) runs covering positions [start, stop)."""
@@ -110,7 +124,18 @@ class ShardSequence:
     def read(self, epoch: int, start: int, stop: int) -> Iterator[RawSample]:
         """Exactly `stop - start` samples, in position order; unreadable ones carry an error."""
         for shard, first, end, position in self.segments(epoch, start, stop):
-            yield from _read_run(self.urls[shard], self.sizes[shard], first, end, position)
+            if self.files:
+                yield from _read_files(self.files[shard][first:end], position)
+            else:
+                yield from _read_run(self.urls[shard], self.sizes[shard], first, end, position)
+
+
+def _read_files(urls: Sequence[str], position: int) -> Iterator[RawSample]:
+    for offset, url in enumerate(urls):
+        try:
+            yield RawSample(position + offset, url, storage.read_bytes(url))
+        except OSError as exc:  # read errors after retries: a skipped sample, like a corrupt one
+            yield RawSample(position + offset, url, None, f"read-error: {type(exc).__name__}: {exc}")
 
 
 def _read_run(url: str, size: int, first: int, end: int, position: int) -> Iterator[RawSample]:
@@ -278,6 +303,38 @@ class _EpochDataset(IterableDataset):
         return self.plan.batches((physical + self.plan.step) % workers)
 
 
+def _sequence(source: str | Sequence[str], seed: int, stream: int) -> ShardSequence:
+    if not isinstance(source, str):
+        if not source:
+            raise DataSetError("an image listing with no files")
+        return ShardSequence.from_files(source, seed, stream)
+    index = ShardIndex.load(source)
+    index.check_complete()
+    if index.samples == 0:
+        raise DataSetError(f"shard set {index.base_url} holds no samples")
+    return ShardSequence.from_index(index, seed, stream)
+
+
+def freeze_listing(url: str, frozen_url: str) -> tuple[str, ...]:
+    """The image files a folder, prefix, glob or URL list names, listed once and kept at `frozen_url`
+    (one URL a line): later calls read the frozen list, so a resumed run sees the same files in the
+    same order whatever the folder holds now."""
+    if storage.exists(frozen_url):
+        return tuple(storage.read_bytes(frozen_url).decode().splitlines())
+    found = expand_source(url)
+    urls = tuple(s.url for s in found.sources if formats.extension(s.url) not in formats.UNSUPPORTED)
+    if not urls:
+        raise DataSetError(f"no images found at {url}")
+    if len(urls) > SHARD_ADVICE:
+        log.warning("%s: %d image files read one by one; `python -m jobs.shard %s --out ...` packs them "
+                    "into shards, which read much faster from object storage", url, len(urls), url)
+    storage.write_bytes_atomic(frozen_url, ("\n".join(urls) + "\n").encode())
+    return urls
+
+
+SHARD_ADVICE = 20_000  # files in a listing beyond which shards are worth suggesting
+
+
 def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
@@ -285,27 +342,22 @@ def _env_int(name: str, default: int) -> int:
 class UnpairedStream:
     """Unpaired A/B batches for one DDP rank; see the module docstring for the layout.
 
-    `a_url`, `b_url`: a shard set's `_index.json` URL or the folder holding it. `rank` and
-    `world_size` default to torchrun's RANK and WORLD_SIZE. `workers`: DataLoader worker processes
-    (0 decodes in this process); exact resume needs the same count.
+    `a`, `b`: a shard set's `_index.json` URL or the folder holding it, or a frozen list of image
+    file URLs (`freeze_listing`). `rank` and `world_size` default to torchrun's RANK and WORLD_SIZE.
+    `workers`: DataLoader worker processes (0 decodes in this process); exact resume needs the same
+    count.
     """
 
-    def __init__(self, a_url: str, b_url: str, *, load_size: int, crop_size: int, batch_size: int, seed: int,
-                 rank: int | None = None, world_size: int | None = None, workers: int = 0, flip: bool = True,
-                 shuffle_buffer: int = 256) -> None:
+    def __init__(self, a: str | Sequence[str], b: str | Sequence[str], *, load_size: int, crop_size: int,
+                 batch_size: int, seed: int, rank: int | None = None, world_size: int | None = None,
+                 workers: int = 0, flip: bool = True, shuffle_buffer: int = 256) -> None:
         self.rank = _env_int("RANK", 0) if rank is None else rank
         self.world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
         if seed < 0 or batch_size < 1 or workers < 0:
             raise ValueError("seed and workers must be >= 0 and batch_size >= 1")
-        indexes = [ShardIndex.load(url) for url in (a_url, b_url)]
-        for index in indexes:
-            index.check_complete()
-            if index.samples == 0:
-                raise DataSetError(f"shard set {index.base_url} holds no samples")
-        self.a = ShardSequence.from_index(indexes[0], seed, A_STREAM)
-        self.b = ShardSequence.from_index(indexes[1], seed, B_STREAM)
+        self.a, self.b = _sequence(a, seed, A_STREAM), _sequence(b, seed, B_STREAM)
         self.steps_per_epoch = max(self.a.total, self.b.total) // (self.world_size * batch_size)
         if self.steps_per_epoch == 0:
             raise DataSetError(f"{max(self.a.total, self.b.total)} samples cannot fill one batch of "

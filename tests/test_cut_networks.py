@@ -17,7 +17,7 @@ from cut.networks import (
 
 
 def official_upsample(x: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
-    """The official blur upsampling as cut-reference.md section 1 describes it."""
+    """The official blur upsampling as docs/official-reference.md §4 describes it."""
     y = F.conv_transpose2d(
         F.pad(x, (1, 1, 1, 1), mode="replicate"), filt, stride=2, padding=2, groups=x.shape[1]
     )

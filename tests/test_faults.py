@@ -37,12 +37,15 @@ def lying_set(tmp_path: Path, name: str, index_text: str) -> str:
 
 # ----------------------------------------------------------------------------------- shard indexes
 @pytest.mark.slow
-@pytest.mark.parametrize(("body", "message"), [
-    ({"shards": [{"name": "a.tar", "samples": -3, "bytes": 2048}]}, "non-negative"),
-    ("{not json", "is not valid JSON"),
-    ({"shards": [{"name": "../outside.tar", "samples": 1, "bytes": 2048}]}, "'..'"),
-    ({"version": 7, "shards": []}, "index version 7"),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"shards": [{"name": "a.tar", "samples": -3, "bytes": 2048}]}, "non-negative"),
+        ("{not json", "is not valid JSON"),
+        ({"shards": [{"name": "../outside.tar", "samples": 1, "bytes": 2048}]}, "'..'"),
+        ({"version": 7, "shards": []}, "index version 7"),
+    ],
+)
 def test_a_lying_or_broken_index_stops_training_at_once_naming_the_file(tmp_path, data, body, message):
     a, _ = data
     bad = lying_set(tmp_path, "bad", body if isinstance(body, str) else json.dumps(body))
@@ -73,8 +76,20 @@ def test_a_set_with_no_decodable_sample_is_named(tmp_path, data):
 
 # ----------------------------------------------------------------------------------------- jobs.shard
 def shard_cmd(src: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "jobs.shard", str(src), "--out", str(out), "--max-count", "2",
-            "--workers", "1", "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "jobs.shard",
+        str(src),
+        "--out",
+        str(out),
+        "--max-count",
+        "2",
+        "--workers",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def many_images(folder: Path, n: int, size: int = 256) -> Path:
@@ -110,12 +125,14 @@ def test_a_rebuild_killed_midway_leaves_the_old_set_readable_and_a_rerun_cleans_
     index.check_complete()
     assert index.samples == 3 and sum(1 for s in index.shards for _ in iter_shard(index.url(s))) == 3
     spools = tmp_path / "tmp" / SPOOL_DIR
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     (spools / f"{dead}-left.tar").write_bytes(b"\0" * 1024)  # as a writer killed mid-shard leaves it
 
-    done = subprocess.run(shard_cmd(new, out, "--overwrite"), env=slow_env(tmp_path), cwd=ROOT,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        shard_cmd(new, out, "--overwrite"), env=slow_env(tmp_path), cwd=ROOT, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert ShardIndex.load(str(out)).samples == 60
     assert not list(spools.iterdir())
@@ -132,13 +149,19 @@ def test_a_killed_first_build_is_called_incomplete_and_ctrl_c_exits_130_in_one_l
     wait_until(lambda: (out / "shard-000001.tar").exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
-    rerun = subprocess.run(shard_cmd(src, out), env=slow_env(tmp_path), cwd=ROOT, capture_output=True,
-                           text=True)
+    rerun = subprocess.run(
+        shard_cmd(src, out), env=slow_env(tmp_path), cwd=ROOT, capture_output=True, text=True
+    )
     assert rerun.returncode == 2 and "no _index.json: a build that was interrupted" in rerun.stderr
     assert "--overwrite" in rerun.stderr and "already holds a shard set" not in rerun.stderr
 
-    proc = subprocess.Popen(shard_cmd(src, tmp_path / "other"), env=slow_env(tmp_path), cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        shard_cmd(src, tmp_path / "other"),
+        env=slow_env(tmp_path),
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_until(lambda: (tmp_path / "other" / "shard-000001.tar").exists(), proc)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 130
@@ -201,11 +224,24 @@ def test_with_every_checkpoint_unreadable_the_run_stops_unless_told_to_start_fre
 def test_a_second_sigterm_ends_a_run_at_once(tmp_path, data):
     a, b = data
     log = tmp_path / "run.log"
-    cmd = train_cmd(a, b, str(tmp_path / "run"), "train.max_steps=100000", "train.checkpoint_every=100000",
-                    "model.ngf=32", "data.crop_size=128", "data.load_size=144")  # steps of about a second
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log.open("w"),
-                            stderr=subprocess.STDOUT)
-    wait_until(lambda: "step 2 epoch" in log.read_text(), proc, timeout=180)
+    cmd = train_cmd(
+        a,
+        b,
+        str(tmp_path / "run"),
+        "train.max_steps=100000",
+        "train.checkpoint_every=100000",
+        "model.ngf=32",
+        "data.crop_size=128",
+        "data.load_size=144",
+    )  # steps of about a second
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    wait_until(lambda: "step 2/" in log.read_text(), proc, timeout=180)
     proc.send_signal(signal.SIGTERM)
     wait_until(lambda: "finishing what is under way" in log.read_text(), proc)
     proc.send_signal(signal.SIGTERM)  # before the step ends and its checkpoint is written
@@ -233,13 +269,16 @@ def test_signals_stop_at_once_outside_graceful_work_and_second_signals_always():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("override", "key"), [
-    ("train.beta1=5", "train.beta1"),
-    ("train.beta2=1", "train.beta2"),
-    ("model.nce_layers=[99]", "model.nce_layers"),
-    ("model.nce_layers=[-1,4]", "model.nce_layers"),
-    ("train.n_epochs=0", "train.n_epochs"),
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.beta1=5", "train.beta1"),
+        ("train.beta2=1", "train.beta2"),
+        ("model.nce_layers=[99]", "model.nce_layers"),
+        ("model.nce_layers=[-1,4]", "model.nce_layers"),
+        ("train.n_epochs=0", "train.n_epochs"),
+    ],
+)
 def test_configs_that_cannot_train_are_refused_naming_the_key(tmp_path, data, override, key):
     a, b = data
     extra = [override, "train.n_epochs_decay=0"] if override == "train.n_epochs=0" else [override]

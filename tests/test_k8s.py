@@ -325,10 +325,10 @@ def check_command_line(pod: Pod, container: Obj, objs: list[Obj], overlay: str, 
     if words[:3] == ["python", "-m", "jobs.infer"]:
         return _check_infer(pod, env, words[3:], where)
     if words[:3] == ["python", "-m", "jobs.shard"]:
-        from jobs.shard import parse_args
+        from jobs.shard import build_parser as shard_parser
 
         with process_env(env):
-            args = parse(lambda: parse_args(words[3:]), f"{where}: python -m jobs.shard")
+            args = parse(lambda: shard_parser().parse_args(words[3:]), f"{where}: python -m jobs.shard")
         return Checked("jobs.shard", config=args)
     if words[:2] == ["python", "-c"]:
         check_inline_python(words[2], where)
