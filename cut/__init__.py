@@ -4,6 +4,7 @@ from cut.checkpoint import (
     CheckpointError,
     export_generator,
     generator_from_checkpoint,
+    model_card,
     official_state_dicts,
     read_checkpoint,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "export_generator",
     "gan_loss",
     "generator_from_checkpoint",
+    "model_card",
     "official_state_dicts",
     "patch_nce_loss",
     "read_checkpoint",

@@ -107,8 +107,20 @@ def infer_generator_architecture(state: Mapping[str, torch.Tensor]) -> dict[str,
     }
 
 
+def model_card(obj: Any) -> dict[str, Any]:
+    """The model card a checkpoint carries (our exports and training states), else {}."""
+    if isinstance(obj, Mapping) and obj.get("format") == EXPORT_FORMAT:
+        return dict(obj.get("metadata", {}).get("card", {}))
+    if isinstance(obj, Mapping) and isinstance(obj.get("card"), Mapping):
+        return dict(obj["card"])
+    return {}
+
+
 def generator_from_checkpoint(obj: Any, source: str = "checkpoint") -> ResnetGenerator:
-    """Build a generator from our export or an official ``latest_net_G.pth`` state dict."""
+    """Build a generator from our export, a training state (jobs.train's ``state.pt``, or a model's
+    state dict) or an official ``latest_net_G.pth`` state dict."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and "G" in obj["model"]:
+        obj = obj["model"]  # jobs.train's state.pt: the model's state beside the run's position
     if isinstance(obj, Mapping) and obj.get("format") == EXPORT_FORMAT:
         if obj.get("version") != EXPORT_VERSION:
             raise CheckpointError(f"{source}: export version {obj.get('version')} is not supported")
@@ -120,7 +132,8 @@ def generator_from_checkpoint(obj: Any, source: str = "checkpoint") -> ResnetGen
         state = strip_module_prefix(obj)
         arch = infer_generator_architecture(state)
     else:
-        raise CheckpointError(f"{source}: neither a generator export nor a generator state dict")
+        raise CheckpointError(f"{source}: neither a generator export, a training state nor a generator "
+                              f"state dict")
     net = ResnetGenerator(**arch)
     try:
         load_strict(net, state, "G")

@@ -56,6 +56,7 @@ from jobs.config import ConfigError, build
 from jobs.logs import setup_logging
 from jobs.quality import hub_weights_path, load_domain_classifier, load_inception
 from pipeline import storage
+from pipeline.checkpoints import resolve_generator_url
 from pipeline.images import (
     batched,
     decode_for_eval,
@@ -108,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.eval", description=__doc__,
                                 formatter_class=HelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", help="generator to evaluate: our export or latest_net_G.pth")
+    what.add_argument(
+        "--checkpoint",
+        help="generator to evaluate: our export, latest_net_G.pth, a training state.pt or a run folder",
+    )
     what.add_argument("--translated", help="inference output folder (OUT/manifest/*.parquet, OUT/images/...)")
     p.add_argument("--test-a", help="real domain A test images: what --checkpoint translates, and the A test "
                    "set of a domain classifier trained here")
@@ -227,7 +231,7 @@ class Sample:
 def translate_checkpoint(config: EvalConfig, translated: QualityMeter, baseline: QualityMeter | None,
                          device: torch.device) -> list[Sample]:
     """Translate --test-a with the generator; score outputs (and inputs); keep the first samples."""
-    url = config.checkpoint
+    url = resolve_generator_url(config.checkpoint)
     netG = generator_from_checkpoint(read_checkpoint(storage.read_bytes(url), url), url).to(device)
     samples: list[Sample] = []
     inputs = decode_for_eval(iter_encoded(config.test_a), config.crop_size)

@@ -44,6 +44,7 @@ log = logging.getLogger("jobs.infer")
 FORMATS = ("files", "shards")
 IMAGE_FORMATS = ("png", "jpg", "webp")
 PREPROCESS = ("official", "none", "shortside")
+DEFAULT_SIZE = 256
 
 
 @dataclass
@@ -56,8 +57,8 @@ class InferConfig:
     quality: int = 95
     png_level: int = 1
     preprocess: str = "official"
-    load_size: int = 256
-    crop_size: int = 256
+    load_size: int | None = None
+    crop_size: int | None = None
     max_pixels: int = 64 * 2**20
     batch_size: int | None = None
     workers: int | None = None
@@ -79,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jobs.infer", description=__doc__, formatter_class=HelpFormatter
     )
-    p.add_argument("--checkpoint", required=True, help="our export (export/generator.pt) or latest_net_G.pth")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="our export (export/generator.pt), latest_net_G.pth, a training state.pt, or a run folder "
+        "(its newest checkpoint)",
+    )
     p.add_argument(
         "--input", required=True, nargs="+", dest="inputs", metavar="URL", help="shard sets or listings"
     )
@@ -108,8 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="official: resize to the crop size as test.py; none: keep the size (network at a multiple "
         "of 4, output restored to the input size); shortside: shortest side to --load-size",
     )
-    p.add_argument("--load-size", type=int, default=256, help="shortest side for --preprocess shortside")
-    p.add_argument("--crop-size", type=int, default=256, help="network size for --preprocess official")
+    p.add_argument(
+        "--load-size",
+        type=int,
+        default=None,
+        help="shortest side for --preprocess shortside (default: the model card's crop size, else 256)",
+    )
+    p.add_argument(
+        "--crop-size",
+        type=int,
+        default=None,
+        help="network size for --preprocess official (default: the model card's crop size, else 256)",
+    )
     p.add_argument(
         "--max-pixels", type=int, default=64 * 2**20, help="inputs with more pixels become error rows"
     )
@@ -191,8 +207,12 @@ def load_infer_config(args: argparse.Namespace) -> InferConfig:
         ("--encode-threads", config.encode_threads >= 1, ">= 1"),
         ("--png-level", 0 <= config.png_level <= 9, "within 0..9"),
         ("--unit-size", config.unit_size >= 1, ">= 1"),
-        ("--crop-size", config.crop_size >= 8 and config.crop_size % 4 == 0, "a multiple of 4, at least 8"),
-        ("--load-size", config.load_size >= 8, ">= 8"),
+        (
+            "--crop-size",
+            config.crop_size is None or (config.crop_size >= 8 and config.crop_size % 4 == 0),
+            "a multiple of 4, at least 8",
+        ),
+        ("--load-size", config.load_size is None or config.load_size >= 8, ">= 8"),
         ("--quality", 1 <= config.quality <= 100, "within 1..100"),
         ("--num-workers", config.num_workers >= 1, ">= 1"),
         ("--worker-index", 0 <= config.worker_index < config.num_workers, "within 0..num-workers-1"),
@@ -205,6 +225,22 @@ def load_infer_config(args: argparse.Namespace) -> InferConfig:
 
 
 # ------------------------------------------------------------------------------------------------ run
+def apply_model_card(config: InferConfig, card: dict[str, Any]) -> None:
+    """Sizes not given on the command line come from the model card: the size it was trained at."""
+    trained = int(card.get("crop_size", DEFAULT_SIZE))
+    if config.crop_size is None:
+        config.crop_size = trained
+    if config.load_size is None:
+        config.load_size = trained
+    if card and config.preprocess == "official" and config.crop_size != trained:
+        log.warning(
+            "the model was trained on %dx%d crops; translating at --crop-size %d",
+            trained,
+            trained,
+            config.crop_size,
+        )
+
+
 def job_identity(config: InferConfig, model_sha256: str) -> dict[str, Any]:
     """What makes two runs the same job: inputs as given, the model, and every option that changes
     the outputs (options that do not apply to the chosen modes are left out)."""
@@ -244,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(config: InferConfig, stop: StopSignals) -> int:
     try:
         translator = Translator(config, stop)
+        apply_model_card(config, translator.card)
         plan = obtain_plan(
             config.out,
             config.inputs,

@@ -104,6 +104,7 @@ class Trainer:
         self.tb = TensorBoard(storage.join(self.run_url, "tb")) if runtime.is_main else None
         self.recent: deque[dict[str, torch.Tensor]] = deque(maxlen=4)  # visuals of the last steps
         self.last_losses: dict[str, float] = {}
+        self.last_scores: dict[str, float] = {}
         self.best_url = storage.join(self.store.root, "best")
         self.evaluator = None
         if config.eval.every and runtime.is_main:
@@ -143,8 +144,29 @@ class Trainer:
                 "world_size": self.rt.world_size,
                 "config": to_dict(self.config),
                 "code_version": code_version(),
+                "card": self.card(),
             }
         )
+
+    def card(self) -> dict[str, Any]:
+        """The model card every checkpoint and export carries: what the generator is and was made from."""
+        c = self.config
+        return {
+            "preset": c.model.preset,
+            "architecture": dict(self.model.netG.architecture),
+            "load_size": c.data.load_size,
+            "crop_size": c.data.crop_size,
+            "preprocess": "resize_and_crop (training); official test resize to crop_size",
+            "data": {
+                "a": c.data.a,
+                "b": c.data.b,
+                "a_images": self.stream.a.total,
+                "b_images": self.stream.b.total,
+            },
+            "step": self.step,
+            "eval_scores": dict(self.last_scores),
+            "code_version": code_version(),
+        }
 
     def save(self) -> None:
         """Rank 0 writes the full training state; every rank takes part (RNG gather, barrier)."""
@@ -232,6 +254,7 @@ class Trainer:
         rng = self._gather_rng()
         if self.evaluator is not None:
             scores = self.evaluator(self.model.netG)
+            self.last_scores = {k: float(v) for k, v in scores.items()}
             log.info("step %d: evaluation %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in scores.items()))
             if self.tb is not None:
                 self.tb.scalars(self.step, {f"eval/{k}": v for k, v in scores.items()})
@@ -388,7 +411,12 @@ class Trainer:
     def export(self) -> None:
         """The generator alone: our export for jobs.infer and the official latest_net_G.pth."""
         g = self.model.netG
-        meta = {"preset": self.config.model.preset, "step": self.step, "code_version": code_version()}
+        meta = {
+            "preset": self.config.model.preset,
+            "step": self.step,
+            "code_version": code_version(),
+            "card": self.card(),
+        }
         storage.write_bytes_atomic(
             storage.join(self.run_url, "export", "generator.pt"), to_bytes(export_generator(g, **meta))
         )

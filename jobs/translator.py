@@ -23,11 +23,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cut import generator_from_checkpoint, read_checkpoint
+from cut import generator_from_checkpoint, model_card, read_checkpoint
 from cut.inference import BatchTranslator, PendingBatch
 from jobs.config import ConfigError
 from jobs.signals import StopSignals
 from pipeline import storage
+from pipeline.checkpoints import resolve_generator_url
 from pipeline.corpus import WorkUnit
 from pipeline.keys import UnsafeKeyError
 from pipeline.manifest import SUCCESS, committed_units, read_manifest, write_part, write_success
@@ -92,17 +93,20 @@ class Translator:
         self.device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.backends.cudnn.benchmark = True  # batches mostly share one size
-        data = storage.read_bytes(config.checkpoint)
-        checkpoint = read_checkpoint(data, config.checkpoint)
-        self.netG = generator_from_checkpoint(checkpoint, config.checkpoint).to(self.device)
+        self.checkpoint_url = resolve_generator_url(config.checkpoint)
+        data = storage.read_bytes(self.checkpoint_url)
+        checkpoint = read_checkpoint(data, self.checkpoint_url)
+        self.card = model_card(checkpoint)
+        self.netG = generator_from_checkpoint(checkpoint, self.checkpoint_url).to(self.device)
         if config.channels_last:
             self.netG = self.netG.to(memory_format=torch.channels_last)
         forward = torch.compile(self.netG) if config.compile else self.netG
         self.translate = BatchTranslator(forward, self.device, bool(config.bf16), bool(config.channels_last))
         meta = checkpoint.get("metadata", {}) if isinstance(checkpoint, dict) else {}
-        self.preset = str(meta.get("preset", "unknown"))
+        self.preset = str(meta.get("preset") or self.card.get("preset") or "unknown")
+        self.squashed = 0  # non-square inputs resized to a square (--preprocess official)
         self.model_sha256 = sha256(data)
-        self.model_id = f"{config.checkpoint}#sha256={self.model_sha256}"
+        self.model_id = f"{self.checkpoint_url}#sha256={self.model_sha256}"
         self.layout = OutputLayout(
             config.out, config.format, config.image_format, config.quality, config.png_level
         )
@@ -269,6 +273,14 @@ class Translator:
             del batches
         self.unfinished = sorted(pending)
         self.elapsed = time.perf_counter() - start
+        if self.squashed:
+            log.warning(
+                "%d inputs were not square and were squashed to %dx%d (--preprocess official, as the "
+                "official test does); --preprocess shortside or none keeps their aspect ratio",
+                self.squashed,
+                cfg.crop_size,
+                cfg.crop_size,
+            )
 
     def _hand_over(
         self,
@@ -287,6 +299,11 @@ class Translator:
         model_ms = 1000 * seconds / len(outputs)
         state = states[launched.unit.index]
         for meta, shape, pixels in zip(launched.meta, launched.shapes, outputs, strict=True):
+            if (
+                self.cfg.preprocess == "official"
+                and abs(meta["width"] - meta["height"]) > 0.02 * meta["height"]
+            ):
+                self.squashed += 1
             if pixels is None:
                 state.rows.append(self._device_error(meta, shape))
                 continue

@@ -23,6 +23,22 @@ LATEST = "latest"
 _STEP_DIR = re.compile(r"step-(\d{9})$")
 
 
+def resolve_generator_url(url: str) -> str:
+    """The checkpoint file a URL means: a file as it is; a run folder's newest complete checkpoint
+    (``checkpoints/step-*/state.pt``), else its ``export/generator.pt``; a checkpoints folder's newest."""
+    if not storage.is_dir(url):
+        return url
+    for root in (storage.join(url, "checkpoints"), url):
+        step = CheckpointStore(root).latest_step()
+        if step is not None:
+            return storage.join(root, step_dir_name(step), "state.pt")
+    export = storage.join(url, "export", "generator.pt")
+    if storage.exists(export):
+        return export
+    raise FileNotFoundError(f"{url} is a folder with no complete checkpoint (checkpoints/step-*/) and no "
+                            f"export/generator.pt: give a checkpoint file")
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step:09d}"
 
