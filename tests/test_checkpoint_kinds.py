@@ -74,7 +74,7 @@ def test_jobs_infer_takes_every_checkpoint_kind_at_the_trained_size(trained, tmp
 
 @pytest.mark.slow
 def test_jobs_eval_takes_a_run_folder(trained, tmp_path):
-    done = subprocess.run(
+    done = run(
         [
             sys.executable,
             "-m",
@@ -100,9 +100,6 @@ def test_jobs_eval_takes_a_run_folder(trained, tmp_path):
             "--classifier-epochs",
             "1",
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr

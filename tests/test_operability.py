@@ -54,7 +54,7 @@ def test_every_flag_of_every_job_says_what_it_does(job):
 
 
 def test_print_config_shows_the_resolved_config_and_exits():
-    done = subprocess.run(
+    done = run(
         [
             sys.executable,
             "-m",
@@ -66,9 +66,6 @@ def test_print_config_shows_the_resolved_config_and_exits():
             "run.url=/nonexistent/run",
             "--print-config",
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
