@@ -470,22 +470,18 @@ class Trainer:
         return 0
 
     def _model_card(self) -> str:
-        c, t = self.config, self.config.train
+        """The model card (as checkpoints carry it) and how this run trains, as a Markdown table."""
+        t = self.config.train
         params = {
             name: sum(p.numel() for p in net.parameters())
             for name, net in (("G", self.model.netG), ("D", self.model.netD), ("F", self.model.netF))
         }
-        rows = [
-            ("preset", c.model.preset),
-            ("generator", f"resnet {c.model.n_blocks} blocks, ngf {c.model.ngf}"),
+        rows = [(k, json.dumps(v) if isinstance(v, dict) else v) for k, v in self.card().items()]
+        rows += [
             ("parameters", ", ".join(f"{k} {v:,}" for k, v in params.items())),
-            ("domain A", f"{c.data.a} ({self.stream.a.total} images)"),
-            ("domain B", f"{c.data.b} ({self.stream.b.total} images)"),
-            ("crop", f"{c.data.crop_size} from {c.data.load_size}"),
             ("batch", f"{t.batch_size} per rank x {self.rt.world_size} ranks"),
             ("schedule", f"{self.total_steps} steps, lr {t.lr}, {t.n_epochs} + {t.n_epochs_decay} epochs"),
             ("device", str(self.rt.device)),
-            ("code", code_version()),
         ]
         return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 

@@ -73,7 +73,7 @@ class _Launched:
 
     unit: WorkUnit
     meta: list[dict]
-    shapes: list[tuple[int, ...]]
+    shape: tuple[int, ...]  # of each image at the network (a batch holds one size)
     pending: PendingBatch
     seconds: float = 0.0  # wall time spent launching it
     cpu: float = 0.0  # of it, CPU time of this thread
@@ -133,15 +133,7 @@ class Translator:
         try:
             url = self.layout.image_url(unit, meta["key"])
         except UnsafeKeyError as exc:
-            return error_record(
-                meta["order"],
-                meta["key"],
-                meta["source_url"],
-                "unsafe-key",
-                str(exc),
-                meta["input_bytes"],
-                (meta["width"], meta["height"]),
-            )
+            return self._error_row(meta, "unsafe-key", str(exc))
         data = self.layout.encode(pixels, meta["restore"])
         c1 = time.thread_time()
         digest = sha256(data)
@@ -199,14 +191,14 @@ class Translator:
             f"does not fit in {self.device.type} memory at batch size 1"
         )
         log.error("%s: %s", meta["source_url"], detail)
+        return self._error_row(meta, "too-large-for-device", detail)
+
+    @staticmethod
+    def _error_row(meta: dict, code: str, detail: str) -> dict:
+        """The manifest row of an input that decoded but got no output."""
+        dims = (meta["width"], meta["height"])
         return error_record(
-            meta["order"],
-            meta["key"],
-            meta["source_url"],
-            "too-large-for-device",
-            detail,
-            meta["input_bytes"],
-            (meta["width"], meta["height"]),
+            meta["order"], meta["key"], meta["source_url"], code, detail, meta["input_bytes"], dims
         )
 
     def run(self, units: list[WorkUnit]) -> None:
@@ -252,8 +244,8 @@ class Translator:
                     self._finish_unit(unit, states.pop(unit.index), msg["errors"])
                 else:
                     t0, c0 = time.perf_counter(), time.thread_time()
-                    shapes = [tuple(x.shape) for x in msg["x"]]
-                    current = _Launched(unit, msg["meta"], shapes, self.translate.start(msg["x"]))
+                    shape = tuple(msg["x"].shape[1:])
+                    current = _Launched(unit, msg["meta"], shape, self.translate.start(msg["x"]))
                     current.seconds, current.cpu = time.perf_counter() - t0, time.thread_time() - c0
                     count = self._hand_over(launched, states, pool, room)
                     launched = current
@@ -298,14 +290,14 @@ class Translator:
         self._add_time(model=launched.cpu + time.thread_time() - c0)
         model_ms = 1000 * seconds / len(outputs)
         state = states[launched.unit.index]
-        for meta, shape, pixels in zip(launched.meta, launched.shapes, outputs, strict=True):
+        for meta, pixels in zip(launched.meta, outputs, strict=True):
             if (
                 self.cfg.preprocess == "official"
                 and abs(meta["width"] - meta["height"]) > 0.02 * meta["height"]
             ):
                 self.squashed += 1
             if pixels is None:
-                state.rows.append(self._device_error(meta, shape))
+                state.rows.append(self._device_error(meta, launched.shape))
                 continue
             room.acquire()
             future = pool.submit(self._write_one, launched.unit, meta, pixels.numpy(), model_ms, state)

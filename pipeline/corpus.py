@@ -241,13 +241,6 @@ def _with_items(unit: WorkUnit, items: tuple[Item, ...]) -> WorkUnit:
     return WorkUnit(unit.index, unit.input_index, unit.kind, unit.start, unit.stop, items=items)
 
 
-def items_table(items: Sequence[Item]) -> pa.Table:
-    return pa.table({
-        "url": [i.url for i in items], "key": [i.key for i in items],
-        "error": [i.error or None for i in items], "error_detail": [i.error_detail or None for i in items],
-    }, schema=ITEMS_SCHEMA)
-
-
 def read_items(unit: WorkUnit) -> tuple[Item, ...]:
     """A listing unit's items, from the unit or from its row group of the plan."""
     if unit.items is not None:

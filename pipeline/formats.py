@@ -31,10 +31,6 @@ def extension(name: str) -> str:
     return posixpath.splitext(name)[1][1:].lower()
 
 
-def is_decoded(name: str) -> bool:
-    return extension(name) in DECODED
-
-
 def is_image_name(name: str) -> bool:
     """Whether the name says image, decodable here or not."""
     ext = extension(name)

@@ -336,7 +336,8 @@ def _planned_shards(units: Sequence[WorkUnit]) -> dict[str, tuple[int, int | Non
 
 def extend_plan(plan: JobPlan, listings: Sequence[InputListing], changes: Sequence[InputChanges]) -> JobPlan:
     """Add the new inputs of `changes` as new units after the planned ones; commit the new revision."""
-    old_units = all_units(plan)
+    old_rows = _units_table(plan).to_pylist()
+    old_units = [_unit(plan, row) for row in old_rows]
     keys = KeyAllocator(set(_planned_column(plan, [u for u in old_units if u.kind == LISTING], "key")))
     namespaces = KeyAllocator({u.namespace for u in old_units if u.kind == SHARDS})
     additions = []
@@ -354,7 +355,6 @@ def extend_plan(plan: JobPlan, listings: Sequence[InputListing], changes: Sequen
     layout = lay_out_units(additions, plan.unit_size, keys, namespaces, first_unit=plan.units)
     folder = _revision_dir(plan.revision + 1)
     items_files = _write_items(plan.out, folder, layout, dict(additions), first_block=0)
-    old_rows = _units_table(plan).to_pylist()
     plan.units_file = _write_units(plan.out, folder, old_rows, layout.units, items_files)
     plan.units += len(layout.units)
     plan.items += sum(extra.count for _, extra in additions)

@@ -62,14 +62,11 @@ def _holder_is_dead(lock: bytes) -> bool:
     """Whether the lock's holder is a process of this host that no longer runs."""
     try:
         body = json.loads(lock)
-        if body.get("host") != socket.gethostname() or body.get("pid") == os.getpid():
-            return False
-        os.kill(int(body["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (ValueError, KeyError, TypeError, PermissionError, OSError):
+        pid = int(body["pid"])
+    except (ValueError, KeyError, TypeError):
         return False
-    return False
+    same_host = body.get("host") == socket.gethostname()
+    return same_host and pid != os.getpid() and not storage.process_running(pid)
 
 
 @contextmanager

@@ -167,23 +167,13 @@ def remove_stale_spools(folder: str) -> list[str]:
     removed = []
     for name in os.listdir(folder):
         pid = name.split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or storage.process_running(int(pid)):
             continue
         path = os.path.join(folder, name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
             removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ShardWriter:

@@ -300,11 +300,11 @@ def within(root: str) -> Callable[[str], bool]:
 
 def relative_to(root: str) -> Callable[[str], str]:
     """`relative(url, root)` for many URLs under one root (the root is parsed once)."""
-    root_path = filesystem(root)[1].rstrip("/") + "/"
-    fs = filesystem(root)[0]
+    fs, root_path = filesystem(root)
+    root_path = root_path.rstrip("/") + "/"
 
     def below(url: str) -> str:
-        path = fs._strip_protocol(url) if "://" in url else url
+        path = fs._strip_protocol(url)
         if not path.startswith(root_path):
             raise ValueError(f"{url} is not under {root}")
         return path[len(root_path):]
@@ -322,11 +322,20 @@ def list_sizes(url: str) -> dict[str, int]:
 
 def relative(url: str, root: str) -> str:
     """The part of `url` below the folder `root` (both as returned by `list_files`)."""
-    path = filesystem(url)[1]
-    root_path = filesystem(root)[1].rstrip("/")
-    if not path.startswith(root_path + "/"):
-        raise ValueError(f"{url} is not under {root}")
-    return path[len(root_path) + 1:]
+    return relative_to(root)(url)
+
+
+def process_running(pid: int) -> bool:
+    """Whether a process of this host runs: lock and spool files name their writer's pid."""
+    if pid <= 0:  # os.kill would address a process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, under another user
+        return True
+    return True
 
 
 def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: object) -> IO[bytes]:
