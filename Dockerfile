@@ -40,6 +40,9 @@ RUN groupadd --gid 10001 cut \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin cut
 USER 10001:10001
 ENV HOME=/tmp
+# FID/KID weights: mount or bake pt_inception-2015-12-05-6726825d.pth into /opt/torch/hub/checkpoints/
+# (or set CUT_INCEPTION_WEIGHTS to its path or URL); docs/quality.md.
+ENV TORCH_HOME=/opt/torch
 
 # The manifests give every container its command; this one only documents the entry points.
 CMD ["python", "-m", "jobs.train", "--help"]

@@ -1,9 +1,14 @@
-"""Translation quality as numbers: FID, KID and the domain score, from features of image batches.
+"""Translation quality as numbers: FID, KID, the domain, content and translation scores.
 
 FID and KID follow pytorch-fid and torch-fidelity (Inception pool3 features; KID with the cubic
 polynomial kernel, unbiased, averaged over random subsets). Means, covariances and the matrix square
-root are computed in float64. ``QualityMeter`` streams batches of translated images through the
-networks; ``evaluate_generator`` is the whole evaluation of a generator on held-out images.
+root are computed in float64. The domain score is the share of outputs a domain classifier puts in
+B; it alone rewards any output the classifier has never seen (noise lands in B as easily as in A).
+The content score (``cut.content``) says whether an output keeps its input's layout; the
+translation score of an image is the lower of the two, min(P(B | output), content score): high only
+when the output both looks like B and keeps its input. ``QualityMeter`` streams batches of
+translated images through the networks; ``evaluate_generator`` evaluates a generator on held-out
+images.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cut.content import content_score
 from cut.domain import DomainClassifier
 
 FULL_KERNEL_LIMIT = 4000  # three float64 kernel matrices of this side take ~0.4 GB
@@ -143,23 +149,33 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
     return pixels.float().div(255.0).sub(0.5).div(0.5)
 
 
+def translation_score(domain_probability: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+    """Per image: min(P(B | output), content score), in [0, 1]. Identity outputs keep the content
+    but stay in A; noise or garbage may land in B but keeps no content: both score low."""
+    return torch.minimum(domain_probability, content)
+
+
 class QualityMeter:
-    """Accumulates Inception features and domain-classifier verdicts over batches of images in [-1, 1]."""
+    """Accumulates, over batches of images in [-1, 1], Inception features, the domain classifier's
+    P(B) per image and, when the inputs are given, the content score of each image against its input."""
 
     def __init__(self, inception: nn.Module | None = None,
                  classifier: DomainClassifier | None = None) -> None:
         self.inception, self.classifier = inception, classifier
         self.features: list[torch.Tensor] = []
-        self.votes_b = 0
+        self.probability_b: list[torch.Tensor] = []
+        self.content: list[torch.Tensor] = []
         self.count = 0
 
     @torch.inference_mode()
-    def update(self, images: torch.Tensor) -> None:
-        """Add a batch (on the networks' device)."""
+    def update(self, images: torch.Tensor, inputs: torch.Tensor | None = None) -> None:
+        """Add a batch (on the networks' device); ``inputs`` are the images ``images`` translate."""
         if self.inception is not None:
             self.features.append(self.inception(images).float().cpu())
         if self.classifier is not None:
-            self.votes_b += int((self.classifier(images) > 0).sum())
+            self.probability_b.append(torch.sigmoid(self.classifier(images).float()).cpu())
+        if inputs is not None:
+            self.content.append(content_score(inputs, images).cpu())
         self.count += images.shape[0]
 
     def stats(self) -> FeatureStats:
@@ -169,17 +185,34 @@ class QualityMeter:
         return FeatureStats.of(torch.cat(self.features))
 
     def domain_score(self) -> float:
-        """Share of the images the domain classifier puts in domain B."""
+        """Share of the images the domain classifier puts in domain B (P(B) > 0.5)."""
         if self.classifier is None or not self.count:
             raise ValueError("no domain classifier or no images: the domain score is unavailable")
-        return self.votes_b / self.count
+        return float((torch.cat(self.probability_b) > 0.5).float().mean())
+
+    def per_image(self) -> dict[str, list[float]]:
+        """``domain_probability``, ``content_score`` and ``translation_score`` of each image seen, in
+        order, where computable."""
+        out: dict[str, list[float]] = {}
+        if self.probability_b:
+            out["domain_probability"] = torch.cat(self.probability_b).tolist()
+        if self.content and sum(len(c) for c in self.content) == self.count:  # inputs with every batch
+            out["content_score"] = torch.cat(self.content).tolist()
+        if "domain_probability" in out and "content_score" in out:
+            out["translation_score"] = translation_score(torch.cat(self.probability_b),
+                                                         torch.cat(self.content)).tolist()
+        return out
 
     def scores(self, reference: FeatureStats | None, kid_subsets: int = 100, kid_subset_size: int = 1000,
                seed: int = 0) -> dict[str, float]:
-        """``domain_score``, and ``fid``, ``kid``, ``kid_std`` against ``reference`` where computable."""
+        """``count``; ``domain_score``, ``content_score``, ``translation_score`` (means over the
+        images) where computable; ``fid``, ``kid``, ``kid_std`` against ``reference``."""
         out: dict[str, float] = {"count": float(self.count)}
         if self.classifier is not None and self.count:
             out["domain_score"] = self.domain_score()
+        for name, values in self.per_image().items():
+            if name != "domain_probability":
+                out[name] = sum(values) / len(values)
         if self.inception is not None and reference is not None and self.count >= 2:
             own = self.stats()
             out["fid"] = frechet_distance(own, reference)
@@ -204,8 +237,9 @@ def evaluate_generator(netG: nn.Module, images: Iterable[torch.Tensor],
                        kid_subset_size: int = 1000) -> dict[str, float]:
     """Translate held-out batches (domain A, [-1, 1], any device) and score the outputs.
 
-    Returns ``count`` and, where the networks allow, ``domain_score`` (share classified as B), and
-    ``fid``, ``kid``, ``kid_std`` against ``reference`` (Inception statistics of real B images). Every
+    Returns ``count``, ``content_score`` and, where the networks allow, ``domain_score`` (share
+    classified as B), ``translation_score``, and ``fid``, ``kid``, ``kid_std`` against ``reference``
+    (Inception statistics of real B images). Every
     network must already be on the generator's device. The generator's train/eval mode is restored.
     """
     device = next(netG.parameters()).device
@@ -215,7 +249,8 @@ def evaluate_generator(netG: nn.Module, images: Iterable[torch.Tensor],
     try:
         with torch.inference_mode():
             for batch in images:
-                meter.update(quantize(netG(batch.to(device))))
+                x = batch.to(device)
+                meter.update(quantize(netG(x)), inputs=x)
     finally:
         netG.train(was_training)
     return meter.scores(reference, kid_subset_size=kid_subset_size)

@@ -95,6 +95,9 @@ class TrainSection:
     start_fresh_if_unreadable: bool = key(False, "every checkpoint unreadable: start at step 0 (else stop)")
 
 
+EVAL_METRICS = ("auto", "translation_score", "domain_score", "fid", "kid")
+
+
 @dataclass
 class EvalSection:
     """Periodic evaluation on held-out images (rank 0); the best checkpoint is kept beside the latest."""
@@ -102,9 +105,10 @@ class EvalSection:
     every: int = key(0, "steps between evaluations; 0 turns it off")
     a: str = key("", "held-out domain-A images: a shard set, folder, prefix, glob or URL list")
     b: str = key("", "held-out real B images: the FID/KID reference (optional)")
-    domain_classifier: str = key("", "a classifier saved by jobs.eval (for domain_score)")
+    domain_classifier: str = key("", "a classifier saved by jobs.eval (domain and translation scores)")
     inception_weights: str = key("", "FID Inception weights; empty: the torch hub cache")
-    metric: str = key("domain_score", "picks checkpoints/best: domain_score (higher is better), fid or kid")
+    metric: str = key("auto", "picks checkpoints/best: translation_score or domain_score (higher is "
+                      "better), fid or kid (lower); auto: fid where computable, else translation_score")
     max_images: int = key(200, "held-out images scored per evaluation")
     batch_size: int = key(16, "evaluation batch size")
 
@@ -301,13 +305,18 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
         ("train.device", t.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
         ("eval.every", e.every >= 0, ">= 0"),
         ("eval.a", bool(e.a) or e.every == 0, "a held-out domain-A image source when eval.every > 0"),
-        ("eval.metric", e.metric in ("domain_score", "fid", "kid"), "domain_score, fid or kid"),
+        ("eval.metric", e.metric in EVAL_METRICS, ", ".join(EVAL_METRICS)),
         (
             "eval.domain_classifier",
-            bool(e.domain_classifier) or e.every == 0 or e.metric != "domain_score",
-            "a classifier file (python -m jobs.eval --domain-classifier) for eval.metric domain_score",
+            bool(e.domain_classifier) or e.every == 0 or e.metric in ("auto", "fid", "kid"),
+            f"a classifier file (python -m jobs.eval --train-classifier-only) for eval.metric {e.metric}",
         ),
-        ("eval.b", bool(e.b) or e.every == 0 or e.metric == "domain_score", "real B images for FID/KID"),
+        ("eval.b", bool(e.b) or e.every == 0 or e.metric not in ("fid", "kid"), "real B images for FID/KID"),
+        (
+            "eval.metric",
+            e.every == 0 or e.metric != "auto" or bool(e.b or e.domain_classifier),
+            "given eval.b (for FID) or eval.domain_classifier (for translation_score) when auto",
+        ),
         ("eval.max_images", e.max_images >= 2, ">= 2"),
         ("eval.batch_size", e.batch_size >= 1, ">= 1"),
     ]

@@ -1,9 +1,11 @@
-"""Translation quality as numbers and pictures: FID, KID and the domain score, plus a sample report.
+"""Translation quality as numbers and pictures: FID, KID, domain, content and translation scores.
 
     python -m jobs.eval --checkpoint s3://b/runs/h2z/export/generator.pt \\
         --test-a s3://b/h2z/testA --test-b s3://b/h2z/testB --out s3://b/evals/h2z \\
         --domain-classifier s3://b/h2z/domain.pt --train-a s3://b/h2z/trainA --train-b s3://b/h2z/trainB
     python -m jobs.eval --translated s3://b/translated/h2z --test-b s3://b/h2z/testB --out ...
+    python -m jobs.eval --train-classifier-only --domain-classifier s3://b/h2z/domain.pt \
+        --train-a s3://b/h2z/trainA --train-b s3://b/h2z/trainB --test-a ... --test-b ...
 
 The translated images come from a generator (--checkpoint, applied to --test-a with the official test
 preprocessing) or from an inference output folder (--translated; its manifest names each output and
@@ -12,12 +14,18 @@ the untranslated inputs, as a baseline. Images of every source get the official 
 (bicubic resize to --crop-size). Sources: shard sets, folders, prefixes, globs, URL lists.
 
 FID and KID need the FID Inception weights (pt_inception-2015-12-05-6726825d.pth): --inception-weights,
-else the torch hub cache, downloaded there when possible. Without them FID and KID are reported as
-unavailable, with the reason, unless --metrics asks for them (then the job fails). The domain score
-(share of translated images a small classifier puts in B) needs --domain-classifier; one is trained
-with --train-a/--train-b when that file does not exist yet (and saved there).
+else $CUT_INCEPTION_WEIGHTS, else the torch hub cache, downloaded there when possible. Without them
+FID and KID are reported as unavailable, with the reason, unless --metrics asks for them (then the
+job fails). The domain score (share of translated images a small classifier puts in B) needs
+--domain-classifier; one is trained with --train-a/--train-b when that file does not exist yet
+(and saved there). Its held-out accuracy (on --test-a/--test-b, else on a tenth of the training
+images kept aside) is reported beside every domain score, with a warning below 0.8. The content
+score (does the output keep its input's layout) needs no weights; the translation score is, per
+image, the lower of P(B | output) and the content score: high only for outputs that look like B and
+keep their input (docs/quality.md).
 
-Outputs: OUT/metrics.json, OUT/report.html, OUT/grid.png, OUT/samples/*.png; a table on stdout.
+Outputs: OUT/metrics.json (headline scores at its top level), OUT/per_image.parquet (scores of each
+image), OUT/report.html, OUT/grid.png, OUT/samples/*.png; a table on stdout.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -54,7 +64,12 @@ from cut.metrics import FeatureStats, QualityMeter, quantize
 from jobs.cli import HelpFormatter, add_logging_arguments
 from jobs.config import ConfigError, build
 from jobs.logs import setup_logging
-from jobs.quality import hub_weights_path, load_domain_classifier, load_inception
+from jobs.quality import (
+    classifier_warning,
+    inception_weights_source,
+    load_domain_classifier,
+    load_inception,
+)
 from pipeline import storage
 from pipeline.checkpoints import resolve_generator_url
 from pipeline.images import (
@@ -71,6 +86,8 @@ from pipeline.shards import ShardIndexError
 log = logging.getLogger("jobs.eval")
 
 METRICS = ("fid", "kid", "domain")
+HELD_OUT_SHARE = 0.1  # of the training images, kept aside to measure a classifier trained without test sets
+PAIR_CHUNK = 256  # inference outputs read (with their inputs) per chunk
 
 
 class UnavailableError(RuntimeError):
@@ -83,6 +100,7 @@ class EvalConfig:
 
     checkpoint: str = ""
     translated: str = ""
+    train_classifier_only: bool = False
     test_a: str = ""
     test_b: str = ""
     out: str = ""
@@ -103,6 +121,7 @@ class EvalConfig:
     kid_subset_size: int = 1000
     seed: int = 0
     device: str = "auto"
+    note: str = ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,10 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="generator to evaluate: our export, latest_net_G.pth, a training state.pt or a run folder",
     )
     what.add_argument("--translated", help="inference output folder (OUT/manifest/*.parquet, OUT/images/...)")
+    what.add_argument("--train-classifier-only", action="store_true",
+                      help="train a domain classifier on --train-a/--train-b, save it to --domain-classifier "
+                      "and stop (its held-out accuracy is in the file and the log)")
     p.add_argument("--test-a", help="real domain A test images: what --checkpoint translates, and the A test "
                    "set of a domain classifier trained here")
     p.add_argument("--test-b", help="real domain B images (reference for FID/KID; domain classifier test)")
-    p.add_argument("--out", required=True, help="report folder URL")
+    p.add_argument("--out", help="report folder URL (not used by --train-classifier-only)")
     p.add_argument("--metrics", nargs="+", choices=METRICS, default=None,
                    help="compute these, and fail if one cannot be computed (default: every metric available)")
     p.add_argument("--domain-classifier", help="domain classifier file (trained and saved here if absent "
@@ -140,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kid-subset-size", type=int, default=1000, help="images per KID subset (at most all)")
     p.add_argument("--seed", type=int, default=0, help="seeds the classifier and the KID subsets")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if any")
+    p.add_argument("--note", help="a line of text shown at the top of the report (what was evaluated, why)")
     add_logging_arguments(p)
     return p
 
@@ -149,10 +172,17 @@ def load_eval_config(args: argparse.Namespace) -> EvalConfig:
     options = {k: v for k, v in vars(args).items() if k != "log_format"}
     data = {k: ("" if v is None and k != "metrics" else v) for k, v in options.items()}
     config = build(EvalConfig, data, "command line")
+    only = config.train_classifier_only
     checks = [
+        ("--out", bool(config.out) or only, "given"),
         ("--test-a", bool(config.test_a) or not config.checkpoint, "given with --checkpoint"),
-        ("--test-b", bool(config.test_b or config.reference_stats), "given (or --reference-stats)"),
+        ("--test-b", bool(config.test_b or config.reference_stats) or only, "given (or --reference-stats)"),
         ("--train-b", bool(config.train_a) == bool(config.train_b), "given together with --train-a"),
+        ("--train-a", bool(config.train_a) or not only, "given with --train-classifier-only"),
+        ("--domain-classifier", bool(config.domain_classifier) or not only,
+         "given with --train-classifier-only (where to save it)"),
+        ("--test-b", bool(config.test_a) == bool(config.test_b) or not only,
+         "given together with --test-a for the classifier's held-out accuracy"),
         ("--crop-size", config.crop_size >= 16 and config.crop_size % 4 == 0, "a multiple of 4, at least 16"),
         ("--batch-size", config.batch_size >= 1, ">= 1"),
         ("--samples", config.samples >= 0, ">= 0"),
@@ -175,12 +205,30 @@ def load_images(url: str, crop_size: int, size: int, limit: int | None = None) -
     return torch.cat(batches)[:limit]
 
 
+def held_out_split(images: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held out): a seeded random ``share`` of ``images`` (at least one image) kept aside."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    count = max(1, round(share * len(images)))
+    return images[order[count:]], images[order[:count]]
+
+
 def train_classifier(config: EvalConfig, device: torch.device) -> tuple[DomainClassifier, dict[str, Any]]:
-    """Train a domain classifier on --train-a/--train-b; metadata holds its accuracy on the real test sets."""
+    """Train a domain classifier on --train-a/--train-b; metadata holds its held-out accuracy, on the
+    real test sets when given, else on a tenth of the training images kept out of its training."""
     start = time.perf_counter()
     limit = config.classifier_max_images
     train_a = load_images(config.train_a, config.crop_size, IMAGE_SIZE, limit)
     train_b = load_images(config.train_b, config.crop_size, IMAGE_SIZE, limit)
+    if config.test_a and config.test_b:
+        held_out = "test images (--test-a, --test-b)"
+        test_a = load_images(config.test_a, config.crop_size, IMAGE_SIZE)
+        test_b = load_images(config.test_b, config.crop_size, IMAGE_SIZE)
+    elif min(len(train_a), len(train_b)) >= 2:
+        held_out = f"{HELD_OUT_SHARE:.0%} of the training images, kept out of training"
+        train_a, test_a = held_out_split(train_a, HELD_OUT_SHARE, config.seed)
+        train_b, test_b = held_out_split(train_b, HELD_OUT_SHARE, config.seed + 1)
+    else:
+        held_out, test_a, test_b = "", None, None
     log.info("domain classifier: training on %d A and %d B images", len(train_a), len(train_b))
     net = train_domain_classifier(
         train_a, train_b, epochs=config.classifier_epochs, seed=config.seed, device=device,
@@ -190,14 +238,13 @@ def train_classifier(config: EvalConfig, device: torch.device) -> tuple[DomainCl
                             "image_size": IMAGE_SIZE, "crop_size": config.crop_size,
                             "epochs": config.classifier_epochs,
                             "train_seconds": round(time.perf_counter() - start, 1)}
-    if config.test_a and config.test_b:
-        test_a = load_images(config.test_a, config.crop_size, IMAGE_SIZE)
-        test_b = load_images(config.test_b, config.crop_size, IMAGE_SIZE)
-        accuracy = domain_accuracy(net, test_a, test_b)
+    if test_a is not None and test_b is not None:
+        accuracy = domain_accuracy(net.to(device), test_a.to(device), test_b.to(device))
         meta.update({f"test_{k}": v for k, v in accuracy.items()}, test_images_a=len(test_a),
-                    test_images_b=len(test_b))
-        log.info("domain classifier: test accuracy %.3f (A %.3f, B %.3f)", accuracy["accuracy"],
-                 accuracy["accuracy_a"], accuracy["accuracy_b"])
+                    test_images_b=len(test_b), held_out=held_out)
+        log.info("domain classifier: held-out accuracy %.3f (A %.3f on %d, B %.3f on %d; %s)",
+                 accuracy["accuracy"], accuracy["accuracy_a"], len(test_a), accuracy["accuracy_b"],
+                 len(test_b), held_out)
     return net, meta
 
 
@@ -215,7 +262,23 @@ def obtain_classifier(config: EvalConfig, device: torch.device) -> tuple[DomainC
         where = f"{url} does not exist" if url else "none given"
         raise UnavailableError(f"no domain classifier ({where}): pass --domain-classifier with a trained "
                                f"one, or --train-a and --train-b to train one")
+    if warning := classifier_warning(meta):
+        log.warning("%s", warning)
     return net.to(device), {"url": url, **meta}
+
+
+def save_classifier_only(config: EvalConfig) -> int:
+    """--train-classifier-only: train, save to --domain-classifier (replacing a file there), report."""
+    net, meta = train_classifier(config, pick_device(config.device))
+    storage.write_bytes_atomic(config.domain_classifier, to_bytes(export_classifier(net.cpu(), **meta)))
+    accuracy = meta.get("test_accuracy")
+    print(f"domain classifier saved to {config.domain_classifier}: held-out accuracy "
+          + ("unknown (too few images to keep some aside)" if accuracy is None else
+             f"{accuracy:.3f} (A {meta['test_accuracy_a']:.3f}, B {meta['test_accuracy_b']:.3f}; "
+             f"{meta['held_out']})"))
+    if warning := classifier_warning(meta):
+        log.warning("%s", warning)
+    return 0
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -228,49 +291,68 @@ class Sample:
     output: torch.Tensor
 
 
-def translate_checkpoint(config: EvalConfig, translated: QualityMeter, baseline: QualityMeter | None,
-                         device: torch.device) -> list[Sample]:
+@dataclass
+class Scored:
+    """What an evaluation pass leaves: the keys of the scored images, in meter order, and samples."""
+
+    keys: list[str]
+    samples: list[Sample]
+
+
+def _update(meters: tuple[QualityMeter, QualityMeter | None], x: torch.Tensor, y: torch.Tensor) -> None:
+    translated, baseline = meters
+    translated.update(y, inputs=x)
+    if baseline is not None:
+        baseline.update(x, inputs=x)  # the identity translation: content 1, the inputs' domain
+
+
+def translate_checkpoint(config: EvalConfig, meters: tuple[QualityMeter, QualityMeter | None],
+                         device: torch.device) -> Scored:
     """Translate --test-a with the generator; score outputs (and inputs); keep the first samples."""
     url = resolve_generator_url(config.checkpoint)
     netG = generator_from_checkpoint(read_checkpoint(storage.read_bytes(url), url), url).to(device)
-    samples: list[Sample] = []
+    scored = Scored([], [])
     inputs = decode_for_eval(iter_encoded(config.test_a), config.crop_size)
     for items, x in batched(inputs, config.batch_size):
         x = x.to(device)
         with torch.inference_mode():
             y = quantize(netG(x))
-        translated.update(y)
-        if baseline is not None:
-            baseline.update(x)
-        room = config.samples - len(samples)
-        samples += [Sample(item.key, xi.cpu(), yi.cpu())
-                    for item, xi, yi in zip(items[:room], x, y, strict=False)]
-    return samples
+        _update(meters, x, y)
+        scored.keys += [item.key for item in items]
+        room = config.samples - len(scored.samples)
+        scored.samples += [Sample(item.key, xi.cpu(), yi.cpu())
+                           for item, xi, yi in zip(items[:room], x, y, strict=False)]
+    return scored
 
 
-def score_translated(config: EvalConfig, translated: QualityMeter, baseline: QualityMeter | None,
-                     device: torch.device) -> list[Sample]:
-    """Score an inference output's images (and its inputs); keep the first pairs as samples."""
+def score_translated(config: EvalConfig, meters: tuple[QualityMeter, QualityMeter | None],
+                     device: torch.device) -> Scored:
+    """Score an inference output's images against their inputs, a chunk of manifest rows at a time;
+    an image whose input (or output) cannot be read is left out, with a warning."""
     pairs = translated_pairs(config.translated)
     if not pairs:
         raise FileNotFoundError(f"{config.translated}: the manifest has no successful rows")
-    outputs: dict[str, torch.Tensor] = {}
-    decoded = decode_for_eval(read_urls((p.key, p.output_url) for p in pairs), config.crop_size)
-    for items, y in batched(decoded, config.batch_size):
-        translated.update(y.to(device))
-        for item, yi in zip(items, y, strict=True):
-            if len(outputs) < config.samples:
-                outputs[item.key] = yi
-    inputs: dict[str, torch.Tensor] = {}
-    if baseline is not None:
-        decoded = decode_for_eval(read_urls((p.key, p.source_url) for p in pairs), config.crop_size)
-        for items, x in batched(decoded, config.batch_size):
-            baseline.update(x.to(device))
-            inputs.update((item.key, xi) for item, xi in zip(items, x, strict=True) if item.key in outputs)
-    else:
-        shown = [(p.key, p.source_url) for p in pairs if p.key in outputs]
-        inputs = {item.key: x for item, x in decode_for_eval(read_urls(shown), config.crop_size)}
-    return [Sample(key, inputs.get(key), y) for key, y in outputs.items()]
+    scored, missing = Scored([], []), 0
+    for start in range(0, len(pairs), PAIR_CHUNK):
+        chunk = pairs[start:start + PAIR_CHUNK]
+        outputs = {item.key: y for item, y in decode_for_eval(
+            read_urls((p.key, p.output_url) for p in chunk), config.crop_size)}
+        inputs = {item.key: x for item, x in decode_for_eval(
+            read_urls((p.key, p.source_url) for p in chunk), config.crop_size)}
+        keys = [p.key for p in chunk if p.key in outputs and p.key in inputs]
+        missing += len(chunk) - len(keys)
+        for i in range(0, len(keys), config.batch_size):
+            batch = keys[i:i + config.batch_size]
+            x = torch.stack([inputs[k] for k in batch]).to(device)
+            y = torch.stack([outputs[k] for k in batch]).to(device)
+            _update(meters, x, y)
+        scored.keys += keys
+        room = config.samples - len(scored.samples)
+        scored.samples += [Sample(k, inputs[k], outputs[k]) for k in keys[:room]]
+    if missing:
+        log.warning("%s: %d of %d translations left out: their input or output could not be read",
+                    config.translated, missing, len(pairs))
+    return scored
 
 
 def reference_pass(config: EvalConfig, inception: FIDInception | None, classifier: DomainClassifier | None,
@@ -338,7 +420,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     translated = QualityMeter(inception, classifier)
     baseline = QualityMeter(inception, classifier) if config.baseline else None
     run = translate_checkpoint if config.checkpoint else score_translated
-    samples = run(config, translated, baseline, device)
+    scored = run(config, (translated, baseline), device)
     kid = {"kid_subsets": config.kid_subsets, "kid_subset_size": config.kid_subset_size, "seed": config.seed}
     scores = translated.scores(reference, **kid)
     for name, key in (("fid", "fid"), ("kid", "kid"), ("domain", "domain_score")):
@@ -347,27 +429,75 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     missing = sorted(required & set(errors))
     if missing:
         raise UnavailableError("; ".join(f"{name}: {errors[name]}" for name in missing))
+    identity = baseline.scores(reference, **kid) if baseline is not None else None
+    real_b_scores = real_b.scores(None) if real_b is not None else None
+    no_better = _no_better_than_identity(scores, identity)
+    if no_better:
+        log.warning("%s", no_better)
+    doubt = classifier_warning(classifier_meta) if classifier is not None else ""  # logged when loaded
+    warnings = [w for w in (doubt, no_better) if w]
     metrics: dict[str, Any] = {
+        **headline(scores, identity, real_b_scores, classifier_meta),
         "translated": scores,
-        "baseline": baseline.scores(reference, **kid) if baseline is not None else None,
-        "real_b": real_b.scores(None) if real_b is not None else None,
+        "baseline": identity,
+        "real_b": real_b_scores,
         "unavailable": errors,
+        "warnings": warnings,
         "domain_classifier": classifier_meta or None,
-        "inception_weights": None if inception is None else config.inception_weights or hub_weights_path(),
+        "inception_weights": inception_weights_source(config.inception_weights) if inception else None,
         "config": asdict(config),
     }
-    write_report(config.out, metrics, samples)
+    write_per_image(config.out, scored.keys, translated, baseline)
+    write_report(config.out, metrics, scored.samples, per_image=translated.per_image())
     return metrics
 
 
+HEADLINE = ("translation_score", "content_score", "domain_score", "fid", "kid")
+
+
+def headline(scores: dict[str, float], identity: dict[str, float] | None,
+             real_b: dict[str, float] | None, classifier_meta: dict[str, Any]) -> dict[str, float]:
+    """The numbers a reader looks for first, flat: the outputs' scores, the identity baseline's
+    (``identity_*``: the inputs returned unchanged), real B's domain score, the classifier's accuracy."""
+    out = {name: scores[name] for name in HEADLINE if name in scores}
+    if identity is not None:
+        out.update({f"identity_{name}": identity[name] for name in HEADLINE if name in identity})
+    if real_b is not None and "domain_score" in real_b:
+        out["real_b_domain_score"] = real_b["domain_score"]
+    if classifier_meta.get("test_accuracy") is not None:
+        out["classifier_accuracy"] = classifier_meta["test_accuracy"]
+    return out
+
+
+def _no_better_than_identity(scores: dict[str, float], identity: dict[str, float] | None) -> str:
+    if identity is None or "translation_score" not in scores:
+        return ""
+    if scores["translation_score"] > identity["translation_score"]:
+        return ""
+    return (f"the translation score {scores['translation_score']:.3f} is no better than the identity's "
+            f"{identity['translation_score']:.3f} (the inputs returned unchanged)")
+
+
+def write_per_image(out: str, keys: list[str], translated: QualityMeter,
+                    baseline: QualityMeter | None) -> None:
+    """OUT/per_image.parquet: one row per scored image, its key and scores (identity_* for its input)."""
+    columns: dict[str, list[Any]] = {"key": keys, **translated.per_image()}
+    if baseline is not None and "domain_probability" in (base := baseline.per_image()):
+        columns["identity_domain_probability"] = base["domain_probability"]
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(columns), buffer, compression="zstd")
+    storage.write_bytes_atomic(storage.join(out, "per_image.parquet"), buffer.getvalue())
+
+
 # ----------------------------------------------------------------------------------------- report
-ROWS = (("FID", "fid", 1.0), ("KID x 1000", "kid", 1000.0), ("domain score", "domain_score", 1.0),
+ROWS = (("translation score", "translation_score", 1.0), ("content score", "content_score", 1.0),
+        ("domain score", "domain_score", 1.0), ("FID", "fid", 1.0), ("KID x 1000", "kid", 1000.0),
         ("images", "count", 1.0))
 
 
 def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
     """The metrics table: a header, then one row per metric (translated, inputs, real B)."""
-    named = (("translated", metrics["translated"]), ("inputs", metrics["baseline"]),
+    named = (("translated", metrics["translated"]), ("identity (inputs)", metrics["baseline"]),
              ("real B", metrics["real_b"]))
     columns = [(name, scores) for name, scores in named if scores is not None]
     rows = [["metric", *(name for name, _ in columns)]]
@@ -395,7 +525,24 @@ def format_table(metrics: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines += [f"{names} unavailable: {reason}" for names, reason in unavailable_notes(metrics)]
+    if about := classifier_note(metrics):
+        lines.append(about)
+    lines += [f"WARNING: {warning}" for warning in metrics["warnings"]]
     return "\n".join(lines)
+
+
+def classifier_note(metrics: dict[str, Any]) -> str:
+    """One line on the domain classifier behind the domain and translation scores ("" if none)."""
+    meta = metrics["domain_classifier"]
+    if not meta:
+        return ""
+    accuracy = meta.get("test_accuracy")
+    if accuracy is None:
+        return "domain classifier: held-out accuracy unknown"
+    parts = [f"{d} {meta[f'test_accuracy_{d.lower()}']:.3f}" for d in "AB"
+             if f"test_accuracy_{d.lower()}" in meta]
+    parts.append(meta.get("held_out", "held-out images"))
+    return f"domain classifier: held-out accuracy {accuracy:.3f} ({'; '.join(parts)})"
 
 
 def to_pixels(image: torch.Tensor) -> Image.Image:
@@ -423,8 +570,26 @@ def grid_image(samples: list[Sample], per_row: int = 8) -> Image.Image:
     return grid
 
 
-def write_report(out: str, metrics: dict[str, Any], samples: list[Sample]) -> None:
-    """metrics.json, grid.png, samples/NNN-{input,output}.png and report.html naming every image."""
+SCORE_GUIDE = (
+    "Translation score: per image, the lower of the domain classifier's P(B | output) and the content "
+    "score; high only when an output looks like domain B and keeps its input. Content score: agreement "
+    "of input and output luminance layout at coarse scales (1 = same layout, about 0 = unrelated or "
+    "noise). Domain score: share of outputs the classifier puts in B. Identity: the inputs returned "
+    "unchanged, the score of doing nothing."
+)
+
+
+def _cell(per_image: dict[str, list[float]], name: str, i: int) -> str:
+    values = per_image.get(name)
+    return "-" if values is None or i >= len(values) else f"{values[i]:.3f}"
+
+
+def write_report(out: str, metrics: dict[str, Any], samples: list[Sample],
+                 per_image: dict[str, list[float]] | None = None) -> None:
+    """metrics.json, grid.png, samples/NNN-{input,output}.png and report.html: the scores table, the
+    classifier's accuracy, warnings, and a gallery of input beside output with each pair's scores
+    (``per_image``: the meter's per-image scores, whose first entries are the samples')."""
+    per_image = per_image or {}
     storage.write_bytes_atomic(storage.join(out, "metrics.json"),
                                (json.dumps(metrics, indent=1, sort_keys=True) + "\n").encode())
     figure, pairs = "", []
@@ -439,25 +604,31 @@ def write_report(out: str, metrics: dict[str, Any], samples: list[Sample]) -> No
                 continue
             name = f"samples/{i:03d}-{role}.png"
             storage.write_bytes_atomic(storage.join(out, name), png_bytes(to_pixels(image)))
-            cells.append(f'<td><img src="{name}" alt="{role} {html.escape(sample.key)}"></td>')
-        pairs.append(f"<tr><td>{html.escape(sample.key)}</td>{''.join(cells)}</tr>")
+            cells.append(f'<td><img src="{name}" class="pair" alt="{role} {html.escape(sample.key)}"></td>')
+        scores = "".join(f"<td>{_cell(per_image, n, i)}</td>"
+                         for n in ("translation_score", "content_score", "domain_probability"))
+        pairs.append(f"<tr><td>{html.escape(sample.key)}</td>{''.join(cells)}{scores}</tr>")
     rows = table_rows(metrics)
     table = "".join("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
                     for tag, row in (("th" if i == 0 else "td", row) for i, row in enumerate(rows)))
     notes = "".join(f"<p><b>{html.escape(names)} unavailable:</b> {html.escape(reason)}</p>"
                     for names, reason in unavailable_notes(metrics))
-    classifier = metrics["domain_classifier"] or {}
-    accuracy = classifier.get("test_accuracy")
-    about = ("" if accuracy is None else
-             f"<p>Domain classifier accuracy on real test images: {accuracy:.3f}.</p>")
-    source = metrics["config"]["checkpoint"] or metrics["config"]["translated"]
+    about = f"<p>{html.escape(classifier_note(metrics))}</p>" if classifier_note(metrics) else ""
+    warnings = "".join(f'<p class="warning"><b>Warning:</b> {html.escape(w)}</p>'
+                       for w in metrics["warnings"])
+    config = metrics["config"]
+    source = config["checkpoint"] or config["translated"]
+    note = f"<p>{html.escape(config['note'])}</p>" if config.get("note") else ""
     page = (
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Translation quality</title>"
-        "<style>body{font-family:sans-serif} td,th{padding:2px 8px;text-align:left} img{max-width:100%}"
-        "</style></head><body>\n"
-        f"<h1>Translation quality</h1><p>{html.escape(source)}</p>\n<table>{table}</table>\n{notes}{about}\n"
-        f"<h2>Samples</h2>{figure}\n<table><tr><th>key</th><th>input</th><th>output</th></tr>"
-        f"{''.join(pairs)}</table>\n</body></html>\n")
+        "<style>body{font-family:sans-serif;max-width:70em} td,th{padding:2px 8px;text-align:left}"
+        " img{max-width:100%} img.pair{width:160px;image-rendering:pixelated}"
+        " .warning{color:#a00}</style></head><body>\n"
+        f"<h1>Translation quality</h1><p>{html.escape(source)}</p>\n{note}{warnings}"
+        f"<table>{table}</table>\n{notes}{about}<p><small>{html.escape(SCORE_GUIDE)}</small></p>\n"
+        "<h2>Gallery</h2><table><tr><th>key</th><th>input</th><th>output</th><th>translation</th>"
+        f"<th>content</th><th>P(B)</th></tr>{''.join(pairs)}</table>\n"
+        f"<h2>Grid</h2>{figure}\n</body></html>\n")
     storage.write_bytes_atomic(storage.join(out, "report.html"), page.encode())
 
 
@@ -470,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     setup_logging(0, args.log_format)
     try:
+        if config.train_classifier_only:
+            return save_classifier_only(config)
         metrics = evaluate(config)
     except (InceptionWeightsError, UnavailableError, CheckpointError, ConfigError, FileNotFoundError,
             ShardIndexError, ListingError) as exc:

@@ -1,7 +1,8 @@
 """Quality networks on storage, shared by jobs.eval and jobs.train's periodic evaluation.
 
-The FID Inception weights come from a path or URL, else the torch hub cache (downloaded there when
-allowed); their absence is an InceptionWeightsError that says which file to put where.
+The FID Inception weights come from a path or URL (given, else the CUT_INCEPTION_WEIGHTS
+environment variable), else the torch hub cache (downloaded there when allowed); their absence is
+an InceptionWeightsError that says which file to put where (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from cut.inception import (
     InceptionWeightsError,
     fid_inception,
 )
-from cut.metrics import FeatureStats, evaluate_generator, reference_statistics
+from cut.metrics import FeatureStats, QualityMeter, evaluate_generator
 from jobs.config import EvalSection
 from pipeline import storage
 from pipeline.images import image_batches
 
 log = logging.getLogger(__name__)
+
+WEIGHTS_ENV = "CUT_INCEPTION_WEIGHTS"  # path or URL of pre-staged Inception weights
 
 
 def hub_weights_path() -> str:
@@ -40,17 +43,26 @@ def _weights_missing(reason: str) -> InceptionWeightsError:
     return InceptionWeightsError(
         f"FID and KID need the Inception weights file {WEIGHTS_NAME} (pytorch-fid's port of TensorFlow's "
         f"FID Inception). {reason}. Download it from {WEIGHTS_URL} on a machine with network access and "
-        f"put it at {hub_weights_path()} (the torch hub cache; TORCH_HOME moves it), or pass "
-        f"--inception-weights PATH."
+        f"put it at {hub_weights_path()} (the torch hub cache; TORCH_HOME moves it), or set "
+        f"{WEIGHTS_ENV}=PATH (or pass --inception-weights PATH)."
     )
 
 
+def inception_weights_source(weights: str = "") -> str:
+    """Where the Inception weights are read from: ``weights``, else $CUT_INCEPTION_WEIGHTS, else the
+    torch hub cache."""
+    return weights or os.environ.get(WEIGHTS_ENV, "") or hub_weights_path()
+
+
 def load_inception(weights: str = "", download: bool = True) -> FIDInception:
-    """The FID Inception network from ``weights`` (a path or URL), else from the torch hub cache,
-    downloading the file there first when allowed. InceptionWeightsError says what to do if absent."""
+    """The FID Inception network from ``weights`` (a path or URL), else $CUT_INCEPTION_WEIGHTS, else
+    the torch hub cache, downloading the file there first when allowed. InceptionWeightsError says
+    what to do if absent."""
+    given = "--inception-weights" if weights else WEIGHTS_ENV
+    weights = weights or os.environ.get(WEIGHTS_ENV, "")
     if weights:
         if not storage.exists(weights):
-            raise _weights_missing(f"--inception-weights {weights} does not exist")
+            raise _weights_missing(f"{given} {weights} does not exist")
         source, data = weights, storage.read_bytes(weights)
     else:
         source = hub_weights_path()
@@ -82,40 +94,83 @@ def load_domain_classifier(url: str) -> tuple[DomainClassifier, dict[str, Any]]:
     return classifier_from_export(read_checkpoint(storage.read_bytes(url), url), url)
 
 
+MIN_CLASSIFIER_ACCURACY = 0.8  # below this, a domain or translation score says little
+
+
+def classifier_warning(meta: dict[str, Any]) -> str:
+    """Why a domain classifier's verdicts deserve doubt ("" when its held-out accuracy is fine)."""
+    accuracy = meta.get("test_accuracy")
+    if accuracy is None:
+        return ("the domain classifier's held-out accuracy is unknown (it was saved without test images): "
+                "domain and translation scores may mean little")
+    if accuracy < MIN_CLASSIFIER_ACCURACY:
+        return (f"the domain classifier's held-out accuracy is {accuracy:.3f}, below "
+                f"{MIN_CLASSIFIER_ACCURACY}: domain and translation scores say little; train it longer or "
+                f"on more images (python -m jobs.eval --train-classifier-only)")
+    return ""
+
+
 class HeldOutEvaluator:
     """Scores a generator on held-out domain-A images; remembers the best score of the chosen metric.
 
     Images, classifier, Inception and the real-B reference statistics are loaded once. FID and KID
-    need ``b`` and the Inception weights; when the metric is the domain score they are computed only
-    if both are there.
+    need ``b`` and the Inception weights. ``auto`` resolves to ``fid`` when both are there, else to
+    ``translation_score`` (which needs the domain classifier). Every result carries the classifier's
+    held-out accuracy and, with ``b``, its score on real B, so a domain score is never read alone.
     """
 
     LOWER_IS_BETTER = ("fid", "kid")
 
     def __init__(self, config: EvalSection, crop_size: int, device: torch.device) -> None:
         self.config = config
-        self.metric = config.metric
         self.batches = _limited_batches(config.a, crop_size, config.batch_size, config.max_images)
         self.classifier = None
+        self.context: dict[str, float] = {}
         if config.domain_classifier:
-            self.classifier = load_domain_classifier(config.domain_classifier)[0].to(device)
+            self.classifier, meta = load_domain_classifier(config.domain_classifier)
+            self.classifier = self.classifier.to(device)
+            if meta.get("test_accuracy") is not None:
+                self.context["classifier_accuracy"] = float(meta["test_accuracy"])
+            if warning := classifier_warning(meta):
+                log.warning("%s: %s", config.domain_classifier, warning)
         self.inception: FIDInception | None = None
         self.reference: FeatureStats | None = None
-        if config.b:
+        fid_wanted = config.metric in ("auto", *self.LOWER_IS_BETTER)
+        if config.b and (fid_wanted or self.classifier is None):
             try:
                 self.inception = load_inception(config.inception_weights).to(device)
             except InceptionWeightsError as exc:
-                if self.metric in self.LOWER_IS_BETTER:
+                if config.metric in self.LOWER_IS_BETTER:
                     raise
                 log.warning("periodic evaluation without FID/KID: %s", exc)
-        if self.inception is not None:
+        self.metric = self._resolve(config.metric)
+        if config.b and (self.inception is not None or self.classifier is not None):
             real_b = _limited_batches(config.b, crop_size, config.batch_size, config.max_images)
-            self.reference = reference_statistics(self.inception, (x.to(device) for x in real_b))
+            meter = QualityMeter(self.inception, self.classifier)
+            for x in real_b:
+                meter.update(x.to(device))
+            if self.inception is not None:
+                self.reference = meter.stats()
+            if self.classifier is not None:
+                self.context["real_b_domain_score"] = meter.domain_score()
+        log.info("periodic evaluation picks checkpoints/best by %s%s", self.metric,
+                 "".join(f", {k}={v:.3f}" for k, v in self.context.items()))
         self.best: float | None = None
+
+    def _resolve(self, metric: str) -> str:
+        if metric != "auto":
+            return metric
+        if self.inception is not None:
+            return "fid"
+        if self.classifier is None:
+            raise InceptionWeightsError(
+                "eval.metric auto: FID is unavailable (see the warning above) and there is no "
+                "eval.domain_classifier for translation_score; give one of them")
+        return "translation_score"
 
     def __call__(self, netG: torch.nn.Module) -> dict[str, float]:
         count = sum(len(b) for b in self.batches)
-        return evaluate_generator(
+        scores = evaluate_generator(
             netG,
             self.batches,
             self.classifier,
@@ -123,6 +178,7 @@ class HeldOutEvaluator:
             self.reference,
             kid_subset_size=min(1000, count),
         )
+        return {**scores, **self.context}
 
     def improves(self, scores: dict[str, float]) -> bool:
         """Whether ``scores`` beat the best so far on the chosen metric (and become the best)."""

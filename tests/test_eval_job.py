@@ -157,11 +157,13 @@ def test_translated_output_without_inception_weights_reports_fid_unavailable(tmp
     assert metrics["baseline"]["count"] == 3  # the manifest's inputs, read from a listing and a shard
     report = tmp_path / "report"
     assert html_images(report / "report.html") == {str(p.relative_to(report)) for p in report.rglob("*.png")}
-    assert "Domain classifier accuracy on real test images: 0.900" in (report / "report.html").read_text()
+    page = (report / "report.html").read_text()
+    assert "domain classifier: held-out accuracy 0.900" in page and "below 0.8" not in page
 
     assert main([*args, "--out", str(tmp_path / "domain-only"), "--metrics", "domain"]) == 0
     only = json.loads((tmp_path / "domain-only" / "metrics.json").read_text())
-    assert only["unavailable"] == {} and set(only["translated"]) == {"count", "domain_score"}
+    assert only["unavailable"] == {}
+    assert set(only["translated"]) == {"count", "domain_score", "content_score", "translation_score"}
 
     capfd.readouterr()
     assert main([*args, "--out", str(tmp_path / "strict"), "--metrics", "fid"]) == 1
@@ -190,7 +192,70 @@ def test_evaluate_generator_scores_held_out_batches_for_training():
     reference = reference_statistics(PixelFeatures(), real_b)
     assert reference.count == 8
     scores = evaluate_generator(netG, held_out, DomainClassifier(width=4).eval(), PixelFeatures(), reference)
-    assert set(scores) == {"count", "domain_score", "fid", "kid", "kid_std"} and scores["count"] == 6
+    every = {"count", "domain_score", "content_score", "translation_score", "fid", "kid", "kid_std"}
+    assert set(scores) == every and scores["count"] == 6
     assert netG.training  # the training loop's mode is restored
     without_inception = evaluate_generator(netG, held_out, DomainClassifier(width=4).eval())
-    assert set(without_inception) == {"count", "domain_score"}
+    assert set(without_inception) == every - {"fid", "kid", "kid_std"}
+
+
+def test_a_weak_classifier_warns_in_the_log_the_table_and_the_report(tmp_path, make_images, offline, capfd):
+    out = translation_output(tmp_path, make_images)
+    weak = tmp_path / "weak.pt"
+    weak.write_bytes(to_bytes(export_classifier(DomainClassifier(width=4), test_accuracy=0.56,
+                                                test_accuracy_a=0.9, test_accuracy_b=0.22)))
+    rc = main(["--translated", str(out), "--test-b", str(make_images("testB", 2, start_seed=20)),
+               "--domain-classifier", str(weak), "--no-download", "--crop-size", str(CROP),
+               "--out", str(tmp_path / "report")])
+    assert rc == 0
+    captured = capfd.readouterr()
+    assert re.search(r"WARNING jobs.eval: the domain classifier's held-out accuracy is 0.560, below 0.8",
+                     captured.err)
+    assert "WARNING: the domain classifier's held-out accuracy is 0.560" in captured.out
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["classifier_accuracy"] == 0.56 and "below 0.8" in metrics["warnings"][0]
+    assert "class=\"warning\"" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_per_image_scores_and_headline_numbers_are_written(tmp_path, make_images, offline):
+    import duckdb
+    import pyarrow.parquet as pq
+
+    out = translation_output(tmp_path, make_images)
+    classifier = tmp_path / "domain.pt"
+    classifier.write_bytes(to_bytes(export_classifier(DomainClassifier(width=4), test_accuracy=0.95)))
+    report = tmp_path / "report"
+    assert main(["--translated", str(out), "--test-b", str(make_images("testB", 2, start_seed=20)),
+                 "--domain-classifier", str(classifier), "--no-download", "--crop-size", str(CROP),
+                 "--out", str(report)]) == 0
+    table = pq.read_table(report / "per_image.parquet")
+    assert table.column("key").to_pylist() == ["k0", "k1", "k2"]
+    assert {"content_score", "domain_probability", "translation_score",
+            "identity_domain_probability"} <= set(table.column_names)
+    rows = duckdb.sql(f"select min(translation_score <= content_score and translation_score <= "
+                      f"domain_probability) as ok, avg(translation_score) as mean "
+                      f"from '{report / 'per_image.parquet'}'").fetchall()[0]
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert rows[0] is True and rows[1] == pytest.approx(metrics["translation_score"])
+    assert metrics["identity_content_score"] == pytest.approx(1.0)
+    assert metrics["identity_translation_score"] == pytest.approx(
+        sum(table.column("identity_domain_probability").to_pylist()) / 3, abs=1e-6)
+    assert {"translation_score", "content_score", "domain_score", "real_b_domain_score",
+            "classifier_accuracy"} <= set(metrics)
+
+
+def test_a_classifier_is_trained_on_its_own_and_measured_on_images_it_never_saw(tmp_path, make_images,
+                                                                                capsys):
+    from jobs.quality import load_domain_classifier
+
+    train_a, train_b = make_images("trainA", 10, start_seed=30), make_images("trainB", 10, start_seed=40)
+    saved = tmp_path / "classifiers" / "domain.pt"
+    rc = main(["--train-classifier-only", "--domain-classifier", str(saved), "--train-a", str(train_a),
+               "--train-b", str(train_b), "--classifier-epochs", "1", "--crop-size", str(CROP)])
+    assert rc == 0 and "held-out accuracy" in capsys.readouterr().out
+    _, meta = load_domain_classifier(str(saved))
+    assert meta["train_images_a"] == 9 and meta["train_images_b"] == 9  # a tenth kept aside
+    assert meta["test_images_a"] == 1 and "kept out of training" in meta["held_out"]
+    assert 0 <= meta["test_accuracy"] <= 1 and not (tmp_path / "report").exists()
+    with pytest.raises(SystemExit):  # where to save it is required
+        main(["--train-classifier-only", "--train-a", str(train_a), "--train-b", str(train_b)])

@@ -224,17 +224,16 @@ def test_periodic_evaluation_logs_scores_and_keeps_the_best_checkpoint(tmp_path,
     done = run(train_cmd(a, b, str(run_dir), *settings))
     assert done.returncode == 0, done.stderr
     assert "step 4: evaluation" in done.stderr and "step 8: evaluation" in done.stderr
+    assert "picks checkpoints/best by translation_score, classifier_accuracy=1.000" in done.stderr
     best = json.loads((run_dir / "checkpoints" / "best" / "metrics.json").read_text())
-    assert (
-        best["metric"] == "domain_score"
-        and best["step"] in (4, 8)
-        and 0 <= best["scores"]["domain_score"] <= 1
-    )
+    assert best["metric"] == "translation_score" and best["step"] in (4, 8)  # eval.metric auto, no FID
+    assert 0 <= best["scores"]["translation_score"] <= min(best["scores"]["content_score"], 1)
+    assert best["scores"]["classifier_accuracy"] == 1.0
     assert (
         read_checkpoint((run_dir / "checkpoints" / "best" / "state.pt").read_bytes())["step"] == best["step"]
     )
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
-    assert [e.step for e in events.Scalars("eval/domain_score")] == [4, 8]
+    assert [e.step for e in events.Scalars("eval/translation_score")] == [4, 8]
     bad = run(train_cmd(a, b, str(tmp_path / "x"), "eval.every=4", f"eval.a={a}"))
     assert bad.returncode == 2 and "eval.domain_classifier" in bad.stderr
