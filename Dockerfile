@@ -21,7 +21,7 @@ COPY pyproject.toml README.md ./
 RUN python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > /tmp/keep-torch.txt \
  && mkdir cut pipeline jobs \
  && touch cut/__init__.py pipeline/__init__.py jobs/__init__.py \
- && pip install -c /tmp/keep-torch.txt . \
+ && pip install -c /tmp/keep-torch.txt '.[export]' \
  && pip uninstall -y cut-pipeline \
  && rm -rf cut pipeline jobs build ./*.egg-info
 

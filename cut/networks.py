@@ -17,6 +17,14 @@ from cut import winograd
 NCE_LAYERS: tuple[int, ...] = (0, 4, 8, 12, 16)
 
 
+def exporting() -> bool:
+    """Whether a tracer or exporter (torch.jit.trace, torch.onnx.export, torch.export) is recording
+    this forward. The recorded graph must hold plain operators only: the fast CPU paths use native
+    kernels and in-place writes into views, which exporters drop or cannot express (the ONNX
+    exporter silently loses the blur's ``narrow().add_()``, giving outputs off by up to 1.8)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
 def every_other(x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
     """The view of ``x`` at positions start, start+2, ... along ``dim``."""
     index = [slice(None)] * x.dim()
@@ -94,6 +102,9 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if min(x.shape[-2:]) < 2:
             raise ValueError(f"blur downsampling needs at least 2x2 inputs, got {tuple(x.shape)}")
+        if exporting():  # the official layer itself: a depthwise convolution, which every exporter keeps
+            padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+            return F.conv2d(padded, self.filt.to(x.dtype), stride=2, groups=x.shape[1])
         return _BlurDownsample.apply(x)
 
 
@@ -168,6 +179,7 @@ class WinogradConv2d(nn.Conv2d):
         return (
             self.padding_mode == "zeros"
             and self.padding in ((0, 0), (1, 1))
+            and not exporting()
             and winograd.fits(x, self.weight, padding)
         )
 
@@ -177,7 +189,7 @@ class WinogradConv2d(nn.Conv2d):
         """
         reflect_1 = isinstance(pad, nn.ReflectionPad2d) and pad.padding == (1, 1, 1, 1)
         unpadded_3x3 = self.padding == (0, 0) and self.kernel_size == (3, 3)
-        if not reflect_1 or not unpadded_3x3 or torch.is_autocast_enabled(x.device.type):
+        if not reflect_1 or not unpadded_3x3 or torch.is_autocast_enabled(x.device.type) or exporting():
             return self(pad(x))
         if self._winograd(x, "reflect"):
             return winograd.conv2d(x, self.weight, self.bias, "reflect")

@@ -1,0 +1,134 @@
+"""Deployable generators: ONNX and TorchScript with dynamic batch, height and width, and their check.
+
+Export records the plain-operator path of every layer (``cut.networks.exporting``), the official
+computation; the fast CPU kernels are for eager PyTorch. ``verify`` runs an exported model
+(onnxruntime for ONNX, torch.jit for TorchScript) and measures it against the eager generator.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMATS = ("onnx", "torchscript")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+INPUT_NAME, OUTPUT_NAME = "image", "translated"
+OPSET = 17
+CARD_KEY = "cut_model_card"  # ONNX metadata_props key; TorchScript extra file "<key>.json"
+TOLERANCE = 1e-4  # max |exported - torch| / max |torch|
+
+
+class ExportError(RuntimeError):
+    """The exported model could not be written or does not compute what the generator computes."""
+
+
+def _example(size: tuple[int, int]) -> torch.Tensor:
+    return torch.zeros(1, 3, *size)
+
+
+def to_onnx(netG: nn.Module, size: tuple[int, int], card: dict[str, Any]) -> bytes:
+    """ONNX (opset OPSET, TorchScript-based exporter) with dynamic batch, height and width; the
+    model card is stored as JSON in the model's metadata."""
+    import onnx
+
+    axes = {0: "batch", 2: "height", 3: "width"}
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notices
+        torch.onnx.export(netG.eval(), (_example(size),), buffer, dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes})
+    model = onnx.load_from_string(buffer.getvalue())
+    entry = model.metadata_props.add()
+    entry.key, entry.value = CARD_KEY, json.dumps(card, sort_keys=True)
+    return model.SerializeToString()
+
+
+def to_torchscript(netG: nn.Module, size: tuple[int, int], card: dict[str, Any]) -> bytes:
+    """A traced TorchScript module (shapes stay symbolic: the same module runs at any size); the
+    model card is the extra file ``cut_model_card.json``."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(netG.eval(), _example(size), check_trace=False)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer, _extra_files={f"{CARD_KEY}.json": json.dumps(card, sort_keys=True)})
+    return buffer.getvalue()
+
+
+def export_bytes(netG: nn.Module, fmt: str, size: tuple[int, int], card: dict[str, Any]) -> bytes:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return (to_onnx if fmt == "onnx" else to_torchscript)(netG, size, card)
+
+
+class ExportedModel:
+    """An exported generator, run by its own runtime: (N, 3, H, W) float32 in [-1, 1] in and out."""
+
+    def __init__(self, data: bytes, fmt: str, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+        self.format = fmt
+        if fmt == "onnx":
+            import onnxruntime
+
+            available = onnxruntime.get_available_providers()
+            chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+            self._session = onnxruntime.InferenceSession(data, providers=chosen)
+            self.providers = self._session.get_providers()
+        else:
+            self._module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+            self.providers = ["torch.jit"]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.format == "onnx":
+            out = self._session.run([OUTPUT_NAME], {INPUT_NAME: x.detach().cpu().float().numpy()})[0]
+            return torch.from_numpy(out)
+        with torch.no_grad():
+            return self._module(x.detach().cpu().float())
+
+
+def card_of(data: bytes, fmt: str) -> dict[str, Any]:
+    """The model card stored in an exported model ({} if none)."""
+    if fmt == "onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
+        return json.loads(props.get(CARD_KEY, "{}"))
+    files = {f"{CARD_KEY}.json": ""}
+    torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=files)
+    return json.loads(files[f"{CARD_KEY}.json"] or "{}")
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |output - reference| / max |reference|."""
+    if output.shape != reference.shape:
+        return float("inf")
+    scale = float(reference.abs().max().clamp(min=1e-12))
+    return float((output.float() - reference.float()).abs().max()) / scale
+
+
+def verify(netG: nn.Module, data: bytes, fmt: str, shapes: Sequence[tuple[int, int, int]],
+           seed: int = 0) -> list[dict[str, Any]]:
+    """Run the exported model and the eager generator on random inputs of each (batch, height,
+    width); one record per shape. Raises ExportError when any differs by more than TOLERANCE."""
+    model = ExportedModel(data, fmt)
+    gen = torch.Generator().manual_seed(seed)
+    records = []
+    for batch, height, width in shapes:
+        x = torch.rand(batch, 3, height, width, generator=gen) * 2 - 1
+        with torch.no_grad():
+            reference = netG.eval()(x)
+        error = relative_error(model(x), reference)
+        records.append({"shape": [batch, 3, height, width], "relative_error": error,
+                        "ok": error <= TOLERANCE})
+    bad = [r for r in records if not r["ok"]]
+    if bad:
+        worst = max(bad, key=lambda r: r["relative_error"])
+        raise ExportError(f"the {fmt} export differs from the generator: relative error "
+                          f"{worst['relative_error']:.3g} at input shape {worst['shape']} (tolerance "
+                          f"{TOLERANCE:g}); nothing was written")
+    return records

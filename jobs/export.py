@@ -1,0 +1,114 @@
+"""Export a generator for deployment: ONNX or TorchScript, dynamic batch, height and width, verified.
+
+    python -m jobs.export --checkpoint s3://b/runs/h2z --out s3://b/models/h2z --format onnx
+    python -m jobs.export --checkpoint latest_net_G.pth --out models/h2z --format torchscript
+
+--checkpoint takes every generator this project writes or reads: export/generator.pt, an official
+latest_net_G.pth, a training state.pt (also checkpoints/best/state.pt) or a run folder (its newest
+checkpoint). Before anything is written, the exported model is run by its own runtime (onnxruntime
+for ONNX, torch.jit for TorchScript) on random inputs of several shapes and compared with the
+generator in PyTorch; a relative difference above 1e-4 fails the job (exit 1) and writes nothing.
+
+Writes OUT/generator.onnx or OUT/generator.torchscript.pt (the model card inside: ONNX metadata
+key cut_model_card, TorchScript extra file cut_model_card.json), OUT/model_card.json and
+OUT/export.json (format, opset, input and output names, the verified shapes and their errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+import torch
+
+from cut import CheckpointError, generator_from_checkpoint, read_checkpoint
+from cut.checkpoint import model_card
+from cut.export import (
+    FORMATS,
+    INPUT_NAME,
+    OPSET,
+    OUTPUT_NAME,
+    SUFFIX,
+    TOLERANCE,
+    ExportError,
+    export_bytes,
+    verify,
+)
+from jobs.cli import HelpFormatter, add_logging_arguments
+from jobs.logs import setup_logging
+from pipeline import storage
+from pipeline.checkpoints import resolve_generator_url
+
+log = logging.getLogger("jobs.export")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__,
+                                formatter_class=HelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="generator: export, latest_net_G.pth, state.pt or a run folder")
+    p.add_argument("--out", required=True, help="folder URL for the exported model and its model card")
+    p.add_argument("--format", choices=FORMATS, required=True, help="onnx or torchscript")
+    p.add_argument("--size", type=int, default=0,
+                   help="side of the example input that is traced (default: the model card's crop size, "
+                   "else 256); the export runs at any size")
+    add_logging_arguments(p)
+    return p
+
+
+def check_shapes(size: int) -> list[tuple[int, int, int]]:
+    """(batch, height, width) the export is verified at: the traced size, and a smaller non-square
+    batch of two (sides multiples of 4, as the generator needs)."""
+    small = max(16, size // 2 // 4 * 4)
+    return [(1, size, size), (2, small, max(16, (size * 3 // 4) // 4 * 4))]
+
+
+def export(checkpoint: str, out: str, fmt: str, size: int = 0) -> dict[str, Any]:
+    url = resolve_generator_url(checkpoint)
+    obj = read_checkpoint(storage.read_bytes(url), url)
+    netG = generator_from_checkpoint(obj, url)
+    card = {**model_card(obj), "source_checkpoint": url}
+    size = size or int(card.get("crop_size", 256))
+    if size < 16 or size % 4:
+        raise ExportError(f"--size must be a multiple of 4 and at least 16, got {size}")
+    log.info("exporting %s as %s (traced at %dx%d)", url, fmt, size, size)
+    data = export_bytes(netG, fmt, (size, size), card)
+    checks = verify(netG, data, fmt, check_shapes(size))
+    name = f"generator{SUFFIX[fmt]}"
+    report = {"format": fmt, "file": name, "opset": OPSET if fmt == "onnx" else None, "input": INPUT_NAME,
+              "output": OUTPUT_NAME, "layout": "NCHW float32 in [-1, 1], H and W multiples of 4",
+              "dynamic_axes": ["batch", "height", "width"], "tolerance": TOLERANCE, "checks": checks,
+              "torch": torch.__version__, "source_checkpoint": url}
+    storage.write_bytes_atomic(storage.join(out, name), data)
+    storage.write_bytes_atomic(storage.join(out, "model_card.json"), json.dumps(card, indent=1).encode())
+    storage.write_bytes_atomic(storage.join(out, "export.json"), json.dumps(report, indent=1).encode())
+    for check in checks:
+        log.info("verified at %s: relative error %.2g", _shape(check), check["relative_error"])
+    return report
+
+
+def _shape(check: dict[str, Any]) -> str:
+    return "x".join(map(str, check["shape"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(0, args.log_format)
+    try:
+        report = export(args.checkpoint, args.out, args.format, args.size)
+    except ModuleNotFoundError as exc:
+        log.error("%s: the export needs onnx and onnxruntime (pip install 'cut-pipeline[export]')", exc)
+        return 1
+    except (CheckpointError, ExportError, FileNotFoundError, IsADirectoryError) as exc:
+        log.error("%s", exc)
+        return 1
+    print(f"{storage.join(args.out, report['file'])}: verified against torch at "
+          + ", ".join(f"{_shape(c)} ({c['relative_error']:.1e})" for c in report["checks"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
