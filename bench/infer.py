@@ -12,7 +12,9 @@ PNGs to local disk:
   as its tensor2im does (clamp, numpy, (x + 1) / 2 * 255, truncate) and saved as a PNG at Pillow's
   default level;
 - plain loop: A alone through our generator, fake_B saved the same way;
-- jobs.infer: the whole job with its CPU defaults (planning and start-up included).
+- jobs.infer: the whole job with its CPU defaults (planning and start-up included);
+- jobs.infer --engine onnxruntime: the same job on an ONNX export of the same weights (jobs.export,
+  made and verified before the timed runs), run by onnxruntime's CPU execution provider.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from bench.official import use_official_layers
 from cut import ResnetGenerator, export_generator
 from cut.checkpoint import to_bytes
 from cut.networks import init_weights
-from jobs import infer
+from jobs import export, infer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "horse2zebra" / "testA"
 
@@ -86,19 +88,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "g.pt").write_bytes(to_bytes(export_generator(g)))
+        export.export(str(root / "g.pt"), str(root / "onnx"), "onnx")
         listing = root / "inputs.txt"
         listing.write_text("".join(f"{f}\n" for f in files))
         b_files = sorted((args.data.parent / "testB").glob("*.jpg"))
         official_test_path(official, files[:1], b_files, root / "warm-official")
         plain_loop(g, files[:1], root / "warm-ours")
-        seconds: dict[str, list[float]] = {"official": [], "plain": [], "job": []}
+        seconds: dict[str, list[float]] = {"official": [], "plain": [], "job": [], "onnx": []}
         for r in range(args.rounds):  # alternate, so drifting machine load hits all three alike
             seconds["official"].append(official_test_path(official, files, b_files, root / f"official-{r}"))
             seconds["plain"].append(plain_loop(g, files, root / f"plain-{r}"))
-            start = time.perf_counter()
-            argv = ["--checkpoint", str(root / "g.pt"), "--input", str(listing), "--no-progress"]
-            assert infer.main([*argv, "--out", str(root / f"job-{r}")]) == 0
-            seconds["job"].append(time.perf_counter() - start)
+            for name, engine in (("job", ["--checkpoint", str(root / "g.pt")]),
+                                 ("onnx", ["--checkpoint", str(root / "onnx"), "--engine", "onnxruntime"])):
+                start = time.perf_counter()
+                argv = [*engine, "--input", str(listing), "--no-progress", "--out", str(root / f"{name}-{r}")]
+                assert infer.main(argv) == 0
+                seconds[name].append(time.perf_counter() - start)
     n = len(files)
     rate = {k: n / min(v) for k, v in seconds.items()}
     print(f"torch {torch.__version__}, {args.threads} threads, {n} images at 256x256, resnet_9blocks, PNGs, "
@@ -106,8 +111,10 @@ def main() -> None:
     print(f"official test.py path (official network)  : {rate['official']:7.3f} images/s")
     print(f"plain per-image loop over our generator   : {rate['plain']:7.3f} images/s")
     print(f"jobs.infer (CPU defaults, start-up incl.) : {rate['job']:7.3f} images/s")
+    print(f"jobs.infer --engine onnxruntime           : {rate['onnx']:7.3f} images/s")
     print(f"jobs.infer / official test.py path        : {rate['job'] / rate['official']:7.2f}x")
     print(f"jobs.infer / plain loop                   : {rate['job'] / rate['plain']:7.2f}x")
+    print(f"onnxruntime engine / torch engine         : {rate['onnx'] / rate['job']:7.2f}x")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,9 @@ class ExportedModel:
 
             available = onnxruntime.get_available_providers()
             chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
-            self._session = onnxruntime.InferenceSession(data, providers=chosen)
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()  # as many as torch would use
+            self._session = onnxruntime.InferenceSession(data, options, providers=chosen)
             self.providers = self._session.get_providers()
         else:
             self._module = torch.jit.load(io.BytesIO(data), map_location="cpu")

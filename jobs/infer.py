@@ -44,6 +44,7 @@ log = logging.getLogger("jobs.infer")
 FORMATS = ("files", "shards")
 IMAGE_FORMATS = ("png", "jpg", "webp")
 PREPROCESS = ("official", "none", "shortside")
+ENGINES = ("torch", "onnxruntime")
 DEFAULT_SIZE = 256
 
 
@@ -60,6 +61,7 @@ class InferConfig:
     load_size: int | None = None
     crop_size: int | None = None
     max_pixels: int = 64 * 2**20
+    tile_size: int | None = None
     batch_size: int | None = None
     workers: int | None = None
     encode_threads: int | None = None
@@ -70,6 +72,7 @@ class InferConfig:
     bf16: bool | None = None
     channels_last: bool | None = None
     compile: bool = False
+    engine: str = "torch"
     progress: bool = True
     plan_timeout: float = 3600.0
     check_inputs: bool = True
@@ -160,6 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the generator (CUDA)")
+    p.add_argument(
+        "--tile-size",
+        type=int,
+        default=None,
+        help="inputs larger than this many network pixels on a side are translated tile by tile, exactly "
+        "(whole-image InstanceNorm statistics); 0 never tiles (default: from the device's memory)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="torch",
+        help="torch, or onnxruntime: run an ONNX export of jobs.export (--checkpoint: its generator.onnx or "
+        "its folder) on onnxruntime's CPU execution provider (CUDA's with --device cuda)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.add_argument(
         "--plan-timeout",
@@ -197,11 +214,14 @@ def load_infer_config(args: argparse.Namespace) -> InferConfig:
         config.workers = max(1, cores // 3) if wants_cuda(config) else 1
     if config.encode_threads is None:
         config.encode_threads = max(1, cores // 2) if wants_cuda(config) else 1
+    onnx = config.engine == "onnxruntime"
     if config.bf16 is None:
-        config.bf16 = wants_cuda(config)
+        config.bf16 = wants_cuda(config) and not onnx
     if config.channels_last is None:
-        config.channels_last = wants_cuda(config)
+        config.channels_last = wants_cuda(config) and not onnx
     checks = [
+        ("--engine onnxruntime", not onnx or not (config.bf16 or config.channels_last or config.compile),
+         "used without --bf16, --channels-last and --compile (torch engine options)"),
         ("--batch-size", config.batch_size >= 1, ">= 1"),
         ("--workers", config.workers >= 0, ">= 0"),
         ("--encode-threads", config.encode_threads >= 1, ">= 1"),
@@ -217,6 +237,8 @@ def load_infer_config(args: argparse.Namespace) -> InferConfig:
         ("--num-workers", config.num_workers >= 1, ">= 1"),
         ("--worker-index", 0 <= config.worker_index < config.num_workers, "within 0..num-workers-1"),
         ("--plan-timeout", config.plan_timeout > 0, "> 0"),
+        ("--tile-size", config.tile_size is None or config.tile_size == 0
+         or (config.tile_size >= 16 and config.tile_size % 4 == 0), "0, or a multiple of 4 of at least 16"),
     ]
     for flag, ok, expected in checks:
         if not ok:
@@ -253,6 +275,10 @@ def job_identity(config: InferConfig, model_sha256: str) -> dict[str, Any]:
         "max_pixels": config.max_pixels,
         "bf16": config.bf16,
     }
+    if config.engine != "torch":
+        identity["engine"] = config.engine
+    if config.tile_size is not None:  # as given: workers on other devices may derive other defaults
+        identity["tile_size"] = config.tile_size
     if config.image_format != "png":
         identity["quality"] = config.quality
     else:

@@ -23,8 +23,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cut import generator_from_checkpoint, model_card, read_checkpoint
+from cut import CheckpointError, generator_from_checkpoint, model_card, read_checkpoint
+from cut.export import ExportedModel, card_of
 from cut.inference import BatchTranslator, PendingBatch
+from cut.tiling import TiledGenerator, default_tile_size
 from jobs.config import ConfigError
 from jobs.signals import StopSignals
 from pipeline import storage
@@ -47,6 +49,13 @@ if TYPE_CHECKING:
     from jobs.infer import InferConfig
 
 log = logging.getLogger("jobs.infer")
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory of ``device``: the GPU's, or the machine's for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def wants_cuda(config: InferConfig) -> bool:
@@ -93,14 +102,21 @@ class Translator:
         self.device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.backends.cudnn.benchmark = True  # batches mostly share one size
-        self.checkpoint_url = resolve_generator_url(config.checkpoint)
-        data = storage.read_bytes(self.checkpoint_url)
-        checkpoint = read_checkpoint(data, self.checkpoint_url)
-        self.card = model_card(checkpoint)
-        self.netG = generator_from_checkpoint(checkpoint, self.checkpoint_url).to(self.device)
-        if config.channels_last:
-            self.netG = self.netG.to(memory_format=torch.channels_last)
-        forward = torch.compile(self.netG) if config.compile else self.netG
+        if config.engine == "onnxruntime":
+            data, checkpoint, forward = self._onnx_model(config.checkpoint, use_cuda)
+        else:
+            self.checkpoint_url = resolve_generator_url(config.checkpoint)
+            data = storage.read_bytes(self.checkpoint_url)
+            checkpoint = read_checkpoint(data, self.checkpoint_url)
+            self.card = model_card(checkpoint)
+            netG = generator_from_checkpoint(checkpoint, self.checkpoint_url).to(self.device)
+            if config.channels_last:
+                netG = netG.to(memory_format=torch.channels_last)
+            tile = config.tile_size if config.tile_size is not None else default_tile_size(
+                netG, device_memory(self.device))
+            log.info("inputs larger than %d network pixels on a side are translated tile by tile%s", tile,
+                     "" if config.tile_size is not None else " (from the device's memory; --tile-size)")
+            forward = TiledGenerator(netG, tile, torch.compile(netG) if config.compile else None)
         self.translate = BatchTranslator(forward, self.device, bool(config.bf16), bool(config.channels_last))
         meta = checkpoint.get("metadata", {}) if isinstance(checkpoint, dict) else {}
         self.preset = str(meta.get("preset") or self.card.get("preset") or "unknown")
@@ -119,6 +135,22 @@ class Translator:
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self.elapsed = 0.0
         self._timing = threading.Lock()
+
+    def _onnx_model(self, url: str, use_cuda: bool) -> tuple[bytes, dict, ExportedModel]:
+        """An ONNX export (jobs.export: its file, or its folder) run by onnxruntime, CUDA execution
+        provider first when a GPU is wanted; tensors stay on the host (onnxruntime moves them)."""
+        self.checkpoint_url = storage.join(url, "generator.onnx") if storage.is_dir(url) else url
+        data = storage.read_bytes(self.checkpoint_url)
+        providers = ("CUDAExecutionProvider",) * use_cuda + ("CPUExecutionProvider",)
+        try:
+            model = ExportedModel(data, "onnx", providers)
+        except Exception as exc:  # onnxruntime's own errors (InvalidProtobuf, Fail, ...) have no base
+            raise CheckpointError(f"{self.checkpoint_url}: not an ONNX model onnxruntime can run "
+                                  f"({type(exc).__name__}: {exc})") from exc
+        self.device = torch.device("cpu")
+        self.card = card_of(data, "onnx")
+        log.info("engine onnxruntime: %s with %s", self.checkpoint_url, ", ".join(model.providers))
+        return data, {}, model
 
     def _add_time(self, **seconds: float) -> None:
         with self._timing:

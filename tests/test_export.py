@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_checkpoint_kinds import trained  # noqa: F401 (a fixture: a tiny run trained from folders)
 
 from cut import ResnetGenerator, generator_from_checkpoint, read_checkpoint
@@ -89,3 +91,31 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
     args = ["--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "o"), "--format", "onnx"]
     assert main(args) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_jobs_infer_runs_an_onnx_export_on_onnxruntime_like_torch(trained, tmp_path):  # noqa: F811
+    from test_infer import image_folder, infer
+
+    from pipeline.manifest import read_manifest
+
+    model = tmp_path / "model"
+    assert main(["--checkpoint", str(trained / KINDS["run"]), "--out", str(model), "--format", "onnx"]) == 0
+    src = image_folder(tmp_path / "in", 3)
+    outputs = {}
+    for engine, checkpoint in (("torch", trained / KINDS["export"]), ("onnxruntime", model)):
+        out = tmp_path / engine
+        done = infer("--checkpoint", str(checkpoint), "--engine", engine, "--input", str(src),
+                     "--out", str(out), "--workers", "0")
+        assert done.returncode == 0, done.stderr
+        rows = read_manifest(str(out)).to_pylist()
+        assert {r["status"] for r in rows} == {"ok"} and len(rows) == 3
+        outputs[engine] = {r["key"]: np.asarray(Image.open(r["output_url"])).astype(int) for r in rows}
+    assert "engine onnxruntime" in done.stderr and "CPUExecutionProvider" in done.stderr
+    for key, pixels in outputs["torch"].items():
+        assert np.abs(pixels - outputs["onnxruntime"][key]).max() <= 1  # one level of rounding at most
+    bad = infer("--checkpoint", str(model), "--engine", "onnxruntime", "--bf16", "--input", str(src),
+                "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "--engine onnxruntime must be used without --bf16" in bad.stderr
+    wrong = infer("--checkpoint", str(trained / KINDS["export"]), "--engine", "onnxruntime", "--input",
+                  str(src), "--out", str(tmp_path / "y"), "--workers", "0")
+    assert wrong.returncode == 1 and "not an ONNX model" in wrong.stderr and "Traceback" not in wrong.stderr
