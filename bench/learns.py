@@ -8,9 +8,9 @@ Runs the commands a user would run, and nothing else:
    evaluation on testA every `--every` steps (`eval.metric` auto: translation_score without FID
    weights); stopped with SIGTERM after `--minutes` (the run checkpoints and exits 0);
 3. `jobs.eval --checkpoint` on the untrained generator (a 1-step run with the same seed: the
-   curve's start) and on the final export, both against the identity baseline.
+   curve's start), on the final export and on checkpoints/best, against the identity baseline.
 It prints the curve (step, translation, content and domain scores) read back from TensorBoard,
-and leaves the final report (report.html, its gallery) under OUT/final.
+and leaves the reports (report.html, with the gallery) under OUT/best, OUT/final and OUT/step-1.
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ def main() -> None:
     start = evaluate(start_run / "export" / "generator.pt", args.root, classifier, out / "step-1")
     seconds = train(args.root, out, classifier, args.every, args.minutes, args.overrides)
     final = evaluate(out / "run" / "export" / "generator.pt", args.root, classifier, out / "final")
+    best = evaluate(out / "run" / "checkpoints" / "best" / "state.pt", args.root, classifier, out / "best")
     rows = [(1, start["translation_score"], start["content_score"], start["domain_score"])]
     rows += curve(out / "run" / "tb")
     print(f"\nCUT (ngf 32, 6 blocks) on {args.root.name} at {SIZE} px, {seconds / 60:.1f} min of training, "
@@ -108,7 +109,11 @@ def main() -> None:
     print(f"final export: translation {final['translation_score']:.3f} (identity "
           f"{final['identity_translation_score']:.3f}), content {final['content_score']:.3f}, domain "
           f"{final['domain_score']:.3f} (real B {final.get('real_b_domain_score', float('nan')):.3f})")
-    print(f"gallery: {out / 'final' / 'report.html'}  (step-1 gallery: {out / 'step-1' / 'report.html'})")
+    best_step = json.loads((out / "run" / "checkpoints" / "best" / "metrics.json").read_text())["step"]
+    print(f"checkpoints/best (step {best_step}): translation {best['translation_score']:.3f}, content "
+          f"{best['content_score']:.3f}, domain {best['domain_score']:.3f}")
+    print(f"galleries: {out / 'best' / 'report.html'}, {out / 'final' / 'report.html'}, "
+          f"{out / 'step-1' / 'report.html'}")
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def generator_from_checkpoint(obj: Any, source: str = "checkpoint") -> ResnetGen
         load_strict(net, state, "G")
     except CheckpointError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
-    return net.eval()
+    return net.eval().requires_grad_(False)  # frozen: translation may cache per-weight work
 
 
 def official_state_dicts(model: Any) -> dict[str, dict[str, torch.Tensor]]:

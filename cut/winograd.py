@@ -91,10 +91,12 @@ class _Plan:
 
 
 def _transformed_filter(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """The filter transform of `weight`. Under inference mode it is computed once per weight and tile
-    (weights do not change while translating: the cache is keyed by the tensor's version counter,
-    which any in-place update bumps); otherwise each call computes it, as training needs."""
-    if not torch.is_inference_mode_enabled():
+    """The filter transform of `weight`. For a frozen weight (``requires_grad`` off) under inference
+    mode it is computed once per weight and tile, keyed by the tensor's version counter; otherwise
+    each call computes it. A weight that requires grad is being trained, and the version counter
+    cannot tell: fused Adam (``fused=True``) updates parameters in place without bumping it, and a
+    cached transform would evaluate a training run's generator with stale filters."""
+    if not torch.is_inference_mode_enabled() or weight.requires_grad:
         return torch.ops.cut_native.winograd_filter_transform(weight, m)
     key = (weight.data_ptr(), weight._version, m)
     cached = getattr(weight, "_cut_winograd_filter", None)  # lives and dies with the weight

@@ -224,7 +224,7 @@ def test_without_native_kernels_training_takes_the_direct_convolution():
 @pytest.mark.skipif(not native.available(), reason="needs the native CPU kernels")
 def test_inference_reuses_the_filter_transform_until_the_weights_change():
     torch.manual_seed(0)
-    conv = WinogradConv2d(16, 16, padding=1)
+    conv = WinogradConv2d(16, 16, padding=1).requires_grad_(False)  # a frozen, loaded generator's
     x = torch.randn(1, 16, 40, 40)
     with torch.inference_mode():
         first = conv(x)
@@ -235,3 +235,22 @@ def test_inference_reuses_the_filter_transform_until_the_weights_change():
         direct = F.conv2d(x, conv.weight, conv.bias, padding=1)
     with torch.inference_mode():
         torch.testing.assert_close(conv(x), direct, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not native.available(), reason="needs the native CPU kernels")
+def test_evaluating_a_network_in_training_sees_every_fused_adam_update():
+    # fused Adam writes parameters in place without bumping their version counter: a cached filter
+    # transform made the periodic evaluation score stale weights
+    torch.manual_seed(0)
+    conv = WinogradConv2d(16, 16, padding=1)
+    opt = torch.optim.Adam(conv.parameters(), lr=0.1, fused=True)
+    x = torch.randn(1, 16, 40, 40)
+    for _ in range(2):
+        with torch.inference_mode():
+            evaluated = conv(x)
+        with torch.no_grad():
+            direct = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        torch.testing.assert_close(evaluated, direct, rtol=1e-5, atol=1e-4)
+        conv(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
