@@ -13,12 +13,14 @@ follows is applied with the statistics of the whole image. Activations between s
 host memory; the device holds one tile of one segment at a time.
 
 Exact up to float32 rounding: the same sums, in another order (measured in tests/test_tiling.py).
+Where the host activations come from is the caller's choice (``allocate``): pipeline.spill keeps
+large ones in memory-mapped files, so that host memory too stays bounded.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +66,12 @@ class AddSaved:
 
 
 Step = Segment | Normalize | Save | AddSaved
+Allocate = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+def host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The default ``Allocate``: an ordinary CPU tensor."""
+    return torch.empty(shape, dtype=dtype)
 
 
 def _footprint(layer: nn.Module) -> tuple[int, float]:
@@ -122,7 +130,7 @@ def _source(start: int, stop: int, size_in: int, segment: Segment) -> tuple[int,
 
 @torch.inference_mode()
 def run_segment(segment: Segment, x: torch.Tensor, tile: int, device: torch.device,
-                sums: torch.Tensor | None) -> torch.Tensor:
+                sums: torch.Tensor | None, allocate: Allocate = host_empty) -> torch.Tensor:
     """The segment over the whole (N, C, H, W) host tensor ``x``, ``tile`` output pixels a side at a
     time; ``sums`` (N, C_out, 2), when given, gathers the output's per-channel sum and sum of squares."""
     n, _, h, w = x.shape
@@ -139,7 +147,7 @@ def run_segment(segment: Segment, x: torch.Tensor, tile: int, device: torch.devi
             dy, dx = round(src_top * segment.scale), round(src_left * segment.scale)
             y = y[:, :, top - dy:bottom - dy, left - dx:right - dx]
             if out is None:
-                out = torch.empty(n, y.shape[1], out_h, out_w, dtype=y.dtype)
+                out = allocate((n, y.shape[1], out_h, out_w), y.dtype)
             out[:, :, top:bottom, left:right] = y.to("cpu")
             if sums is not None:
                 flat = y.double().flatten(2)
@@ -164,10 +172,11 @@ def _normalize(x: torch.Tensor, sums: torch.Tensor, eps: float, skip: torch.Tens
     return x
 
 
-def tiled_forward(netG: ResnetGenerator, x: torch.Tensor, tile: int,
-                  device: torch.device | str | None = None) -> torch.Tensor:
+def tiled_forward(netG: ResnetGenerator, x: torch.Tensor, tile: int, device: torch.device | str | None = None,
+                  allocate: Allocate = host_empty) -> torch.Tensor:
     """netG(x) for a (N, C, H, W) CPU tensor, computed ``tile`` network pixels a side at a time on
-    ``device`` (default: the generator's); the result is a CPU tensor."""
+    ``device`` (default: the generator's); the result is a CPU tensor. ``allocate(shape, dtype)``
+    makes the host activations (and the result)."""
     if tile < 16 or tile % 4:
         raise ValueError(f"the tile size must be a multiple of 4 and at least 16, got {tile}")
     netG.check_input(x)
@@ -184,7 +193,7 @@ def tiled_forward(netG: ResnetGenerator, x: torch.Tensor, tile: int,
             sums = None
             if isinstance(following, Normalize):
                 sums = torch.zeros(x.shape[0], _out_channels(step), 2, dtype=torch.float64)
-            x = run_segment(step, x, max(4, round(tile * level)), device, sums)
+            x = run_segment(step, x, max(4, round(tile * level)), device, sums, allocate)
         elif isinstance(step, Normalize):
             assert sums is not None
             x = _normalize(x, sums, step.eps, saved[-1] if isinstance(following, AddSaved) else None)
@@ -217,9 +226,10 @@ class TiledGenerator(nn.Module):
     """``netG``, translating inputs larger than ``tile`` on a side tile by tile (exactly: see
     ``tiled_forward``); smaller inputs, and ``tile`` 0, go through ``netG`` whole."""
 
-    def __init__(self, netG: ResnetGenerator, tile: int, whole: nn.Module | None = None) -> None:
+    def __init__(self, netG: ResnetGenerator, tile: int, whole: nn.Module | None = None,
+                 allocate: Allocate = host_empty) -> None:
         super().__init__()
-        self.netG, self.tile = netG, tile
+        self.netG, self.tile, self.allocate = netG, tile, allocate
         self.whole = whole or netG  # e.g. a compiled netG for the whole-image path
         self.tiled_images = 0
 
@@ -227,4 +237,4 @@ class TiledGenerator(nn.Module):
         if not self.tile or max(x.shape[-2:]) <= self.tile:
             return self.whole(x)
         self.tiled_images += x.shape[0]
-        return tiled_forward(self.netG, x, self.tile, x.device).to(x.device)
+        return tiled_forward(self.netG, x, self.tile, x.device, self.allocate).to(x.device, copy=True)

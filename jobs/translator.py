@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -35,6 +36,7 @@ from pipeline.corpus import WorkUnit
 from pipeline.keys import UnsafeKeyError
 from pipeline.manifest import SUCCESS, committed_units, read_manifest, write_part, write_success
 from pipeline.plan import JobPlan
+from pipeline.spill import SpillArena
 from pipeline.translation_io import (
     OutputLayout,
     Preprocess,
@@ -105,18 +107,7 @@ class Translator:
         if config.engine == "onnxruntime":
             data, checkpoint, forward = self._onnx_model(config.checkpoint, use_cuda)
         else:
-            self.checkpoint_url = resolve_generator_url(config.checkpoint)
-            data = storage.read_bytes(self.checkpoint_url)
-            checkpoint = read_checkpoint(data, self.checkpoint_url)
-            self.card = model_card(checkpoint)
-            netG = generator_from_checkpoint(checkpoint, self.checkpoint_url).to(self.device)
-            if config.channels_last:
-                netG = netG.to(memory_format=torch.channels_last)
-            tile = config.tile_size if config.tile_size is not None else default_tile_size(
-                netG, device_memory(self.device))
-            log.info("inputs larger than %d network pixels on a side are translated tile by tile%s", tile,
-                     "" if config.tile_size is not None else " (from the device's memory; --tile-size)")
-            forward = TiledGenerator(netG, tile, torch.compile(netG) if config.compile else None)
+            data, checkpoint, forward = self._torch_model(config)
         self.translate = BatchTranslator(forward, self.device, bool(config.bf16), bool(config.channels_last))
         meta = checkpoint.get("metadata", {}) if isinstance(checkpoint, dict) else {}
         self.preset = str(meta.get("preset") or self.card.get("preset") or "unknown")
@@ -135,6 +126,26 @@ class Translator:
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self.elapsed = 0.0
         self._timing = threading.Lock()
+
+    def _torch_model(self, config: InferConfig) -> tuple[bytes, object, TiledGenerator]:
+        """The generator of --checkpoint on the device, tiling inputs larger than --tile-size (the
+        host activations of a tiled image over 1/16 of the machine's memory spill to local disk)."""
+        self.checkpoint_url = resolve_generator_url(config.checkpoint)
+        data = storage.read_bytes(self.checkpoint_url)
+        checkpoint = read_checkpoint(data, self.checkpoint_url)
+        self.card = model_card(checkpoint)
+        netG = generator_from_checkpoint(checkpoint, self.checkpoint_url).to(self.device)
+        if config.channels_last:
+            netG = netG.to(memory_format=torch.channels_last)
+        tile = config.tile_size
+        if tile is None:
+            tile = default_tile_size(netG, device_memory(self.device))
+        log.info("inputs larger than %d network pixels on a side are translated tile by tile%s", tile,
+                 "" if config.tile_size is not None else " (from the device's memory; --tile-size)")
+        spool = os.path.join(tempfile.gettempdir(), "cut-pipeline-spool", f"{os.getpid()}-tiles")
+        spill = SpillArena(spool, threshold=device_memory(torch.device("cpu")) // 16)
+        whole = torch.compile(netG) if config.compile else None
+        return data, checkpoint, TiledGenerator(netG, tile, whole, spill.empty)
 
     def _onnx_model(self, url: str, use_cuda: bool) -> tuple[bytes, dict, ExportedModel]:
         """An ONNX export (jobs.export: its file, or its folder) run by onnxruntime, CUDA execution

@@ -104,3 +104,14 @@ def test_jobs_infer_tiles_a_large_input_to_the_whole_image_output(tmp_path):
     rerun = infer("--checkpoint", str(checkpoint), "--input", str(src), "--out", str(tmp_path / "tile-0"),
                   "--preprocess", "none", "--tile-size", "128", "--workers", "0")
     assert rerun.returncode == 2 and "tile_size" in rerun.stderr  # part of the job's identity
+
+
+def test_activations_spilled_to_disk_give_the_same_output_and_leave_no_files(tmp_path):
+    from pipeline.spill import SpillArena
+
+    netG = lively(seed=9)
+    x = scene(96, 128, seed=10)
+    arena = SpillArena(str(tmp_path / "spool"), threshold=16 * 1024)  # every activation of this size
+    spilled = tiled_forward(netG, x, 32, allocate=arena.empty)
+    assert arena.spilled_bytes > 0 and list((tmp_path / "spool").iterdir()) == []  # unlinked at once
+    assert (spilled - whole(netG, x)).abs().max() <= 1e-4
