@@ -53,12 +53,18 @@ def to_onnx(netG: nn.Module, size: tuple[int, int], card: dict[str, Any]) -> byt
 def to_torchscript(netG: nn.Module, size: tuple[int, int], card: dict[str, Any]) -> bytes:
     """A traced TorchScript module (shapes stay symbolic: the same module runs at any size); the
     model card is the extra file ``cut_model_card.json``."""
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(netG.eval(), _example(size), check_trace=False)
     buffer = io.BytesIO()
-    torch.jit.save(traced, buffer, _extra_files={f"{CARD_KEY}.json": json.dumps(card, sort_keys=True)})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notices; torch.jit's deprecation in favour of torch.export
+        traced = torch.jit.trace(netG.eval(), _example(size), check_trace=False)
+        torch.jit.save(traced, buffer, _extra_files={f"{CARD_KEY}.json": json.dumps(card, sort_keys=True)})
     return buffer.getvalue()
+
+
+def _jit_load(data: bytes, extra_files: dict[str, str] | None = None) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra_files or {})
 
 
 def export_bytes(netG: nn.Module, fmt: str, size: tuple[int, int], card: dict[str, Any]) -> bytes:
@@ -82,7 +88,7 @@ class ExportedModel:
             self._session = onnxruntime.InferenceSession(data, options, providers=chosen)
             self.providers = self._session.get_providers()
         else:
-            self._module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+            self._module = _jit_load(data)
             self.providers = ["torch.jit"]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +107,7 @@ def card_of(data: bytes, fmt: str) -> dict[str, Any]:
         props = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
         return json.loads(props.get(CARD_KEY, "{}"))
     files = {f"{CARD_KEY}.json": ""}
-    torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=files)
+    _jit_load(data, files)
     return json.loads(files[f"{CARD_KEY}.json"] or "{}")
 
 
