@@ -21,6 +21,7 @@ from torch import nn
 
 from cut.losses import GAN_MODES, gan_loss, patch_nce_loss
 from cut.networks import (
+    INIT_TYPES,
     NCE_LAYERS,
     NLayerDiscriminator,
     PatchSampleF,
@@ -51,6 +52,7 @@ class CUTConfig:
     n_layers_D: int = 3
     antialias: bool = True
     antialias_up: bool = True
+    init_type: str = "xavier"
     init_gain: float = 0.02
     nce_layers: tuple[int, ...] = NCE_LAYERS
     nce_T: float = 0.07
@@ -72,6 +74,8 @@ class CUTConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"model.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.init_type not in INIT_TYPES:
+            raise ValueError(f"model.init_type must be one of {INIT_TYPES}, got {self.init_type!r}")
         if self.gan_mode not in GAN_MODES:
             raise ValueError(f"model.gan_mode must be one of {GAN_MODES}, got {self.gan_mode!r}")
         if self.n_blocks < 1 or self.ngf < 1 or self.ndf < 1:
@@ -132,7 +136,7 @@ class CUTModel:
             self.netD = NLayerDiscriminator(config.output_nc, config.ndf, config.n_layers_D, config.antialias)
             self.netF = PatchSampleF(self.netG.feature_channels(config.nce_layers), config.netF_nc)
             for net in (self.netG, self.netD, self.netF):
-                init_weights(net, config.init_gain)
+                init_weights(net, config.init_gain, config.init_type)
         memory_format = torch.channels_last if config.channels_last else torch.preserve_format
         for net in (self.netG, self.netD, self.netF):
             net.to(device=self.device, memory_format=memory_format)

@@ -462,12 +462,30 @@ def sample_patch_ids(
     return ids
 
 
-def init_weights(net: nn.Module, gain: float = 0.02) -> nn.Module:
-    """Official init: xavier-normal(gain) for every Conv*/Linear weight, zero bias; buffers untouched."""
+INIT_TYPES = ("normal", "xavier", "kaiming", "orthogonal")
+
+
+def init_weights(net: nn.Module, gain: float = 0.02, init_type: str = "xavier") -> nn.Module:
+    """The official init (docs/official-reference.md §11): every Conv*/Linear weight from ``init_type``
+    (normal: N(0, gain); xavier: Xavier-normal with ``gain``; kaiming: Kaiming-normal, a=0, fan_in,
+    ``gain`` unused; orthogonal: with ``gain``), its bias zero; BatchNorm2d weights N(1, gain), bias
+    zero. Buffers (the blur filters) are untouched."""
+    if init_type not in INIT_TYPES:
+        raise ValueError(f"init_type must be one of {', '.join(INIT_TYPES)}, got {init_type!r}")
     for m in net.modules():
         name = type(m).__name__
         if ("Conv" in name or "Linear" in name) and getattr(m, "weight", None) is not None:
-            nn.init.xavier_normal_(m.weight, gain=gain)
+            if init_type == "normal":
+                nn.init.normal_(m.weight, 0.0, gain)
+            elif init_type == "xavier":
+                nn.init.xavier_normal_(m.weight, gain=gain)
+            elif init_type == "kaiming":
+                nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
+            else:
+                nn.init.orthogonal_(m.weight, gain=gain)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
+        elif "BatchNorm2d" in name and getattr(m, "weight", None) is not None:
+            nn.init.normal_(m.weight, 1.0, gain)
+            nn.init.zeros_(m.bias)
     return net

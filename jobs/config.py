@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import yaml
 
 from cut import CUTConfig
+from cut.networks import INIT_TYPES
 
 T = TypeVar("T")
 
@@ -47,6 +48,9 @@ class ModelSection:
     n_layers_D: int = key(3, "strided layers of the PatchGAN discriminator")
     antialias: bool = key(True, "blur-pool downsampling (the official default)")
     antialias_up: bool = key(True, "blur upsampling (the official default)")
+    init_type: str = key("xavier", "weight init of G, D and F: normal, xavier (the official CUT default), "
+                         "kaiming or orthogonal")
+    init_gain: float = key(0.02, "scale of the normal, xavier and orthogonal inits")
     netF_nc: int = key(256, "width of the PatchNCE projection heads")
     num_patches: int = key(256, "patches sampled per layer for PatchNCE")
     nce_layers: list[int] = key(  # noqa: RUF009 (key copies a list default per instance)
@@ -287,6 +291,8 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
         ("data.a", bool(d.a), "a shard set or image source (folder, prefix, glob, URL list) for domain A"),
         ("data.b", bool(d.b), "a shard set or image source for domain B"),
         ("run.url", bool(config.run.url), "the run URL for checkpoints and logs"),
+        ("model.init_type", m.init_type in INIT_TYPES, ", ".join(INIT_TYPES)),
+        ("model.init_gain", m.init_gain > 0, "> 0"),
         ("data.crop_size", d.crop_size >= 32 and d.crop_size % 4 == 0, "a multiple of 4, at least 32"),
         ("data.load_size", d.load_size >= d.crop_size, "at least data.crop_size"),
         ("data.workers", d.workers >= 0, ">= 0"),

@@ -54,6 +54,8 @@ def test_bad_keys_and_values_are_errors_naming_the_key(override, message):
         ("model.preset=CycleGAN", "model.preset"),
         ("train.keep_last=0", "train.keep_last"),
         ("model.gan_mode=wgan", "model.gan_mode"),
+        ("model.init_type=uniform", "model.init_type"),
+        ("model.init_gain=0", "model.init_gain"),
     ],
 )
 def test_cross_key_rules_name_the_key(override, key):

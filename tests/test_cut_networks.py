@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cut.networks import (
     NCE_LAYERS,
@@ -189,3 +190,51 @@ def test_patch_sample_heads_share_ids_and_normalise():
 def test_generator_rejects_inputs_it_cannot_translate(shape):
     with pytest.raises(ValueError, match="generator"):
         ResnetGenerator(ngf=8, n_blocks=2)(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("init_type", ["normal", "xavier", "kaiming", "orthogonal"])
+def test_every_official_init_type_gives_its_distribution(init_type):
+    # official models/networks.py init_weights: normal N(0, gain), xavier_normal(gain),
+    # kaiming_normal(a=0, fan_in; gain unused), orthogonal(gain); biases 0 (docs/official-reference.md §11)
+    from cut.networks import init_weights
+
+    torch.manual_seed(0)
+    gain = 0.5
+    conv = nn.Conv2d(64, 128, 3)
+    init_weights(nn.Sequential(conv), gain, init_type)
+    w = conv.weight.detach().flatten(1)  # (128, 576)
+    fan_in, fan_out = 64 * 9, 128 * 9
+    expected_std = {"normal": gain, "xavier": gain * (2 / (fan_in + fan_out)) ** 0.5,
+                    "kaiming": (2 / fan_in) ** 0.5}
+    if init_type == "orthogonal":
+        torch.testing.assert_close(w @ w.T, gain**2 * torch.eye(128), atol=1e-5, rtol=0)
+    else:
+        assert w.std().item() == pytest.approx(expected_std[init_type], rel=0.03)
+    assert torch.count_nonzero(conv.bias) == 0
+
+
+def test_the_model_uses_the_configured_init_and_rejects_unknown_ones():
+    from cut import CUTConfig, CUTModel
+
+    model = CUTModel(CUTConfig(ngf=8, ndf=8, n_blocks=1, netF_nc=8, num_patches=4, init_type="normal",
+                               init_gain=0.3), device="cpu", seed=0)
+    first = model.netG.model[1].weight
+    assert first.std().item() == pytest.approx(0.3, rel=0.1)
+    with pytest.raises(ValueError, match=r"model\.init_type"):
+        CUTConfig(init_type="uniform")
+
+
+def test_the_generator_normalises_with_its_own_instance_norm_whose_gradient_is_right():
+    # torch 2.13's CPU F.instance_norm backward is wrong for a channels_last incoming gradient at batch
+    # 1 (relative error 1.34); nn.InstanceNorm2d would bring that bug into training
+    from cut.networks import InstanceNorm
+
+    norms = [m for m in ResnetGenerator(ngf=8, n_blocks=2).modules() if isinstance(m, nn.InstanceNorm2d)]
+    assert norms and all(type(m) is InstanceNorm for m in norms)
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 12, 12, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(1, 12, 12, 8, dtype=torch.float64).permute(0, 3, 1, 2)  # channels_last
+    (reference,) = torch.autograd.grad(nn.functional.group_norm(x, 8, eps=1e-5), x, grad)
+    x32 = x.detach().float().requires_grad_(True)
+    (ours,) = torch.autograd.grad(InstanceNorm(8)(x32), x32, grad.float())
+    assert ((ours.double() - reference).norm() / reference.norm()).item() < 1e-5
