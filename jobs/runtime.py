@@ -50,6 +50,19 @@ def available_cores() -> int:
     return max(1, cores)
 
 
+def available_memory() -> int:
+    """Bytes of memory this process may use: the machine's, capped by a cgroup v2 memory limit (a
+    container's), which the machine's page count ignores."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            memory = min(memory, int(limit))
+    except (OSError, ValueError):
+        pass
+    return memory
+
+
 def init_runtime(device: str = "auto") -> Runtime:
     """Rank and device from the environment torchrun (or a PyTorchJob/JobSet) sets; joins the group.
 

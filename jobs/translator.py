@@ -29,6 +29,7 @@ from cut.export import ExportedModel, card_of
 from cut.inference import BatchTranslator, PendingBatch
 from cut.tiling import TiledGenerator, default_tile_size
 from jobs.config import ConfigError
+from jobs.runtime import available_memory
 from jobs.signals import StopSignals
 from pipeline import storage
 from pipeline.checkpoints import resolve_generator_url
@@ -54,10 +55,10 @@ log = logging.getLogger("jobs.infer")
 
 
 def device_memory(device: torch.device) -> int:
-    """Bytes of memory of ``device``: the GPU's, or the machine's for the CPU."""
+    """Bytes of memory of ``device``: the GPU's, or what this process may use for the CPU."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return available_memory()
 
 
 def wants_cuda(config: InferConfig) -> bool:
@@ -143,7 +144,7 @@ class Translator:
         log.info("inputs larger than %d network pixels on a side are translated tile by tile%s", tile,
                  "" if config.tile_size is not None else " (from the device's memory; --tile-size)")
         spool = os.path.join(tempfile.gettempdir(), "cut-pipeline-spool", f"{os.getpid()}-tiles")
-        spill = SpillArena(spool, threshold=device_memory(torch.device("cpu")) // 16)
+        spill = SpillArena(spool, threshold=available_memory() // 16)
         whole = torch.compile(netG) if config.compile else None
         return data, checkpoint, TiledGenerator(netG, tile, whole, spill.empty)
 
