@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra jobs.train config overrides (key=value)")
     args = parser.parse_args()
     out = args.out.resolve()
-    subprocess.run(["rm", "-rf", str(out)], check=True)
+    shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     classifier = out / "domain-classifier.pt"
     run([sys.executable, "-m", "jobs.eval", "--train-classifier-only", "--domain-classifier", str(classifier),

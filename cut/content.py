@@ -70,8 +70,6 @@ def content_score(inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
     """(N,) scores in [0, 1] for pairs of (N, C, H, W) images in [-1, 1] (sizes may differ)."""
     if inputs.shape[0] != outputs.shape[0]:
         raise ValueError(f"{inputs.shape[0]} inputs but {outputs.shape[0]} outputs")
-    size = ANALYSIS_SIZE
-
-    x, y = _resized(luminance(inputs).double(), size), _resized(luminance(outputs).double(), size)
+    x, y = (_resized(luminance(images).double(), ANALYSIS_SIZE) for images in (inputs, outputs))
     per_scale = [_structure_agreement(_resized(x, s), _resized(y, s)) for s in SCALES]
     return torch.stack(per_scale).mean(0).clamp(0, 1).float()

@@ -193,15 +193,15 @@ class QualityMeter:
     def per_image(self) -> dict[str, list[float]]:
         """``domain_probability``, ``content_score`` and ``translation_score`` of each image seen, in
         order, where computable."""
-        out: dict[str, list[float]] = {}
+        columns: dict[str, torch.Tensor] = {}
         if self.probability_b:
-            out["domain_probability"] = torch.cat(self.probability_b).tolist()
+            columns["domain_probability"] = torch.cat(self.probability_b)
         if self.content and sum(len(c) for c in self.content) == self.count:  # inputs with every batch
-            out["content_score"] = torch.cat(self.content).tolist()
-        if "domain_probability" in out and "content_score" in out:
-            out["translation_score"] = translation_score(torch.cat(self.probability_b),
-                                                         torch.cat(self.content)).tolist()
-        return out
+            columns["content_score"] = torch.cat(self.content)
+        if {"domain_probability", "content_score"} <= columns.keys():
+            columns["translation_score"] = translation_score(columns["domain_probability"],
+                                                             columns["content_score"])
+        return {name: values.tolist() for name, values in columns.items()}
 
     def scores(self, reference: FeatureStats | None, kid_subsets: int = 100, kid_subset_size: int = 1000,
                seed: int = 0) -> dict[str, float]:

@@ -129,13 +129,14 @@ def _source(start: int, stop: int, size_in: int, segment: Segment) -> tuple[int,
 
 
 @torch.inference_mode()
-def run_segment(segment: Segment, x: torch.Tensor, tile: int, device: torch.device,
-                sums: torch.Tensor | None, allocate: Allocate = host_empty) -> torch.Tensor:
+def run_segment(segment: Segment, x: torch.Tensor, tile: int, device: torch.device, with_sums: bool,
+                allocate: Allocate = host_empty) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The segment over the whole (N, C, H, W) host tensor ``x``, ``tile`` output pixels a side at a
-    time; ``sums`` (N, C_out, 2), when given, gathers the output's per-channel sum and sum of squares."""
+    time: its output and, ``with_sums``, the output's per-channel sum and sum of squares (N, C, 2)."""
     n, _, h, w = x.shape
     out_h, out_w = round(h * segment.scale), round(w * segment.scale)
     out: torch.Tensor | None = None
+    sums: torch.Tensor | None = None
     for top, bottom in _spans(out_h, tile):
         src_top, src_bottom = _source(top, bottom, h, segment)
         for left, right in _spans(out_w, tile):
@@ -148,13 +149,14 @@ def run_segment(segment: Segment, x: torch.Tensor, tile: int, device: torch.devi
             y = y[:, :, top - dy:bottom - dy, left - dx:right - dx]
             if out is None:
                 out = allocate((n, y.shape[1], out_h, out_w), y.dtype)
+                sums = torch.zeros(n, y.shape[1], 2, dtype=torch.float64) if with_sums else None
             out[:, :, top:bottom, left:right] = y.to("cpu")
             if sums is not None:
                 flat = y.double().flatten(2)
                 sums[..., 0] += flat.sum(-1).cpu()
                 sums[..., 1] += flat.square().sum(-1).cpu()
     assert out is not None
-    return out
+    return out, sums
 
 
 @torch.inference_mode()
@@ -165,8 +167,9 @@ def _normalize(x: torch.Tensor, sums: torch.Tensor, eps: float, skip: torch.Tens
     var = (sums[..., 1] / count - mean.square()).clamp(min=0)
     scale = (var + eps).rsqrt()
     shift = (-mean * scale).to(x.dtype)[..., None, None]
+    scale = scale.to(x.dtype)[..., None, None]
     for c in range(x.shape[1]):  # a channel at a time: no full-size temporary
-        x[:, c].mul_(scale[:, c, None, None].to(x.dtype)).add_(shift[:, c])
+        x[:, c].mul_(scale[:, c]).add_(shift[:, c])
         if skip is not None:
             x[:, c].add_(skip[:, c])
     return x
@@ -190,10 +193,8 @@ def tiled_forward(netG: ResnetGenerator, x: torch.Tensor, tile: int, device: tor
         following = steps[i + 1] if i + 1 < len(steps) else None
         if isinstance(step, Segment):
             level *= step.scale
-            sums = None
-            if isinstance(following, Normalize):
-                sums = torch.zeros(x.shape[0], _out_channels(step), 2, dtype=torch.float64)
-            x = run_segment(step, x, max(4, round(tile * level)), device, sums, allocate)
+            x, sums = run_segment(step, x, max(4, round(tile * level)), device,
+                                  isinstance(following, Normalize), allocate)
         elif isinstance(step, Normalize):
             assert sums is not None
             x = _normalize(x, sums, step.eps, saved[-1] if isinstance(following, AddSaved) else None)
@@ -202,13 +203,6 @@ def tiled_forward(netG: ResnetGenerator, x: torch.Tensor, tile: int, device: tor
         else:  # AddSaved: the block's input was added while normalising its last output
             saved.pop()
     return x
-
-
-def _out_channels(segment: Segment) -> int:
-    for layer in reversed(segment.layers):
-        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
-            return layer.out_channels
-    raise ValueError("a normalised segment has no convolution")
 
 
 BYTES_PER_PIXEL_PER_NGF = 16  # device memory of a whole-image forward, per input pixel and unit of ngf
@@ -231,10 +225,8 @@ class TiledGenerator(nn.Module):
         super().__init__()
         self.netG, self.tile, self.allocate = netG, tile, allocate
         self.whole = whole or netG  # e.g. a compiled netG for the whole-image path
-        self.tiled_images = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.tile or max(x.shape[-2:]) <= self.tile:
             return self.whole(x)
-        self.tiled_images += x.shape[0]
         return tiled_forward(self.netG, x, self.tile, x.device, self.allocate).to(x.device, copy=True)

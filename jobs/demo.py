@@ -7,6 +7,7 @@ Every step runs the real command line a user would type; the output lands in dem
 report.html (a gallery of inputs beside their translations, with the scores of the translation
 against the identity baseline, the inputs returned unchanged) and metrics.json.
 """
+
 from __future__ import annotations
 
 import argparse

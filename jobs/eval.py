@@ -271,11 +271,8 @@ def save_classifier_only(config: EvalConfig) -> int:
     """--train-classifier-only: train, save to --domain-classifier (replacing a file there), report."""
     net, meta = train_classifier(config, pick_device(config.device))
     storage.write_bytes_atomic(config.domain_classifier, to_bytes(export_classifier(net.cpu(), **meta)))
-    accuracy = meta.get("test_accuracy")
-    print(f"domain classifier saved to {config.domain_classifier}: held-out accuracy "
-          + ("unknown (too few images to keep some aside)" if accuracy is None else
-             f"{accuracy:.3f} (A {meta['test_accuracy_a']:.3f}, B {meta['test_accuracy_b']:.3f}; "
-             f"{meta['held_out']})"))
+    print(classifier_note(meta))
+    print(f"saved to {config.domain_classifier}")
     if warning := classifier_warning(meta):
         log.warning("%s", warning)
     return 0
@@ -447,8 +444,10 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         "inception_weights": inception_weights_source(config.inception_weights) if inception else None,
         "config": asdict(config),
     }
-    write_per_image(config.out, scored.keys, translated, baseline)
-    write_report(config.out, metrics, scored.samples, per_image=translated.per_image())
+    per_image = translated.per_image()
+    identity_per_image = baseline.per_image() if baseline is not None else {}
+    write_per_image(config.out, scored.keys, per_image, identity_per_image)
+    write_report(config.out, metrics, scored.samples, per_image)
     return metrics
 
 
@@ -478,12 +477,12 @@ def _no_better_than_identity(scores: dict[str, float], identity: dict[str, float
             f"{identity['translation_score']:.3f} (the inputs returned unchanged)")
 
 
-def write_per_image(out: str, keys: list[str], translated: QualityMeter,
-                    baseline: QualityMeter | None) -> None:
+def write_per_image(out: str, keys: list[str], per_image: dict[str, list[float]],
+                    identity: dict[str, list[float]]) -> None:
     """OUT/per_image.parquet: one row per scored image, its key and scores (identity_* for its input)."""
-    columns: dict[str, list[Any]] = {"key": keys, **translated.per_image()}
-    if baseline is not None and "domain_probability" in (base := baseline.per_image()):
-        columns["identity_domain_probability"] = base["domain_probability"]
+    columns: dict[str, list[Any]] = {"key": keys, **per_image}
+    if "domain_probability" in identity:
+        columns["identity_domain_probability"] = identity["domain_probability"]
     buffer = io.BytesIO()
     pq.write_table(pa.table(columns), buffer, compression="zstd")
     storage.write_bytes_atomic(storage.join(out, "per_image.parquet"), buffer.getvalue())
@@ -525,15 +524,14 @@ def format_table(metrics: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines += [f"{names} unavailable: {reason}" for names, reason in unavailable_notes(metrics)]
-    if about := classifier_note(metrics):
+    if about := classifier_note(metrics["domain_classifier"]):
         lines.append(about)
     lines += [f"WARNING: {warning}" for warning in metrics["warnings"]]
     return "\n".join(lines)
 
 
-def classifier_note(metrics: dict[str, Any]) -> str:
+def classifier_note(meta: dict[str, Any] | None) -> str:
     """One line on the domain classifier behind the domain and translation scores ("" if none)."""
-    meta = metrics["domain_classifier"]
     if not meta:
         return ""
     accuracy = meta.get("test_accuracy")
@@ -585,11 +583,10 @@ def _cell(per_image: dict[str, list[float]], name: str, i: int) -> str:
 
 
 def write_report(out: str, metrics: dict[str, Any], samples: list[Sample],
-                 per_image: dict[str, list[float]] | None = None) -> None:
+                 per_image: dict[str, list[float]]) -> None:
     """metrics.json, grid.png, samples/NNN-{input,output}.png and report.html: the scores table, the
     classifier's accuracy, warnings, and a gallery of input beside output with each pair's scores
     (``per_image``: the meter's per-image scores, whose first entries are the samples')."""
-    per_image = per_image or {}
     storage.write_bytes_atomic(storage.join(out, "metrics.json"),
                                (json.dumps(metrics, indent=1, sort_keys=True) + "\n").encode())
     figure, pairs = "", []
@@ -613,7 +610,8 @@ def write_report(out: str, metrics: dict[str, Any], samples: list[Sample],
                     for tag, row in (("th" if i == 0 else "td", row) for i, row in enumerate(rows)))
     notes = "".join(f"<p><b>{html.escape(names)} unavailable:</b> {html.escape(reason)}</p>"
                     for names, reason in unavailable_notes(metrics))
-    about = f"<p>{html.escape(classifier_note(metrics))}</p>" if classifier_note(metrics) else ""
+    about = classifier_note(metrics["domain_classifier"])
+    about = f"<p>{html.escape(about)}</p>" if about else ""
     warnings = "".join(f'<p class="warning"><b>Warning:</b> {html.escape(w)}</p>'
                        for w in metrics["warnings"])
     config = metrics["config"]

@@ -8,6 +8,7 @@ process dies), so the kernel pages it in and out as it is read and written and t
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 
@@ -22,10 +23,8 @@ class SpillArena:
         self.spilled_bytes = 0
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        numel = 1
-        for side in shape:
-            numel *= side
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        numel = math.prod(shape)
+        nbytes = numel * dtype.itemsize
         if nbytes <= self.threshold:
             return torch.empty(shape, dtype=dtype)
         os.makedirs(self.folder, exist_ok=True)
