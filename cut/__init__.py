@@ -10,7 +10,8 @@ from cut.checkpoint import (
 )
 from cut.losses import gan_loss, patch_nce_loss
 from cut.model import PRESETS, CUTConfig, CUTModel
-from cut.networks import NCE_LAYERS, NLayerDiscriminator, PatchSampleF, ResnetGenerator
+from cut.networks import NCE_LAYERS, NLayerDiscriminator, PatchSampleF, PixelDiscriminator, ResnetGenerator
+from cut.unet import UnetGenerator
 
 __all__ = [
     "NCE_LAYERS",
@@ -20,7 +21,9 @@ __all__ = [
     "CheckpointError",
     "NLayerDiscriminator",
     "PatchSampleF",
+    "PixelDiscriminator",
     "ResnetGenerator",
+    "UnetGenerator",
     "export_generator",
     "gan_loss",
     "generator_from_checkpoint",

@@ -15,6 +15,9 @@ import torch
 from torch import nn
 
 from cut.networks import ResnetGenerator
+from cut.unet import UnetGenerator, infer_unet_architecture
+
+Generator = ResnetGenerator | UnetGenerator
 
 EXPORT_FORMAT = "cut-pipeline/generator"
 EXPORT_VERSION = 1
@@ -75,7 +78,7 @@ def load_strict(net: nn.Module, state: Mapping[str, Any], name: str) -> None:
     net.load_state_dict(state, strict=True)
 
 
-def export_generator(netG: ResnetGenerator, **metadata: Any) -> dict[str, Any]:
+def export_generator(netG: Generator, **metadata: Any) -> dict[str, Any]:
     """A generator-only export: architecture, weights and free-form metadata (plain types only)."""
     return {
         "format": EXPORT_FORMAT,
@@ -86,10 +89,19 @@ def export_generator(netG: ResnetGenerator, **metadata: Any) -> dict[str, Any]:
     }
 
 
-def infer_generator_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, int | bool]:
-    """Recover ResnetGenerator arguments from an official-layout generator state dict."""
+def infer_generator_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, int | bool | str]:
+    """Recover the generator's arguments from an official-layout generator state dict: a U-Net's
+    (``cut.unet.infer_unet_architecture``) or a ResnetGenerator's, with its norm (batch: running
+    statistics; instance: a bias on the first convolution; none: neither) and dropout (it moves each
+    block's second convolution from index 5 to 6, where batch norm would otherwise sit)."""
+    if "model.model.0.weight" in state:
+        try:
+            return infer_unet_architecture(state)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from exc
     if "model.1.weight" not in state:
-        raise CheckpointError("not a ResNet generator state dict: no key 'model.1.weight'")
+        raise CheckpointError("not a ResNet generator state dict: no key 'model.1.weight' "
+                              "(nor a U-Net's 'model.model.0.weight')")
     first = state["model.1.weight"]
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"model\.(\d+)\.conv_block\.1\.weight$", k))}
     if not blocks:
@@ -97,6 +109,7 @@ def infer_generator_architecture(state: Mapping[str, torch.Tensor]) -> dict[str,
     antialias = "model.7.filt" in state
     first_up = max(blocks) + 1
     convs = [int(m.group(1)) for k in state if (m := re.match(r"model\.(\d+)\.weight$", k))]
+    norm = "batch" if "model.2.running_mean" in state else ("instance" if "model.1.bias" in state else "none")
     return {
         "input_nc": int(first.shape[1]),
         "output_nc": int(state[f"model.{max(convs)}.weight"].shape[0]),
@@ -104,7 +117,22 @@ def infer_generator_architecture(state: Mapping[str, torch.Tensor]) -> dict[str,
         "n_blocks": len(blocks),
         "antialias": antialias,
         "antialias_up": f"model.{first_up}.filt" in state,
+        "norm": norm,
+        "use_dropout": any(  # a convolution (not a batch norm) at index 6
+            re.match(r"model\.\d+\.conv_block\.6\.weight$", k) and v.dim() == 4 for k, v in state.items()
+        ),
     }
+
+
+def build_generator(architecture: Mapping[str, Any]) -> Generator:
+    """The generator an ``architecture`` dict describes: a U-Net's has ``num_downs``; exports written
+    before norm and dropout were options lack those keys and get the defaults (instance, none)."""
+    try:
+        if "num_downs" in architecture:
+            return UnetGenerator(**architecture)
+        return ResnetGenerator(**architecture)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"not a generator architecture {dict(architecture)}: {exc}") from exc
 
 
 def model_card(obj: Any) -> dict[str, Any]:
@@ -116,7 +144,7 @@ def model_card(obj: Any) -> dict[str, Any]:
     return {}
 
 
-def generator_from_checkpoint(obj: Any, source: str = "checkpoint") -> ResnetGenerator:
+def generator_from_checkpoint(obj: Any, source: str = "checkpoint") -> Generator:
     """Build a generator from our export, a training state (jobs.train's ``state.pt``, or a model's
     state dict) or an official ``latest_net_G.pth`` state dict."""
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and "G" in obj["model"]:
@@ -134,8 +162,8 @@ def generator_from_checkpoint(obj: Any, source: str = "checkpoint") -> ResnetGen
     else:
         raise CheckpointError(f"{source}: neither a generator export, a training state nor a generator "
                               f"state dict")
-    net = ResnetGenerator(**arch)
     try:
+        net = build_generator(arch)
         load_strict(net, state, "G")
     except CheckpointError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc

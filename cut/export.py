@@ -28,8 +28,13 @@ class ExportError(RuntimeError):
     """The exported model could not be written or does not compute what the generator computes."""
 
 
-def _example(size: tuple[int, int]) -> torch.Tensor:
-    return torch.zeros(1, 3, *size)
+def input_channels(netG: nn.Module) -> int:
+    """The channels a generator takes (``input_nc``; 3 for modules that do not say)."""
+    return int(getattr(netG, "input_nc", 3))
+
+
+def _example(netG: nn.Module, size: tuple[int, int]) -> torch.Tensor:
+    return torch.zeros(1, input_channels(netG), *size)
 
 
 def to_onnx(netG: nn.Module, size: tuple[int, int], card: dict[str, Any]) -> bytes:
@@ -41,7 +46,7 @@ def to_onnx(netG: nn.Module, size: tuple[int, int], card: dict[str, Any]) -> byt
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notices
-        torch.onnx.export(netG.eval(), (_example(size),), buffer, dynamo=False, opset_version=OPSET,
+        torch.onnx.export(netG.eval(), (_example(netG, size),), buffer, dynamo=False, opset_version=OPSET,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes})
     model = onnx.load_from_string(buffer.getvalue())
@@ -56,7 +61,7 @@ def to_torchscript(netG: nn.Module, size: tuple[int, int], card: dict[str, Any])
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notices; torch.jit's deprecation in favour of torch.export
-        traced = torch.jit.trace(netG.eval(), _example(size), check_trace=False)
+        traced = torch.jit.trace(netG.eval(), _example(netG, size), check_trace=False)
         torch.jit.save(traced, buffer, _extra_files={f"{CARD_KEY}.json": json.dumps(card, sort_keys=True)})
     return buffer.getvalue()
 
@@ -74,7 +79,7 @@ def export_bytes(netG: nn.Module, fmt: str, size: tuple[int, int], card: dict[st
 
 
 class ExportedModel:
-    """An exported generator, run by its own runtime: (N, 3, H, W) float32 in [-1, 1] in and out."""
+    """An exported generator, run by its own runtime: (N, C, H, W) float32 in [-1, 1] in and out."""
 
     def __init__(self, data: bytes, fmt: str, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
         self.format = fmt
@@ -87,9 +92,11 @@ class ExportedModel:
             options.intra_op_num_threads = torch.get_num_threads()  # as many as torch would use
             self._session = onnxruntime.InferenceSession(data, options, providers=chosen)
             self.providers = self._session.get_providers()
+            self.input_nc = int(self._session.get_inputs()[0].shape[1])
         else:
             self._module = _jit_load(data)
             self.providers = ["torch.jit"]
+            self.input_nc = int(card_of(data, fmt).get("architecture", {}).get("input_nc", 3))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.format == "onnx":
@@ -127,11 +134,12 @@ def verify(netG: nn.Module, data: bytes, fmt: str, shapes: Sequence[tuple[int, i
     gen = torch.Generator().manual_seed(seed)
     records = []
     for batch, height, width in shapes:
-        x = torch.rand(batch, 3, height, width, generator=gen) * 2 - 1
+        channels = input_channels(netG)
+        x = torch.rand(batch, channels, height, width, generator=gen) * 2 - 1
         with torch.no_grad():
             reference = netG.eval()(x)
         error = relative_error(model(x), reference)
-        records.append({"shape": [batch, 3, height, width], "relative_error": error,
+        records.append({"shape": [batch, channels, height, width], "relative_error": error,
                         "ok": error <= TOLERANCE})
     bad = [r for r in records if not r["ok"]]
     if bad:

@@ -1,7 +1,8 @@
-"""Batched translation for bulk inference: uint8 in and out, asynchronous on CUDA, and surviving
-device out-of-memory errors.
+"""Batched translation for bulk inference: uint8 (or uint16) in and out, asynchronous on CUDA, and
+surviving device out-of-memory errors.
 
-Pixels cross the bus as uint8 (4x fewer bytes than float32) and are scaled on the device; outputs
+Pixels cross the bus as uint8 (4x fewer bytes than float32; uint16 for 16-bit images, whose outputs
+are 16-bit too) and are scaled on the device; outputs
 are quantised on the device and copied back once per batch into pinned memory, without blocking,
 so the host can work on the previous batch meanwhile. A batch that does not fit is split in halves,
 down to single images; an image that does not fit alone is reported (None) instead of stopping the
@@ -23,6 +24,19 @@ def to_uint8(y: torch.Tensor) -> torch.Tensor:
     return y.float().clamp(-1, 1).add_(1).mul_(127.5).to(torch.uint8)
 
 
+def to_uint16(y: torch.Tensor) -> torch.Tensor:
+    """Network output in [-1, 1] to 16-bit pixels: (y + 1) * 32767.5, rounded (no official rule to
+    follow; unlike truncation, 16-bit pixels round-trip through ``from_pixels`` exactly in float32)."""
+    return y.float().clamp(-1, 1).add_(1).mul_(32767.5).round_().to(torch.uint16)
+
+
+def from_pixels(x: torch.Tensor) -> torch.Tensor:
+    """uint8 or uint16 pixels to [-1, 1]: v / 255 (or v / 65535) * 2 - 1 (``from_uint8`` for 8 bits)."""
+    if x.dtype == torch.uint16:
+        return x.float().div_(65535.0).sub_(0.5).div_(0.5)
+    return from_uint8(x)
+
+
 def from_uint8(x: torch.Tensor) -> torch.Tensor:
     """uint8 pixels to the network's [-1, 1] with the arithmetic of ToTensor + Normalize(0.5, 0.5)
     (the same float32 operations as ``pipeline.transforms.to_tensor``), on the tensor's device."""
@@ -39,7 +53,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 @dataclass
 class PendingBatch:
     """A batch's outputs on their way to the host: (pixels, count) parts, where pixels is a (b, H, W, C)
-    uint8 CPU tensor, or None for one image that did not fit; `event` marks the copies' end on CUDA."""
+    uint8 (uint16) CPU tensor, or None for one image that did not fit; `event` marks the copies' end
+    on CUDA."""
 
     parts: list[tuple[torch.Tensor | None, int]] = field(default_factory=list)
     event: torch.cuda.Event | None = None
@@ -72,16 +87,17 @@ class BatchTranslator:
     @torch.inference_mode()
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
-        if x.dtype == torch.uint8:
-            x = from_uint8(x)
+        quantize = to_uint16 if x.dtype == torch.uint16 else to_uint8
+        if not x.is_floating_point():
+            x = from_pixels(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             y = self.forward(x)
-        pixels = to_uint8(y).permute(0, 2, 3, 1).contiguous()  # free for channels_last outputs
+        pixels = quantize(y).permute(0, 2, 3, 1).contiguous()  # free for channels_last outputs
         if self.device.type != "cuda":
             return pixels
-        host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
         return host.copy_(pixels, non_blocking=True)
 
     def start(self, x: torch.Tensor) -> PendingBatch:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-GAN_MODES = ("lsgan", "vanilla", "nonsaturating")
+GAN_MODES = ("lsgan", "vanilla", "nonsaturating", "wgangp")
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -14,7 +16,10 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def gan_loss(prediction: torch.Tensor, target_is_real: bool, mode: str = "lsgan") -> torch.Tensor:
-    """Mean GAN loss of discriminator logits against the real (1) or fake (0) label, in fp32."""
+    """Mean GAN loss of discriminator logits against the real (1) or fake (0) label, in fp32.
+
+    ``wgangp`` is the Wasserstein critic loss: minus the mean prediction for real, plus it for fake
+    (docs/official-reference.md §18); its gradient penalty is ``gradient_penalty``, weighted apart."""
     pred = _at_least_fp32(prediction)
     if mode == "lsgan":
         target = torch.full_like(pred, 1.0 if target_is_real else 0.0)
@@ -25,7 +30,30 @@ def gan_loss(prediction: torch.Tensor, target_is_real: bool, mode: str = "lsgan"
     if mode == "nonsaturating":
         per_sample = F.softplus(-pred if target_is_real else pred).flatten(1).mean(dim=1)
         return per_sample.mean()
+    if mode == "wgangp":
+        return -pred.mean() if target_is_real else pred.mean()
     raise ValueError(f"unknown gan_mode {mode!r}; expected one of {GAN_MODES}")
+
+
+def gradient_penalty(
+    critic: Callable[[torch.Tensor], torch.Tensor],
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    alpha: torch.Tensor,
+    constant: float = 1.0,
+) -> torch.Tensor:
+    """The WGAN-GP penalty, unweighted: mean over images of (||grad_x critic(x)||_2 - constant)^2.
+
+    x = alpha * real + (1 - alpha) * fake, one ``alpha`` per image (shape (N, 1, 1, 1), the official
+    'mixed' type); the norm is over all of an image's gradient, taken after adding 1e-16 to every
+    element as the official code does. The graph is kept (create_graph), so the penalty trains the
+    critic. ``fake`` should be detached.
+    """
+    x = (alpha * real + (1 - alpha) * fake).detach().requires_grad_(True)
+    out = critic(x)
+    (grad,) = torch.autograd.grad(out, x, grad_outputs=torch.ones_like(out), create_graph=True)
+    norms = (_at_least_fp32(grad).flatten(1) + 1e-16).norm(2, dim=1)
+    return ((norms - constant) ** 2).mean()
 
 
 def patch_nce_loss(

@@ -142,6 +142,15 @@ def kernel_inception_distance(x: torch.Tensor, y: torch.Tensor, subsets: int = 1
     return float(result.mean()), float(result.std()) if subsets > 1 else 0.0
 
 
+def as_rgb(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) images as the 3 channels the scoring networks take: grey (C 1, 2) repeated,
+    alpha (C 2, 4) left out."""
+    channels = images.shape[1]
+    if channels == 3:
+        return images
+    return images[:, :3] if channels == 4 else images[:, :1].expand(-1, 3, -1, -1)
+
+
 def quantize(images: torch.Tensor) -> torch.Tensor:
     """Generator output as it reads back from a saved 8-bit image: clamp, truncate to uint8 as the
     official test does, and map back to [-1, 1]; in-memory scores then match scores of the files."""
@@ -169,7 +178,10 @@ class QualityMeter:
 
     @torch.inference_mode()
     def update(self, images: torch.Tensor, inputs: torch.Tensor | None = None) -> None:
-        """Add a batch (on the networks' device); ``inputs`` are the images ``images`` translate."""
+        """Add a batch (on the networks' device); ``inputs`` are the images ``images`` translate
+        (any channel count: scored as RGB, see ``as_rgb``)."""
+        images = as_rgb(images)
+        inputs = None if inputs is None else as_rgb(inputs)
         if self.inception is not None:
             self.features.append(self.inception(images).float().cpu())
         if self.classifier is not None:

@@ -19,17 +19,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from cut.losses import GAN_MODES, gan_loss, patch_nce_loss
+from cut.heads import HEADS, define_head
+from cut.losses import GAN_MODES, gan_loss, gradient_penalty, patch_nce_loss
 from cut.networks import (
+    DISCRIMINATORS,
     INIT_TYPES,
     NCE_LAYERS,
-    NLayerDiscriminator,
-    PatchSampleF,
+    NORM_TYPES,
     ResnetGenerator,
+    define_discriminator,
     generator_layer_count,
     init_weights,
+    plain_operators,
     sample_patch_ids,
 )
+from cut.unet import UNET_DOWNS
 
 PRESETS: dict[str, dict[str, Any]] = {
     "CUT": {"nce_idt": True, "lambda_NCE": 1.0, "flip_equivariance": False},
@@ -37,6 +41,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 PatchIds = Sequence[torch.Tensor]
+
+RESNET_BLOCKS = {"resnet_9blocks": 9, "resnet_6blocks": 6}  # the official define_G names
+GENERATORS = (*RESNET_BLOCKS, *UNET_DOWNS)
 
 
 @dataclass(frozen=True)
@@ -48,8 +55,13 @@ class CUTConfig:
     output_nc: int = 3
     ngf: int = 64
     ndf: int = 64
-    n_blocks: int = 9
+    netG: str = "resnet_9blocks"
+    netD: str = "basic"
+    n_blocks: int | None = None  # None: as netG names (9 or 6); resolved in __post_init__
     n_layers_D: int = 3
+    normG: str = "instance"
+    normD: str = "instance"
+    no_dropout: bool = True
     antialias: bool = True
     antialias_up: bool = True
     init_type: str = "xavier"
@@ -58,12 +70,14 @@ class CUTConfig:
     nce_T: float = 0.07
     num_patches: int = 256
     netF_nc: int = 256
+    netF: str = "mlp_sample"  # the PatchNCE head: mlp_sample, sample or reshape (cut.heads)
     nce_includes_all_negatives_from_minibatch: bool = False
     lambda_GAN: float = 1.0
     lambda_NCE: float = 1.0
     nce_idt: bool = True
     flip_equivariance: bool = False
     gan_mode: str = "lsgan"
+    lambda_gp: float = 0.0  # WGAN-GP penalty weight in D's loss; 0: none, as the official CUT
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
@@ -74,10 +88,20 @@ class CUTConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"model.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.input_nc < 1 or self.output_nc < 1:
+            raise ValueError("model.input_nc and model.output_nc must be positive")
+        if self.nce_idt and self.input_nc != self.output_nc:
+            raise ValueError(f"model.nce_idt needs model.input_nc == model.output_nc (the identity loss "
+                             f"passes real B through the generator), got {self.input_nc}, {self.output_nc}")
         if self.init_type not in INIT_TYPES:
             raise ValueError(f"model.init_type must be one of {INIT_TYPES}, got {self.init_type!r}")
         if self.gan_mode not in GAN_MODES:
             raise ValueError(f"model.gan_mode must be one of {GAN_MODES}, got {self.gan_mode!r}")
+        if self.netF not in HEADS:
+            raise ValueError(f"model.netF must be one of {', '.join(HEADS)}, got {self.netF!r}")
+        if not 0 <= self.lambda_gp < float("inf"):
+            raise ValueError(f"model.lambda_gp must be a finite number >= 0, got {self.lambda_gp}")
+        self._check_networks()
         if self.n_blocks < 1 or self.ngf < 1 or self.ndf < 1:
             raise ValueError("model.n_blocks, model.ngf and model.ndf must be positive")
         if list(self.nce_layers) != sorted(set(self.nce_layers)) or not self.nce_layers:
@@ -92,6 +116,37 @@ class CUTConfig:
             raise ValueError("model.lambda_NCE and model.lambda_GAN must be >= 0")
         if self.num_patches < 1:
             raise ValueError(f"model.num_patches must be positive, got {self.num_patches}")
+
+    def _check_networks(self) -> None:
+        """netG, netD, the norms and the block count (resolved from netG when None)."""
+        if self.netG not in GENERATORS:
+            raise ValueError(f"model.netG must be one of {', '.join(GENERATORS)}, got {self.netG!r}")
+        if self.netG in UNET_DOWNS:
+            raise ValueError(
+                f"model.netG {self.netG} cannot train CUT: the official UnetGenerator takes only the image "
+                f"and has no feature layers for PatchNCE, so the official code fails on it; a U-Net "
+                f"checkpoint still loads for translation (jobs.infer, jobs.export)"
+            )
+        if self.netD not in DISCRIMINATORS:
+            raise ValueError(f"model.netD must be one of {', '.join(DISCRIMINATORS)}, got {self.netD!r}")
+        for name in ("normG", "normD"):
+            if getattr(self, name) not in NORM_TYPES:
+                raise ValueError(f"model.{name} must be one of {', '.join(NORM_TYPES)}, "
+                                 f"got {getattr(self, name)!r}")
+        if self.netD == "n_layers" and self.n_layers_D < 1:
+            raise ValueError(f"model.n_layers_D must be at least 1, got {self.n_layers_D}")
+        if self.netD != "n_layers" and self.n_layers_D != 3:
+            raise ValueError(f"model.n_layers_D {self.n_layers_D} is used only with model.netD n_layers "
+                             f"(netD {self.netD} has a fixed depth); set model.netD=n_layers or leave it 3")
+        if self.n_blocks is None:
+            object.__setattr__(self, "n_blocks", RESNET_BLOCKS[self.netG])
+
+    @property
+    def reuses_keys(self) -> bool:
+        """Whether the PatchNCE keys come from the translating forward pass (``reuse_keys``). Only
+        where that equals encoding the source again: with batch norm the statistics of the batch
+        differ, and with dropout the masks do, so those take the official path."""
+        return self.reuse_keys and self.normG != "batch" and self.no_dropout
 
     @classmethod
     def from_preset(cls, preset: str = "CUT", **overrides: Any) -> CUTConfig:
@@ -132,9 +187,14 @@ class CUTModel:
                 config.n_blocks,
                 config.antialias,
                 config.antialias_up,
+                config.normG,
+                not config.no_dropout,
             )
-            self.netD = NLayerDiscriminator(config.output_nc, config.ndf, config.n_layers_D, config.antialias)
-            self.netF = PatchSampleF(self.netG.feature_channels(config.nce_layers), config.netF_nc)
+            self.netD = define_discriminator(
+                config.netD, config.output_nc, config.ndf, config.n_layers_D, config.normD, config.antialias
+            )
+            channels = self.netG.feature_channels(config.nce_layers)
+            self.netF = define_head(config.netF, channels, config.netF_nc)
             for net in (self.netG, self.netD, self.netF):
                 init_weights(net, config.init_gain, config.init_type)
         memory_format = torch.channels_last if config.channels_last else torch.preserve_format
@@ -147,7 +207,9 @@ class CUTModel:
             adam["fused"] = True
         self.opt_G = torch.optim.Adam(self.netG.parameters(), **adam)
         self.opt_D = torch.optim.Adam(self.netD.parameters(), **adam)
-        self.opt_F = torch.optim.Adam(self.netF.parameters(), **adam)
+        # One explicit group, so that the parameterless heads (netF sample, reshape) get an optimizer
+        # too: it steps nothing, and every state keeps the same three optimizers.
+        self.opt_F = torch.optim.Adam([{"params": list(self.netF.parameters())}], **adam)
         self.generator = torch.Generator().manual_seed(seed + 1)
         self._G: nn.Module = self.netG
         self._D: nn.Module = self.netD
@@ -155,9 +217,19 @@ class CUTModel:
         self.visuals: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------------------- setup
-    def wrap(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
-        """Use ``wrapper(net)`` (e.g. DistributedDataParallel) for the passes that train G, D and F."""
-        self._G, self._D, self._F = wrapper(self.netG), wrapper(self.netD), wrapper(self.netF)
+    def wrap(self, wrapper: Callable[[nn.Module], nn.Module], sync_batch_norm: bool = False) -> None:
+        """Use ``wrapper(net)`` (e.g. DistributedDataParallel) for the passes that train G, D and F.
+
+        ``sync_batch_norm`` first turns every BatchNorm2d into a SyncBatchNorm, so that batch norm
+        sees the global batch across ranks (torch supports it on GPUs only). The converted layers keep
+        the same parameters and buffers, so the optimizers and state dicts are unchanged.
+        """
+        if sync_batch_norm:
+            self.netG = nn.SyncBatchNorm.convert_sync_batchnorm(self.netG)
+            self.netD = nn.SyncBatchNorm.convert_sync_batchnorm(self.netD)
+        self._G, self._D = wrapper(self.netG), wrapper(self.netD)
+        # A head without parameters has nothing to synchronise (and DDP refuses such a module).
+        self._F = wrapper(self.netF) if any(True for _ in self.netF.parameters()) else self.netF
 
     @property
     def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
@@ -194,6 +266,11 @@ class CUTModel:
         real_B = _channels_last(real_B.to(self.device, non_blocking=True), cfg.channels_last)
         n = real_A.shape[0]
         flipped = cfg.flip_equivariance and bool(torch.rand((), generator=self.generator) < 0.5)
+        if cfg.nce_idt and real_A.shape[2:] != real_B.shape[2:]:
+            raise ValueError(f"model.nce_idt passes A and B through the generator together (as the official "
+                             f"step does), so they must share a size: got A {tuple(real_A.shape[2:])} and "
+                             f"B {tuple(real_B.shape[2:])}; crop them (data.preprocess ..._and_crop) or set "
+                             f"model.nce_idt=false")
         real = torch.cat([real_A, real_B]) if cfg.nce_idt else real_A
         if flipped:
             real = real.flip(3)
@@ -201,13 +278,22 @@ class CUTModel:
             fake, feats_real = self._G(real, cfg.nce_layers)
         fake_B = fake[:n]
 
-        # D update: fake and real judged in one batched pass (instance norm keeps images independent).
+        # D update: fake and real judged in one batched pass where images stay independent (instance
+        # norm, or none) and share a size; batch norm's statistics need the official two passes, fakes
+        # first.
         self.netD.requires_grad_(True)
         with self._autocast():
-            pred = self._D(torch.cat([fake_B.detach(), real_B]))
-        loss_D_fake = gan_loss(pred[:n], False, cfg.gan_mode)
-        loss_D_real = gan_loss(pred[n:], True, cfg.gan_mode)
+            if cfg.normD == "batch" or fake_B.shape[2:] != real_B.shape[2:]:
+                pred_fake, pred_real = self._D(fake_B.detach()), self._D(real_B)
+            else:
+                pred = self._D(torch.cat([fake_B.detach(), real_B]))
+                pred_fake, pred_real = pred[:n], pred[n:]
+        loss_D_fake = gan_loss(pred_fake, False, cfg.gan_mode)
+        loss_D_real = gan_loss(pred_real, True, cfg.gan_mode)
         loss_D = 0.5 * (loss_D_fake + loss_D_real)
+        if cfg.lambda_gp > 0:
+            loss_D_GP = cfg.lambda_gp * self._gradient_penalty(real_B, fake_B.detach())
+            loss_D = loss_D + loss_D_GP
         loss_D.backward()
         self.opt_D.step()
         # Gradients are freed as soon as they are applied, so none sit in memory through the other
@@ -223,6 +309,8 @@ class CUTModel:
             "D_real": loss_D_real,
             "D_fake": loss_D_fake,
         }
+        if cfg.lambda_gp > 0:
+            losses["D_GP"] = loss_D_GP
         loss_G = loss_G_GAN
         if cfg.lambda_NCE > 0:
             source = real_A if not cfg.nce_idt else torch.cat([real_A, real_B])
@@ -248,6 +336,14 @@ class CUTModel:
         detached = {k: v.detach() for k, v in losses.items()}
         return {k: v.item() for k, v in detached.items()} if sync else detached
 
+    def _gradient_penalty(self, real_B: torch.Tensor, fake_B: torch.Tensor) -> torch.Tensor:
+        """The WGAN-GP term (unweighted) on real/fake mixes, one mixing weight per image drawn from the
+        model's RNG (so a resumed run draws the same). The plain D runs it: DDP does not support
+        ``autograd.grad``; the penalty's gradient still reaches D's parameters through loss_D."""
+        alpha = torch.rand(real_B.shape[0], 1, 1, 1, generator=self.generator).to(real_B.device, real_B.dtype)
+        with self._autocast(), plain_operators():  # the fast blur/Winograd kernels lack 2nd derivatives
+            return gradient_penalty(self.netD, real_B, fake_B, alpha)
+
     def _nce_terms(
         self,
         source: torch.Tensor,
@@ -264,7 +360,7 @@ class CUTModel:
         cfg = self.config
         layers = cfg.nce_layers
         groups = 2 if cfg.nce_idt else 1
-        if cfg.reuse_keys:
+        if cfg.reuses_keys:
             with torch.no_grad(), self._autocast():
                 # Keys must see the unflipped source: reuse the forward's features unless it was flipped.
                 feats_k = self.netG(source, layers, encode_only=True) if flipped else feats_real
@@ -329,10 +425,16 @@ class CUTModel:
     # ------------------------------------------------------------------------------------ inference
     @torch.inference_mode()
     def translate(self, real_A: torch.Tensor) -> torch.Tensor:
-        """G(real_A), no flip and no identity batch (the official test-time forward)."""
+        """G(real_A), no flip and no identity batch (the official test-time forward), in eval mode as
+        exported generators translate: batch norm with its running statistics, no dropout."""
         x = _channels_last(real_A.to(self.device), self.config.channels_last)
-        with self._autocast():
-            return self.netG(x).float()
+        was_training = self.netG.training
+        self.netG.eval()
+        try:
+            with self._autocast():
+                return self.netG(x).float()
+        finally:
+            self.netG.train(was_training)
 
     # ---------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -6,7 +6,9 @@ checkpoints load with ``strict=True`` (docs/official-reference.md §4-§7 and §
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +19,30 @@ from cut import winograd
 NCE_LAYERS: tuple[int, ...] = (0, 4, 8, 12, 16)
 
 
+_plain = threading.local()
+
+
+@contextlib.contextmanager
+def plain_operators() -> Iterator[None]:
+    """Forwards inside take the plain-operator path that exporters get (see ``exporting``): for
+    passes whose gradient is differentiated again (the WGAN-GP penalty's ``create_graph``), since
+    the fast blur and Winograd kernels have a first derivative only."""
+    depth = getattr(_plain, "depth", 0)
+    _plain.depth = depth + 1
+    try:
+        yield
+    finally:
+        _plain.depth = depth
+
+
 def exporting() -> bool:
     """Whether a tracer or exporter (torch.jit.trace, torch.onnx.export, torch.export) is recording
-    this forward. The recorded graph must hold plain operators only: the fast CPU paths use native
-    kernels and in-place writes into views, which exporters drop or cannot express (the ONNX
-    exporter silently loses the blur's ``narrow().add_()``, giving outputs off by up to 1.8)."""
+    this forward, or ``plain_operators`` asks for what they get. The recorded graph must hold plain
+    operators only: the fast CPU paths use native kernels and in-place writes into views, which
+    exporters drop or cannot express (the ONNX exporter silently loses the blur's
+    ``narrow().add_()``, giving outputs off by up to 1.8)."""
+    if getattr(_plain, "depth", 0):
+        return True
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
@@ -152,6 +173,39 @@ def _instance_norm(channels: int) -> InstanceNorm:
     return InstanceNorm(channels)
 
 
+NORM_TYPES = ("instance", "batch", "none")
+
+
+def norm_layer(norm: str, channels: int) -> nn.Module:
+    """The official ``get_norm_layer`` choice: instance (no affine, no running stats: our
+    ``InstanceNorm``), batch (affine, running stats) or none (an identity, no state)."""
+    if norm == "instance":
+        return InstanceNorm(channels)
+    if norm == "batch":
+        return nn.BatchNorm2d(channels, affine=True, track_running_stats=True)
+    if norm == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be one of {', '.join(NORM_TYPES)}, got {norm!r}")
+
+
+def uses_bias(norm: str) -> bool:
+    """Whether the convolutions in front of a norm carry a bias: officially only with instance norm
+    (``use_bias = norm_layer.func == nn.InstanceNorm2d``), so neither with batch norm nor with none."""
+    if norm not in NORM_TYPES:
+        raise ValueError(f"norm must be one of {', '.join(NORM_TYPES)}, got {norm!r}")
+    return norm == "instance"
+
+
+def _winograd_conv(
+    c_in: int, c_out: int, bias: bool, kernel_size: int = 3, padding: int = 0
+) -> WinogradConv2d:
+    """A ``WinogradConv2d``, without its bias where ``bias`` is false (as nn.Conv2d(bias=False) keeps it)."""
+    conv = WinogradConv2d(c_in, c_out, kernel_size=kernel_size, padding=padding)
+    if not bias:
+        conv.register_parameter("bias", None)
+    return conv
+
+
 class WinogradConv2d(nn.Conv2d):
     """A stride-1 3x3 or 4x4 convolution, unpadded or zero-padded by one: the generator's (in
     the ResNet blocks after a reflect pad; in the down- and upsampling stages) and the
@@ -221,23 +275,25 @@ class _ReflectPadConv(torch.autograd.Function):
 
 
 class ResnetBlock(nn.Module):
-    """x + [pad, conv3x3, IN, ReLU, pad, conv3x3, IN](x), no activation after the sum."""
+    """x + [pad, conv3x3, norm, ReLU, (Dropout(0.5),) pad, conv3x3, norm](x), no activation after the
+    sum. The dropout, where used, sits at index 4 and moves the second convolution to index 6."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, norm: str = "instance", use_dropout: bool = False) -> None:
         super().__init__()
-        self.conv_block = nn.Sequential(
-            nn.ReflectionPad2d(1),
-            WinogradConv2d(dim, dim),
-            _instance_norm(dim),
-            nn.ReLU(True),
-            nn.ReflectionPad2d(1),
-            WinogradConv2d(dim, dim),
-            _instance_norm(dim),
-        )
+        bias = uses_bias(norm)
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(1), _winograd_conv(dim, dim, bias), norm_layer(norm, dim), nn.ReLU(True)
+        ]
+        if use_dropout:
+            layers.append(nn.Dropout(0.5))
+        layers += [nn.ReflectionPad2d(1), _winograd_conv(dim, dim, bias), norm_layer(norm, dim)]
+        self.conv_block = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pad1, conv1, norm1, relu, pad2, conv2, norm2 = self.conv_block
-        h = relu(norm1(conv1.padded_forward(x, pad1)))
+        pad1, conv1, *middle, pad2, conv2, norm2 = self.conv_block
+        h = conv1.padded_forward(x, pad1)
+        for layer in middle:  # norm, ReLU and any dropout
+            h = layer(h)
         return x + norm2(conv2.padded_forward(h, pad2))
 
 
@@ -252,7 +308,12 @@ class ResnetGenerator(nn.Module):
     ``forward(x)`` returns the translated image; ``forward(x, layers)`` also returns the outputs of
     the modules at ``layers`` from the same pass; ``forward(x, layers, encode_only=True)`` stops after
     the last requested module and returns only the features.
+
+    ``norm`` is the official normG (instance, batch or none; convolutions in front of a norm carry
+    a bias only with instance norm); ``use_dropout`` adds Dropout(0.5) to every ResNet block.
     """
+
+    size_multiple = 4  # height and width must be multiples of this
 
     def __init__(
         self,
@@ -262,6 +323,8 @@ class ResnetGenerator(nn.Module):
         n_blocks: int = 9,
         antialias: bool = True,
         antialias_up: bool = True,
+        norm: str = "instance",
+        use_dropout: bool = False,
     ) -> None:
         super().__init__()
         self.input_nc = input_nc
@@ -270,43 +333,46 @@ class ResnetGenerator(nn.Module):
         self.n_blocks = n_blocks
         self.antialias = antialias
         self.antialias_up = antialias_up
+        self.norm = norm
+        self.use_dropout = use_dropout
+        bias = uses_bias(norm)
         layers: list[nn.Module] = [
             nn.ReflectionPad2d(3),
-            nn.Conv2d(input_nc, ngf, kernel_size=7, padding=0, bias=True),
-            _instance_norm(ngf),
+            nn.Conv2d(input_nc, ngf, kernel_size=7, padding=0, bias=bias),
+            norm_layer(norm, ngf),
             nn.ReLU(True),
         ]
         for i in range(2):  # two downsampling stages
             c_in, c_out = ngf * 2**i, ngf * 2 ** (i + 1)
             if antialias:
                 layers += [
-                    WinogradConv2d(c_in, c_out, padding=1),
-                    _instance_norm(c_out),
+                    _winograd_conv(c_in, c_out, bias, padding=1),
+                    norm_layer(norm, c_out),
                     nn.ReLU(True),
                     Downsample(c_out),
                 ]
             else:
                 layers += [
-                    nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1, bias=True),
-                    _instance_norm(c_out),
+                    nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1, bias=bias),
+                    norm_layer(norm, c_out),
                     nn.ReLU(True),
                 ]
-        layers += [ResnetBlock(ngf * 4) for _ in range(n_blocks)]
+        layers += [ResnetBlock(ngf * 4, norm, use_dropout) for _ in range(n_blocks)]
         for i in range(2):  # two upsampling stages
             c_in, c_out = ngf * 2 ** (2 - i), ngf * 2 ** (1 - i)
             if antialias_up:
                 layers += [
                     Upsample(c_in),
-                    WinogradConv2d(c_in, c_out, padding=1),
-                    _instance_norm(c_out),
+                    _winograd_conv(c_in, c_out, bias, padding=1),
+                    norm_layer(norm, c_out),
                     nn.ReLU(True),
                 ]
             else:
                 layers += [
                     nn.ConvTranspose2d(
-                        c_in, c_out, kernel_size=3, stride=2, padding=1, output_padding=1, bias=True
+                        c_in, c_out, kernel_size=3, stride=2, padding=1, output_padding=1, bias=bias
                     ),
-                    _instance_norm(c_out),
+                    norm_layer(norm, c_out),
                     nn.ReLU(True),
                 ]
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, kernel_size=7, padding=0), nn.Tanh()]
@@ -322,6 +388,8 @@ class ResnetGenerator(nn.Module):
             "n_blocks": self.n_blocks,
             "antialias": self.antialias,
             "antialias_up": self.antialias_up,
+            "norm": self.norm,
+            "use_dropout": self.use_dropout,
         }
 
     def feature_channels(self, layers: Sequence[int]) -> list[int]:
@@ -362,8 +430,14 @@ class ResnetGenerator(nn.Module):
                 break
             if idx in wanted:
                 # An in-place activation next would overwrite the feature (e.g. layer 16 of a
-                # 2-block generator is an InstanceNorm output): keep a copy.
-                next_inplace = idx + 1 < len(modules) and getattr(modules[idx + 1], "inplace", False)
+                # 2-block generator is an InstanceNorm output): keep a copy. The last layer must
+                # hold what encode_only returns, so there look past identity norms (norm none) too;
+                # earlier layers behind one alias as in the official code, where the ReLU after an
+                # identity norm overwrites the stored convolution output (layers 4 and 8).
+                after = idx + 1
+                while idx == last and after < len(modules) and isinstance(modules[after], nn.Identity):
+                    after += 1
+                next_inplace = after < len(modules) and getattr(modules[after], "inplace", False)
                 feats[idx] = x.clone() if next_inplace else x
         ordered = [feats[i] for i in layers]
         return ordered if encode_only else (x, ordered)
@@ -371,13 +445,22 @@ class ResnetGenerator(nn.Module):
 
 class NLayerDiscriminator(nn.Module):
     """PatchGAN discriminator ('basic' is n_layers=3); no sigmoid, kernel 4, padding 1. The input
-    and output convolutions (3 and 1 channels) stay nn.Conv2d: too thin for Winograd to pay.
+    and output convolutions (3 and 1 channels) stay nn.Conv2d, with a bias whatever the norm: too
+    thin for Winograd to pay. The hidden convolutions carry a bias only with instance norm.
     """
 
-    def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3, antialias: bool = True) -> None:
+    def __init__(
+        self,
+        input_nc: int = 3,
+        ndf: int = 64,
+        n_layers: int = 3,
+        antialias: bool = True,
+        norm: str = "instance",
+    ) -> None:
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be at least 1, got {n_layers}")
+        bias = uses_bias(norm)
         kw, padw = 4, 1
         if antialias:
             seq: list[nn.Module] = [
@@ -392,21 +475,21 @@ class NLayerDiscriminator(nn.Module):
             prev, mult = mult, min(2**n, 8)
             if antialias:
                 seq += [
-                    WinogradConv2d(ndf * prev, ndf * mult, kw, padding=padw),
-                    _instance_norm(ndf * mult),
+                    _winograd_conv(ndf * prev, ndf * mult, bias, kw, padding=padw),
+                    norm_layer(norm, ndf * mult),
                     nn.LeakyReLU(0.2, True),
                     Downsample(ndf * mult),
                 ]
             else:
                 seq += [
-                    nn.Conv2d(ndf * prev, ndf * mult, kw, stride=2, padding=padw, bias=True),
-                    _instance_norm(ndf * mult),
+                    nn.Conv2d(ndf * prev, ndf * mult, kw, stride=2, padding=padw, bias=bias),
+                    norm_layer(norm, ndf * mult),
                     nn.LeakyReLU(0.2, True),
                 ]
         prev, mult = mult, min(2**n_layers, 8)
         seq += [
-            WinogradConv2d(ndf * prev, ndf * mult, kw, padding=padw),
-            _instance_norm(ndf * mult),
+            _winograd_conv(ndf * prev, ndf * mult, bias, kw, padding=padw),
+            norm_layer(norm, ndf * mult),
             nn.LeakyReLU(0.2, True),
             nn.Conv2d(ndf * mult, 1, kw, stride=1, padding=padw),
         ]
@@ -416,18 +499,59 @@ class NLayerDiscriminator(nn.Module):
         return self.model(x)
 
 
+class PixelDiscriminator(nn.Module):
+    """The official 1x1 PixelGAN ('pixel'): judges every pixel on its own, as ``net``:
+    conv1x1(ndf), LeakyReLU, conv1x1(2 ndf), norm, LeakyReLU, conv1x1(1). Its first convolution
+    always has a bias; the other two only with instance norm (the official ``use_bias``)."""
+
+    def __init__(self, input_nc: int = 3, ndf: int = 64, norm: str = "instance") -> None:
+        super().__init__()
+        bias = uses_bias(norm)
+        self.net = nn.Sequential(
+            nn.Conv2d(input_nc, ndf, kernel_size=1),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(ndf, ndf * 2, kernel_size=1, bias=bias),
+            norm_layer(norm, ndf * 2),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(ndf * 2, 1, kernel_size=1, bias=bias),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+DISCRIMINATORS = ("basic", "n_layers", "pixel")
+
+
+def define_discriminator(
+    netD: str, input_nc: int = 3, ndf: int = 64, n_layers_D: int = 3, norm: str = "instance",
+    antialias: bool = True,
+) -> nn.Module:
+    """The official ``define_D`` choices: basic (the 3-layer PatchGAN, ``n_layers_D`` unused),
+    n_layers (a PatchGAN of ``n_layers_D`` layers) or pixel (``PixelDiscriminator``)."""
+    if netD == "basic":
+        return NLayerDiscriminator(input_nc, ndf, 3, antialias, norm)
+    if netD == "n_layers":
+        return NLayerDiscriminator(input_nc, ndf, n_layers_D, antialias, norm)
+    if netD == "pixel":
+        return PixelDiscriminator(input_nc, ndf, norm)
+    raise ValueError(f"netD must be one of {', '.join(DISCRIMINATORS)}, got {netD!r}")
+
+
 class PatchSampleF(nn.Module):
     """One two-layer MLP head per NCE layer (``mlp_0`` ...), applied to sampled patch features.
 
     Unlike the official module the heads are built at construction from the known input channels,
-    so optimizers and DDP see them from the start.
+    so optimizers and DDP see them from the start. ``use_mlp=False`` is ``netF = sample``: no heads,
+    the sampled features are only normalised (docs/official-reference.md §18).
     """
 
-    def __init__(self, in_channels: Sequence[int], nc: int = 256) -> None:
+    def __init__(self, in_channels: Sequence[int], nc: int = 256, use_mlp: bool = True) -> None:
         super().__init__()
         self.nc = nc
-        self.num_heads = len(in_channels)
-        for i, c in enumerate(in_channels):
+        self.use_mlp = use_mlp
+        self.num_heads = len(in_channels) if use_mlp else 0
+        for i, c in enumerate(in_channels if use_mlp else ()):
             self.add_module(f"mlp_{i}", nn.Sequential(nn.Linear(c, nc), nn.ReLU(), nn.Linear(nc, nc)))
 
     def forward(self, feats: Sequence[torch.Tensor], patch_ids: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -445,7 +569,8 @@ class PatchSampleF(nn.Module):
             else:
                 picked = torch.gather(flat, 2, ids[:, None, :].expand(n, c, ids.shape[1]))
             x = picked.transpose(1, 2).reshape(-1, c)
-            x = getattr(self, f"mlp_{i}")(x)
+            if self.use_mlp:
+                x = getattr(self, f"mlp_{i}")(x)
             out.append(x / (x.float().pow(2).sum(1, keepdim=True).sqrt().to(x.dtype) + 1e-7))
         return out
 

@@ -85,13 +85,25 @@ def _footprint(layer: nn.Module) -> tuple[int, float]:
         return 1, 0.5
     if isinstance(layer, Upsample):
         return 1, 2.0
-    if isinstance(layer, (nn.ReflectionPad2d, nn.ReLU, nn.Tanh)):
-        return 0, 1.0  # a pad only makes room for the valid convolution after it
+    if isinstance(layer, (nn.ReflectionPad2d, nn.ReLU, nn.Tanh, nn.Identity, nn.Dropout)):
+        return 0, 1.0  # a pad only makes room for the valid convolution after it; norm none is an
+        # identity, and dropout works pixel by pixel (and not at all in eval mode)
     raise TypeError(f"tiled translation does not know the layer {type(layer).__name__}")
+
+
+def tileable(netG: nn.Module) -> bool:
+    """Whether tiled translation equals the whole-image output for ``netG``: a ResNet generator with
+    instance norm (whole-image statistics, as computed here) or none. Batch norm and the U-Net are
+    translated whole."""
+    return isinstance(netG, ResnetGenerator) and netG.norm in ("instance", "none")
 
 
 def plan_steps(netG: ResnetGenerator) -> list[Step]:
     """The generator as segments, normalisations and the ResNet blocks' skip connections."""
+    if not tileable(netG):
+        kind = type(netG).__name__ + (f" with norm {netG.norm}" if isinstance(netG, ResnetGenerator) else "")
+        raise ValueError(f"tiled translation is exact only for a ResNet generator with instance norm (or "
+                         f"none), not a {kind}: translate it whole (tile size 0)")
     steps: list[Step] = []
 
     def local(layer: nn.Module) -> None:
@@ -200,18 +212,24 @@ def tiled_forward(netG: ResnetGenerator, x: torch.Tensor, tile: int, device: tor
             x = _normalize(x, sums, step.eps, saved[-1] if isinstance(following, AddSaved) else None)
         elif isinstance(step, Save):
             saved.append(x)
-        else:  # AddSaved: the block's input was added while normalising its last output
-            saved.pop()
+        else:  # AddSaved: the block's input was added while normalising its last output, if any
+            skip = saved.pop()
+            if isinstance(steps[i - 1], Segment):  # norm none: the block ends in a convolution
+                with torch.inference_mode():
+                    x.add_(skip)
     return x
 
 
 BYTES_PER_PIXEL_PER_NGF = 16  # device memory of a whole-image forward, per input pixel and unit of ngf
 
 
-def default_tile_size(netG: ResnetGenerator, memory_bytes: int, share: float = 0.25) -> int:
+def default_tile_size(netG: nn.Module, memory_bytes: int, share: float = 0.25) -> int:
     """The largest tile edge (a multiple of 64, at least 256) whose whole-image forward needs at most
     ``share`` of ``memory_bytes``: about 16 bytes per pixel per unit of ngf in float32 (1 KiB per
-    pixel for ngf 64), the live activations of the widest stages."""
+    pixel for ngf 64), the live activations of the widest stages. 0 (always whole images) for a
+    generator that cannot be tiled exactly (``tileable``)."""
+    if not tileable(netG):
+        return 0
     pixels = share * memory_bytes / (BYTES_PER_PIXEL_PER_NGF * netG.ngf)
     return max(256, int(math.sqrt(pixels)) // 64 * 64)
 
@@ -220,9 +238,11 @@ class TiledGenerator(nn.Module):
     """``netG``, translating inputs larger than ``tile`` on a side tile by tile (exactly: see
     ``tiled_forward``); smaller inputs, and ``tile`` 0, go through ``netG`` whole."""
 
-    def __init__(self, netG: ResnetGenerator, tile: int, whole: nn.Module | None = None,
+    def __init__(self, netG: nn.Module, tile: int, whole: nn.Module | None = None,
                  allocate: Allocate = host_empty) -> None:
         super().__init__()
+        if tile:
+            plan_steps(netG)  # a clear error now for a generator that cannot be tiled exactly
         self.netG, self.tile, self.allocate = netG, tile, allocate
         self.whole = whole or netG  # e.g. a compiled netG for the whole-image path
 

@@ -18,6 +18,8 @@ import yaml
 
 from cut import CUTConfig
 from cut.networks import INIT_TYPES
+from cut.schedule import LR_POLICIES
+from pipeline.transforms import TRAIN_MODES
 
 T = TypeVar("T")
 
@@ -35,6 +37,8 @@ def key(default: Any, meaning: str) -> Any:
 
 
 PRESET_VALUE = "null: the preset's value"
+DIRECTIONS = ("AtoB", "BtoA")  # the official --direction (which domain is the input)
+RUN_MODEL_KEYS = ("direction", "init_from")  # model keys the run uses, not fields of CUTConfig
 
 
 @dataclass
@@ -42,26 +46,51 @@ class ModelSection:
     """The CUT model (docs/official-reference.md §1-§2: the official defaults and presets)."""
 
     preset: str = key("CUT", "CUT or FastCUT: the official presets (NCE weight, identity NCE, flips, epochs)")
+    input_nc: int = key(3, "channels the generator takes: 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA); sources are "
+                        "converted to it (docs/inference.md, Channels and bit depth)")
+    output_nc: int = key(3, "channels it writes (and the discriminator sees): 1, 2, 3 or 4")
     ngf: int = key(64, "generator width (filters of its first layer)")
     ndf: int = key(64, "discriminator width")
-    n_blocks: int = key(9, "ResNet blocks in the generator (9: resnet_9blocks, 6: resnet_6blocks)")
-    n_layers_D: int = key(3, "strided layers of the PatchGAN discriminator")
+    netG: str = key("resnet_9blocks", "generator: resnet_9blocks or resnet_6blocks; unet_128 and unet_256 "
+                    "only translate (the official CUT cannot train a U-Net), so training refuses them")
+    netD: str = key("basic", "discriminator: basic (the 70x70 PatchGAN), n_layers (a PatchGAN of "
+                    "model.n_layers_D layers) or pixel (1x1 PixelGAN)")
+    n_blocks: int | None = key(None, "ResNet blocks in the generator; null: as model.netG names (9 or 6)")
+    n_layers_D: int = key(3, "layers of the n_layers discriminator (must stay 3 with basic and pixel)")
+    normG: str = key("instance", "generator norm: instance, batch (synchronised across GPUs under DDP) "
+                     "or none")
+    normD: str = key("instance", "discriminator norm: instance, batch or none")
+    no_dropout: bool = key(True, "no dropout in the generator (official CUT default); false: Dropout(0.5) "
+                           "in every ResNet block")
     antialias: bool = key(True, "blur-pool downsampling (the official default)")
     antialias_up: bool = key(True, "blur upsampling (the official default)")
     init_type: str = key("xavier", "weight init of G, D and F: normal, xavier (the official CUT default), "
                          "kaiming or orthogonal")
     init_gain: float = key(0.02, "scale of the normal, xavier and orthogonal inits")
     netF_nc: int = key(256, "width of the PatchNCE projection heads")
+    netF: str = key("mlp_sample", "PatchNCE head: mlp_sample (a 2-layer MLP per layer, official default), "
+                    "sample (the sampled features, no parameters) or reshape (4x4 average-pooled cells as "
+                    "the patches; num_patches unused) (§18)")
     num_patches: int = key(256, "patches sampled per layer for PatchNCE")
     nce_layers: list[int] = key(  # noqa: RUF009 (key copies a list default per instance)
         [0, 4, 8, 12, 16], "generator layers whose features PatchNCE compares"
     )
     nce_T: float = key(0.07, "PatchNCE temperature")
+    nce_includes_all_negatives_from_minibatch: bool = key(
+        False, "PatchNCE negatives from every image of the batch, not just the query's own (SinCUT's setting)"
+    )
     lambda_GAN: float = key(1.0, "weight of the adversarial loss")
     lambda_NCE: float | None = key(None, f"weight of the PatchNCE loss; {PRESET_VALUE} (1 CUT, 10 FastCUT)")
     nce_idt: bool | None = key(None, f"identity PatchNCE on real B; {PRESET_VALUE} (on for CUT)")
     flip_equivariance: bool | None = key(None, f"flip-equivariance augmentation; {PRESET_VALUE} (FastCUT)")
-    gan_mode: str = key("lsgan", "adversarial loss: lsgan, vanilla or nonsaturating")
+    gan_mode: str = key("lsgan", "adversarial loss: lsgan, vanilla, nonsaturating or wgangp (-/+ mean)")
+    lambda_gp: float = key(0.0, "weight of the WGAN-GP gradient penalty added to D's loss; 0: none, as the "
+                           "official CUT, which never adds it (§18)")
+    direction: str = key("AtoB", "AtoB: data.a is the input domain, translated into data.b's; BtoA: the "
+                         "reverse. eval.a always holds held-out inputs, eval.b the target domain")
+    init_from: str = key("", "fine-tune: a new run starts from this generator (our export, a run folder or "
+                         "state.pt, an official latest_net_G.pth): G's weights only, at step 0; ignored "
+                         "when the run resumes its own checkpoint")
     channels_last: bool | None = key(None, "channels_last memory format; null: on for CUDA")
     bf16: bool | None = key(None, "bf16 autocast; null: on for CUDA")
 
@@ -73,7 +102,11 @@ class DataSection:
     a: str = key("", "domain A: a shard set (its folder or _index.json URL), or an image folder, prefix, "
                      "glob, .txt or .parquet list of URLs (frozen into the run on its first start)")
     b: str = key("", "domain B: as data.a")
-    load_size: int = key(286, "images are resized to load_size x load_size, then randomly cropped")
+    preprocess: str = key("resize_and_crop", "training transform, as the official --preprocess: "
+                          "resize_and_crop, crop, scale_width, scale_width_and_crop, scale_shortside, "
+                          "scale_shortside_and_crop or none (docs/official-reference.md §12)")
+    load_size: int = key(286, "the size preprocess resizes to (resize_and_crop: load_size x load_size), "
+                         "before the random crop")
     crop_size: int = key(256, "training crop (a multiple of 4)")
     workers: int = key(4, "DataLoader processes per rank (exact resume needs the same count)")
     flip: bool = key(True, "random horizontal flips")
@@ -89,6 +122,9 @@ class TrainSection:
     beta2: float = key(0.999, "Adam beta2, in [0, 1)")
     n_epochs: int | None = key(None, f"epochs at the full rate; {PRESET_VALUE} (200 CUT, 150 FastCUT)")
     n_epochs_decay: int | None = key(None, f"epochs of linear decay after them; {PRESET_VALUE} (200, 50)")
+    lr_policy: str = key("linear", "lr per epoch (§17): linear, step (x0.1 every lr_decay_iters epochs), "
+                         "plateau or cosine (to 0 over n_epochs, then up); all run n_epochs + n_epochs_decay")
+    lr_decay_iters: int = key(50, "epochs between the 10x decays of lr_policy step")
     max_steps: int | None = key(None, "stop after this many steps (null: when the schedule ends)")
     seed: int = key(0, "seeds weights, data order, crops and patches")
     checkpoint_every: int = key(1000, "steps between checkpoints (each also refreshes export/)")
@@ -107,8 +143,10 @@ class EvalSection:
     """Periodic evaluation on held-out images (rank 0); the best checkpoint is kept beside the latest."""
 
     every: int = key(0, "steps between evaluations; 0 turns it off")
-    a: str = key("", "held-out domain-A images: a shard set, folder, prefix, glob or URL list")
-    b: str = key("", "held-out real B images: the FID/KID reference (optional)")
+    a: str = key("", "held-out inputs (domain A; domain B with model.direction BtoA): a shard set, "
+                 "folder, prefix, glob or URL list")
+    b: str = key("", "held-out real images of the target domain (B; A with BtoA): the FID/KID "
+                 "reference (optional)")
     domain_classifier: str = key("", "a classifier saved by jobs.eval (domain and translation scores)")
     inception_weights: str = key("", "FID Inception weights; empty: the torch hub cache")
     metric: str = key("auto", "picks checkpoints/best: translation_score or domain_score (higher is "
@@ -291,10 +329,18 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
         ("data.a", bool(d.a), "a shard set or image source (folder, prefix, glob, URL list) for domain A"),
         ("data.b", bool(d.b), "a shard set or image source for domain B"),
         ("run.url", bool(config.run.url), "the run URL for checkpoints and logs"),
+        ("model.input_nc", 1 <= m.input_nc <= 4, "1, 2, 3 or 4 (L, LA, RGB, RGBA: what images hold)"),
+        ("model.output_nc", 1 <= m.output_nc <= 4, "1, 2, 3 or 4 (L, LA, RGB, RGBA: what images hold)"),
         ("model.init_type", m.init_type in INIT_TYPES, ", ".join(INIT_TYPES)),
         ("model.init_gain", m.init_gain > 0, "> 0"),
         ("data.crop_size", d.crop_size >= 32 and d.crop_size % 4 == 0, "a multiple of 4, at least 32"),
         ("data.load_size", d.load_size >= d.crop_size, "at least data.crop_size"),
+        ("data.preprocess", d.preprocess != "fixsize", "a mode the official unaligned dataset can run (its "
+         "fixsize reads a size from transform parameters it never passes)"),
+        ("data.preprocess", d.preprocess in TRAIN_MODES or d.preprocess == "fixsize", ", ".join(TRAIN_MODES)),
+        ("train.batch_size", t.batch_size == 1 or "crop" in d.preprocess,
+         f"1 with data.preprocess {d.preprocess}: it keeps each image's own size, so images cannot be "
+         "stacked into batches (nor can the official DataLoader)"),
         ("data.workers", d.workers >= 0, ">= 0"),
         ("train.batch_size", t.batch_size >= 1, ">= 1"),
         ("train.lr", t.lr > 0, "> 0"),
@@ -303,6 +349,9 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
         ("train.n_epochs", t.n_epochs >= 0, ">= 0"),
         ("train.n_epochs_decay", t.n_epochs_decay >= 0, ">= 0"),
         ("train.n_epochs", t.n_epochs + t.n_epochs_decay >= 1, "such that n_epochs + n_epochs_decay >= 1"),
+        ("train.lr_policy", t.lr_policy in LR_POLICIES, f"one of {', '.join(LR_POLICIES)}"),
+        ("train.lr_decay_iters", t.lr_policy != "step" or t.lr_decay_iters >= 1, ">= 1 for lr_policy step"),
+        ("train.n_epochs", t.lr_policy != "cosine" or t.n_epochs >= 1, ">= 1 with lr_policy cosine"),
         ("train.max_steps", t.max_steps is None or t.max_steps >= 1, ">= 1 or null"),
         ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),
         ("train.keep_last", t.keep_last >= 1, ">= 1"),
@@ -310,7 +359,8 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
         ("train.image_every", t.image_every >= 1, ">= 1"),
         ("train.device", t.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
         ("eval.every", e.every >= 0, ">= 0"),
-        ("eval.a", bool(e.a) or e.every == 0, "a held-out domain-A image source when eval.every > 0"),
+        ("eval.a", bool(e.a) or e.every == 0, "a held-out input-domain image source when eval.every > 0"),
+        ("model.direction", m.direction in DIRECTIONS, " or ".join(DIRECTIONS)),
         ("eval.metric", e.metric in EVAL_METRICS, ", ".join(EVAL_METRICS)),
         (
             "eval.domain_classifier",
@@ -344,7 +394,8 @@ def cut_config(config: TrainConfig, device_type: str) -> CUTConfig:
     m, t = config.model, config.train
     on_cuda = device_type == "cuda"
     fields = {k: v for k, v in dataclasses.asdict(m).items() if v is not None}
-    fields.pop("preset")
+    for run_key in ("preset", *RUN_MODEL_KEYS):
+        fields.pop(run_key)
     fields.update(
         lr=t.lr,
         beta1=t.beta1,

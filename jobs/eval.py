@@ -60,7 +60,7 @@ from cut.inception import (
     FIDInception,
     InceptionWeightsError,
 )
-from cut.metrics import FeatureStats, QualityMeter, quantize
+from cut.metrics import FeatureStats, QualityMeter, as_rgb, quantize
 from jobs.cli import HelpFormatter, add_logging_arguments
 from jobs.config import ConfigError, build
 from jobs.logs import setup_logging
@@ -309,7 +309,7 @@ def translate_checkpoint(config: EvalConfig, meters: tuple[QualityMeter, Quality
     url = resolve_generator_url(config.checkpoint)
     netG = generator_from_checkpoint(read_checkpoint(storage.read_bytes(url), url), url).to(device)
     scored = Scored([], [])
-    inputs = decode_for_eval(iter_encoded(config.test_a), config.crop_size)
+    inputs = decode_for_eval(iter_encoded(config.test_a), config.crop_size, netG.input_nc)
     for items, x in batched(inputs, config.batch_size):
         x = x.to(device)
         with torch.inference_mode():
@@ -318,7 +318,7 @@ def translate_checkpoint(config: EvalConfig, meters: tuple[QualityMeter, Quality
         scored.keys += [item.key for item in items]
         room = config.samples - len(scored.samples)
         scored.samples += [Sample(item.key, xi.cpu(), yi.cpu())
-                           for item, xi, yi in zip(items[:room], x, y, strict=False)]
+                           for item, xi, yi in zip(items[:room], as_rgb(x), as_rgb(y), strict=False)]
     return scored
 
 

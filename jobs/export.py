@@ -59,24 +59,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_shapes(size: int) -> list[tuple[int, int, int]]:
+def check_shapes(size: int, multiple: int = 4) -> list[tuple[int, int, int]]:
     """(batch, height, width) the export is verified at: the traced size, and a smaller non-square
-    batch of two (sides multiples of 4, as the generator needs)."""
-    small = max(16, size // 2 // 4 * 4)
-    return [(1, size, size), (2, small, max(16, (size * 3 // 4) // 4 * 4))]
+    batch of two (sides multiples of ``multiple``, as the generator needs: 4 for a ResNet, 128 or 256
+    for a U-Net), or a larger one where no smaller size fits."""
+    low = max(16, multiple)
+    small = max(low, size // 2 // multiple * multiple)
+    other = max(low, (size * 3 // 4) // multiple * multiple)
+    if (small, other) == (size, size):
+        other = size + multiple
+    return [(1, size, size), (2, small, other)]
 
 
 def export(checkpoint: str, out: str, fmt: str, size: int = 0) -> dict[str, Any]:
     url = resolve_generator_url(checkpoint)
     obj = read_checkpoint(storage.read_bytes(url), url)
     netG = generator_from_checkpoint(obj, url)
-    card = {**model_card(obj), "source_checkpoint": url}
+    card = {"architecture": dict(netG.architecture), **model_card(obj), "source_checkpoint": url}
     size = size or int(card.get("crop_size", 256))
-    if size < 16 or size % 4:
-        raise ExportError(f"--size must be a multiple of 4 and at least 16, got {size}")
+    multiple = netG.size_multiple
+    if size < max(16, multiple) or size % multiple:
+        raise ExportError(f"--size must be a multiple of {multiple} and at least {max(16, multiple)} for "
+                          f"this generator, got {size}")
     log.info("exporting %s as %s (traced at %dx%d)", url, fmt, size, size)
     data = export_bytes(netG, fmt, (size, size), card)
-    checks = verify(netG, data, fmt, check_shapes(size))
+    checks = verify(netG, data, fmt, check_shapes(size, multiple))
     name = f"generator{SUFFIX[fmt]}"
     report = {"format": fmt, "file": name, "opset": OPSET if fmt == "onnx" else None, "input": INPUT_NAME,
               "output": OUTPUT_NAME, "layout": "NCHW float32 in [-1, 1], H and W multiples of 4",

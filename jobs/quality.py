@@ -121,9 +121,9 @@ class HeldOutEvaluator:
 
     LOWER_IS_BETTER = ("fid", "kid")
 
-    def __init__(self, config: EvalSection, crop_size: int, device: torch.device) -> None:
+    def __init__(self, config: EvalSection, crop_size: int, device: torch.device, channels: int = 3) -> None:
         self.config = config
-        self.batches = _limited_batches(config.a, crop_size, config.batch_size, config.max_images)
+        self.batches = _limited_batches(config.a, crop_size, config.batch_size, config.max_images, channels)
         self.classifier = None
         self.context: dict[str, float] = {}
         if config.domain_classifier:
@@ -192,9 +192,10 @@ class HeldOutEvaluator:
         return False
 
 
-def _limited_batches(url: str, crop_size: int, batch_size: int, limit: int) -> list[torch.Tensor]:
+def _limited_batches(url: str, crop_size: int, batch_size: int, limit: int,
+                     channels: int = 3) -> list[torch.Tensor]:
     batches, count = [], 0
-    for batch in image_batches(url, crop_size, batch_size):
+    for batch in image_batches(url, crop_size, batch_size, channels):
         batches.append(batch[: limit - count])
         count += len(batches[-1])
         if count >= limit:

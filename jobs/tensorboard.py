@@ -31,9 +31,12 @@ class TensorBoard:
             self.writer.add_scalar(tag, value, step)
 
     def images(self, step: int, images: dict[str, torch.Tensor]) -> None:
-        """Add images in [-1, 1] under their tags: (3, H, W), or (N, 3, H, W) shown side by side."""
+        """Add images in [-1, 1] under their tags: (C, H, W), or (N, C, H, W) shown side by side; C is
+        1 (grey), 3 (RGB) or 4 (RGBA); the grey of 2-channel (grey + alpha) images is shown."""
         for tag, img in images.items():
             img = img.detach().float().cpu().clamp(-1, 1)
+            if img.shape[-3] == 2:
+                img = img[..., :1, :, :]
             if img.dim() == 4:
                 img = torch.cat(list(img), dim=2)
             self.writer.add_image(tag, (img + 1) / 2, step)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from cut import CheckpointError, CUTModel, export_generator, read_checkpoint
 from cut.checkpoint import to_bytes
 from cut.inception import InceptionWeightsError
+from cut.schedule import OFFICIAL_PLATEAU_METRIC, LRSchedule
 from jobs.cli import HelpFormatter, add_logging_arguments
 from jobs.config import (
     ConfigError,
@@ -42,6 +43,7 @@ from jobs.config import (
     to_dict,
     to_yaml,
 )
+from jobs.finetune import init_generator
 from jobs.logs import setup_logging
 from jobs.quality import HeldOutEvaluator
 from jobs.runtime import Runtime, code_version, init_runtime, shutdown
@@ -63,11 +65,6 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 
-def lr_factor(epoch: int, n_epochs: int, n_epochs_decay: int) -> float:
-    """The official linear policy for 0-based ``epoch``: constant, then linear decay (never to 0)."""
-    return 1.0 - max(0, epoch + 1 - n_epochs) / float(n_epochs_decay + 1)
-
-
 class Trainer:
     """The training loop of one rank: model, stream, schedule, checkpoints, logs."""
 
@@ -81,8 +78,7 @@ class Trainer:
         # Each rank draws its own patch positions and flips, as replicas do in the official code.
         self.model.generator.manual_seed(t.seed + 1 + 100_003 * runtime.rank)
         self.stream = UnpairedStream(
-            self._source(config.data.a, "a"),
-            self._source(config.data.b, "b"),
+            *self._domains(),
             load_size=config.data.load_size,
             crop_size=config.data.crop_size,
             batch_size=t.batch_size,
@@ -91,9 +87,13 @@ class Trainer:
             world_size=runtime.world_size,
             workers=config.data.workers,
             flip=config.data.flip,
+            channels=(config.model.input_nc, config.model.output_nc),
+            preprocess=config.data.preprocess,
         )
         self.store = CheckpointStore(storage.join(self.run_url, "checkpoints"))
+        # Every policy runs the official epoch loop: n_epochs + n_epochs_decay epochs (train.py).
         self.epochs = t.n_epochs + t.n_epochs_decay
+        self.schedule = LRSchedule(t.lr_policy, t.lr, t.n_epochs, t.n_epochs_decay, t.lr_decay_iters)
         total = self.epochs * self.stream.steps_per_epoch
         self.total_steps = total if t.max_steps is None else min(total, t.max_steps)
         self.step = 0
@@ -105,10 +105,18 @@ class Trainer:
         self.recent: deque[dict[str, torch.Tensor]] = deque(maxlen=4)  # visuals of the last steps
         self.last_losses: dict[str, float] = {}
         self.last_scores: dict[str, float] = {}
+        self.init_record: dict[str, Any] | None = None  # model.init_from, once loaded (the model card's)
         self.best_url = storage.join(self.store.root, "best")
         self.evaluator = None
         if config.eval.every and runtime.is_main:
-            self.evaluator = HeldOutEvaluator(config.eval, config.data.crop_size, runtime.device)
+            self.evaluator = HeldOutEvaluator(config.eval, config.data.crop_size, runtime.device,
+                                              config.model.input_nc)
+
+    def _domains(self) -> tuple[str | tuple[str, ...], str | tuple[str, ...]]:
+        """(input, target) sources: data.a then data.b, or the reverse with model.direction BtoA (the
+        official --direction swaps the domains the same way, models/cut_model.py set_input)."""
+        a, b = self._source(self.config.data.a, "a"), self._source(self.config.data.b, "b")
+        return (a, b) if self.config.model.direction == "AtoB" else (b, a)
 
     def _source(self, url: str, name: str) -> str | tuple[str, ...]:
         """A shard set as it is; a folder, prefix, glob or URL list frozen into RUN/data/<name>.txt on the
@@ -141,6 +149,7 @@ class Trainer:
                 "rng": rng,
                 "step": self.step,
                 "stream": self.stream.state_dict(self.position),
+                "schedule": self.schedule.state_dict(),
                 "world_size": self.rt.world_size,
                 "config": to_dict(self.config),
                 "code_version": code_version(),
@@ -151,17 +160,23 @@ class Trainer:
     def card(self) -> dict[str, Any]:
         """The model card every checkpoint and export carries: what the generator is and was made from."""
         c = self.config
+        a_images, b_images = self.stream.a.total, self.stream.b.total
+        if c.model.direction == "BtoA":
+            a_images, b_images = b_images, a_images
         return {
             "preset": c.model.preset,
+            "direction": c.model.direction,
+            "input_domain": "a" if c.model.direction == "AtoB" else "b",
+            "init_from": self.init_record,
             "architecture": dict(self.model.netG.architecture),
             "load_size": c.data.load_size,
             "crop_size": c.data.crop_size,
-            "preprocess": "resize_and_crop (training); official test resize to crop_size",
+            "preprocess": f"{c.data.preprocess} (training); official test resize to crop_size",
             "data": {
                 "a": c.data.a,
                 "b": c.data.b,
-                "a_images": self.stream.a.total,
-                "b_images": self.stream.b.total,
+                "a_images": a_images,
+                "b_images": b_images,
             },
             "step": self.step,
             "eval_scores": dict(self.last_scores),
@@ -195,6 +210,7 @@ class Trainer:
         _, source, state = found
         self.model.load_state_dict(state["model"])
         self.step = int(state["step"])
+        self.init_record = state.get("card", {}).get("init_from")  # what this run first started from
         rng = state["rng"]
         if len(rng) == self.rt.world_size:
             self.model.generator.set_state(rng[self.rt.rank])
@@ -204,12 +220,42 @@ class Trainer:
             )
             self.model.generator.manual_seed(self.config.train.seed + 1 + 100_003 * self.rt.rank + self.step)
         self.position = self.stream.position_from_state(state["stream"])
+        self._restore_schedule(state.get("schedule"))
         self.last_saved = self.step
         best = storage.join(self.best_url, "metrics.json")
         if self.evaluator is not None and storage.exists(best):
             self.evaluator.best = json.loads(storage.read_bytes(best))["scores"].get(self.evaluator.metric)
         log.info("step %d: resumed from %s (epoch %d, step %d of it)", self.step, source, *self._pos())
         return True
+
+    def apply_init_from(self, resumed: bool) -> bool:
+        """Fine-tuning: a fresh run takes G's weights from ``model.init_from`` (D, F, optimizers and
+        step stay fresh); a resumed run keeps its own and says so. Returns whether G was loaded."""
+        url = self.config.model.init_from
+        if not url:
+            return False
+        if resumed:
+            log.info("model.init_from %s ignored: the run resumed from its own checkpoint at step %d",
+                     url, self.step)
+            return False
+        self.init_record = init_generator(self.model.netG, url)
+        log.info("step 0: generator initialised from %s (fine-tuning; D, F and optimizers fresh)",
+                 self.init_record["file"])
+        return True
+
+    def _restore_schedule(self, saved: dict[str, Any] | None) -> None:
+        """The saved schedule state; without one (or with other settings), the configured schedule
+        replayed to the resumed epoch (exact: the official plateau metric is a constant)."""
+        try:
+            if saved is not None:
+                self.schedule.load_state_dict(saved)
+                return
+            why = "the checkpoint has no schedule state"
+        except ValueError as exc:
+            why = str(exc)
+        log.warning("%s: replaying lr_policy %s to epoch %d", why, self.schedule.policy, self.position.epoch)
+        t = self.config.train
+        self.schedule = LRSchedule(t.lr_policy, t.lr, t.n_epochs, t.n_epochs_decay, t.lr_decay_iters)
 
     def _readable_state(self) -> Loaded | None:
         steps = list(reversed(self.store.complete_steps()))
@@ -288,7 +334,8 @@ class Trainer:
         t = self.config.train
         while self.position.epoch < self.epochs and self.step < self.total_steps:
             epoch = self.position.epoch
-            self.model.set_lr(t.lr * lr_factor(epoch, t.n_epochs, t.n_epochs_decay))
+            # The schedule steps once per finished epoch (officially at its end), before the next starts.
+            self.model.set_lr(self.schedule.advance_to(epoch, OFFICIAL_PLATEAU_METRIC))
             batches = self.stream.iterate(self.position, decay=epoch >= t.n_epochs)
             while True:
                 t0 = time.perf_counter()
@@ -381,13 +428,15 @@ class Trainer:
         wait = window["wait"] / max(elapsed, 1e-9)
         eta = (self.total_steps - self.step) * elapsed / max(n, 1)
         log.info(
-            "step %d/%d (%.1f%%) epoch %d: %s lr=%.3g images/s=%.2f data_wait=%.0f%% memory=%.0fMiB ETA %s",
+            "step %d/%d (%.1f%%) epoch %d: %s lr=%.3g (%s) images/s=%.2f data_wait=%.0f%% memory=%.0fMiB "
+            "ETA %s",
             self.step,
             self.total_steps,
             100 * self.step / max(self.total_steps, 1),
             self.position.epoch,
             " ".join(f"{k}={v:.4f}" for k, v in mean.items()),
             lr,
+            self.schedule.policy,
             images_per_s,
             100 * wait,
             memory,
@@ -431,10 +480,13 @@ class Trainer:
             storage.write_bytes_atomic(
                 storage.join(self.run_url, "config.yaml"), to_yaml(self.config).encode()
             )
-        self.resume()
+        self.apply_init_from(self.resume())
         if self.rt.distributed:
             device_ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-            self.model.wrap(lambda net: DistributedDataParallel(net, device_ids=device_ids))
+            # batch norm over the global batch where torch can (SyncBatchNorm is GPU-only); on CPU
+            # ranks every rank normalises its own batch
+            self.model.wrap(lambda net: DistributedDataParallel(net, device_ids=device_ids),
+                            sync_batch_norm=self.rt.device.type == "cuda")
         t = self.config.train
         limit = (
             f", stopping at max_steps {t.max_steps}"
@@ -442,7 +494,7 @@ class Trainer:
             else ""
         )
         log.info(
-            "training %s for %d steps: %d epochs (%d + %d decaying) of %d steps%s; %d rank(s), "
+            "training %s for %d steps: %d epochs (%d + %d) of %d steps%s, lr %g by policy %s; %d rank(s), "
             "batch %d each, device %s, from step %d",
             self.config.model.preset,
             self.total_steps,
@@ -451,6 +503,8 @@ class Trainer:
             t.n_epochs_decay,
             self.stream.steps_per_epoch,
             limit,
+            t.lr,
+            self.schedule.describe(),
             self.rt.world_size,
             t.batch_size,
             self.rt.device,
@@ -480,7 +534,11 @@ class Trainer:
         rows += [
             ("parameters", ", ".join(f"{k} {v:,}" for k, v in params.items())),
             ("batch", f"{t.batch_size} per rank x {self.rt.world_size} ranks"),
-            ("schedule", f"{self.total_steps} steps, lr {t.lr}, {t.n_epochs} + {t.n_epochs_decay} epochs"),
+            (
+                "schedule",
+                f"{self.total_steps} steps, lr {t.lr}, {t.n_epochs} + {t.n_epochs_decay} epochs, "
+                f"lr_policy {self.schedule.describe()}",
+            ),
             ("device", str(self.rt.device)),
         ]
         return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -491,11 +549,12 @@ class Trainer:
         params = {
             "preset": c.model.preset,
             "ngf": c.model.ngf,
-            "n_blocks": c.model.n_blocks,
+            "n_blocks": self.model.config.n_blocks,
             "crop_size": c.data.crop_size,
             "batch_size": c.train.batch_size,
             "ranks": self.rt.world_size,
             "lr": c.train.lr,
+            "lr_policy": c.train.lr_policy,
             "lambda_NCE": float(self.model.config.lambda_NCE),
             "steps": self.step,
         }

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from cut import CheckpointError, generator_from_checkpoint, model_card, read_checkpoint
 from cut.export import ExportedModel, card_of
 from cut.inference import BatchTranslator, PendingBatch
-from cut.tiling import TiledGenerator, default_tile_size
+from cut.tiling import TiledGenerator, default_tile_size, tileable
 from jobs.config import ConfigError
 from jobs.runtime import available_memory
 from jobs.signals import StopSignals
@@ -122,6 +122,7 @@ class Translator:
         self.failed: list[int] = []
         self.unfinished: list[int] = []
         self.stats = {"ok": 0, "error": 0}
+        self.dropped: Counter[str] = Counter()  # outputs whose format could not hold alpha / 16 bits
         # CPU seconds per stage over all images ("model": the main thread's CPU in device calls, all of
         # the model's on a CPU device, launches and copies on CUDA)
         self.seconds = dict.fromkeys(STAGES, 0.0)
@@ -136,13 +137,22 @@ class Translator:
         checkpoint = read_checkpoint(data, self.checkpoint_url)
         self.card = model_card(checkpoint)
         netG = generator_from_checkpoint(checkpoint, self.checkpoint_url).to(self.device)
+        self.input_channels = netG.input_nc
+        self.size_multiple = int(getattr(netG, "size_multiple", 4))
         if config.channels_last:
             netG = netG.to(memory_format=torch.channels_last)
         tile = config.tile_size
-        if tile is None:
+        if tile is None:  # 0 (whole images) for a generator tiles cannot reproduce exactly
             tile = default_tile_size(netG, device_memory(self.device))
-        log.info("inputs larger than %d network pixels on a side are translated tile by tile%s", tile,
-                 "" if config.tile_size is not None else " (from the device's memory; --tile-size)")
+        elif tile and not tileable(netG):
+            raise ConfigError(f"--tile-size {tile}: {self.checkpoint_url} holds a generator that tiles "
+                              f"cannot translate exactly (only a ResNet with instance norm or none); "
+                              f"use --tile-size 0 or leave it unset")
+        if tile:
+            log.info("inputs larger than %d network pixels on a side are translated tile by tile%s", tile,
+                     "" if config.tile_size is not None else " (from the device's memory; --tile-size)")
+        else:
+            log.info("every input is translated whole (no tiling)")
         spool = os.path.join(tempfile.gettempdir(), "cut-pipeline-spool", f"{os.getpid()}-tiles")
         spill = SpillArena(spool, threshold=available_memory() // 16)
         whole = torch.compile(netG) if config.compile else None
@@ -161,6 +171,8 @@ class Translator:
                                   f"({type(exc).__name__}: {exc})") from exc
         self.device = torch.device("cpu")
         self.card = card_of(data, "onnx")
+        self.input_channels = model.input_nc
+        self.size_multiple = 4
         log.info("engine onnxruntime: %s with %s", self.checkpoint_url, ", ".join(model.providers))
         return data, {}, model
 
@@ -178,7 +190,9 @@ class Translator:
             url = self.layout.image_url(unit, meta["key"])
         except UnsafeKeyError as exc:
             return self._error_row(meta, "unsafe-key", str(exc))
-        data = self.layout.encode(pixels, meta["restore"])
+        alpha = None if meta["alpha"] is None else meta["alpha"].numpy()
+        encoded = self.layout.encode(pixels, meta["restore"], alpha)
+        data = encoded.data
         c1 = time.thread_time()
         digest = sha256(data)
         c2 = time.thread_time()
@@ -193,11 +207,18 @@ class Translator:
             "out_height": out_h,
             "output_bytes": len(data),
             "output_sha256": digest,
+            "source_mode": meta["source_mode"],
+            "output_mode": encoded.mode,
+            "dropped": ",".join(encoded.dropped) or None,
         }
+        if encoded.dropped:
+            with self._timing:
+                self.dropped.update(encoded.dropped)
         if self.cfg.format == "shards":
             sidecar = {
                 k: row[k]
-                for k in ("key", "source_url", "width", "height", "out_width", "out_height", "output_sha256")
+                for k in ("key", "source_url", "width", "height", "out_width", "out_height", "output_sha256",
+                          "output_mode")
             }
             sidecar.update(model_id=self.model_id, preset=self.preset)
             with state.lock:
@@ -250,7 +271,8 @@ class Translator:
         cfg = self.cfg
         if not units:
             return
-        pre = Preprocess(cfg.preprocess, cfg.load_size, cfg.crop_size, cfg.max_pixels)
+        pre = Preprocess(cfg.preprocess, cfg.load_size, cfg.crop_size, cfg.max_pixels, self.input_channels,
+                         self.size_multiple)
         loader_workers = min(cfg.workers, len(units))
         loader = DataLoader(
             UnitBatches(units, pre, cfg.batch_size),
@@ -309,6 +331,10 @@ class Translator:
             del batches
         self.unfinished = sorted(pending)
         self.elapsed = time.perf_counter() - start
+        for what, count in sorted(self.dropped.items()):
+            log.warning("%d outputs lost their %s: --image-format %s cannot store it (the manifest's "
+                        "`dropped` column names them); png keeps alpha and 16 bits",
+                        count, what, cfg.image_format)
         if self.squashed:
             log.warning(
                 "%d inputs were not square and were squashed to %dx%d (--preprocess official, as the "

@@ -19,8 +19,9 @@ import torch
 from pipeline import storage
 from pipeline.corpus import plan_units, read_unit
 from pipeline.manifest import manifest_dir, read_manifest
+from pipeline.pixels import decode_pixels
 from pipeline.shards import iter_shard
-from pipeline.transforms import ImageDecodeError, decode_rgb, test_transform
+from pipeline.transforms import ImageDecodeError, test_transform
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +114,17 @@ def iter_encoded(url: str) -> Iterator[EvalImage]:
                 yield EvalImage(item.key, item.source_url, item.data)
 
 
-def decode_for_eval(items: Iterable[EvalImage], size: int) -> Iterator[tuple[EvalImage, torch.Tensor]]:
-    """Each decodable image with its (3, size, size) tensor in [-1, 1]: the official test input
-    (full decode, bicubic resize to the crop size)."""
+def decode_for_eval(items: Iterable[EvalImage], size: int,
+                    channels: int = 3) -> Iterator[tuple[EvalImage, torch.Tensor]]:
+    """Each decodable image with its (channels, size, size) tensor in [-1, 1]: the official test
+    input (full decode, bicubic resize to the crop size)."""
     for item in items:
         try:
-            img = decode_rgb(item.data)
+            pixels = decode_pixels(item.data, channels).array
         except ImageDecodeError as exc:
             log.warning("skipping %s: %s", item.url, exc)
             continue
-        yield item, test_transform(img, "official", size, size)
+        yield item, test_transform(pixels, "official", size, size)
 
 
 def batched(pairs: Iterable[tuple[EvalImage, torch.Tensor]],
@@ -133,7 +135,7 @@ def batched(pairs: Iterable[tuple[EvalImage, torch.Tensor]],
         yield [item for item, _ in chunk], torch.stack([x for _, x in chunk])
 
 
-def image_batches(url: str, size: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """(B, 3, size, size) batches in [-1, 1] of every image of a source (for held-out evaluation)."""
-    for _, x in batched(decode_for_eval(iter_encoded(url), size), batch_size):
+def image_batches(url: str, size: int, batch_size: int, channels: int = 3) -> Iterator[torch.Tensor]:
+    """(B, channels, size, size) batches in [-1, 1] of every image of a source (held-out evaluation)."""
+    for _, x in batched(decode_for_eval(iter_encoded(url), size, channels), batch_size):
         yield x

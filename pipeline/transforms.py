@@ -39,7 +39,7 @@ class ImageInfo:
     height: int
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageDecodeError("empty", "no bytes")
     try:
@@ -49,7 +49,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not-an-image", "no image format recognises these bytes") from exc
     except OSError as exc:
-        raise _decode_failure(exc) from exc
+        raise decode_failure(exc) from exc
     if img.format not in formats.MEMBER_EXTENSIONS:
         raise ImageDecodeError("unsupported-format", f"{img.format} images are not decoded by this project")
     width, height = img.size
@@ -60,25 +60,25 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def _load(img: Image.Image) -> None:
+def load(img: Image.Image) -> None:
     try:
         img.load()
     # Pillow's decoders raise many types (OSError, SyntaxError, ValueError, struct.error, ...) on bad data.
     except Exception as exc:
-        raise _decode_failure(exc) from exc
+        raise decode_failure(exc) from exc
 
 
-def _decode_failure(exc: Exception) -> ImageDecodeError:
+def decode_failure(exc: Exception) -> ImageDecodeError:
     reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
     return ImageDecodeError(reason, f"{type(exc).__name__}: {exc}")
 
 
 def inspect_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Check that `data` decodes completely within the pixel limit; size as displayed (EXIF applied)."""
-    img = _open(data, max_pixels)
+    img = open_image(data, max_pixels)
     fmt = img.format or "unknown"
     width, height = img.size
-    _load(img)
+    load(img)
     if img.getexif().get(ExifTags.Base.Orientation) in _SWAPPED_ORIENTATIONS:
         width, height = height, width
     return ImageInfo(fmt, width, height)
@@ -93,18 +93,18 @@ def decode_rgb(data: bytes, *, draft_to: int | None = None,
     result still tells the size as displayed before that scaling.
     Raises ImageDecodeError for empty, non-image, too large, truncated or corrupt data.
     """
-    img = _open(data, max_pixels)
+    img = open_image(data, max_pixels)
     displayed = None
     if draft_to and img.format == "JPEG":  # a JPEG's EXIF is in its header: reading it decodes nothing
         swapped = img.getexif().get(ExifTags.Base.Orientation) in _SWAPPED_ORIENTATIONS
         displayed = (img.height, img.width) if swapped else img.size
         img.draft("RGB", (draft_to, draft_to))
-    _load(img)
+    load(img)
     try:
         ImageOps.exif_transpose(img, in_place=True)
         rgb = _to_rgb(img)
     except Exception as exc:  # a broken EXIF block or palette, found only now
-        raise _decode_failure(exc) from exc
+        raise decode_failure(exc) from exc
     rgb.info[_FULL_SIZE] = displayed or rgb.size
     return rgb
 
@@ -127,31 +127,76 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _uint8_tensor(img: Image.Image) -> torch.Tensor:
-    """(3, H, W) uint8 copy of an RGB image, channels-last in memory (torch's fastest resize layout)."""
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+def chw_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """(C, H, W) uint8/uint16 copy of an image or (H, W, C) array, channels-last in memory (torch's
+    fastest resize layout)."""
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 def to_tensor(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 3, H, W) to float32 in [-1, 1], with the arithmetic of ToTensor + Normalize(0.5, 0.5)."""
-    return pixels.float().div_(255.0).sub_(0.5).div_(0.5)
+    """uint8 (or uint16) (..., C, H, W) to float32 in [-1, 1], with the arithmetic of ToTensor +
+    Normalize(0.5, 0.5): v / 255 (v / 65535) * 2 - 1."""
+    scale = 65535.0 if pixels.dtype == torch.uint16 else 255.0
+    return pixels.float().div_(scale).sub_(0.5).div_(0.5)
 
 
 def resize_uint8(chw: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bicubic resize of a uint8 (3, H, W) tensor with Pillow's filter (a = -0.5, antialiased).
+    """Bicubic resize of a uint8 (or uint16) (C, H, W) tensor with Pillow's filter (a = -0.5,
+    antialiased).
 
-    Torch's uint8 kernel is about twice as fast as Pillow's and agrees with it within 2 levels.
+    Torch's uint8 kernel is about twice as fast as Pillow's and agrees with it within 2 levels;
+    16-bit pixels are resized in float32 and rounded.
     """
     if chw.shape[1:] == (height, width):
         return chw
-    out = F.interpolate(chw.unsqueeze(0), size=(height, width), mode="bicubic", antialias=True,
-                        align_corners=False)
-    return out[0]
+    wide = chw.dtype == torch.uint16
+    x = chw.unsqueeze(0).float() if wide else chw.unsqueeze(0)
+    out = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)[0]
+    return out.round_().clamp_(0, 65535).to(torch.uint16) if wide else out
 
 
-def train_crop(img: Image.Image, rng: np.random.Generator, load_size: int, crop_size: int,
-               flip: bool = True, decay: bool = False) -> torch.Tensor:
-    """`train_transform` before the scaling to float: a uint8 (3, crop, crop) tensor.
+def resize_pixels(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bicubic resize of (H, W) or (H, W, C) uint8/uint16 pixels to ``size`` (w, h), each channel
+    alone, with Pillow's filter (8-bit RGB and L in one call: Pillow's image resize exactly)."""
+    if (array.shape[1], array.shape[0]) == tuple(size):
+        return array
+    bicubic = Image.Resampling.BICUBIC
+    if array.ndim == 3 and array.shape[2] == 1:
+        return resize_pixels(array[:, :, 0], size)[:, :, None]
+    if array.ndim == 2 or (array.dtype == np.uint8 and array.shape[2] == 3):
+        return np.asarray(Image.fromarray(array).resize(size, bicubic)).astype(array.dtype, copy=False)
+    return np.stack([resize_pixels(array[:, :, c], size) for c in range(array.shape[2])], axis=2)
+
+
+TRAIN_MODES = ("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "scale_shortside",
+               "scale_shortside_and_crop", "none")
+
+
+def train_resize(size: tuple[int, int], mode: str, load_size: int, crop_size: int) -> tuple[int, int]:
+    """The (w, h) an image of ``size`` is resized to before the crop, as the official ``get_transform``
+    decides by the words in ``preprocess``: ``resize`` to load_size square (aspect ignored);
+    ``scale_width`` to width load_size, height ``int(max(load_size * h / w, crop_size))``;
+    ``scale_shortside`` up to a short side of load_size (never down); else unchanged."""
+    width, height = size
+    if "resize" in mode:
+        return load_size, load_size
+    if "scale_width" in mode:
+        if width == load_size and height >= crop_size:
+            return size
+        return load_size, int(max(load_size * height / width, crop_size))
+    if "scale_shortside" in mode and min(size) < load_size:
+        scale = load_size / min(size)
+        return round(width * scale), round(height * scale)
+    return size
+
+
+def train_crop(img: Image.Image | np.ndarray, rng: np.random.Generator, load_size: int, crop_size: int,
+               flip: bool = True, decay: bool = False, mode: str = "resize_and_crop") -> torch.Tensor:
+    """`train_transform` before the scaling to float: a uint8 (uint16 for 16-bit pixels)
+    (C, H, W) tensor, (C, crop, crop) in the `_and_crop` modes and `crop`.
 
     Batches convert to float once for the whole stack, which is cheaper than per image.
     """
@@ -160,30 +205,37 @@ def train_crop(img: Image.Image, rng: np.random.Generator, load_size: int, crop_
     size = crop_size if decay else load_size
     if size < crop_size:
         raise ValueError(f"load_size {load_size} is smaller than crop_size {crop_size}")
-    chw = resize_uint8(_uint8_tensor(img), size, size)
-    top, left = rng.integers(0, size - crop_size + 1, size=2)
-    chw = chw[:, top:top + crop_size, left:left + crop_size]
+    chw = chw_tensor(img)
+    width, height = train_resize((chw.shape[2], chw.shape[1]), mode, size, crop_size)
+    chw = resize_uint8(chw, height, width)
+    if "crop" in mode:
+        if height < crop_size or width < crop_size:
+            raise ValueError(f"a {width}x{height} image is smaller than the {crop_size} crop")
+        top, left = rng.integers(0, [height - crop_size + 1, width - crop_size + 1])
+        chw = chw[:, top:top + crop_size, left:left + crop_size]
+    width, height = multiple_of((chw.shape[2], chw.shape[1]))
+    chw = resize_uint8(chw, height, width)
     if flip and rng.random() < 0.5:
         chw = chw.flip(-1)
     return chw
 
 
-def train_transform(img: Image.Image, rng: np.random.Generator, load_size: int, crop_size: int,
-                    flip: bool = True, decay: bool = False) -> torch.Tensor:
-    """The official `resize_and_crop` training transform.
+def train_transform(img: Image.Image | np.ndarray, rng: np.random.Generator, load_size: int, crop_size: int,
+                    flip: bool = True, decay: bool = False, mode: str = "resize_and_crop") -> torch.Tensor:
+    """The official training transform of ``data.preprocess`` ``mode`` (default `resize_and_crop`).
 
-    Bicubic resize to load_size x load_size (aspect ignored), random crop_size crop, random horizontal
-    flip, scale to [-1, 1]. In the LR-decay phase (`decay`) the official dataset sets load_size to
-    crop_size: a plain resize with no crop jitter; the flip stays.
+    `resize_and_crop`: bicubic resize to load_size x load_size (aspect ignored), random crop_size
+    crop; other modes: `train_resize`, then a random crop where the mode says `crop`; every mode then
+    resizes to sides that are multiples of 4, flips at random, scales to [-1, 1]. In the LR-decay
+    phase (`decay`) the official dataset sets load_size to crop_size: for resize_and_crop a plain
+    resize with no crop jitter; the flip stays.
     """
-    return to_tensor(train_crop(img, rng, load_size, crop_size, flip, decay))
+    return to_tensor(train_crop(img, rng, load_size, crop_size, flip, decay, mode))
 
 
-def round_to_multiple(img: Image.Image, base: int = 4) -> Image.Image:
-    """Bicubic resize to the nearest multiple of `base` per side (the official `__make_power_2`)."""
-    width, height = img.size
-    new = (max(base, round(width / base) * base), max(base, round(height / base) * base))
-    return img if new == img.size else img.resize(new, Image.Resampling.BICUBIC)
+def multiple_of(size: tuple[int, int], base: int = 4) -> tuple[int, int]:
+    """Each side rounded to the nearest multiple of `base` (the official `__make_power_2`)."""
+    return max(base, round(size[0] / base) * base), max(base, round(size[1] / base) * base)
 
 
 def test_transform(img: Image.Image, mode: str, load_size: int, crop_size: int) -> torch.Tensor:
@@ -191,23 +243,30 @@ def test_transform(img: Image.Image, mode: str, load_size: int, crop_size: int) 
     return to_tensor(test_pixels(img, mode, load_size, crop_size))
 
 
-def test_pixels(img: Image.Image, mode: str, load_size: int, crop_size: int) -> torch.Tensor:
-    """Test-time preprocessing with Pillow's resize, as uint8 (3, H, W) (bit-exact with the official
-    test inputs when the image was decoded at full size; `to_tensor` scales them).
+def test_pixels(img: Image.Image | np.ndarray, mode: str, load_size: int, crop_size: int,
+                multiple: int = 4) -> torch.Tensor:
+    """Test-time preprocessing with Pillow's resize, as (C, H, W) uint8 (uint16 for 16-bit pixels):
+    bit-exact with the official test inputs when the image was decoded at full size; `to_tensor`
+    scales them. Takes an image or (H, W, C) pixels (`pipeline.pixels.Pixels.array`).
 
     `official`: resize to crop_size x crop_size, as test.py does (its load_size defaults to the crop).
-    `none`: keep the size, rounded to a multiple of 4 for the network.
+    `none`: keep the size, rounded to a multiple of `multiple` (4, as the official code does; a
+    U-Net needs 128 or 256) for the network.
     `shortside`: resize so the shortest side is load_size, keeping the aspect ratio (the official
     `scale_shortside` only ever enlarges; this also shrinks large inputs).
     """
+    array = np.asarray(img)
+    width, height = array.shape[1], array.shape[0]
     if mode == "official":
-        img = img.resize((crop_size, crop_size), Image.Resampling.BICUBIC)
+        size = (crop_size, crop_size)
     elif mode == "shortside":
-        scale = load_size / min(img.size)
-        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
-    elif mode != "none":
+        scale = load_size / min(width, height)
+        size = (round(width * scale), round(height * scale))
+    elif mode == "none":
+        size = (width, height)
+    else:
         raise ValueError(f"unknown preprocess mode {mode!r}; expected one of {TEST_MODES}")
-    return _uint8_tensor(round_to_multiple(img))
+    return chw_tensor(resize_pixels(resize_pixels(array, size), multiple_of(size, multiple)))
 
 
 test_transform.__test__ = False  # type: ignore[attr-defined]  # not a pytest test despite its name

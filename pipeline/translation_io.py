@@ -25,11 +25,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline import storage
 from pipeline.corpus import WorkUnit, read_unit
 from pipeline.keys import UnsafeKeyError
+from pipeline.pixels import decode_pixels, image_mode
 from pipeline.png import encode_png
 from pipeline.shards import ShardIndex, ShardInfo, index_url
-from pipeline.transforms import ImageDecodeError, decode_rgb, full_size, test_draft_size, test_pixels
+from pipeline.transforms import ImageDecodeError, resize_pixels, test_draft_size, test_pixels
 
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+# What each output format stores: channel counts (others become the nearest it has) and bit depths.
+FORMAT_CHANNELS = {"png": (1, 2, 3, 4), "jpg": (1, 3), "webp": (3, 4)}
+FORMAT_BITS = {"png": (8, 16), "jpg": (8,), "webp": (8,)}
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class Preprocess:
     load_size: int = 256
     crop_size: int = 256
     max_pixels: int = 64 * 2**20
+    channels: int = 3  # the model's input channels (pipeline.pixels)
+    multiple: int = 4  # the network's sides are multiples of this
 
 
 def error_record(
@@ -77,7 +83,7 @@ class UnitBatches(IterableDataset):
 
     def _unit(self, unit: WorkUnit) -> Iterator[dict[str, Any]]:
         pre = self.pre
-        groups: dict[tuple[int, int], list[tuple[torch.Tensor, dict]]] = {}
+        groups: dict[tuple[int, int, torch.dtype], list[tuple[torch.Tensor, dict]]] = {}
         errors = []
         count = 0
         draft = test_draft_size(pre.mode, pre.load_size, pre.crop_size)
@@ -96,10 +102,10 @@ class UnitBatches(IterableDataset):
                 )
                 continue
             try:
-                img = decode_rgb(item.data, draft_to=draft, max_pixels=pre.max_pixels)
-                displayed = full_size(img)
+                decoded = decode_pixels(item.data, pre.channels, draft_to=draft, max_pixels=pre.max_pixels)
+                displayed = decoded.displayed
                 c2 = time.thread_time()
-                x = test_pixels(img, pre.mode, pre.load_size, pre.crop_size)
+                x = test_pixels(decoded.array, pre.mode, pre.load_size, pre.crop_size, pre.multiple)
             except ImageDecodeError as exc:
                 errors.append(error_record(order, item.key, item.source_url, exc.reason, exc.detail, size))
                 continue
@@ -115,14 +121,19 @@ class UnitBatches(IterableDataset):
                 "height": displayed[1],
                 "input_bytes": size,
                 "restore": displayed if pre.mode == "none" else None,
+                "source_mode": decoded.source_mode,
+                # the source's alpha the model does not take, for the output (a tensor: the
+                # DataLoader turns numpy arrays into tensors anyway)
+                "alpha": None if decoded.alpha is None else torch.from_numpy(decoded.alpha),
                 "prep_ms": 1000 * (time.perf_counter() - t0),  # wall time, for the row's elapsed_ms
                 "cpu": {"read": c1 - c0, "decode": c2 - c1, "preprocess": time.thread_time() - c2},
             }
-            group = groups.setdefault((x.shape[1], x.shape[2]), [])
+            shape = (x.shape[1], x.shape[2], x.dtype)
+            group = groups.setdefault(shape, [])
             group.append((x, meta))
             if len(group) == self.batch_size:
-                yield _batch(unit.index, groups.pop((x.shape[1], x.shape[2])))
-        for shape in sorted(groups):
+                yield _batch(unit.index, groups.pop(shape))
+        for shape in sorted(groups, key=str):
             yield _batch(unit.index, groups[shape])
         yield {"unit": unit.index, "end": True, "errors": errors, "count": count}
 
@@ -138,19 +149,58 @@ def _batch(unit: int, items: list[tuple[torch.Tensor, dict]]) -> dict[str, Any]:
     return {"unit": unit, "x": x, "meta": [m for _, m in items]}
 
 
-def encode_image(pixels: np.ndarray, fmt: str, quality: int, restore: tuple[int, int] | None,
-                 png_level: int = 1) -> bytes:
-    """HWC uint8 pixels as PNG (`pipeline.png`), JPEG or WebP bytes; ``restore`` resizes back to an
-    input's size first."""
-    if restore is not None and (pixels.shape[1], pixels.shape[0]) != tuple(restore):
-        pixels = np.asarray(Image.fromarray(pixels).resize(tuple(restore), Image.Resampling.BICUBIC))
+@dataclass(frozen=True)
+class Encoded:
+    """An output image: its bytes, the mode stored (``pipeline.pixels.image_mode``) and what the
+    format could not hold (``alpha``, ``16-bit``), for the manifest."""
+
+    data: bytes
+    mode: str
+    dropped: tuple[str, ...] = ()
+
+
+def output_pixels(pixels: np.ndarray, fmt: str, restore: tuple[int, int] | None = None,
+                  alpha: np.ndarray | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The (H, W, C) pixels to store: ``restore`` resizes back to an input's (w, h) first; a kept
+    source ``alpha`` is put back beside 1- or 3-channel outputs (unchanged where the output has the
+    input's size, else resized alike); then fitted to what ``fmt`` stores, naming what was dropped."""
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if restore is not None:
+        pixels = resize_pixels(pixels, tuple(restore))
+    if alpha is not None and pixels.shape[2] in (1, 3):
+        size = (pixels.shape[1], pixels.shape[0])
+        alpha = resize_pixels(alpha, size).astype(pixels.dtype)
+        pixels = np.concatenate([pixels, alpha[:, :, None]], axis=2)
+    dropped = []
+    if 8 * pixels.dtype.itemsize not in FORMAT_BITS[fmt]:
+        pixels = (pixels >> 8).astype(np.uint8)
+        dropped.append("16-bit")
+    stores = FORMAT_CHANNELS[fmt]
+    has_alpha = pixels.shape[2] in (2, 4)
+    colour, alpha_plane = pixels[:, :, : pixels.shape[2] - has_alpha], pixels[:, :, pixels.shape[2] - 1:]
+    if colour.shape[2] == 1 and not {1, 2} & set(stores):
+        colour = np.repeat(colour, 3, axis=2)  # grey into WebP: stored as RGB, nothing lost
+    if has_alpha and colour.shape[2] + 1 not in stores:
+        dropped.append("alpha")
+        has_alpha = False
+    pixels = np.concatenate([colour, alpha_plane], axis=2) if has_alpha else colour
+    return np.ascontiguousarray(pixels), tuple(dropped)
+
+
+def encode_image(pixels: np.ndarray, fmt: str, quality: int, restore: tuple[int, int] | None = None,
+                 png_level: int = 1, alpha: np.ndarray | None = None) -> Encoded:
+    """HWC uint8/uint16 pixels as PNG (`pipeline.png`), JPEG or WebP (see ``output_pixels``)."""
+    pixels, dropped = output_pixels(pixels, fmt, restore, alpha)
+    mode = image_mode(pixels.shape[2], 8 * pixels.dtype.itemsize)
     if fmt == "png":
-        return encode_png(pixels, png_level)
+        return Encoded(encode_png(pixels, png_level), mode, dropped)
     buffer = io.BytesIO()
     # WebP effort 2: on horse2zebra the files of Pillow's default effort 4 in half the time.
     options = {"method": 2} if fmt == "webp" else {}
-    Image.fromarray(pixels).save(buffer, PIL_FORMATS[fmt], quality=quality, **options)
-    return buffer.getvalue()
+    Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(
+        buffer, PIL_FORMATS[fmt], quality=quality, **options)
+    return Encoded(buffer.getvalue(), mode, dropped)
 
 
 @dataclass(frozen=True)
@@ -187,8 +237,9 @@ class OutputLayout:
             raise UnsafeKeyError(f"output {url} would not lie under {self.out}")
         return url
 
-    def encode(self, pixels: np.ndarray, restore: tuple[int, int] | None) -> bytes:
-        return encode_image(pixels, self.image_format, self.quality, restore, self.png_level)
+    def encode(self, pixels: np.ndarray, restore: tuple[int, int] | None,
+               alpha: np.ndarray | None = None) -> Encoded:
+        return encode_image(pixels, self.image_format, self.quality, restore, self.png_level, alpha)
 
 
 def sha256(data: bytes) -> str:

@@ -28,13 +28,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import formats, storage
 from pipeline.ingest import expand_source
+from pipeline.pixels import check_channels, decode_pixels
 from pipeline.shards import ShardIndex, ShardNotFoundError, iter_shard
-from pipeline.transforms import ImageDecodeError, decode_rgb, to_tensor, train_crop
+from pipeline.transforms import TRAIN_MODES, ImageDecodeError, to_tensor, train_crop, train_resize
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +178,12 @@ def shuffled(items: Iterable[T], rng: np.random.Generator, size: int) -> Iterato
         yield buffer[pick]
 
 
-Transform = Callable[[Image.Image, RawSample], torch.Tensor]
+Transform = Callable[[np.ndarray, RawSample], torch.Tensor]
 # (key of the image used, augmented uint8 tensor, [(key, reason)] of the corrupt sample it stands in for)
 Decoded = tuple[str, torch.Tensor, list[tuple[str, str]]]
 
 
-def decode_filled(items: Iterable[RawSample], decode: Callable[[bytes], Image.Image], transform: Transform,
+def decode_filled(items: Iterable[RawSample], decode: Callable[[bytes], np.ndarray], transform: Transform,
                   fallback: Callable[[], Iterable[RawSample]], source: str = "") -> Iterator[Decoded]:
     """(key, tensor, skipped) per item; a corrupt item takes the image of the next good one.
 
@@ -215,8 +215,8 @@ class NoDecodableSampleError(DataSetError):
     """A stream whose samples (this worker's share of them) are all corrupt."""
 
 
-def _first_good(items: Iterable[RawSample], decode: Callable[[bytes], Image.Image],
-                first_bad: str, source: str) -> tuple[str, Image.Image]:
+def _first_good(items: Iterable[RawSample], decode: Callable[[bytes], np.ndarray],
+                first_bad: str, source: str) -> tuple[str, np.ndarray]:
     for item in items:
         image = _try_decode(item, decode)[0]
         if image is not None:
@@ -225,7 +225,7 @@ def _first_good(items: Iterable[RawSample], decode: Callable[[bytes], Image.Imag
                                  f"share of it; first bad: {first_bad}): check it with python -m jobs.shard")
 
 
-def _try_decode(item: RawSample, decode: Callable[[bytes], Image.Image]) -> tuple[Image.Image | None, str]:
+def _try_decode(item: RawSample, decode: Callable[[bytes], np.ndarray]) -> tuple[np.ndarray | None, str]:
     if item.data is None:
         return None, item.error
     try:
@@ -253,6 +253,8 @@ class EpochPlan:
     flip: bool
     decay: bool
     shuffle_buffer: int
+    channels: tuple[int, int] = (3, 3)  # of A and of B (pipeline.pixels)
+    preprocess: str = "resize_and_crop"  # pipeline.transforms.TRAIN_MODES
 
     def share(self, logical: int) -> tuple[int, int]:
         """The positions [start, stop) that logical worker `logical` of this rank consumes."""
@@ -269,8 +271,8 @@ class EpochPlan:
         for _ in range(todo):
             a_items = list(islice(a, self.batch_size))
             b_items = list(islice(b, self.batch_size))
-            yield {"A": to_tensor(torch.stack([t for _, t, _ in a_items])),
-                   "B": to_tensor(torch.stack([t for _, t, _ in b_items])),
+            yield {"A": _to_floats([t for _, t, _ in a_items]),
+                   "B": _to_floats([t for _, t, _ in b_items]),
                    "A_key": [k for k, _, _ in a_items], "B_key": [k for k, _, _ in b_items],
                    "skipped": [s for _, _, skipped in a_items + b_items for s in skipped]}
 
@@ -281,14 +283,34 @@ class EpochPlan:
 
     def _samples(self, seq: ShardSequence, logical: int, skip: int) -> Iterator[Decoded]:
         size = self.crop_size if self.decay else self.load_size
+        channels = self.channels[seq.stream != A_STREAM]
+        # DCT-scaled JPEG decoding only where every image is resized to a known size anyway.
+        draft = size if "resize" in self.preprocess else None
 
-        def transform(image: Image.Image, item: RawSample) -> torch.Tensor:
+        def decode(data: bytes) -> np.ndarray:
+            pixels = decode_pixels(data, channels, draft_to=draft).array
+            if "crop" in self.preprocess:
+                width, height = train_resize((pixels.shape[1], pixels.shape[0]), self.preprocess, size,
+                                             self.crop_size)
+                if min(width, height) < self.crop_size:  # the official RandomCrop would stop the run
+                    raise ImageDecodeError("too-small", f"{width}x{height} after data.preprocess "
+                                           f"{self.preprocess}: smaller than the {self.crop_size} crop")
+            return pixels
+
+        def transform(image: np.ndarray, item: RawSample) -> torch.Tensor:
             rng = _rng(seq.seed, self.epoch, seq.stream, _AUGMENT, item.position)
-            return train_crop(image, rng, self.load_size, self.crop_size, self.flip, self.decay)
+            return train_crop(image, rng, self.load_size, self.crop_size, self.flip, self.decay,
+                              self.preprocess)
 
-        return decode_filled(islice(self._order(seq, logical), skip, None),
-                             lambda data: decode_rgb(data, draft_to=size), transform,
+        return decode_filled(islice(self._order(seq, logical), skip, None), decode, transform,
                              lambda: self._order(seq, logical), seq.name)
+
+
+def _to_floats(crops: list[torch.Tensor]) -> torch.Tensor:
+    """A batch of uint8 (or uint16) crops in [-1, 1]: scaled once for the stack when all share a depth."""
+    if all(c.dtype == crops[0].dtype for c in crops):
+        return to_tensor(torch.stack(crops))
+    return torch.stack([to_tensor(c) for c in crops])
 
 
 class _EpochDataset(IterableDataset):
@@ -350,7 +372,8 @@ class UnpairedStream:
 
     def __init__(self, a: str | Sequence[str], b: str | Sequence[str], *, load_size: int, crop_size: int,
                  batch_size: int, seed: int, rank: int | None = None, world_size: int | None = None,
-                 workers: int = 0, flip: bool = True, shuffle_buffer: int = 256) -> None:
+                 workers: int = 0, flip: bool = True, shuffle_buffer: int = 256,
+                 channels: tuple[int, int] = (3, 3), preprocess: str = "resize_and_crop") -> None:
         self.rank = _env_int("RANK", 0) if rank is None else rank
         self.world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
@@ -365,6 +388,12 @@ class UnpairedStream:
         self.seed, self.batch_size, self.workers = seed, batch_size, workers
         self.load_size, self.crop_size, self.flip = load_size, crop_size, flip
         self.shuffle_buffer = shuffle_buffer
+        for channel_count in channels:
+            check_channels(channel_count)
+        self.channels = tuple(channels)
+        if preprocess not in TRAIN_MODES:
+            raise ValueError(f"unknown preprocess mode {preprocess!r}; expected one of {TRAIN_MODES}")
+        self.preprocess = preprocess
         self.skipped = 0
 
     def plan(self, position: StreamPosition, decay: bool = False) -> EpochPlan:
@@ -373,11 +402,11 @@ class UnpairedStream:
             raise ValueError(f"step {position.step} outside epoch of {self.steps_per_epoch} steps")
         return EpochPlan(self.a, self.b, position.epoch, position.step, self.steps_per_epoch, self.rank,
                          max(1, self.workers), self.batch_size, self.load_size, self.crop_size, self.flip,
-                         decay, self.shuffle_buffer)
+                         decay, self.shuffle_buffer, self.channels, self.preprocess)
 
     def iterate(self, position: StreamPosition, decay: bool = False) -> Iterator[dict[str, Any]]:
         """Batches `position.step` .. `steps_per_epoch - 1` of the epoch: dicts with `A`, `B` (float32
-        (batch, 3, crop, crop) in [-1, 1]) and `A_key`, `B_key` (lists of str). `decay`: the LR-decay
+        (batch, channels, crop, crop) in [-1, 1]) and `A_key`, `B_key` (lists of str). `decay`: the LR-decay
         phase, where the official transform drops the crop jitter."""
         plan = self.plan(position, decay)
         if plan.step == plan.steps:

@@ -2,8 +2,8 @@
 
 import pytest
 
+from cut.schedule import lr_factor
 from jobs.config import ConfigError, TrainConfig, cut_config, load_config, resolve_train_config, to_yaml
-from jobs.train import lr_factor
 
 REQUIRED = ["data.a=/a", "data.b=/b", "run.url=/run"]
 

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from test_checkpoint_kinds import trained  # noqa: F401 (a fixture: a tiny run trained from folders)
 
-from cut import ResnetGenerator, generator_from_checkpoint, read_checkpoint
+from cut import ResnetGenerator, UnetGenerator, generator_from_checkpoint, read_checkpoint
 from cut import networks as cut_networks
 from cut.export import ExportedModel, ExportError, card_of, export_bytes, relative_error, verify
 from cut.networks import init_weights
-from jobs.export import main
+from jobs.export import check_shapes, main
 
 KINDS = {
     "export": "run/export/generator.pt",
@@ -59,6 +59,17 @@ def test_a_full_size_generator_exports_within_tolerance_at_other_sizes():
     for fmt in ("onnx", "torchscript"):
         data = export_bytes(netG, fmt, (64, 64), {"preset": "CUT"})
         records = verify(netG, data, fmt, [(1, 128, 96), (2, 36, 52)])
+        assert all(r["relative_error"] < 1e-5 for r in records), records
+
+
+def test_a_unet_generator_exports_and_runs_alike_at_its_sizes():
+    torch.manual_seed(0)
+    netG = init_weights(UnetGenerator(num_downs=7, ngf=4, norm="batch", use_dropout=True), gain=0.5).eval()
+    shapes = check_shapes(128, netG.size_multiple)
+    assert shapes == [(1, 128, 128), (2, 128, 256)]  # multiples of 128, as unet_128 needs
+    for fmt in ("onnx", "torchscript"):
+        data = export_bytes(netG, fmt, (128, 128), {"preset": "CUT"})
+        records = verify(netG, data, fmt, shapes)
         assert all(r["relative_error"] < 1e-5 for r in records), records
 
 

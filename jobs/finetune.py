@@ -1,0 +1,67 @@
+"""``model.init_from``: a new run that starts from a trained generator (fine-tuning).
+
+Only G's weights are taken; D, F, the optimizers, the step and the schedule start fresh. The source
+is anything ``cut.generator_from_checkpoint`` reads (our export, a training state, an official
+``latest_net_G.pth``), or a run folder, resolved as ``jobs.infer --checkpoint`` resolves it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from cut import CheckpointError, generator_from_checkpoint, model_card, read_checkpoint
+from cut.checkpoint import load_strict
+from pipeline import storage
+from pipeline.checkpoints import resolve_generator_url
+
+# The generator's architecture fields and the config keys that set them.
+CONFIG_KEYS = {
+    "input_nc": "model.input_nc",
+    "output_nc": "model.output_nc",
+    "ngf": "model.ngf",
+    "n_blocks": "model.n_blocks",
+    "antialias": "model.antialias",
+    "antialias_up": "model.antialias_up",
+    "norm": "model.normG",
+    "use_dropout": "model.no_dropout (inverted)",
+    "num_downs": "model.netG (a U-Net)",
+}
+
+
+def architecture_mismatch(config: Mapping[str, Any], checkpoint: Mapping[str, Any]) -> list[str]:
+    """One line per architecture field where the configured generator and the checkpoint's differ."""
+    lines = []
+    for field in sorted(set(config) | set(checkpoint)):
+        ours, theirs = config.get(field, "absent"), checkpoint.get(field, "absent")
+        if ours != theirs:
+            lines.append(f"{field}: checkpoint {theirs!r}, config {ours!r} ({CONFIG_KEYS.get(field, field)})")
+    return lines
+
+
+def init_generator(netG: nn.Module, url: str) -> dict[str, Any]:
+    """Load the generator weights at ``url`` into ``netG`` in place; returns what the model card records.
+
+    A generator of another architecture is a CheckpointError that names every differing field and
+    the config key that sets it.
+    """
+    source = resolve_generator_url(url)
+    data = storage.read_bytes(source)
+    obj = read_checkpoint(data, source)
+    loaded = generator_from_checkpoint(obj, source)
+    mismatch = architecture_mismatch(netG.architecture, loaded.architecture)
+    if mismatch:
+        raise CheckpointError(
+            f"model.init_from {source}: the generator there does not fit the configured one: "
+            f"{'; '.join(mismatch)}"
+        )
+    load_strict(netG, loaded.state_dict(), f"model.init_from {source}")
+    record: dict[str, Any] = {"url": url, "file": source, "sha256": hashlib.sha256(data).hexdigest()}
+    card = model_card(obj)
+    for name in ("preset", "step", "direction"):
+        if name in card:
+            record[f"source_{name}"] = card[name]
+    return record

@@ -1,0 +1,164 @@
+"""Images as arrays with a model's channel count: any source mode to 1-4 channels, 8 or 16 bits.
+
+A model with ``channels`` inputs sees L (1), LA (2), RGB (3) or RGBA (4) pixels. Colour becomes grey
+with Pillow's ITU-R 601-2 luma weights (torchvision's ``Grayscale``), grey becomes RGB by repetition,
+a missing alpha is opaque. A source alpha the model does not take (an RGBA image into an RGB model)
+is kept aside, to be put back beside the output. 16-bit sources stay 16-bit: grey PNGs through
+Pillow, colour PNGs decoded in full here (Pillow keeps only each sample's high byte). The scaling
+to the network's [-1, 1] is ``v / max * 2 - 1`` with max 255 or 65535 (docs/inference.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps
+
+from pipeline.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_failure, load, open_image
+
+CHANNEL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# A 16-bit colour PNG's raw modes, and the raw modes that give its samples' low bytes instead.
+_LOW_BYTES = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L"}
+_T = Image.Transpose
+_ORIENT = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM, 5: _T.TRANSPOSE, 6: _T.ROTATE_270,
+           7: _T.TRANSVERSE, 8: _T.ROTATE_90}
+
+
+@dataclass
+class Pixels:
+    """A decoded image: (H, W, C) uint8 or uint16 ``array``; ``alpha`` (H, W), the source's alpha
+    where the model's channels hold none, else None; ``displayed`` (w, h) before any DCT scaling."""
+
+    array: np.ndarray
+    alpha: np.ndarray | None
+    source_mode: str
+    displayed: tuple[int, int]
+
+    @property
+    def bits(self) -> int:
+        return 16 if self.array.dtype == np.uint16 else 8
+
+
+def image_mode(channels: int, bits: int) -> str:
+    """The name the manifest gives pixels: L, LA, RGB, RGBA, with ;16 for 16 bits."""
+    return CHANNEL_MODES[channels] + (";16" if bits == 16 else "")
+
+
+def check_channels(channels: int) -> None:
+    if channels not in CHANNEL_MODES:
+        raise ValueError(f"images hold 1-4 channels (L, LA, RGB, RGBA), not {channels}")
+
+
+def decode_pixels(data: bytes, channels: int, *, draft_to: int | None = None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Pixels:
+    """Decode to ``channels`` channels, EXIF orientation applied, at the source's bit depth.
+
+    ``draft_to``: as in ``pipeline.transforms.decode_rgb`` (large JPEGs decode DCT-scaled).
+    Raises ImageDecodeError for empty, non-image, too large, truncated or corrupt data.
+    """
+    check_channels(channels)
+    img = open_image(data, max_pixels)
+    source_mode, displayed = img.mode, None
+    try:
+        sixteen = _png16_samples(data, img, max_pixels)  # before getexif, which decodes a PNG
+        orientation = img.getexif().get(ExifTags.Base.Orientation)
+        if sixteen is not None:
+            source_mode = {4: "RGBA;16", 3: "RGB;16", 2: "LA;16"}[sixteen.shape[2]]
+            colour, alpha = _split(_oriented(sixteen, orientation))
+        else:
+            if draft_to and img.format == "JPEG":  # a JPEG's EXIF is in its header: nothing decoded yet
+                displayed = (img.height, img.width) if orientation in (5, 6, 7, 8) else img.size
+                img.draft("RGB", (draft_to, draft_to))
+            load(img)
+            ImageOps.exif_transpose(img, in_place=True)
+            colour, alpha = _planes(img)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # a broken EXIF block, palette or chunk, found only now
+        raise decode_failure(exc) from exc
+    array, kept = _to_channels(colour, alpha, channels)
+    height, width = array.shape[:2]
+    return Pixels(array, kept, source_mode, displayed or (width, height))
+
+
+def _planes(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    """Colour (H, W, 1 or 3) and alpha (H, W) or None of a decoded Pillow image."""
+    if img.mode in _SIXTEEN_BIT_GREY:
+        grey = np.asarray(img)
+        if img.mode == "I":  # 32-bit integers: 16-bit sources in some formats; clip the rest
+            grey = grey.clip(0, 65535)
+        return grey.astype(np.uint16)[:, :, None], None
+    alpha = None
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        with_alpha = img.convert("LA" if img.mode in ("L", "LA", "La") else "RGBA")
+        alpha = np.asarray(with_alpha)[:, :, -1]
+    colour = np.asarray(img.convert("L" if img.mode in ("L", "LA", "La", "1") else "RGB"))
+    return (colour[:, :, None] if colour.ndim == 2 else colour), alpha
+
+
+def _split(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    has_alpha = samples.shape[2] in (2, 4)
+    colour = samples[:, :, : samples.shape[2] - has_alpha]
+    return colour, (samples[:, :, -1] if has_alpha else None)
+
+
+def _to_channels(colour: np.ndarray, alpha: np.ndarray | None,
+                 channels: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(pixels with `channels` channels, the alpha kept aside or None)."""
+    wants_colour = channels >= 3
+    if wants_colour and colour.shape[2] == 1:
+        colour = np.repeat(colour, 3, axis=2)
+    elif not wants_colour and colour.shape[2] == 3:
+        colour = luma(colour)
+    if channels in (1, 3):
+        return np.ascontiguousarray(colour), alpha
+    opaque = np.iinfo(colour.dtype).max
+    plane = np.full(colour.shape[:2], opaque, colour.dtype) if alpha is None else alpha.astype(colour.dtype)
+    return np.concatenate([colour, plane[:, :, None]], axis=2), None
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 1) grey of (H, W, 3) RGB with Pillow's fixed-point ITU-R 601-2 weights, at 8 or 16 bits."""
+    r, g, b = (rgb[:, :, i].astype(np.uint64) for i in range(3))
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(rgb.dtype)[:, :, None]
+
+
+def _png16_samples(data: bytes, img: Image.Image, max_pixels: int) -> np.ndarray | None:
+    """Every bit of a 16-bit colour or grey+alpha PNG as (H, W, C) uint16; None for other images.
+
+    Pillow's PNG decoder unfilters with the pixel stride of the raw mode it unpacks, then keeps the
+    high bytes; unpacking a second time with the matching little-endian raw mode gives the low bytes.
+    Grey+alpha (4 bytes a pixel) unpacks as raw RGBA bytes in one pass.
+    """
+    if img.format != "PNG" or len(img.tile) != 1:
+        return None
+    rawmode = img.tile[0].args if isinstance(img.tile[0].args, str) else img.tile[0].args[0]
+    if rawmode == "LA;16B":
+        raw = _decode_as(data, max_pixels, "RGBA").astype(np.uint16)
+        return np.stack([raw[..., 0] << 8 | raw[..., 1], raw[..., 2] << 8 | raw[..., 3]], axis=2)
+    if rawmode not in _LOW_BYTES:
+        return None
+    high = _decode_as(data, max_pixels, rawmode).astype(np.uint16)
+    low = _decode_as(data, max_pixels, _LOW_BYTES[rawmode])
+    return high << 8 | low
+
+
+def _decode_as(data: bytes, max_pixels: int, rawmode: str) -> np.ndarray:
+    img = open_image(data, max_pixels)
+    tile = img.tile[0]
+    args = rawmode if isinstance(tile.args, str) else (rawmode, *tile.args[1:])
+    img.tile = [tile._replace(args=args)]
+    load(img)
+    return np.asarray(img)
+
+
+def _oriented(samples: np.ndarray, orientation: int | None) -> np.ndarray:
+    """EXIF orientation applied to an (H, W, C) array, as Pillow's ``exif_transpose`` does."""
+    if orientation not in _ORIENT:
+        return samples
+    planes = [np.asarray(Image.fromarray(samples[:, :, c]).transpose(_ORIENT[orientation]))
+              for c in range(samples.shape[2])]
+    return np.stack(planes, axis=2)
