@@ -15,9 +15,11 @@ import torch
 from torch import nn
 
 from cut.networks import ResnetGenerator
+from cut.stylegan2 import INFERENCE_NOISE_SEED, RESOLUTIONS, StyleGAN2Generator, generator_channels
 from cut.unet import UnetGenerator, infer_unet_architecture
 
-Generator = ResnetGenerator | UnetGenerator
+Generator = ResnetGenerator | UnetGenerator | StyleGAN2Generator
+STYLEGAN2_FIRST_KEY = "encoder.convs.1.0.weight"  # the official SinCUT generator's first convolution
 
 EXPORT_FORMAT = "cut-pipeline/generator"
 EXPORT_VERSION = 1
@@ -94,6 +96,8 @@ def infer_generator_architecture(state: Mapping[str, torch.Tensor]) -> dict[str,
     (``cut.unet.infer_unet_architecture``) or a ResnetGenerator's, with its norm (batch: running
     statistics; instance: a bias on the first convolution; none: neither) and dropout (it moves each
     block's second convolution from index 5 to 6, where batch norm would otherwise sit)."""
+    if STYLEGAN2_FIRST_KEY in state:
+        return infer_stylegan2_architecture(state)
     if "model.model.0.weight" in state:
         try:
             return infer_unet_architecture(state)
@@ -124,12 +128,48 @@ def infer_generator_architecture(state: Mapping[str, torch.Tensor]) -> dict[str,
     }
 
 
+def infer_stylegan2_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, int | bool]:
+    """The ``StyleGAN2Generator`` arguments of an official SinCUT generator state dict.
+
+    Downsampling ResBlocks are the encoder's with a blur before ``conv2``; the remaining encoder
+    ResBlocks are half of ``n_blocks``. The noise is on unless there are 2 blocks (the official
+    ``smallstylegan2``, the only variant without it). Widths fix the network; of the (ngf, resolution)
+    pairs that give them, the official resolution 64 is preferred (any pair builds the same network).
+    """
+    modules = {int(m.group(1)) for k in state if (m := re.match(r"encoder\.convs\.(\d+)\.", k))}
+    down = sorted(i for i in modules if f"encoder.convs.{i}.conv2.0.kernel" in state)
+    decoder = [int(m.group(1)) for k in state if (m := re.match(r"decoder\.convs\.(\d+)\.0\.weight$", k))]
+    if not decoder:
+        raise CheckpointError("not a StyleGAN2 generator state dict: no decoder output convolution")
+    n_blocks = 2 * (max(modules) - 1 - len(down))
+    widths = [int(state[STYLEGAN2_FIRST_KEY].shape[0])]
+    widths += [int(state[f"encoder.convs.{i}.conv2.1.weight"].shape[0]) for i in down]
+    for resolution in (64, *(r for r in RESOLUTIONS if r != 64)):
+        if resolution // 2 ** len(down) < RESOLUTIONS[0]:
+            continue
+        for ngf in range(1, 4 * widths[0] * resolution // 512 + 2):
+            table = generator_channels(ngf)
+            if [table[resolution // 2**k] for k in range(len(down) + 1)] == widths:
+                return {
+                    "input_nc": int(state[STYLEGAN2_FIRST_KEY].shape[1]),
+                    "output_nc": int(state[f"decoder.convs.{max(decoder)}.0.weight"].shape[0]),
+                    "ngf": ngf,
+                    "n_blocks": n_blocks,
+                    "num_downsampling": len(down),
+                    "resolution": resolution,
+                    "inject_noise": n_blocks != 2,
+                }
+    raise CheckpointError(f"StyleGAN2 generator widths {widths} fit no official channel table")
+
+
 def build_generator(architecture: Mapping[str, Any]) -> Generator:
     """The generator an ``architecture`` dict describes: a U-Net's has ``num_downs``; exports written
     before norm and dropout were options lack those keys and get the defaults (instance, none)."""
     try:
         if "num_downs" in architecture:
             return UnetGenerator(**architecture)
+        if "num_downsampling" in architecture:
+            return StyleGAN2Generator(**architecture)
         return ResnetGenerator(**architecture)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"not a generator architecture {dict(architecture)}: {exc}") from exc
@@ -167,6 +207,8 @@ def generator_from_checkpoint(obj: Any, source: str = "checkpoint") -> Generator
         load_strict(net, state, "G")
     except CheckpointError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
+    if isinstance(net, StyleGAN2Generator):
+        net.noise_seed = INFERENCE_NOISE_SEED  # the decoder's noise: the same for every translation
     return net.eval().requires_grad_(False)  # frozen: translation may cache per-weight work
 
 

@@ -21,6 +21,7 @@ SQRT2 = math.sqrt(2.0)
 BLUR_TAPS = (1.0, 3.0, 3.0, 1.0)
 RESOLUTIONS = tuple(2**i for i in range(2, 11))  # 4 ... 1024, the keys of the official channel tables
 GENERATOR_VARIANTS = {"stylegan2": 6, "smallstylegan2": 2}  # netG name -> n_blocks (models/networks.py)
+INFERENCE_NOISE_SEED = 0  # the decoder's noise when a loaded generator translates (StyleGAN2Generator)
 
 
 # ------------------------------------------------------------------------------------- sizes
@@ -98,7 +99,7 @@ class Blur(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         before, after = self.pad
-        channels = x.shape[1]
+        channels = int(x.shape[1])  # a constant when traced: exporters need the kernel's shape
         weight = self.kernel.flip(0, 1).to(x.dtype)[None, None].expand(channels, 1, *self.kernel.shape)
         return F.conv2d(F.pad(x, (before, after, before, after)), weight, groups=channels)
 
@@ -234,8 +235,12 @@ class NoiseInjection(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        shape = (x.shape[0], 1, x.shape[2], x.shape[3])
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, shared: bool = False
+    ) -> torch.Tensor:
+        """``shared``: one noise map for every image of the batch (inference: an image's output does
+        not depend on its place in the batch)."""
+        shape = (1 if shared else x.shape[0], 1, x.shape[2], x.shape[3])
         if generator is None:
             noise = torch.randn(shape, device=x.device, dtype=x.dtype)
         else:
@@ -258,10 +263,12 @@ class StyledConv(nn.Module):
         self.noise = NoiseInjection()
         self.activate = FusedLeakyReLU(c_out)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, shared: bool = False
+    ) -> torch.Tensor:
         out = self.conv(x)
         if self.inject_noise:
-            out = self.noise(out, generator)
+            out = self.noise(out, generator, shared)
         return self.activate(out)
 
 
@@ -322,9 +329,11 @@ class StyleGAN2Decoder(nn.Module):
         modules.append(ConvLayer(channels[res], output_nc, 1))
         self.convs = nn.Sequential(*modules)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, shared: bool = False
+    ) -> torch.Tensor:
         for module in self.convs:
-            x = module(x, generator) if isinstance(module, StyledConv) else module(x)
+            x = module(x, generator, shared) if isinstance(module, StyledConv) else module(x)
         return x
 
 
@@ -337,7 +346,14 @@ class StyleGAN2Generator(nn.Module):
     features. ``generator`` feeds the decoder's noise (the global torch RNG when None, as officially).
     ``resolution`` sets the widths only (the official ``min(load_size, crop_size)`` rounded to a power
     of two); any input whose sides are multiples of ``2 ** num_downsampling`` is translated.
+
+    ``noise_seed`` (None while training) makes inference deterministic: when set and no ``generator``
+    is given, every forward draws the decoder's noise afresh on the CPU from this seed, one noise map
+    shared by all images of the batch, so an image's output depends only on the image (and its size).
+    ``cut.checkpoint.generator_from_checkpoint`` sets it to ``INFERENCE_NOISE_SEED``.
     """
+
+    noise_seed: int | None = None
 
     def __init__(
         self,
@@ -382,6 +398,11 @@ class StyleGAN2Generator(nn.Module):
             "resolution": self.resolution,
             "inject_noise": self.inject_noise,
         }
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: one halving per downsampling."""
+        return 2**self.num_downsampling
 
     @property
     def layer_count(self) -> int:
@@ -432,7 +453,10 @@ class StyleGAN2Generator(nn.Module):
         ordered = [feats[i] for i in layers]
         if encode_only:
             return ordered
-        fake = self.decoder(x, generator)
+        shared = False
+        if generator is None and self.noise_seed is not None and self.inject_noise:
+            generator, shared = torch.Generator().manual_seed(self.noise_seed), True
+        fake = self.decoder(x, generator, shared)
         return (fake, ordered) if layers else fake
 
 

@@ -19,6 +19,7 @@ import yaml
 from cut import CUTConfig
 from cut.networks import INIT_TYPES
 from cut.schedule import LR_POLICIES
+from cut.sincut import SinCUTConfig
 from pipeline.transforms import TRAIN_MODES
 
 T = TypeVar("T")
@@ -45,7 +46,9 @@ RUN_MODEL_KEYS = ("direction", "init_from")  # model keys the run uses, not fiel
 class ModelSection:
     """The CUT model (docs/official-reference.md §1-§2: the official defaults and presets)."""
 
-    preset: str = key("CUT", "CUT or FastCUT: the official presets (NCE weight, identity NCE, flips, epochs)")
+    preset: str = key("CUT", "CUT or FastCUT: the official presets (NCE weight, identity NCE, flips, "
+                      "epochs); SinCUT: one source and one target image (configs/sincut.yaml; README.md, "
+                      "SinCUT)")
     input_nc: int = key(3, "channels the generator takes: 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA); sources are "
                         "converted to it (docs/inference.md, Channels and bit depth)")
     output_nc: int = key(3, "channels it writes (and the discriminator sees): 1, 2, 3 or 4")
@@ -110,6 +113,9 @@ class DataSection:
     crop_size: int = key(256, "training crop (a multiple of 4)")
     workers: int = key(4, "DataLoader processes per rank (exact resume needs the same count)")
     flip: bool = key(True, "random horizontal flips")
+    crops_per_epoch: int = key(100_000, "SinCUT only: crops of each image per epoch (the official "
+                               "single-image dataset's length); an epoch is crops_per_epoch // "
+                               "train.batch_size steps")
 
 
 @dataclass
@@ -198,7 +204,16 @@ def describe_keys(cls: type) -> str:
     return "\n".join(lines)
 
 
-EPOCH_PRESETS = {"CUT": (200, 200), "FastCUT": (150, 50)}
+EPOCH_PRESETS = {"CUT": (200, 200), "FastCUT": (150, 50), "SinCUT": (8, 8)}
+SINCUT = "SinCUT"
+SINCUT_PREPROCESS = "zoom_and_patch"  # the official SinCUT crops (pipeline/single_image.py)
+# Model keys SinCUT has no use for: set to anything but these values, they are a ConfigError.
+SINCUT_UNUSED = {
+    "n_blocks": (None,), "n_layers_D": (3,), "normG": ("instance",), "normD": ("instance",),
+    "no_dropout": (True,), "antialias": (True,), "antialias_up": (True,), "netF": ("mlp_sample",),
+    "flip_equivariance": (None, False), "lambda_gp": (0.0,), "channels_last": (None, False),
+    "bf16": (None, False),
+}
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -315,6 +330,7 @@ def to_yaml(config: Any) -> str:
 def resolve_train_config(config: TrainConfig) -> TrainConfig:
     """Fill preset-dependent values (epochs, NCE options) and check cross-key rules."""
     m, t, d, e = config.model, config.train, config.data, config.eval
+    sincut = m.preset == SINCUT
     if m.preset not in EPOCH_PRESETS:
         raise ConfigError(
             f"config key 'model.preset' must be one of {sorted(EPOCH_PRESETS)}, got {m.preset!r}"
@@ -335,10 +351,11 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
         ("model.init_gain", m.init_gain > 0, "> 0"),
         ("data.crop_size", d.crop_size >= 32 and d.crop_size % 4 == 0, "a multiple of 4, at least 32"),
         ("data.load_size", d.load_size >= d.crop_size, "at least data.crop_size"),
-        ("data.preprocess", d.preprocess != "fixsize", "a mode the official unaligned dataset can run (its "
-         "fixsize reads a size from transform parameters it never passes)"),
-        ("data.preprocess", d.preprocess in TRAIN_MODES or d.preprocess == "fixsize", ", ".join(TRAIN_MODES)),
-        ("train.batch_size", t.batch_size == 1 or "crop" in d.preprocess,
+        ("data.preprocess", sincut or d.preprocess != "fixsize", "a mode the official unaligned dataset can "
+         "run (its fixsize reads a size from transform parameters it never passes)"),
+        ("data.preprocess", sincut or d.preprocess in TRAIN_MODES or d.preprocess == "fixsize",
+         ", ".join(TRAIN_MODES)),
+        ("train.batch_size", sincut or t.batch_size == 1 or "crop" in d.preprocess,
          f"1 with data.preprocess {d.preprocess}: it keeps each image's own size, so images cannot be "
          "stacked into batches (nor can the official DataLoader)"),
         ("data.workers", d.workers >= 0, ">= 0"),
@@ -376,6 +393,8 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
         ("eval.max_images", e.max_images >= 2, ">= 2"),
         ("eval.batch_size", e.batch_size >= 1, ">= 1"),
     ]
+    if sincut:
+        checks += _sincut_checks(config)
     for key, ok, expected in checks:
         if not ok:
             raise ConfigError(f"config key '{key}' must be {expected}")
@@ -386,12 +405,58 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, train=t)
 
 
-def cut_config(config: TrainConfig, device_type: str) -> CUTConfig:
+def _sincut_checks(config: TrainConfig) -> list[tuple[str, bool, str]]:
+    """The rules model.preset SinCUT adds: its networks, RGB, its crops, and no CUT-only options."""
+    m, d, t = config.model, config.data, config.train
+    with_sincut = "with model.preset SinCUT"
+    checks = [
+        ("model.netG", m.netG in ("stylegan2", "smallstylegan2"),
+         f"stylegan2 or smallstylegan2 {with_sincut} (configs/sincut.yaml holds the official SinCUT values)"),
+        ("model.netD", m.netD == "stylegan2", f"stylegan2 {with_sincut}"),
+        ("model.input_nc", m.input_nc == 3, f"3 {with_sincut} (its crops are RGB, as officially)"),
+        ("model.output_nc", m.output_nc == 3, f"3 {with_sincut} (its crops are RGB, as officially)"),
+        ("data.preprocess", d.preprocess == SINCUT_PREPROCESS, f"{SINCUT_PREPROCESS} {with_sincut} (its "
+         "official crops: random zoom, a grid cell, a flip)"),
+        ("data.crop_size", d.crop_size & (d.crop_size - 1) == 0, f"a power of two {with_sincut} (the "
+         "discriminator's fully connected head is built for it)"),
+        ("data.crops_per_epoch", d.crops_per_epoch >= t.batch_size, "at least train.batch_size"),
+    ]
+    defaults = ModelSection()
+    for name, allowed in SINCUT_UNUSED.items():
+        value = getattr(m, name)
+        checks.append((f"model.{name}", value in allowed,
+                       f"left at {getattr(defaults, name)!r} {with_sincut}, which has no such option "
+                       f"(got {value!r})"))
+    return checks
+
+
+def sincut_config(config: TrainConfig) -> SinCUTConfig:
+    """The SinCUT model config: the model keys SinCUTConfig shares, data.crop_size and data.load_size
+    (they size the networks), the optimizer, batch and epochs; unset (None) keys keep SinCUT's
+    official values (cut/sincut.py). lambda_R1, lambda_identity and num_downsampling stay official."""
+    m, d, t = config.model, config.data, config.train
+    shared = ("input_nc", "output_nc", "netG", "ngf", "ndf", "init_type", "init_gain", "nce_T", "num_patches",
+              "netF_nc", "nce_includes_all_negatives_from_minibatch", "nce_idt", "lambda_GAN", "lambda_NCE",
+              "gan_mode")
+    fields: dict[str, Any] = {k: getattr(m, k) for k in shared if getattr(m, k) is not None}
+    fields.update(
+        nce_layers=tuple(m.nce_layers), crop_size=d.crop_size, load_size=d.load_size, lr=t.lr, beta1=t.beta1,
+        beta2=t.beta2, batch_size=t.batch_size,
+    )
+    if t.n_epochs is not None:
+        fields.update(n_epochs=t.n_epochs, n_epochs_decay=t.n_epochs_decay)
+    return SinCUTConfig(**fields)
+
+
+def cut_config(config: TrainConfig, device_type: str) -> CUTConfig | SinCUTConfig:
     """The model config of a training config; bf16 and channels_last default to on for CUDA.
 
     Every model key is a CUTConfig field of the same name; unset (None) ones keep the preset's value.
+    model.preset SinCUT gives a SinCUTConfig (``sincut_config``).
     """
     m, t = config.model, config.train
+    if m.preset == SINCUT:
+        return sincut_config(config)
     on_cuda = device_type == "cuda"
     fields = {k: v for k, v in dataclasses.asdict(m).items() if v is not None}
     for run_key in ("preset", *RUN_MODEL_KEYS):

@@ -8,6 +8,8 @@ latest_net_G.pth, a training state.pt (also checkpoints/best/state.pt) or a run 
 checkpoint). Before anything is written, the exported model is run by its own runtime (onnxruntime
 for ONNX, torch.jit for TorchScript) on random inputs of several shapes and compared with the
 generator in PyTorch; a relative difference above 1e-4 fails the job (exit 1) and writes nothing.
+A SinCUT generator exports only without decoder noise (model.netG smallstylegan2); the noisy
+stylegan2 one is refused with exit 1 (docs/inference.md, SinCUT).
 
 Writes OUT/generator.onnx or OUT/generator.torchscript.pt (the model card inside: ONNX metadata
 key cut_model_card, TorchScript extra file cut_model_card.json), OUT/model_card.json and
@@ -75,6 +77,13 @@ def export(checkpoint: str, out: str, fmt: str, size: int = 0) -> dict[str, Any]
     url = resolve_generator_url(checkpoint)
     obj = read_checkpoint(storage.read_bytes(url), url)
     netG = generator_from_checkpoint(obj, url)
+    if getattr(netG, "inject_noise", False):
+        raise ExportError(
+            f"{url}: this SinCUT generator (netG stylegan2) adds seeded random noise in its decoder, which "
+            "neither ONNX nor TorchScript can reproduce (their runtimes draw their own numbers), so an "
+            "export would not compute what jobs.infer computes; translate it with jobs.infer (PyTorch), "
+            "or train model.netG=smallstylegan2 (no noise), which exports"
+        )
     card = {"architecture": dict(netG.architecture), **model_card(obj), "source_checkpoint": url}
     size = size or int(card.get("crop_size", 256))
     multiple = netG.size_multiple

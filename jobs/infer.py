@@ -254,6 +254,9 @@ def apply_model_card(config: InferConfig, card: dict[str, Any]) -> None:
         config.crop_size = trained
     if config.load_size is None:
         config.load_size = trained
+    if card.get("preset") == "SinCUT" and config.preprocess == "official":
+        log.warning("a SinCUT model translates its source at full resolution (the official test): pass "
+                    "--preprocess none; --preprocess official squashes it to %dx%d", trained, trained)
     if card and config.preprocess == "official" and config.crop_size != trained:
         log.warning(
             "the model was trained on %dx%d crops; translating at --crop-size %d",

@@ -1,4 +1,5 @@
-"""Train CUT or FastCUT on shard sets, one process or many under torchrun, resuming by itself.
+"""Train CUT or FastCUT on shard sets, one process or many under torchrun, resuming by itself; SinCUT
+on two single images (configs/sincut.yaml, one process).
 
     torchrun --nproc_per_node=8 -m jobs.train --config configs/cut.yaml run.url=s3://bucket/runs/h2z
     python -m jobs.train --config configs/tiny.yaml data.a=... data.b=... run.url=/tmp/run
@@ -34,6 +35,7 @@ from cut.inception import InceptionWeightsError
 from cut.schedule import OFFICIAL_PLATEAU_METRIC, LRSchedule
 from jobs.cli import HelpFormatter, add_logging_arguments
 from jobs.config import (
+    SINCUT,
     ConfigError,
     TrainConfig,
     cut_config,
@@ -48,6 +50,7 @@ from jobs.logs import setup_logging
 from jobs.quality import HeldOutEvaluator
 from jobs.runtime import Runtime, code_version, init_runtime, shutdown
 from jobs.signals import StopSignals
+from jobs.sincut import build_sincut
 from jobs.tensorboard import TensorBoard
 from pipeline import storage
 from pipeline.checkpoints import CheckpointStore
@@ -74,22 +77,9 @@ class Trainer:
         self.signals = signals or StopSignals()
         t = config.train
         self.run_url = config.run.url.rstrip("/")
-        self.model = CUTModel(cut_config(config, runtime.device.type), runtime.device, seed=t.seed)
+        self.model, self.stream = self._build()
         # Each rank draws its own patch positions and flips, as replicas do in the official code.
         self.model.generator.manual_seed(t.seed + 1 + 100_003 * runtime.rank)
-        self.stream = UnpairedStream(
-            *self._domains(),
-            load_size=config.data.load_size,
-            crop_size=config.data.crop_size,
-            batch_size=t.batch_size,
-            seed=t.seed,
-            rank=runtime.rank,
-            world_size=runtime.world_size,
-            workers=config.data.workers,
-            flip=config.data.flip,
-            channels=(config.model.input_nc, config.model.output_nc),
-            preprocess=config.data.preprocess,
-        )
         self.store = CheckpointStore(storage.join(self.run_url, "checkpoints"))
         # Every policy runs the official epoch loop: n_epochs + n_epochs_decay epochs (train.py).
         self.epochs = t.n_epochs + t.n_epochs_decay
@@ -111,6 +101,28 @@ class Trainer:
         if config.eval.every and runtime.is_main:
             self.evaluator = HeldOutEvaluator(config.eval, config.data.crop_size, runtime.device,
                                               config.model.input_nc)
+
+    def _build(self) -> tuple[Any, Any]:
+        """(model, stream) of the preset's model family: SinCUT's (jobs.sincut) or CUT's. Both give the
+        loop the same interface (train_step, state_dict, generator; iterate, steps_per_epoch, ...)."""
+        if self.config.model.preset == SINCUT:
+            return build_sincut(self.config, self.rt)
+        c, t = self.config, self.config.train
+        model = CUTModel(cut_config(c, self.rt.device.type), self.rt.device, seed=t.seed)
+        stream = UnpairedStream(
+            *self._domains(),
+            load_size=c.data.load_size,
+            crop_size=c.data.crop_size,
+            batch_size=t.batch_size,
+            seed=t.seed,
+            rank=self.rt.rank,
+            world_size=self.rt.world_size,
+            workers=c.data.workers,
+            flip=c.data.flip,
+            channels=(c.model.input_nc, c.model.output_nc),
+            preprocess=c.data.preprocess,
+        )
+        return model, stream
 
     def _domains(self) -> tuple[str | tuple[str, ...], str | tuple[str, ...]]:
         """(input, target) sources: data.a then data.b, or the reverse with model.direction BtoA (the
@@ -171,7 +183,8 @@ class Trainer:
             "architecture": dict(self.model.netG.architecture),
             "load_size": c.data.load_size,
             "crop_size": c.data.crop_size,
-            "preprocess": f"{c.data.preprocess} (training); official test resize to crop_size",
+            "preprocess": getattr(self.stream, "card_preprocess",
+                                  f"{c.data.preprocess} (training); official test resize to crop_size"),
             "data": {
                 "a": c.data.a,
                 "b": c.data.b,
@@ -611,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return Trainer(config, runtime, signals).run()
         except (
+            ConfigError,
             NonFiniteLossError,
             CheckpointError,
             InceptionWeightsError,
