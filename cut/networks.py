@@ -211,8 +211,9 @@ class WinogradConv2d(nn.Conv2d):
     the ResNet blocks after a reflect pad; in the down- and upsampling stages) and the
     discriminator's hidden layers. On the CPU in float32 it runs as a Winograd convolution
     (``cut.winograd``), which computes the same convolution with 2.25-4x fewer multiplications
-    in the forward and both backward passes; elsewhere (autocast, and GPUs, whose cuDNN makes its
-    own choice) as ``nn.Conv2d``. Parameters and their names are nn.Conv2d's.
+    in both backward passes and in forward passes without autograd (a forward that autograd
+    records stays oneDNN's, for the gradients' accuracy); elsewhere (autocast, and GPUs, whose
+    cuDNN makes its own choice) as ``nn.Conv2d``. Parameters and their names are nn.Conv2d's.
     """
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, padding: int = 0) -> None:
