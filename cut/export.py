@@ -93,10 +93,13 @@ class ExportedModel:
             self._session = onnxruntime.InferenceSession(data, options, providers=chosen)
             self.providers = self._session.get_providers()
             self.input_nc = int(self._session.get_inputs()[0].shape[1])
+            self.output_nc = int(self._session.get_outputs()[0].shape[1])
         else:
             self._module = _jit_load(data)
             self.providers = ["torch.jit"]
-            self.input_nc = int(card_of(data, fmt).get("architecture", {}).get("input_nc", 3))
+            architecture = card_of(data, fmt).get("architecture", {})
+            self.input_nc = int(architecture.get("input_nc", 3))
+            self.output_nc = int(architecture.get("output_nc", 3))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.format == "onnx":

@@ -144,11 +144,11 @@ def kernel_inception_distance(x: torch.Tensor, y: torch.Tensor, subsets: int = 1
 
 def as_rgb(images: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) images as the 3 channels the scoring networks take: grey (C 1, 2) repeated,
-    alpha (C 2, 4) left out."""
+    alpha (C 2, 4) left out; of more channels, the first three."""
     channels = images.shape[1]
     if channels == 3:
         return images
-    return images[:, :3] if channels == 4 else images[:, :1].expand(-1, 3, -1, -1)
+    return images[:, :3] if channels >= 4 else images[:, :1].expand(-1, 3, -1, -1)
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:

@@ -49,9 +49,9 @@ class ModelSection:
     preset: str = key("CUT", "CUT or FastCUT: the official presets (NCE weight, identity NCE, flips, "
                       "epochs); SinCUT: one source and one target image (configs/sincut.yaml; README.md, "
                       "SinCUT)")
-    input_nc: int = key(3, "channels the generator takes: 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA); sources are "
-                        "converted to it (docs/inference.md, Channels and bit depth)")
-    output_nc: int = key(3, "channels it writes (and the discriminator sees): 1, 2, 3 or 4")
+    input_nc: int = key(3, "channels the generator takes: 1 (L), 2 (LA), 3 (RGB), 4 (RGBA); images are "
+                        "converted to it; more: .npy arrays (docs/inference.md, Channels and bit depth)")
+    output_nc: int = key(3, "channels it writes (and the discriminator sees), as model.input_nc")
     ngf: int = key(64, "generator width (filters of its first layer)")
     ndf: int = key(64, "discriminator width")
     netG: str = key("resnet_9blocks", "generator: resnet_9blocks or resnet_6blocks; unet_128 and unet_256 "
@@ -345,8 +345,8 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
         ("data.a", bool(d.a), "a shard set or image source (folder, prefix, glob, URL list) for domain A"),
         ("data.b", bool(d.b), "a shard set or image source for domain B"),
         ("run.url", bool(config.run.url), "the run URL for checkpoints and logs"),
-        ("model.input_nc", 1 <= m.input_nc <= 4, "1, 2, 3 or 4 (L, LA, RGB, RGBA: what images hold)"),
-        ("model.output_nc", 1 <= m.output_nc <= 4, "1, 2, 3 or 4 (L, LA, RGB, RGBA: what images hold)"),
+        ("model.input_nc", m.input_nc >= 1, ">= 1 (1-4: L, LA, RGB, RGBA images; more: .npy arrays)"),
+        ("model.output_nc", m.output_nc >= 1, ">= 1 (1-4: L, LA, RGB, RGBA images; more: .npy arrays)"),
         ("model.init_type", m.init_type in INIT_TYPES, ", ".join(INIT_TYPES)),
         ("model.init_gain", m.init_gain > 0, "> 0"),
         ("data.crop_size", d.crop_size >= 32 and d.crop_size % 4 == 0, "a multiple of 4, at least 32"),

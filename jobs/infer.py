@@ -42,7 +42,7 @@ from pipeline.shards import ShardIndexError
 log = logging.getLogger("jobs.infer")
 
 FORMATS = ("files", "shards")
-IMAGE_FORMATS = ("png", "jpg", "webp")
+IMAGE_FORMATS = ("png", "jpg", "webp", "npy")
 PREPROCESS = ("official", "none", "shortside")
 ENGINES = ("torch", "onnxruntime")
 DEFAULT_SIZE = 256
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-format",
         choices=IMAGE_FORMATS,
         default="png",
-        help="png (lossless, fast: pipeline/png.py), jpg or webp (lossy, --quality)",
+        help="png (lossless, fast: pipeline/png.py), jpg or webp (lossy, --quality), npy (NumPy arrays: "
+        "any channel count; models with more than 4 output channels need it)",
     )
     p.add_argument(
         "--quality", type=int, default=95, help="JPEG/WebP quality, 1-100 (default: 95); PNG is lossless"
@@ -282,9 +283,9 @@ def job_identity(config: InferConfig, model_sha256: str) -> dict[str, Any]:
         identity["engine"] = config.engine
     if config.tile_size is not None:  # as given: workers on other devices may derive other defaults
         identity["tile_size"] = config.tile_size
-    if config.image_format != "png":
+    if config.image_format in ("jpg", "webp"):
         identity["quality"] = config.quality
-    else:
+    elif config.image_format == "png":
         identity["png_level"] = config.png_level
     if config.preprocess == "official":
         identity["crop_size"] = config.crop_size

@@ -32,11 +32,12 @@ class TensorBoard:
 
     def images(self, step: int, images: dict[str, torch.Tensor]) -> None:
         """Add images in [-1, 1] under their tags: (C, H, W), or (N, C, H, W) shown side by side; C is
-        1 (grey), 3 (RGB) or 4 (RGBA); the grey of 2-channel (grey + alpha) images is shown."""
+        1 (grey), 3 (RGB) or 4 (RGBA); of others, the first channel (grey + alpha: the grey) or,
+        beyond 4, the first three."""
         for tag, img in images.items():
             img = img.detach().float().cpu().clamp(-1, 1)
-            if img.shape[-3] == 2:
-                img = img[..., :1, :, :]
+            if img.shape[-3] not in (1, 3, 4):
+                img = img[..., :1 if img.shape[-3] == 2 else 3, :, :]
             if img.dim() == 4:
                 img = torch.cat(list(img), dim=2)
             self.writer.add_image(tag, (img + 1) / 2, step)

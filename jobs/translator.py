@@ -115,6 +115,9 @@ class Translator:
         self.squashed = 0  # non-square inputs resized to a square (--preprocess official)
         self.model_sha256 = sha256(data)
         self.model_id = f"{self.checkpoint_url}#sha256={self.model_sha256}"
+        if self.output_channels > 4 and config.image_format != "npy":
+            raise ConfigError(f"the model writes {self.output_channels} channels, which no image format "
+                              f"holds: use --image-format npy")
         self.layout = OutputLayout(
             config.out, config.format, config.image_format, config.quality, config.png_level
         )
@@ -137,7 +140,7 @@ class Translator:
         checkpoint = read_checkpoint(data, self.checkpoint_url)
         self.card = model_card(checkpoint)
         netG = generator_from_checkpoint(checkpoint, self.checkpoint_url).to(self.device)
-        self.input_channels = netG.input_nc
+        self.input_channels, self.output_channels = netG.input_nc, netG.output_nc
         self.size_multiple = int(getattr(netG, "size_multiple", 4))
         if config.channels_last:
             netG = netG.to(memory_format=torch.channels_last)
@@ -171,7 +174,7 @@ class Translator:
                                   f"({type(exc).__name__}: {exc})") from exc
         self.device = torch.device("cpu")
         self.card = card_of(data, "onnx")
-        self.input_channels = model.input_nc
+        self.input_channels, self.output_channels = model.input_nc, model.output_nc
         self.size_multiple = 4
         log.info("engine onnxruntime: %s with %s", self.checkpoint_url, ", ".join(model.providers))
         return data, {}, model

@@ -1,7 +1,8 @@
 """Which files are images, by name: one list for jobs.shard, jobs.infer and every reader.
 
 ``DECODED``: extensions whose files this project decodes (with Pillow; multi-frame formats such as
-GIF, APNG or multi-page TIFF give their first frame). ``UNSUPPORTED``: image formats recognised by
+GIF, APNG or multi-page TIFF give their first frame; ``npy``: NumPy arrays (H, W) or (H, W, C) of
+uint8 or uint16, read without pickles, for any channel count). ``UNSUPPORTED``: image formats recognised by
 name but not decoded here; they become rejects or error rows (``unsupported-format``), never a
 silent gap. Any other file is not an image: listings skip it and say how many they skipped.
 """
@@ -12,7 +13,7 @@ import posixpath
 
 DECODED = frozenset({
     "jpg", "jpeg", "jpe", "jfif", "png", "apng", "webp", "gif", "bmp", "dib", "tif", "tiff",
-    "ppm", "pgm", "pbm", "pnm", "tga", "qoi", "avif", "jp2", "j2k",
+    "ppm", "pgm", "pbm", "pnm", "tga", "qoi", "avif", "jp2", "j2k", "npy",
 })
 UNSUPPORTED = frozenset({
     "heic", "heif", "jxl", "svg", "eps", "psd", "ico", "exr", "hdr", "raw", "cr2", "cr3", "nef", "arw",
@@ -22,7 +23,7 @@ UNSUPPORTED = frozenset({
 # Pillow's format names of the decoded formats, and the member extension a shard stores each under.
 MEMBER_EXTENSIONS = {
     "JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "DIB": "bmp",
-    "TIFF": "tif", "PPM": "ppm", "TGA": "tga", "QOI": "qoi", "AVIF": "avif", "JPEG2000": "jp2",
+    "TIFF": "tif", "PPM": "ppm", "TGA": "tga", "QOI": "qoi", "AVIF": "avif", "JPEG2000": "jp2", "NPY": "npy",
 }
 
 

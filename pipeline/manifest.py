@@ -54,6 +54,7 @@ ERROR_CODES = {
     "read-error": "the input could not be read from storage (after retries)",
     "shard-error": "the input shard is missing, breaks off, or holds samples its index does not list",
     "no-image": "a shard sample without an image member",
+    "channel-mismatch": "an .npy array whose channel count the model cannot take (only 1-4 channels convert)",
     "unsafe-key": "a key that would name a path outside the output (absolute, '..', control characters)",
 }
 SUCCESS = "_SUCCESS"

@@ -1,4 +1,5 @@
-"""Images as arrays with a model's channel count: any source mode to 1-4 channels, 8 or 16 bits.
+"""Images as arrays with a model's channel count: any source mode to 1-4 channels, 8 or 16 bits;
+``.npy`` arrays for any channel count.
 
 A model with ``channels`` inputs sees L (1), LA (2), RGB (3) or RGBA (4) pixels. Colour becomes grey
 with Pillow's ITU-R 601-2 luma weights (torchvision's ``Grayscale``), grey becomes RGB by repetition,
@@ -15,7 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-from pipeline.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_failure, load, open_image
+from pipeline.transforms import (
+    DEFAULT_MAX_PIXELS,
+    NPY_MAGIC,
+    ImageDecodeError,
+    decode_failure,
+    load,
+    open_image,
+    read_npy,
+)
 
 CHANNEL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -43,13 +52,13 @@ class Pixels:
 
 
 def image_mode(channels: int, bits: int) -> str:
-    """The name the manifest gives pixels: L, LA, RGB, RGBA, with ;16 for 16 bits."""
-    return CHANNEL_MODES[channels] + (";16" if bits == 16 else "")
+    """The name the manifest gives pixels: L, LA, RGB, RGBA (5ch, 6ch, ... beyond), ;16 for 16 bits."""
+    return CHANNEL_MODES.get(channels, f"{channels}ch") + (";16" if bits == 16 else "")
 
 
 def check_channels(channels: int) -> None:
-    if channels not in CHANNEL_MODES:
-        raise ValueError(f"images hold 1-4 channels (L, LA, RGB, RGBA), not {channels}")
+    if channels < 1:
+        raise ValueError(f"a model takes at least one channel, not {channels}")
 
 
 def decode_pixels(data: bytes, channels: int, *, draft_to: int | None = None,
@@ -60,6 +69,8 @@ def decode_pixels(data: bytes, channels: int, *, draft_to: int | None = None,
     Raises ImageDecodeError for empty, non-image, too large, truncated or corrupt data.
     """
     check_channels(channels)
+    if data.startswith(NPY_MAGIC):
+        return _array_pixels(read_npy(data, max_pixels), channels)
     img = open_image(data, max_pixels)
     source_mode, displayed = img.mode, None
     try:
@@ -82,6 +93,21 @@ def decode_pixels(data: bytes, channels: int, *, draft_to: int | None = None,
     array, kept = _to_channels(colour, alpha, channels)
     height, width = array.shape[:2]
     return Pixels(array, kept, source_mode, displayed or (width, height))
+
+
+def _array_pixels(samples: np.ndarray, channels: int) -> Pixels:
+    """An .npy array's samples: as they are when their count is the model's; 1-4 channels convert as
+    L, LA, RGB, RGBA do; other counts cannot."""
+    count = samples.shape[2]
+    source_mode = image_mode(count, 8 * samples.dtype.itemsize)
+    size = (samples.shape[1], samples.shape[0])
+    if count == channels:
+        return Pixels(np.ascontiguousarray(samples), None, source_mode, size)
+    if count > 4 or channels > 4:
+        raise ImageDecodeError("channel-mismatch", f"a {count}-channel array cannot become the model's "
+                                                   f"{channels} channels (only 1-4 channels convert)")
+    array, kept = _to_channels(*_split(samples), channels)
+    return Pixels(array, kept, source_mode, size)
 
 
 def _planes(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:

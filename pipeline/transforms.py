@@ -73,8 +73,38 @@ def decode_failure(exc: Exception) -> ImageDecodeError:
     return ImageDecodeError(reason, f"{type(exc).__name__}: {exc}")
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def read_npy(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An (H, W, C) uint8/uint16 array from ``.npy`` bytes (never unpickling anything)."""
+    buffer = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(buffer)  # the header alone: nothing is allocated yet
+    except Exception as exc:  # a malformed header: numpy raises ValueError, SyntaxError, ...
+        detail = f"not a readable .npy header ({type(exc).__name__}: {exc})"
+        raise ImageDecodeError("corrupt", detail) from exc
+    if len(shape) not in (2, 3) or dtype.kind != "u" or dtype.itemsize not in (1, 2) or 0 in shape:
+        raise ImageDecodeError("corrupt", f"a {dtype} array shaped {shape}: expected (H, W) or (H, W, C) "
+                                          "of uint8 or uint16")
+    if shape[0] * shape[1] > max_pixels:
+        raise ImageDecodeError("too-large", f"{shape[1]}x{shape[0]} exceeds {max_pixels} pixels")
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as exc:  # fewer bytes than the header promises
+        raise ImageDecodeError("truncated", f"{type(exc).__name__}: {exc}") from exc
+    array = array.astype(np.uint8 if dtype.itemsize == 1 else np.uint16, copy=False)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
 def inspect_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Check that `data` decodes completely within the pixel limit; size as displayed (EXIF applied)."""
+    if data.startswith(NPY_MAGIC):
+        array = read_npy(data, max_pixels)
+        return ImageInfo("NPY", array.shape[1], array.shape[0])
     img = open_image(data, max_pixels)
     fmt = img.format or "unknown"
     width, height = img.size

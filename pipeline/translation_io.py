@@ -32,8 +32,8 @@ from pipeline.transforms import ImageDecodeError, resize_pixels, test_draft_size
 
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 # What each output format stores: channel counts (others become the nearest it has) and bit depths.
-FORMAT_CHANNELS = {"png": (1, 2, 3, 4), "jpg": (1, 3), "webp": (3, 4)}
-FORMAT_BITS = {"png": (8, 16), "jpg": (8,), "webp": (8,)}
+FORMAT_CHANNELS = {"png": (1, 2, 3, 4), "jpg": (1, 3), "webp": (3, 4)}  # npy: any
+FORMAT_BITS = {"png": (8, 16), "jpg": (8,), "webp": (8,), "npy": (8, 16)}
 
 
 @dataclass(frozen=True)
@@ -176,6 +176,8 @@ def output_pixels(pixels: np.ndarray, fmt: str, restore: tuple[int, int] | None 
     if 8 * pixels.dtype.itemsize not in FORMAT_BITS[fmt]:
         pixels = (pixels >> 8).astype(np.uint8)
         dropped.append("16-bit")
+    if fmt == "npy":
+        return np.ascontiguousarray(pixels), tuple(dropped)
     stores = FORMAT_CHANNELS[fmt]
     has_alpha = pixels.shape[2] in (2, 4)
     colour, alpha_plane = pixels[:, :, : pixels.shape[2] - has_alpha], pixels[:, :, pixels.shape[2] - 1:]
@@ -190,11 +192,16 @@ def output_pixels(pixels: np.ndarray, fmt: str, restore: tuple[int, int] | None 
 
 def encode_image(pixels: np.ndarray, fmt: str, quality: int, restore: tuple[int, int] | None = None,
                  png_level: int = 1, alpha: np.ndarray | None = None) -> Encoded:
-    """HWC uint8/uint16 pixels as PNG (`pipeline.png`), JPEG or WebP (see ``output_pixels``)."""
+    """HWC uint8/uint16 pixels as PNG (`pipeline.png`), JPEG, WebP or a NumPy array (see
+    ``output_pixels``)."""
     pixels, dropped = output_pixels(pixels, fmt, restore, alpha)
     mode = image_mode(pixels.shape[2], 8 * pixels.dtype.itemsize)
     if fmt == "png":
         return Encoded(encode_png(pixels, png_level), mode, dropped)
+    if fmt == "npy":
+        buffer = io.BytesIO()
+        np.save(buffer, pixels, allow_pickle=False)
+        return Encoded(buffer.getvalue(), mode, dropped)
     buffer = io.BytesIO()
     # WebP effort 2: on horse2zebra the files of Pillow's default effort 4 in half the time.
     options = {"method": 2} if fmt == "webp" else {}

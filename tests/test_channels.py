@@ -236,3 +236,59 @@ def test_the_config_names_channel_counts_no_image_holds_and_identity_across_chan
         load("model.input_nc=1")
     config = load("model.input_nc=1", "model.nce_idt=false")
     assert (config.model.input_nc, config.model.output_nc) == (1, 3)
+
+
+# ------------------------------------------------------------------------------------------ any channel count
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def test_npy_arrays_hold_any_channel_count_and_hostile_ones_are_refused():
+    from pipeline.transforms import ImageDecodeError, inspect_image
+
+    array = pixels(4, (7, 5), 6, np.uint16)
+    data = npy_bytes(array)
+    assert (inspect_image(data).format, inspect_image(data).width) == ("NPY", 7)
+    decoded = decode_pixels(data, 6)
+    assert decoded.source_mode == "6ch;16" and np.array_equal(decoded.array, array)
+    with pytest.raises(ImageDecodeError) as err:
+        decode_pixels(data, 3)
+    assert err.value.reason == "channel-mismatch"
+    rgba = pixels(5, (7, 5), 4)  # 1-4 channel arrays convert as their image modes do
+    assert np.array_equal(decode_pixels(npy_bytes(rgba), 3).alpha, rgba[:, :, 3])
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    bad = {"pickled objects": buffer.getvalue(), "truncated": data[: len(data) // 2],
+           "floats": npy_bytes(np.zeros((4, 4), np.float32))}
+    for name, payload in bad.items():
+        with pytest.raises(ImageDecodeError) as err:
+            decode_pixels(payload, 6)
+        assert err.value.reason in ("corrupt", "truncated"), name
+
+
+@pytest.mark.slow
+def test_a_five_channel_model_trains_on_npy_shards_and_writes_npy(tmp_path):
+    domains = {}
+    for name, seed in (("A", 0), ("B", 5)):
+        folder = tmp_path / f"src-{name}"
+        folder.mkdir()
+        for i in range(4):
+            (folder / f"{name}{i}.npy").write_bytes(npy_bytes(pixels(seed + i, (40, 36), 5)))
+        domains[name] = str(tmp_path / name)
+        build_shards([str(folder)], domains[name], prefix=name, domain=name, max_count=2, workers=1,
+                     progress=False)
+    run_url = tmp_path / "run"
+    run(["-m", "jobs.train", "--config", "configs/tiny.yaml", f"data.a={domains['A']}",
+         f"data.b={domains['B']}", f"run.url={run_url}", "model.input_nc=5", "model.output_nc=5",
+         "train.max_steps=2"])
+    rows = infer(str(run_url), tmp_path / "src-A", tmp_path / "out", "--image-format", "npy")
+    assert {(r["status"], r["source_mode"], r["output_mode"]) for r in rows} == {("ok", "5ch", "5ch")}
+    assert np.load(rows[0]["output_url"]).shape == (32, 32, 5)
+    command = [sys.executable, "-m", "jobs.infer", "--no-progress", "--checkpoint", str(run_url),
+               "--input", str(tmp_path / "src-A"), "--out", str(tmp_path / "png")]
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "--image-format npy" in refused.stderr
+    rgb_rows = infer(generator_file(tmp_path / "g.pt"), tmp_path / "src-A", tmp_path / "rgb")
+    assert {r["error"] for r in rgb_rows} == {"channel-mismatch"}
