@@ -225,13 +225,17 @@ def test_grey_and_rgba_shards_train_and_translate_in_their_mode(tmp_path, channe
     assert opened(rows[0]["output_url"]).mode == MODES[channels]
 
 
-def test_the_config_names_channel_counts_no_image_holds_and_identity_across_channel_counts(tmp_path):
+def test_the_config_names_bad_channel_counts_and_identity_across_channel_counts(tmp_path):
     base = [f"data.a={tmp_path}", f"data.b={tmp_path}", f"run.url={tmp_path / 'run'}"]
+
     def load(*overrides: str) -> TrainConfig:
         return resolve_train_config(load_config(TrainConfig, "configs/tiny.yaml", [*base, *overrides]))
 
-    with pytest.raises(ConfigError, match=r"model\.input_nc"):
-        load("model.input_nc=5")
+    with pytest.raises(ConfigError, match=r"'model\.input_nc' must be >= 1"):
+        load("model.input_nc=0")
+    with pytest.raises(ConfigError, match=r"'model\.output_nc' must be >= 1"):
+        load("model.output_nc=0", "model.nce_idt=false")
+    assert load("model.input_nc=5", "model.output_nc=5").model.input_nc == 5  # .npy arrays
     with pytest.raises(ConfigError, match=r"model\.nce_idt"):
         load("model.input_nc=1")
     config = load("model.input_nc=1", "model.nce_idt=false")
