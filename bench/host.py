@@ -52,10 +52,10 @@ def measure(listing: str, out: str, size: int, fmt: str) -> dict:
             "--crop-size", str(size), "--image-format", image_format, "--batch-size", "16", "--no-progress"]
     config = infer.load_infer_config(infer.build_parser().parse_args(argv))
     if fmt == "png-pillow":
-        def pillow_png(pixels, fmt, quality, restore, png_level=1) -> bytes:
+        def pillow_png(pixels, fmt, quality, restore=None, png_level=1, alpha=None) -> translation_io.Encoded:
             buffer = io.BytesIO()
             Image.fromarray(pixels).save(buffer, "PNG")
-            return buffer.getvalue()
+            return translation_io.Encoded(buffer.getvalue(), "RGB")
 
         translation_io.encode_image = pillow_png
     translator = Translator(config)
