@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,16 @@ def _attempt_store(rank: int, world: int) -> dist.Store:
     )
 
 
-def shutdown(runtime: Runtime) -> None:
+def shutdown(runtime: Runtime, wait_for_peers: bool = False) -> None:
+    """Leave the process group. ``wait_for_peers`` (after a clean end of every rank's work) first
+    meets the other ranks at a barrier, so that no rank tears down its connections while a peer's
+    last collective or its teardown still uses them (a gloo peer then aborts the process)."""
     if runtime.distributed and dist.is_initialized():
+        if wait_for_peers:
+            try:
+                dist.barrier()
+            except RuntimeError as exc:  # a peer is gone already: nothing left to wait for
+                log.warning("ranks did not meet before leaving the process group: %s", exc)
         dist.destroy_process_group()
 
 

@@ -621,8 +621,11 @@ def main(argv: list[str] | None = None) -> int:
         runtime = init_runtime(config.train.device)
         setup_logging(runtime.rank, args.log_format)
         torch.manual_seed(config.train.seed)
+        finished = False
         try:
-            return Trainer(config, runtime, signals).run()
+            code = Trainer(config, runtime, signals).run()
+            finished = True
+            return code
         except (
             ConfigError,
             NonFiniteLossError,
@@ -635,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", str(exc).strip().splitlines()[-1])
             return 1
         finally:
-            shutdown(runtime)
+            shutdown(runtime, wait_for_peers=finished)
 
 
 if __name__ == "__main__":
