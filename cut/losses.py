@@ -10,7 +10,7 @@ import torch.nn.functional as F
 GAN_MODES = ("lsgan", "vanilla", "nonsaturating", "wgangp")
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Half-precision (autocast) tensors are promoted: losses and NCE logits are computed in fp32."""
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
@@ -20,7 +20,7 @@ def gan_loss(prediction: torch.Tensor, target_is_real: bool, mode: str = "lsgan"
 
     ``wgangp`` is the Wasserstein critic loss: minus the mean prediction for real, plus it for fake
     (docs/official-reference.md §18); its gradient penalty is ``gradient_penalty``, weighted apart."""
-    pred = _at_least_fp32(prediction)
+    pred = at_least_fp32(prediction)
     if mode == "lsgan":
         target = torch.full_like(pred, 1.0 if target_is_real else 0.0)
         return F.mse_loss(pred, target)
@@ -52,7 +52,7 @@ def gradient_penalty(
     x = (alpha * real + (1 - alpha) * fake).detach().requires_grad_(True)
     out = critic(x)
     (grad,) = torch.autograd.grad(out, x, grad_outputs=torch.ones_like(out), create_graph=True)
-    norms = (_at_least_fp32(grad).flatten(1) + 1e-16).norm(2, dim=1)
+    norms = (at_least_fp32(grad).flatten(1) + 1e-16).norm(2, dim=1)
     return ((norms - constant) ** 2).mean()
 
 
@@ -70,8 +70,8 @@ def patch_nce_loss(
     negatives are the other keys of the same image (or of the whole minibatch). Keys get no gradient.
     The positive pair's slot among the negatives is filled with -10, as in the official code.
     """
-    q = _at_least_fp32(feat_q)
-    k = _at_least_fp32(feat_k.detach())
+    q = at_least_fp32(feat_q)
+    k = at_least_fp32(feat_k.detach())
     rows, dim = q.shape
     l_pos = (q * k).sum(dim=1, keepdim=True)
     groups = 1 if negatives_from_minibatch else batch_size

@@ -168,7 +168,74 @@ def _channels_last(x: torch.Tensor, enabled: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if enabled else x
 
 
-class CUTModel:
+class ThreeNetworkModel:
+    """What CUT's and SinCUT's models share: G, D and F with one Adam each and the step's RNG
+    (``self.generator``); subclasses build the networks, then call ``_make_optimizers``."""
+
+    family = "CUT"  # names the kind of training state in errors
+    config: Any
+    device: torch.device
+    netG: nn.Module
+    netD: nn.Module
+    netF: nn.Module
+    generator: torch.Generator
+
+    def _make_optimizers(self, lr: float, beta1: float, beta2: float) -> None:
+        # The fused kernel computes Adam's update in one pass per tensor (CPU: 10 ms instead of 76 ms
+        # per step for G's 11.4M parameters); the update is the same as the loop implementation's.
+        adam: dict[str, Any] = {"lr": lr, "betas": (beta1, beta2)}
+        if self.device.type in ("cpu", "cuda"):
+            adam["fused"] = True
+        self.opt_G = torch.optim.Adam(self.netG.parameters(), **adam)
+        self.opt_D = torch.optim.Adam(self.netD.parameters(), **adam)
+        # One explicit group, so that the parameterless heads (netF sample, reshape) get an optimizer
+        # too: it steps nothing, and every state keeps the same three optimizers.
+        self.opt_F = torch.optim.Adam([{"params": list(self.netF.parameters())}], **adam)
+
+    @property
+    def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
+        return (self.opt_G, self.opt_D, self.opt_F)
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of all three optimizers (the official schedule shares one)."""
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything exact resume needs: networks, optimizers, the step's RNG and the config."""
+        return {
+            "config": self.config.to_dict(),
+            "G": self.netG.state_dict(),
+            "D": self.netD.state_dict(),
+            "F": self.netF.state_dict(),
+            "opt_G": self.opt_G.state_dict(),
+            "opt_D": self.opt_D.state_dict(),
+            "opt_F": self.opt_F.state_dict(),
+            "rng": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict``; a state of another architecture is a clear ValueError."""
+        from cut.checkpoint import load_strict  # local import: checkpoint imports this module
+
+        missing = [k for k in ("G", "D", "F", "opt_G", "opt_D", "opt_F", "rng") if k not in state]
+        if missing:
+            raise ValueError(f"training state lacks {missing}; is this a {self.family} training checkpoint?")
+        load_strict(self.netG, state["G"], "G")
+        load_strict(self.netD, state["D"], "D")
+        load_strict(self.netF, state["F"], "F")
+        self.opt_G.load_state_dict(state["opt_G"])
+        self.opt_D.load_state_dict(state["opt_D"])
+        self.opt_F.load_state_dict(state["opt_F"])
+        self.generator.set_state(state["rng"])
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for net in (self.netG, self.netD, self.netF):
+            yield from net.parameters()
+
+
+class CUTModel(ThreeNetworkModel):
     """Generator G, discriminator D, PatchNCE heads F, their Adam optimizers and the patch RNG.
 
     ``wrap`` lets a caller (the DDP job) put wrappers around G, D and F for the trainable passes;
@@ -200,16 +267,7 @@ class CUTModel:
         memory_format = torch.channels_last if config.channels_last else torch.preserve_format
         for net in (self.netG, self.netD, self.netF):
             net.to(device=self.device, memory_format=memory_format)
-        # The fused kernel computes Adam's update in one pass per tensor (CPU: 10 ms instead of 76 ms
-        # per step for G's 11.4M parameters); the update is the same as the loop implementation's.
-        adam = {"lr": config.lr, "betas": (config.beta1, config.beta2)}
-        if self.device.type in ("cpu", "cuda"):
-            adam["fused"] = True
-        self.opt_G = torch.optim.Adam(self.netG.parameters(), **adam)
-        self.opt_D = torch.optim.Adam(self.netD.parameters(), **adam)
-        # One explicit group, so that the parameterless heads (netF sample, reshape) get an optimizer
-        # too: it steps nothing, and every state keeps the same three optimizers.
-        self.opt_F = torch.optim.Adam([{"params": list(self.netF.parameters())}], **adam)
+        self._make_optimizers(config.lr, config.beta1, config.beta2)
         self.generator = torch.Generator().manual_seed(seed + 1)
         self._G: nn.Module = self.netG
         self._D: nn.Module = self.netD
@@ -230,16 +288,6 @@ class CUTModel:
         self._G, self._D = wrapper(self.netG), wrapper(self.netD)
         # A head without parameters has nothing to synchronise (and DDP refuses such a module).
         self._F = wrapper(self.netF) if any(True for _ in self.netF.parameters()) else self.netF
-
-    @property
-    def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
-        return (self.opt_G, self.opt_D, self.opt_F)
-
-    def set_lr(self, lr: float) -> None:
-        """Set the learning rate of all three optimizers (the official schedule shares one)."""
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = lr
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if not self.config.bf16:
@@ -436,35 +484,3 @@ class CUTModel:
         finally:
             self.netG.train(was_training)
 
-    # ---------------------------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        """Everything exact resume needs: networks, optimizers, the patch/flip RNG and the config."""
-        return {
-            "config": self.config.to_dict(),
-            "G": self.netG.state_dict(),
-            "D": self.netD.state_dict(),
-            "F": self.netF.state_dict(),
-            "opt_G": self.opt_G.state_dict(),
-            "opt_D": self.opt_D.state_dict(),
-            "opt_F": self.opt_F.state_dict(),
-            "rng": self.generator.get_state(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a ``state_dict``; a state of another architecture is a clear ValueError."""
-        from cut.checkpoint import load_strict  # local import: checkpoint imports this module
-
-        missing = [k for k in ("G", "D", "F", "opt_G", "opt_D", "opt_F", "rng") if k not in state]
-        if missing:
-            raise ValueError(f"training state lacks {missing}; is this a CUT training checkpoint?")
-        load_strict(self.netG, state["G"], "G")
-        load_strict(self.netD, state["D"], "D")
-        load_strict(self.netF, state["F"], "F")
-        self.opt_G.load_state_dict(state["opt_G"])
-        self.opt_D.load_state_dict(state["opt_D"])
-        self.opt_F.load_state_dict(state["opt_F"])
-        self.generator.set_state(state["rng"])
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        for net in (self.netG, self.netD, self.netF):
-            yield from net.parameters()

@@ -10,15 +10,15 @@ forward pass (the encoder has no noise, so they equal the official second pass).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from cut.losses import GAN_MODES, gan_loss, patch_nce_loss
+from cut.losses import GAN_MODES, at_least_fp32, gan_loss, patch_nce_loss
+from cut.model import ThreeNetworkModel
 from cut.networks import INIT_TYPES, PatchSampleF, init_weights, sample_patch_ids
 from cut.stylegan2 import (
     GENERATOR_VARIANTS,
@@ -28,11 +28,6 @@ from cut.stylegan2 import (
 )
 
 PatchIds = Sequence[torch.Tensor]
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision tensors are promoted; float32 and float64 stay as they are."""
-    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
 LOSS_NAMES = ("G_GAN", "D_real", "D_fake", "G", "NCE", "NCE_Y", "D_R1", "idt")
@@ -46,13 +41,13 @@ def r1_penalty(pred_real: torch.Tensor, real: torch.Tensor, weight: float = 1.0)
     """
     if not real.requires_grad:
         raise ValueError("r1_penalty: the real images must require grad (call real.requires_grad_())")
-    (grad,) = torch.autograd.grad(_at_least_fp32(pred_real).sum(), real, create_graph=True)
-    return _at_least_fp32(grad).pow(2).flatten(1).sum(1).mean() * (0.5 * weight)
+    (grad,) = torch.autograd.grad(at_least_fp32(pred_real).sum(), real, create_graph=True)
+    return at_least_fp32(grad).pow(2).flatten(1).sum(1).mean() * (0.5 * weight)
 
 
 def identity_loss(idt_B: torch.Tensor, real_B: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
     """``weight * mean |G(real_B) - real_B|``: the official SinCUT identity-preservation loss."""
-    return F.l1_loss(_at_least_fp32(idt_B), _at_least_fp32(real_B)) * weight
+    return F.l1_loss(at_least_fp32(idt_B), at_least_fp32(real_B)) * weight
 
 
 @dataclass(frozen=True)
@@ -158,9 +153,11 @@ class SinCUTConfig:
         return cls(**values)
 
 
-class SinCUTModel:
+class SinCUTModel(ThreeNetworkModel):
     """Generator G, discriminator D, PatchNCE heads F, their Adam optimizers and the step's RNG
     (patch positions and the decoder's noise)."""
+
+    family = "SinCUT"
 
     def __init__(self, config: SinCUTConfig, device: str | torch.device = "cpu", seed: int = 0) -> None:
         self.config = config
@@ -181,24 +178,9 @@ class SinCUTModel:
             init_weights(self.netF, config.init_gain, config.init_type)
         for net in (self.netG, self.netD, self.netF):
             net.to(self.device)
-        adam: dict[str, Any] = {"lr": config.lr, "betas": (config.beta1, config.beta2)}
-        if self.device.type in ("cpu", "cuda"):
-            adam["fused"] = True
-        self.opt_G = torch.optim.Adam(self.netG.parameters(), **adam)
-        self.opt_D = torch.optim.Adam(self.netD.parameters(), **adam)
-        self.opt_F = torch.optim.Adam(self.netF.parameters(), **adam)
+        self._make_optimizers(config.lr, config.beta1, config.beta2)
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.visuals: dict[str, torch.Tensor] = {}
-
-    @property
-    def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
-        return (self.opt_G, self.opt_D, self.opt_F)
-
-    def set_lr(self, lr: float) -> None:
-        """Set the learning rate of all three optimizers (the official schedule shares one)."""
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = lr
 
     def _check_batch(self, real_A: torch.Tensor, real_B: torch.Tensor) -> None:
         size = self.config.crop_size
@@ -318,35 +300,3 @@ class SinCUTModel:
         noise = torch.Generator().manual_seed(noise_seed)
         return self.netG(real_A.to(self.device), generator=noise).float()
 
-    # ---------------------------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        """Everything exact resume needs: networks, optimizers, the step's RNG and the config."""
-        return {
-            "config": self.config.to_dict(),
-            "G": self.netG.state_dict(),
-            "D": self.netD.state_dict(),
-            "F": self.netF.state_dict(),
-            "opt_G": self.opt_G.state_dict(),
-            "opt_D": self.opt_D.state_dict(),
-            "opt_F": self.opt_F.state_dict(),
-            "rng": self.generator.get_state(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a ``state_dict``; a state of another architecture is a clear ValueError."""
-        from cut.checkpoint import load_strict  # local import, as in cut.model
-
-        missing = [k for k in ("G", "D", "F", "opt_G", "opt_D", "opt_F", "rng") if k not in state]
-        if missing:
-            raise ValueError(f"training state lacks {missing}; is this a SinCUT training checkpoint?")
-        load_strict(self.netG, state["G"], "G")
-        load_strict(self.netD, state["D"], "D")
-        load_strict(self.netF, state["F"], "F")
-        self.opt_G.load_state_dict(state["opt_G"])
-        self.opt_D.load_state_dict(state["opt_D"])
-        self.opt_F.load_state_dict(state["opt_F"])
-        self.generator.set_state(state["rng"])
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        for net in (self.netG, self.netD, self.netF):
-            yield from net.parameters()
