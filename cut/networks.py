@@ -46,6 +46,18 @@ def exporting() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
+def check_generator_input(x: torch.Tensor, input_nc: int, multiple: int, minimum: int,
+                          who: str = "generator") -> None:
+    """A clear ValueError for a tensor a generator cannot translate: it takes (N, input_nc, H, W)
+    with H and W multiples of ``multiple`` and at least ``minimum``."""
+    if x.dim() != 4 or x.shape[1] != input_nc:
+        raise ValueError(f"{who} expects a (N, {input_nc}, H, W) tensor, got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if h % multiple or w % multiple or h < minimum or w < minimum:
+        raise ValueError(f"{who} needs height and width that are multiples of {multiple} and at least "
+                         f"{minimum}, got {h}x{w}")
+
+
 def every_other(x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
     """The view of ``x`` at positions start, start+2, ... along ``dim``."""
     index = [slice(None)] * x.dim()
@@ -404,15 +416,7 @@ class ResnetGenerator(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a clear ValueError for a tensor this network cannot translate."""
-        if x.dim() != 4 or x.shape[1] != self.input_nc:
-            raise ValueError(
-                f"generator expects a (N, {self.input_nc}, H, W) tensor, got shape {tuple(x.shape)}"
-            )
-        h, w = x.shape[-2:]
-        if h % 4 or w % 4 or h < 8 or w < 8:
-            raise ValueError(
-                f"generator needs height and width that are multiples of 4 and at least 8, got {h}x{w}"
-            )
+        check_generator_input(x, self.input_nc, self.size_multiple, 8)
 
     def forward(
         self, x: torch.Tensor, layers: Sequence[int] = (), encode_only: bool = False

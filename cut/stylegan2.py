@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cut.networks import check_generator_input
+
 SQRT2 = math.sqrt(2.0)
 BLUR_TAPS = (1.0, 3.0, 3.0, 1.0)
 RESOLUTIONS = tuple(2**i for i in range(2, 11))  # 4 ... 1024, the keys of the official channel tables
@@ -421,16 +423,7 @@ class StyleGAN2Generator(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a clear ValueError for a tensor this network cannot translate."""
-        if x.dim() != 4 or x.shape[1] != self.input_nc:
-            raise ValueError(
-                f"generator expects a (N, {self.input_nc}, H, W) tensor, got shape {tuple(x.shape)}"
-            )
-        step = 2**self.num_downsampling
-        h, w = x.shape[-2:]
-        if h % step or w % step or h < step or w < step:
-            raise ValueError(
-                f"generator needs height and width that are positive multiples of {step}, got {h}x{w}"
-            )
+        check_generator_input(x, self.input_nc, self.size_multiple, self.size_multiple)
 
     def forward(
         self,

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from cut.networks import norm_layer, uses_bias
+from cut.networks import check_generator_input, norm_layer, uses_bias
 
 UNET_DOWNS = {"unet_128": 7, "unet_256": 8}  # netG name -> downsamplings (128 or 256 px to 1x1)
 
@@ -121,15 +121,8 @@ class UnetGenerator(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a clear ValueError for a tensor this network cannot translate."""
-        if x.dim() != 4 or x.shape[1] != self.input_nc:
-            raise ValueError(
-                f"generator expects a (N, {self.input_nc}, H, W) tensor, got shape {tuple(x.shape)}"
-            )
-        h, w = x.shape[-2:]
         m = self.size_multiple
-        if h % m or w % m or h < m or w < m:
-            raise ValueError(f"a U-Net generator with {self.num_downs} levels needs height and width "
-                             f"that are multiples of {m}, got {h}x{w}")
+        check_generator_input(x, self.input_nc, m, m, f"a U-Net generator with {self.num_downs} levels")
 
     def forward(self, x: torch.Tensor, layers: Sequence[int] = (), encode_only: bool = False) -> torch.Tensor:
         if layers or encode_only:
