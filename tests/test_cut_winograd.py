@@ -288,6 +288,19 @@ def _step_errors(got: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) -
     }
 
 
+def record_output_tiles(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The output tile each Winograd convolution picks from now on, in order."""
+    tiles: list[int] = []
+    output_tile = winograd.output_tile
+
+    def recording_output_tile(*args, **kwargs) -> int:
+        tiles.append(output_tile(*args, **kwargs))
+        return tiles[-1]
+
+    monkeypatch.setattr(winograd, "output_tile", recording_output_tile)
+    return tiles
+
+
 @pytest.mark.skipif(not native.available(), reason="needs the native CPU kernels")
 def test_one_cut_step_applies_gradients_as_accurate_as_the_direct_convolutions(monkeypatch):
     """One CUT step (ngf 16, 64 px: F(4x4) tiles in the backward passes on the 64x64 and 32x32
@@ -308,14 +321,7 @@ def test_one_cut_step_applies_gradients_as_accurate_as_the_direct_convolutions(m
         net.double()
     exact = _applied_gradients(exact_model, real_a.double(), real_b.double())
 
-    tiles: list[int] = []
-    output_tile = winograd.output_tile
-
-    def recording_output_tile(*args, **kwargs) -> int:
-        tiles.append(output_tile(*args, **kwargs))
-        return tiles[-1]
-
-    monkeypatch.setattr(winograd, "output_tile", recording_output_tile)
+    tiles = record_output_tiles(monkeypatch)
     ours = _step_errors(_applied_gradients(CUTModel(cfg, seed=0), real_a, real_b), exact)
     assert 4 in tiles  # the Winograd path ran, with 4x4 tiles where they pay
     monkeypatch.setattr(winograd, "MIN_PIXELS", 10**9)  # every convolution direct (oneDNN)
@@ -330,14 +336,7 @@ def test_one_cut_step_applies_gradients_as_accurate_as_the_direct_convolutions(m
 @pytest.mark.skipif(not native.available(), reason="needs the native CPU kernels")
 def test_a_recorded_forward_is_the_direct_convolution_and_inference_keeps_4x4_tiles(monkeypatch):
     torch.manual_seed(0)
-    tiles: list[int] = []
-    output_tile = winograd.output_tile
-
-    def recording_output_tile(*args, **kwargs) -> int:
-        tiles.append(output_tile(*args, **kwargs))
-        return tiles[-1]
-
-    monkeypatch.setattr(winograd, "output_tile", recording_output_tile)
+    tiles = record_output_tiles(monkeypatch)
     conv, block = WinogradConv2d(16, 16, padding=1), ResnetBlock(16)
     x = torch.randn(2, 16, 64, 64)
     with torch.no_grad():
