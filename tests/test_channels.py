@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,20 @@ def infer(ckpt: str, src: Path, out: Path, *extra: str) -> list[dict]:
     run(["-m", "jobs.infer", "--no-progress", "--checkpoint", ckpt, "--input", str(src), "--out", str(out),
          "--crop-size", "32", *extra])
     return pq.read_table(out / "manifest").to_pylist()
+
+
+def sharded_domains(tmp_path: Path, ext: str, encode: Callable[[int], bytes]) -> dict[str, str]:
+    """Domains A and B of four files each (``encode(seed)``), sharded two a shard: name -> shard set."""
+    domains = {}
+    for name, seed in (("A", 0), ("B", 5)):
+        folder = tmp_path / f"src-{name}"
+        folder.mkdir()
+        for i in range(4):
+            (folder / f"{name}{i}.{ext}").write_bytes(encode(seed + i))
+        domains[name] = str(tmp_path / name)
+        build_shards([str(folder)], domains[name], prefix=name, domain=name, max_count=2, workers=1,
+                     progress=False)
+    return domains
 
 
 def opened(url: str) -> Image.Image:
@@ -204,15 +219,7 @@ def test_grey_and_sixteen_bit_inputs_come_out_in_their_mode_with_the_models_pixe
 @pytest.mark.slow
 @pytest.mark.parametrize("channels", [1, 4])
 def test_grey_and_rgba_shards_train_and_translate_in_their_mode(tmp_path, channels):
-    domains = {}
-    for name, seed in (("A", 0), ("B", 5)):
-        folder = tmp_path / f"src-{name}"
-        folder.mkdir()
-        for i in range(4):
-            (folder / f"{name}{i}.png").write_bytes(encode_png(pixels(seed + i, (40, 36), channels)))
-        domains[name] = str(tmp_path / name)
-        build_shards([str(folder)], domains[name], prefix=name, domain=name, max_count=2, workers=1,
-                     progress=False)
+    domains = sharded_domains(tmp_path, "png", lambda seed: encode_png(pixels(seed, (40, 36), channels)))
     with tarfile.open(tmp_path / "A" / "A-000000.tar") as tar:  # shards keep the source's mode
         member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
         assert Image.open(tar.extractfile(member)).mode == MODES[channels]
@@ -274,15 +281,7 @@ def test_npy_arrays_hold_any_channel_count_and_hostile_ones_are_refused():
 
 @pytest.mark.slow
 def test_a_five_channel_model_trains_on_npy_shards_and_writes_npy(tmp_path):
-    domains = {}
-    for name, seed in (("A", 0), ("B", 5)):
-        folder = tmp_path / f"src-{name}"
-        folder.mkdir()
-        for i in range(4):
-            (folder / f"{name}{i}.npy").write_bytes(npy_bytes(pixels(seed + i, (40, 36), 5)))
-        domains[name] = str(tmp_path / name)
-        build_shards([str(folder)], domains[name], prefix=name, domain=name, max_count=2, workers=1,
-                     progress=False)
+    domains = sharded_domains(tmp_path, "npy", lambda seed: npy_bytes(pixels(seed, (40, 36), 5)))
     run_url = tmp_path / "run"
     run(["-m", "jobs.train", "--config", "configs/tiny.yaml", f"data.a={domains['A']}",
          f"data.b={domains['B']}", f"run.url={run_url}", "model.input_nc=5", "model.output_nc=5",
