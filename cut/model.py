@@ -234,6 +234,36 @@ class ThreeNetworkModel:
         for net in (self.netG, self.netD, self.netF):
             yield from net.parameters()
 
+    def _with_nce(self, losses: dict[str, torch.Tensor], loss_G: torch.Tensor,
+                  terms: list[torch.Tensor]) -> torch.Tensor:
+        """G's loss with the PatchNCE terms (recorded in ``losses``): with the identity term, the
+        official 0.5 * (NCE + NCE_Y)."""
+        losses["NCE"] = terms[0]
+        if not self.config.nce_idt:
+            return loss_G + terms[0]
+        losses["NCE_Y"] = terms[1]
+        return loss_G + 0.5 * (terms[0] + terms[1])
+
+    def _finish_step(self, loss_G: torch.Tensor, losses: dict[str, torch.Tensor], real_A: torch.Tensor,
+                     real_B: torch.Tensor, fake: torch.Tensor, sync: bool) -> dict[str, Any]:
+        """G and F step on ``loss_G`` (F only where PatchNCE trained it), D's gradients back on, the
+        step's visuals kept; returns the losses (floats, or 0-d tensors if not ``sync``)."""
+        losses["G"] = loss_G
+        loss_G.backward()
+        self.opt_G.step()
+        if self.config.lambda_NCE > 0:
+            self.opt_F.step()
+        self.opt_G.zero_grad(set_to_none=True)
+        self.opt_F.zero_grad(set_to_none=True)
+        self.netD.requires_grad_(True)
+
+        n = real_A.shape[0]
+        self.visuals = {"real_A": real_A, "fake_B": fake[:n].detach(), "real_B": real_B}
+        if self.config.nce_idt:
+            self.visuals["idt_B"] = fake[n:].detach()
+        detached = {k: v.detach() for k, v in losses.items()}
+        return {k: v.item() for k, v in detached.items()} if sync else detached
+
 
 class CUTModel(ThreeNetworkModel):
     """Generator G, discriminator D, PatchNCE heads F, their Adam optimizers and the patch RNG.
@@ -362,27 +392,9 @@ class CUTModel(ThreeNetworkModel):
         loss_G = loss_G_GAN
         if cfg.lambda_NCE > 0:
             source = real_A if not cfg.nce_idt else torch.cat([real_A, real_B])
-            nce_terms = self._nce_terms(source, fake, feats_real, flipped, patch_ids)
-            losses["NCE"] = nce_terms[0]
-            if cfg.nce_idt:
-                losses["NCE_Y"] = nce_terms[1]
-                loss_G = loss_G + 0.5 * (nce_terms[0] + nce_terms[1])
-            else:
-                loss_G = loss_G + nce_terms[0]
-        losses["G"] = loss_G
-        loss_G.backward()
-        self.opt_G.step()
-        if cfg.lambda_NCE > 0:
-            self.opt_F.step()
-        self.opt_G.zero_grad(set_to_none=True)
-        self.opt_F.zero_grad(set_to_none=True)
-        self.netD.requires_grad_(True)
-
-        self.visuals = {"real_A": real_A, "fake_B": fake_B.detach(), "real_B": real_B}
-        if cfg.nce_idt:
-            self.visuals["idt_B"] = fake[n:].detach()
-        detached = {k: v.detach() for k, v in losses.items()}
-        return {k: v.item() for k, v in detached.items()} if sync else detached
+            terms = self._nce_terms(source, fake, feats_real, flipped, patch_ids)
+            loss_G = self._with_nce(losses, loss_G, terms)
+        return self._finish_step(loss_G, losses, real_A, real_B, fake, sync)
 
     def _gradient_penalty(self, real_B: torch.Tensor, fake_B: torch.Tensor) -> torch.Tensor:
         """The WGAN-GP term (unweighted) on real/fake mixes, one mixing weight per image drawn from the

@@ -237,30 +237,11 @@ class SinCUTModel(ThreeNetworkModel):
             losses["G_GAN"] = gan_loss(self.netD(fake_B), True, cfg.gan_mode) * cfg.lambda_GAN
             loss_G = loss_G + losses["G_GAN"]
         if cfg.lambda_NCE > 0:
-            terms = self._nce_terms(fake, feats_real, patch_ids)
-            losses["NCE"] = terms[0]
-            if cfg.nce_idt:
-                losses["NCE_Y"] = terms[1]
-                loss_G = loss_G + 0.5 * (terms[0] + terms[1])
-            else:
-                loss_G = loss_G + terms[0]
+            loss_G = self._with_nce(losses, loss_G, self._nce_terms(fake, feats_real, patch_ids))
         if cfg.lambda_identity > 0:
             losses["idt"] = identity_loss(fake[n:], real_B, cfg.lambda_identity)
             loss_G = loss_G + losses["idt"]
-        losses["G"] = loss_G
-        loss_G.backward()
-        self.opt_G.step()
-        if cfg.lambda_NCE > 0:
-            self.opt_F.step()
-        self.opt_G.zero_grad(set_to_none=True)
-        self.opt_F.zero_grad(set_to_none=True)
-        self.netD.requires_grad_(True)
-
-        self.visuals = {"real_A": real_A, "fake_B": fake_B.detach(), "real_B": real_B}
-        if cfg.nce_idt:
-            self.visuals["idt_B"] = fake[n:].detach()
-        detached = {k: v.detach() for k, v in losses.items()}
-        return {k: v.item() for k, v in detached.items()} if sync else detached
+        return self._finish_step(loss_G, losses, real_A, real_B, fake, sync)
 
     def _nce_terms(
         self, fake: torch.Tensor, feats_real: list[torch.Tensor], patch_ids: PatchIds | None
