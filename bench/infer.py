@@ -1,6 +1,6 @@
 """Images per second of jobs.infer against the official test.py path and a plain loop, in one run.
 
-    python -m bench.infer [--images 24] [--threads 2]
+    python -m bench.infer [--images 24] [--threads 2] [--rounds 3]
 
 All three translate the same horse2zebra test images (256x256 JPEGs) with the same weights
 (resnet_9blocks, random: speed does not depend on them) at the official preprocessing, and write
@@ -15,12 +15,20 @@ PNGs to local disk:
 - jobs.infer: the whole job with its CPU defaults (planning and start-up included);
 - jobs.infer --engine onnxruntime: the same job on an ONNX export of the same weights (jobs.export,
   made and verified before the timed runs), run by onnxruntime's CPU execution provider.
+
+Every timed run is a fresh process, as a user's would be (so no variant inherits another's
+allocator or thread-pool state: jobs.infer tunes its process's malloc, `jobs.runtime`), after one
+warm-up image through the same path in that process; the variants alternate round by round and
+the fastest run of each counts.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -72,42 +80,76 @@ def plain_loop(g: nn.Module, files: list[Path], out: Path) -> float:
     return time.perf_counter() - start
 
 
+def _generator() -> nn.Module:
+    """The benchmark's weights: random, the same in every process."""
+    torch.manual_seed(0)
+    return init_weights(ResnetGenerator()).eval()
+
+
+def _job(argv: list[str]) -> float:
+    start = time.perf_counter()
+    assert infer.main(argv) == 0
+    return time.perf_counter() - start
+
+
+def timed_run(variant: str, files: list[Path], root: Path, out: Path) -> float:
+    """Seconds of one variant over ``files`` in this process, after one warm-up image."""
+    if variant in ("official", "plain"):
+        g = _generator()
+        if variant == "official":
+            use_official_layers(g)
+            b_files = sorted((files[0].parent.parent / "testB").glob("*.jpg"))
+            official_test_path(g, files[:1], b_files, out / "warm-up")
+            return official_test_path(g, files, b_files, out / "timed")
+        plain_loop(g, files[:1], out / "warm-up")
+        return plain_loop(g, files, out / "timed")
+    engine = {"job": ["--checkpoint", str(root / "g.pt")],
+              "onnx": ["--checkpoint", str(root / "onnx"), "--engine", "onnxruntime"]}[variant]
+    for name, inputs in (("warm-up", files[:1]), ("timed", files)):
+        listing = out / f"{name}.txt"
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        listing.write_text("".join(f"{f}\n" for f in inputs))
+        seconds = _job([*engine, "--input", str(listing), "--no-progress", "--out", str(out / name)])
+    return seconds
+
+
+def _child(variant: str, args: argparse.Namespace, root: Path, out: Path) -> float:
+    cmd = [sys.executable, "-m", "bench.infer", "--_run", variant, "--_root", str(root), "--_out", str(out),
+           "--images", str(args.images), "--threads", str(args.threads), "--data", str(args.data)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"bench.infer {variant} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=24)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2, help="alternating runs of each; the fastest counts")
+    p.add_argument("--rounds", type=int, default=3, help="alternating runs of each; the fastest counts")
     p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--_run", choices=["official", "plain", "job", "onnx"], help=argparse.SUPPRESS)
+    p.add_argument("--_root", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--_out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     files = sorted(args.data.glob("*.jpg"))[: args.images]
-    torch.manual_seed(0)
-    g = init_weights(ResnetGenerator()).eval()
-    official = copy.deepcopy(g)
-    use_official_layers(official)
+    if args._run:
+        print(json.dumps({"seconds": timed_run(args._run, files, args._root, args._out)}))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "g.pt").write_bytes(to_bytes(export_generator(g)))
+        (root / "g.pt").write_bytes(to_bytes(export_generator(_generator())))
         export.export(str(root / "g.pt"), str(root / "onnx"), "onnx")
-        listing = root / "inputs.txt"
-        listing.write_text("".join(f"{f}\n" for f in files))
-        b_files = sorted((args.data.parent / "testB").glob("*.jpg"))
-        official_test_path(official, files[:1], b_files, root / "warm-official")
-        plain_loop(g, files[:1], root / "warm-ours")
         seconds: dict[str, list[float]] = {"official": [], "plain": [], "job": [], "onnx": []}
-        for r in range(args.rounds):  # alternate, so drifting machine load hits all three alike
-            seconds["official"].append(official_test_path(official, files, b_files, root / f"official-{r}"))
-            seconds["plain"].append(plain_loop(g, files, root / f"plain-{r}"))
-            for name, engine in (("job", ["--checkpoint", str(root / "g.pt")]),
-                                 ("onnx", ["--checkpoint", str(root / "onnx"), "--engine", "onnxruntime"])):
-                start = time.perf_counter()
-                argv = [*engine, "--input", str(listing), "--no-progress", "--out", str(root / f"{name}-{r}")]
-                assert infer.main(argv) == 0
-                seconds[name].append(time.perf_counter() - start)
+        for r in range(args.rounds):  # alternate, so drifting machine load hits all four alike
+            for variant, runs in seconds.items():
+                runs.append(_child(variant, args, root, root / f"{variant}-{r}"))
     n = len(files)
     rate = {k: n / min(v) for k, v in seconds.items()}
     print(f"torch {torch.__version__}, {args.threads} threads, {n} images at 256x256, resnet_9blocks, PNGs, "
-          f"fastest of {args.rounds} alternating runs")
+          f"fastest of {args.rounds} alternating runs, each in a fresh process after one warm-up image")
     print(f"official test.py path (official network)  : {rate['official']:7.3f} images/s")
     print(f"plain per-image loop over our generator   : {rate['plain']:7.3f} images/s")
     print(f"jobs.infer (CPU defaults, start-up incl.) : {rate['job']:7.3f} images/s")

@@ -70,6 +70,7 @@ from jobs.quality import (
     load_domain_classifier,
     load_inception,
 )
+from jobs.runtime import reuse_freed_memory
 from pipeline import storage
 from pipeline.checkpoints import resolve_generator_url
 from pipeline.images import (
@@ -638,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     setup_logging(0, args.log_format)
+    reuse_freed_memory()  # generator and encoder forwards allocate their activations anew each time
     try:
         if config.train_classifier_only:
             return save_classifier_only(config)

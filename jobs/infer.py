@@ -30,7 +30,7 @@ from cut import CheckpointError
 from jobs.cli import HelpFormatter, add_logging_arguments
 from jobs.config import ConfigError, build
 from jobs.logs import setup_logging
-from jobs.runtime import available_cores, env_int
+from jobs.runtime import available_cores, env_int, reuse_freed_memory
 from jobs.signals import StopSignals
 from jobs.translator import Translator, finish, wants_cuda
 from pipeline.ingest import ListingError
@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     setup_logging(config.worker_index, args.log_format)
+    reuse_freed_memory()  # activations are allocated anew per batch: no page faults for them each time
     stop = StopSignals()
     with stop.installed():
         return _run(config, stop)

@@ -78,6 +78,25 @@ def test_a_map_in_several_bands_equals_one_band(monkeypatch, tile, padding):
     )
 
 
+@pytest.mark.skipif(not native.available(), reason="needs the native CPU kernels")
+@pytest.mark.parametrize("padding", ["reflect", "zeros"])
+def test_a_forward_without_autograd_runs_a_small_map_as_one_band_with_the_same_output(monkeypatch, padding):
+    x, weight = torch.randn(2, 8, 21, 19), torch.randn(8, 8, 3, 3)
+
+    def bands(whole_map_bytes: int) -> list[tuple[int, int]]:
+        return winograd._Plan(x, weight, winograd.PADDING[padding], 4, whole_map_bytes).bands
+
+    monkeypatch.setattr(winograd, "BAND_BYTES", 36 * 8 * 2 * 5 * 4 * 2)  # two tile rows a band
+    assert len(bands(0)) == 3 and bands(36 * 8 * 6 * 10 * 4) == [(0, 6)]
+    with torch.no_grad():
+        monkeypatch.setattr(winograd, "WHOLE_MAP_BYTES", 0)
+        banded = winograd.conv2d(x, weight, None, padding, 4)
+        monkeypatch.setattr(winograd, "WHOLE_MAP_BYTES", 16 << 20)
+        whole = winograd.conv2d(x, weight, None, padding, 4)
+    assert torch.equal(whole, banded)
+    torch.testing.assert_close(whole, F.conv2d(PAD[padding](x), weight), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("size", [24, 16])
 def test_resnet_block_keeps_no_padded_copy_for_backward(monkeypatch, size):
     """The block saves its unpadded maps (which the ReLU keeps anyway), not padded copies."""
