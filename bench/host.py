@@ -2,7 +2,8 @@
 
     python -m bench.host [--images 120] [--sizes 256 1024]
 
-Runs the real job (plan, DataLoader, batches, encode threads, manifest) with a stand-in generator
+Runs the real job (plan, a DataLoader worker process, batches, an encode thread, manifest: the
+layout of a GPU node, whatever this machine's defaults) with a stand-in generator
 that costs nothing (the identity behind the same interface: its outputs are its inputs), pinned to
 one core, so wall time per image is the host's CPU cost per image: read, decode, resize, to
 tensor, to pixels, encode, hash, write, manifest. Inputs: horse2zebra test JPEGs at 256x256
@@ -38,18 +39,21 @@ def measure(listing: str, out: str, size: int, fmt: str) -> dict:
     from cut import ResnetGenerator, export_generator
     from cut.checkpoint import to_bytes
     from jobs import infer
+    from jobs.runtime import reuse_freed_memory
     from jobs.translator import Translator
     from pipeline import translation_io
     from pipeline.plan import worker_units
     from pipeline.planner import obtain_plan
 
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    reuse_freed_memory()  # as jobs.infer's main does
     torch.set_num_threads(1)
     ckpt = Path(out).parent / f"g-{fmt}-{size}.pt"
     ckpt.write_bytes(to_bytes(export_generator(ResnetGenerator(ngf=8, n_blocks=1))))
     image_format = "png" if fmt == "png-pillow" else fmt
     argv = ["--checkpoint", str(ckpt), "--input", listing, "--out", out, "--device", "cpu",
-            "--crop-size", str(size), "--image-format", image_format, "--batch-size", "16", "--no-progress"]
+            "--crop-size", str(size), "--image-format", image_format, "--batch-size", "16", "--no-progress",
+            "--workers", "1", "--encode-threads", "1"]  # a GPU node's layout: a decoding process, an encoder
     config = infer.load_infer_config(infer.build_parser().parse_args(argv))
     if fmt == "png-pillow":
         def pillow_png(pixels, fmt, quality, restore=None, png_level=1, alpha=None) -> translation_io.Encoded:
