@@ -12,7 +12,8 @@
    PNG files, manifest) on generated 256x256 JPEGs in bf16 + channels_last (+ compile); the steady
    rate (from the first committed unit on), its ratio to the GPU-only rate, and the host's CPU
    time per image by stage. Goals: at least 3,000 images/s on one H200, within 80% of GPU-only.
-4. Training: jobs.train on generated shard sets, data_wait at batch 1 and 8 (goal: under 5%), and
+4. Training: jobs.train on generated shard sets, data_wait at batch 1 and at the largest batch whose
+   step fits on the device (probed by doubling from 8 up to 128; goal: under 5%), and
    the CUT and FastCUT steps against the official step (bench.official's network, keys re-encoded,
    torch's default Adam), bf16 + channels_last for ours (goal: 3x).
 Prints one JSON line per measurement, so the output can be kept as a record.
@@ -37,7 +38,7 @@ import torch
 from bench.train_step import build
 from cut import CUTConfig, CUTModel, ResnetGenerator, export_generator
 from cut.checkpoint import to_bytes
-from cut.inference import from_uint8, to_uint8
+from cut.inference import from_uint8, is_out_of_memory, to_uint8
 from cut.networks import init_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,15 +188,17 @@ def _shard_set(root: Path, name: str, n: int, size: int, seed: int) -> Path:
 
 
 def training_data_wait(device: torch.device, root: Path, size: int, steps: int, batches: list[int]) -> None:
-    """jobs.train's own data_wait figure (its log lines) at each batch size, after the first log."""
+    """jobs.train's own data_wait figure (its log lines) at each batch size, after the first log;
+    larger batches run fewer steps (about the images of 8 batch-1 runs, at least 8 steps)."""
     a = _shard_set(root, "trainA", 256, size, 1)
     b = _shard_set(root, "trainB", 256, size, 2)
-    log_every = max(1, steps // 4)
     for batch in batches:
+        steps_here = steps if batch == 1 else max(8, 8 * steps // batch)
+        log_every = max(1, steps_here // 4)
         cmd = [sys.executable, "-m", "jobs.train", "--config", "configs/cut.yaml", f"data.a={a}",
                f"data.b={b}", f"run.url={root / f'run-{batch}'}", f"train.batch_size={batch}",
-               f"train.max_steps={steps}", f"train.log_every={log_every}", "train.checkpoint_every=1000000",
-               "train.image_every=1000000", f"train.device={device.type}",
+               f"train.max_steps={steps_here}", f"train.log_every={log_every}",
+               "train.checkpoint_every=1000000", "train.image_every=1000000", f"train.device={device.type}",
                f"data.load_size={size + size // 8}", f"data.crop_size={size}"]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
@@ -203,8 +206,34 @@ def training_data_wait(device: torch.device, root: Path, size: int, steps: int, 
             continue
         found = re.findall(r"images/s=([\d.]+) data_wait=(\d+)%", done.stderr + done.stdout)
         rates, waits = [float(r) for r, _ in found[1:]], [int(w) for _, w in found[1:]]
-        record(bench="jobs.train data_wait", batch=batch, size=size, steps=steps,
+        record(bench="jobs.train data_wait", batch=batch, size=size, steps=steps_here,
                data_wait_percent=waits, images_per_s=rates)
+
+
+def largest_training_batch(device: torch.device, size: int, candidates: list[int]) -> int:
+    """The largest of ``candidates`` (ascending) at which two CUT steps run without running out of
+    device memory, in the precision jobs.train uses there (bf16 + channels_last on CUDA)."""
+    on_device = device.type == "cuda"
+    fits = 1
+    for batch in candidates:
+        model = None
+        try:
+            model = build("ours", "CUT", channels_last=on_device, device=device, bf16=on_device)
+            a, b = (torch.rand(batch, 3, size, size, device=device) * 2 - 1 for _ in range(2))
+            for _ in range(2):
+                model.train_step(a, b, sync=False)
+            _sync(device)
+            fits = batch
+        except RuntimeError as exc:  # torch.OutOfMemoryError, or cuDNN's/cuBLAS's allocation failure
+            if not is_out_of_memory(exc):
+                raise
+            break
+        finally:
+            del model
+            if on_device:
+                torch.cuda.empty_cache()
+    record(bench="largest training batch", size=size, batch=fits, tried=candidates)
+    return fits
 
 
 def training_speed(device: torch.device, size: int, seconds: float) -> None:
@@ -253,7 +282,8 @@ def main() -> None:
         for comp in [False] + [True] * args.compile:
             key = f"{'bf16+cl+compile' if comp else 'bf16+cl'}@{args.batch}"
             end_to_end(device, root / f"e2e-{comp}", size, args.images, args.batch, comp, rates.get(key))
-        training_data_wait(device, root, size, args.train_steps, [1, 8] if not args.smoke else [1])
+        largest = largest_training_batch(device, size, [2] if args.smoke else [8, 16, 32, 64, 128])
+        training_data_wait(device, root, size, args.train_steps, sorted({1, largest}))
     training_speed(device, size, args.seconds)
     record(done=True, seconds=round(time.perf_counter() - start, 1))
 

@@ -19,7 +19,10 @@ def test_the_prepared_gpu_check_runs_end_to_end_in_its_cpu_smoke_mode():
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     benches = {r.get("bench") for r in records}
-    assert {"jobs.infer end to end 32x32", "jobs.train data_wait", "train step 32"} <= benches
+    want = {"jobs.infer end to end 32x32", "jobs.train data_wait", "largest training batch", "train step 32"}
+    assert want <= benches
+    waits = [r["batch"] for r in records if r.get("bench") == "jobs.train data_wait"]
+    assert waits == [1, 2]  # batch 1 and the largest that fits (the smoke probe stops at 2)
     assert all("error" not in r for r in records) and records[-1]["done"] is True
 
 
