@@ -73,7 +73,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 << 20
 
 
-def reuse_freed_memory(keep: int = 1 << 30) -> bool:
+def reuse_freed_memory(keep: int | None = None) -> bool:
     """Let freed host memory serve the next allocation instead of going back to the kernel (glibc).
 
     glibc maps blocks above its mmap threshold (128 KiB, raised only as such blocks are freed)
@@ -81,7 +81,9 @@ def reuse_freed_memory(keep: int = 1 << 30) -> bool:
     activations, allocated anew at every forward, then cost a page fault per 4 KiB page each time
     (measured: 35,000-60,000 minor faults and 10-15% of a 256x256 generator forward on 2 cores;
     down to a few thousand with this). The mmap threshold goes to its 32 MiB maximum (larger blocks
-    are still mapped and returned) and up to ``keep`` bytes of free heap stay in the process.
+    are still mapped and returned) and up to ``keep`` bytes of free heap stay in the process (by
+    default 1 GiB, or an eighth of the memory this process may use where that is less, so that a
+    small container's limit is not spent on kept free memory).
     Left alone where the user set either threshold (``MALLOC_MMAP_THRESHOLD_``,
     ``MALLOC_TRIM_THRESHOLD_`` or their ``GLIBC_TUNABLES``) or where the C library is not glibc;
     returns whether it applied.
@@ -95,6 +97,8 @@ def reuse_freed_memory(keep: int = 1 << 30) -> bool:
         libc.gnu_get_libc_version  # noqa: B018 (glibc only)
     except (OSError, AttributeError):
         return False
+    if keep is None:
+        keep = min(1 << 30, available_memory() // 8)
     mapped = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
     return bool(mapped and libc.mallopt(_M_TRIM_THRESHOLD, keep))
 
