@@ -15,9 +15,10 @@ from test_train import assert_states_equal, final_state, run, start, wait_for
 
 from cut import CheckpointError, generator_from_checkpoint, read_checkpoint
 from cut.checkpoint import infer_generator_architecture, model_card, to_bytes
-from cut.sincut import SinCUTConfig
+from cut.sincut import SinCUTConfig, SinCUTModel
 from cut.stylegan2 import StyleGAN2Generator
-from jobs.config import ConfigError, TrainConfig, cut_config, load_config, resolve_train_config
+from jobs.config import ConfigError, TrainConfig, cut_config, load_config, resolve_train_config, sincut_config
+from jobs.finetune import init_generator
 from jobs.sincut import SingleImage, SingleImageStream
 from pipeline.unpaired import StreamPosition
 
@@ -117,6 +118,24 @@ def test_official_sincut_generator_state_dict_loads_strictly_with_fixed_noise():
         generator_from_checkpoint(state, "latest_net_G.pth")
 
 
+def test_init_from_a_sincut_state_whose_widths_leave_its_architecture_ambiguous(tmp_path):
+    """A tiny SinCUT G (ngf 2, 32-px crops) has the widths of ngf 4 at resolution 64: a state dict
+    cannot tell them apart, so fitting is judged by the tensors, which match."""
+    trained = SinCUTModel(sincut_config(sincut_config_of(*TINY)), seed=1).netG
+    (tmp_path / "latest_net_G.pth").write_bytes(to_bytes(trained.state_dict()))
+    inferred = infer_generator_architecture(trained.state_dict())
+    configured = trained.architecture
+    assert (inferred["ngf"], inferred["resolution"]) != (configured["ngf"], configured["resolution"])
+    fresh = SinCUTModel(sincut_config(sincut_config_of(*TINY)), seed=2).netG
+    record = init_generator(fresh, str(tmp_path / "latest_net_G.pth"))
+    assert record["file"].endswith("latest_net_G.pth")
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in fresh.state_dict().items())
+    wider = SinCUTModel(sincut_config(sincut_config_of(*TINY, "model.ngf=4")), seed=2).netG
+    shapes = r"decoder\.convs\.0\.conv1\.0\.weight: checkpoint \(64, 64, 3, 3\), config \(128, 128, 3, 3\)"
+    with pytest.raises(CheckpointError, match=shapes):
+        init_generator(wider, str(tmp_path / "latest_net_G.pth"))
+
+
 def test_export_refuses_the_noisy_generator_and_exports_the_small_one(tmp_path):
     from jobs import export
 
@@ -202,6 +221,29 @@ def test_sincut_run_resumes_exactly_after_sigterm_and_translates_at_full_size(tm
     assert out.size == (72, 56)
     again = infer(str(run_dir / "export" / "generator.pt"), a, str(tmp_path / "out2"))
     assert np.array_equal(np.asarray(out), np.asarray(again))  # the decoder's noise is fixed
+
+
+@pytest.mark.slow
+def test_sincut_run_with_periodic_evaluation_keeps_the_best_checkpoint(tmp_path):
+    from cut.domain import export_classifier, train_domain_classifier
+
+    a, b = _images(tmp_path)
+    held_out = tmp_path / "held-out"
+    held_out.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray((rng.random((48, 40, 3)) * 255).astype(np.uint8)).save(held_out / f"{i}.png")
+    g = torch.Generator().manual_seed(0)
+    flat, noisy = torch.zeros(8, 3, 64, 64), torch.rand(8, 3, 64, 64, generator=g) * 2 - 1
+    classifier = train_domain_classifier(flat, noisy, epochs=2, batch_size=8)
+    (tmp_path / "domain.pt").write_bytes(to_bytes(export_classifier(classifier, test_accuracy=1.0)))
+    run_dir = tmp_path / "run"
+    done = run(sincut_train(a, b, str(run_dir), "train.max_steps=4", "eval.every=2", f"eval.a={held_out}",
+                            f"eval.domain_classifier={tmp_path / 'domain.pt'}"))
+    assert done.returncode == 0, done.stderr
+    assert "step 2: evaluation count=3" in done.stderr and "step 4: evaluation count=3" in done.stderr
+    best = read_checkpoint((run_dir / "checkpoints" / "best" / "state.pt").read_bytes())
+    assert best["step"] in (2, 4) and best["card"]["preset"] == "SinCUT"
 
 
 @pytest.mark.slow
