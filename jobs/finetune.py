@@ -42,40 +42,27 @@ def architecture_mismatch(config: Mapping[str, Any], checkpoint: Mapping[str, An
     return lines
 
 
-def tensor_mismatch(config: nn.Module, checkpoint: nn.Module, most: int = 3) -> list[str]:
-    """Up to ``most`` tensors whose names or shapes differ between two networks (none: they hold the
-    same tensors, so compute alike), then how many more."""
-    ours, theirs = config.state_dict(), checkpoint.state_dict()
-
-    def shape(state: Mapping[str, Any], key: str) -> tuple[int, ...] | str:
-        return tuple(state[key].shape) if key in state else "absent"
-
-    differ = [k for k in sorted(ours.keys() | theirs.keys()) if shape(ours, k) != shape(theirs, k)]
-    lines = [f"{k}: checkpoint {shape(theirs, k)}, config {shape(ours, k)}" for k in differ[:most]]
-    return lines + [f"and {len(differ) - most} more tensors"] * (len(differ) > most)
-
-
 def init_generator(netG: nn.Module, url: str) -> dict[str, Any]:
     """Load the generator weights at ``url`` into ``netG`` in place; returns what the model card records.
 
-    The generators fit when their tensors have the same names and shapes: a state dict without an
-    architecture record (a training state, an official file) fixes only what its shapes show, and a
-    StyleGAN2 generator's widths do not tell (ngf, resolution) apart, so its inferred architecture
-    may differ from the configured one in fields that change nothing. A generator that does not fit
-    is a CheckpointError that names every differing field and the config key that sets it.
+    The generators fit when their tensors have the same names and shapes (``load_strict``): a state
+    dict without an architecture record (a training state, an official file) fixes only what its
+    shapes show, and a StyleGAN2 generator's widths do not tell (ngf, resolution) apart, so its
+    inferred architecture may differ from the configured one in fields that change nothing. A
+    generator that does not fit is a CheckpointError that names the differing tensors and every
+    differing architecture field with the config key that sets it.
     """
     source = resolve_generator_url(url)
     data = storage.read_bytes(source)
     obj = read_checkpoint(data, source)
     loaded = generator_from_checkpoint(obj, source)
-    tensors = tensor_mismatch(netG, loaded)
-    if tensors:
+    try:
+        load_strict(netG, loaded.state_dict(), f"model.init_from {source}")
+    except CheckpointError as exc:
         fields = architecture_mismatch(netG.architecture, loaded.architecture)
-        raise CheckpointError(
-            f"model.init_from {source}: the generator there does not fit the configured one: "
-            f"{'; '.join(fields + tensors)}"
-        )
-    load_strict(netG, loaded.state_dict(), f"model.init_from {source}")
+        if not fields:
+            raise
+        raise CheckpointError(f"{exc}; the configured generator differs in {'; '.join(fields)}") from None
     record: dict[str, Any] = {"url": url, "file": source, "sha256": hashlib.sha256(data).hexdigest()}
     card = model_card(obj)
     for name in ("preset", "step", "direction"):
