@@ -173,7 +173,7 @@ class _WinogradConv2d(torch.autograd.Function):
         if recorded and tile is None:
             ctx.save_for_backward(x, weight)
             return _direct_conv2d(x, weight, bias, padding)
-        ops, pad = torch.ops.cut_native, PADDING[padding]
+        ops, pad = torch.ops.cut_native, ctx.pad
         x, weight = x.contiguous(), weight.contiguous()
         bias = None if bias is None else bias.contiguous()
         (n, c), k = x.shape[:2], weight.shape[0]
