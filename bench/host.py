@@ -20,10 +20,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench.child import run_json
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "horse2zebra" / "testA"
 FORMATS = ("png", "jpg", "webp", "png-pillow")
@@ -130,8 +131,7 @@ def main() -> None:
                 for fmt in FORMATS:
                     out = root / f"out-{size}-{fmt}-{r}"
                     cmd = [sys.executable, "-m", "bench.host", "--_one", listing, str(out), str(size), fmt]
-                    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                    runs[fmt].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    runs[fmt].append(run_json(cmd))
                     shutil.rmtree(out)
             host = {}
             for fmt, results in runs.items():

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from bench.child import run_json
 from bench.official import use_official_layers
 from cut import ResnetGenerator, export_generator
 from cut.checkpoint import to_bytes
@@ -117,10 +117,7 @@ def _child(variant: str, args: argparse.Namespace, root: Path, out: Path) -> flo
     cmd = [sys.executable, "-m", "bench.infer", "--_run", variant, "--_root", str(root), "--_out", str(out),
            "--images", str(args.images), "--threads", str(args.threads), "--data", str(args.data)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"bench.infer {variant} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+    return run_json(cmd, env)["seconds"]
 
 
 def main() -> None:

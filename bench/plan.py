@@ -14,11 +14,11 @@ Goals (issue 12): planning <= 60 s and <= 1 GiB at 10^6; a worker's start <= 2 s
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench.child import run_json
 
 PLAN = """
 import json, resource, sys, time
@@ -59,8 +59,7 @@ def write_listing(path: Path, n: int) -> None:
 
 
 def child(code: str, *args: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json([sys.executable, "-c", code, *args])
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench.child import run_json
 
 MODES = ("whole", "tiled", "spill")
 
@@ -84,8 +85,7 @@ def child(size: int, mode: str, tile: int, ngf: int, device: str, out: str) -> N
 def measure(size: int, mode: str, args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, "-m", "bench.tiles", "--child", str(size), mode, "--tile", str(args.tile),
            "--ngf", str(args.ngf), "--device", args.device, "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json(cmd)
 
 
 def main() -> None:

@@ -23,12 +23,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
+from bench.child import run_json
 from bench.official import use_official_layers
 from cut import CUTConfig, CUTModel
 
@@ -95,8 +95,7 @@ def _child(args: list[str], threads: int, low_mmap_threshold: bool = False) -> d
     if low_mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     cmd = [sys.executable, "-m", "bench.train_step", *args, "--threads", str(threads)]
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_json(cmd, env)
 
 
 def main() -> None:
