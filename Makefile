@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU machines: pin torch to the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build).
 CONSTRAINTS ?= constraints-cpu.txt
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test test-quick lint demo clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,13 @@ venv: $(VENV)/.installed
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# The whole suite, as CI runs it; the slowest tests are listed at the end so they stay visible.
 test: venv lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# The developer's loop: everything but the multi-process and end-to-end tests (marked slow).
+test-quick: venv lint
+	$(PY) -m pytest -q -m "not slow"
 
 demo: venv
 	$(PY) -m jobs.demo $(if $(DATA),--data $(DATA))

@@ -11,7 +11,7 @@ tensor, to pixels, encode, hash, write, manifest. Inputs: horse2zebra test JPEGs
 1024x1024 JPEGs (quality 90). The baseline, measured in the same run,
 is the same job writing PNGs with Pillow at its default level, which jobs.infer did before
 (`pipeline.png`). The per-stage split is CPU time summed over images.
-Goal (issue 13): at most 3 ms per image per core at 256x256 with the default output (PNG).
+Goal: at most 3 ms per image per core at 256x256 with the default output (PNG).
 """
 
 from __future__ import annotations

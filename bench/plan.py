@@ -8,7 +8,7 @@ interpreter and libraries included). Then, in another fresh process, each of `--
 simulated workers starts as jobs.infer does: read the plan, take its own units (unit i % workers),
 and read the items of its first unit; the slowest start is the figure that matters. The last
 lines say how each figure grows from the smallest size to the largest.
-Goals (issue 12): planning <= 60 s and <= 1 GiB at 10^6; a worker's start <= 2 s, flat in size.
+Goals: planning <= 60 s and <= 1 GiB at 10^6; a worker's start <= 2 s, flat in size.
 """
 
 from __future__ import annotations
