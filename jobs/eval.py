@@ -13,6 +13,12 @@ its input). They are scored against real domain B (--test-b, or saved --referenc
 the untranslated inputs, as a baseline. Images of every source get the official test preprocessing
 (bicubic resize to --crop-size). Sources: shard sets, folders, prefixes, globs, URL lists.
 
+A --translated manifest is data, not trusted: a row is scored only if its output lies under the
+translated set (no other store, scheme or host, no '..' or symlink leading out) and its bytes hash to
+its output_sha256, and its input lies under --inputs (default --test-a). Nothing else is fetched. The
+rows that fail are named in the log and in metrics.json ("rejected", "rejections"), and never scored
+or shown; when no row is left to score the job exits 2.
+
 FID and KID need the FID Inception weights (pt_inception-2015-12-05-6726825d.pth): --inception-weights,
 else $CUT_INCEPTION_WEIGHTS, else the torch hub cache, downloaded there when possible. Without them
 FID and KID are reported as unavailable, with the reason, unless --metrics asks for them (then the
@@ -37,7 +43,9 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -74,11 +82,16 @@ from jobs.runtime import reuse_freed_memory
 from pipeline import storage
 from pipeline.checkpoints import resolve_generator_url
 from pipeline.images import (
+    Confinement,
+    Rejection,
+    TranslatedPair,
     batched,
     decode_for_eval,
     image_batches,
     iter_encoded,
+    read_outputs,
     read_urls,
+    screen_pairs,
     translated_pairs,
 )
 from pipeline.ingest import ListingError
@@ -95,12 +108,17 @@ class UnavailableError(RuntimeError):
     """A metric cannot be computed with what this run was given."""
 
 
+class NothingToScoreError(RuntimeError):
+    """Every successful row of a --translated manifest was rejected or unreadable."""
+
+
 @dataclass
 class EvalConfig:
     """One evaluation: the command line's options, validated by ``jobs.config.build``."""
 
     checkpoint: str = ""
     translated: str = ""
+    inputs: list[str] | None = None
     train_classifier_only: bool = False
     test_a: str = ""
     test_b: str = ""
@@ -134,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="generator to evaluate: our export, latest_net_G.pth, a training state.pt or a run folder",
     )
     what.add_argument("--translated", help="inference output folder (OUT/manifest/*.parquet, OUT/images/...)")
+    p.add_argument("--inputs", nargs="+", metavar="URL",
+                   help="with --translated: the folders, prefixes or shard sets its inputs may be read from "
+                   "(jobs.infer's --input); a manifest row whose source_url lies elsewhere is rejected, "
+                   "not read (default: --test-a)")
     what.add_argument("--train-classifier-only", action="store_true",
                       help="train a domain classifier on --train-a/--train-b, save it to --domain-classifier "
                       "and stop (its held-out accuracy is in the file and the log)")
@@ -171,12 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
 def load_eval_config(args: argparse.Namespace) -> EvalConfig:
     """The validated config of a parsed command line."""
     options = {k: v for k, v in vars(args).items() if k != "log_format"}
-    data = {k: ("" if v is None and k != "metrics" else v) for k, v in options.items()}
+    data = {k: ("" if v is None and k not in ("metrics", "inputs") else v) for k, v in options.items()}
     config = build(EvalConfig, data, "command line")
     only = config.train_classifier_only
     checks = [
         ("--out", bool(config.out) or only, "given"),
         ("--test-a", bool(config.test_a) or not config.checkpoint, "given with --checkpoint"),
+        ("--inputs", bool(config.inputs or config.test_a) or not config.translated,
+         "given with --translated (where its inputs may be read: jobs.infer's --input), or --test-a"),
+        ("--inputs", not config.inputs or bool(config.translated), "given only with --translated"),
         ("--test-b", bool(config.test_b or config.reference_stats) or only, "given (or --reference-stats)"),
         ("--train-b", bool(config.train_a) == bool(config.train_b), "given together with --train-a"),
         ("--train-a", bool(config.train_a) or not only, "given with --train-classifier-only"),
@@ -291,10 +316,12 @@ class Sample:
 
 @dataclass
 class Scored:
-    """What an evaluation pass leaves: the keys of the scored images, in meter order, and samples."""
+    """What an evaluation pass leaves: the keys of the scored images, in meter order, samples, and the
+    manifest rows left out."""
 
     keys: list[str]
     samples: list[Sample]
+    rejected: list[Rejection] = field(default_factory=list)
 
 
 def _update(meters: tuple[QualityMeter, QualityMeter | None], x: torch.Tensor, y: torch.Tensor) -> None:
@@ -325,19 +352,25 @@ def translate_checkpoint(config: EvalConfig, meters: tuple[QualityMeter, Quality
 
 def score_translated(config: EvalConfig, meters: tuple[QualityMeter, QualityMeter | None],
                      device: torch.device) -> Scored:
-    """Score an inference output's images against their inputs, a chunk of manifest rows at a time;
-    an image whose input (or output) cannot be read is left out, with a warning."""
-    pairs = translated_pairs(config.translated)
-    if not pairs:
+    """Score an inference output's images against their inputs, a chunk of manifest rows at a time.
+    Only screened rows are read (outputs under --translated with matching hashes, inputs under
+    --inputs); a row that fails, or whose input or output cannot be read, is left out and named."""
+    listed = translated_pairs(config.translated)
+    if not listed:
         raise FileNotFoundError(f"{config.translated}: the manifest has no successful rows")
-    scored, missing = Scored([], []), 0
+    pairs, rejected = screen_pairs(listed, Confinement([config.translated]),
+                                   Confinement(config.inputs or [config.test_a]))
+    scored, missing = Scored([], [], rejected), 0
     for start in range(0, len(pairs), PAIR_CHUNK):
         chunk = pairs[start:start + PAIR_CHUNK]
         outputs = {item.key: y for item, y in decode_for_eval(
-            read_urls((p.key, p.output_url) for p in chunk), config.crop_size)}
+            read_outputs(chunk, scored.rejected), config.crop_size)}
         inputs = {item.key: x for item, x in decode_for_eval(
-            read_urls((p.key, p.source_url) for p in chunk), config.crop_size)}
+            read_urls((p.key, p.source_url) for p in chunk if p.key in outputs), config.crop_size)}
         keys = [p.key for p in chunk if p.key in outputs and p.key in inputs]
+        failed = {r.key for r in scored.rejected}
+        scored.rejected += [unreadable(p, p.key in outputs) for p in chunk
+                            if p.key not in inputs and p.key not in failed]
         missing += len(chunk) - len(keys)
         for i in range(0, len(keys), config.batch_size):
             batch = keys[i:i + config.batch_size]
@@ -350,7 +383,23 @@ def score_translated(config: EvalConfig, meters: tuple[QualityMeter, QualityMete
     if missing:
         log.warning("%s: %d of %d translations left out: their input or output could not be read",
                     config.translated, missing, len(pairs))
+    if not scored.keys:
+        raise NothingToScoreError(
+            f"{config.translated}: none of the {len(listed)} successful manifest rows can be scored "
+            f"({rejection_summary(r.reason for r in scored.rejected)}; each is named above)")
     return scored
+
+
+def unreadable(pair: TranslatedPair, output_read: bool) -> Rejection:
+    """The rejection of a screened row whose output, or else input, could not be read or decoded."""
+    url = pair.source_url if output_read else pair.output_url
+    what = "input" if output_read else "output"
+    return Rejection(pair.key, "unreadable", url, f"the {what} {url} could not be read or decoded")
+
+
+def rejection_summary(reasons: Iterable[str]) -> str:
+    """'2 output-outside, 1 sha256-mismatch': how many rows were left out, by reason code."""
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(Counter(reasons).items()))
 
 
 def reference_pass(config: EvalConfig, inception: FIDInception | None, classifier: DomainClassifier | None,
@@ -432,6 +481,9 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     no_better = _no_better_than_identity(scores, identity)
     if no_better:
         log.warning("%s", no_better)
+    if scored.rejected:
+        log.warning("%d manifest rows rejected, not scored: %s", len(scored.rejected),
+                    rejection_summary(r.reason for r in scored.rejected))
     doubt = classifier_warning(classifier_meta) if classifier is not None else ""  # logged when loaded
     warnings = [w for w in (doubt, no_better) if w]
     metrics: dict[str, Any] = {
@@ -441,6 +493,9 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         "real_b": real_b_scores,
         "unavailable": errors,
         "warnings": warnings,
+        "rejected": len(scored.rejected),
+        "rejections": {r.key: {"reason": r.reason, "url": r.url, "detail": r.detail}
+                       for r in scored.rejected},
         "domain_classifier": classifier_meta or None,
         "inception_weights": inception_weights_source(config.inception_weights) if inception else None,
         "config": asdict(config),
@@ -525,10 +580,21 @@ def format_table(metrics: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines += [f"{names} unavailable: {reason}" for names, reason in unavailable_notes(metrics)]
+    if note := rejected_note(metrics):
+        lines.append(note)
     if about := classifier_note(metrics["domain_classifier"]):
         lines.append(about)
     lines += [f"WARNING: {warning}" for warning in metrics["warnings"]]
     return "\n".join(lines)
+
+
+def rejected_note(metrics: dict[str, Any]) -> str:
+    """One line on the manifest rows left out of scoring ("" if none)."""
+    rejections = metrics.get("rejections") or {}
+    if not rejections:
+        return ""
+    summary = rejection_summary(r["reason"] for r in rejections.values())
+    return f"{len(rejections)} manifest rows rejected, not scored ({summary}): see rejections in metrics.json"
 
 
 def classifier_note(meta: dict[str, Any] | None) -> str:
@@ -613,6 +679,8 @@ def write_report(out: str, metrics: dict[str, Any], samples: list[Sample],
                     for names, reason in unavailable_notes(metrics))
     about = classifier_note(metrics["domain_classifier"])
     about = f"<p>{html.escape(about)}</p>" if about else ""
+    if rejected := rejected_note(metrics):
+        about += f'<p class="warning">{html.escape(rejected)}</p>'
     warnings = "".join(f'<p class="warning"><b>Warning:</b> {html.escape(w)}</p>'
                        for w in metrics["warnings"])
     config = metrics["config"]
@@ -644,6 +712,9 @@ def main(argv: list[str] | None = None) -> int:
         if config.train_classifier_only:
             return save_classifier_only(config)
         metrics = evaluate(config)
+    except NothingToScoreError as exc:
+        log.error("%s", exc)
+        return 2
     except (InceptionWeightsError, UnavailableError, CheckpointError, ConfigError, FileNotFoundError,
             ShardIndexError, ListingError) as exc:
         log.error("%s", exc)

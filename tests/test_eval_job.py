@@ -3,6 +3,7 @@ reports with and without the Inception weights, and `evaluate_generator` for the
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -71,7 +72,8 @@ def translation_output(tmp_path: Path, make_images) -> Path:
         target = out / "images" / "0" / f"k{i}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(png(70 + i))
-        rows.append({"key": f"k{i}", "source_url": str(source), "output_url": str(target), "status": "ok"})
+        rows.append({"key": f"k{i}", "source_url": str(source), "output_url": str(target), "status": "ok",
+                     "output_sha256": hashlib.sha256(png(70 + i)).hexdigest()})
     tar_path = out / "shards" / "part-000001.tar"
     tar_path.parent.mkdir(parents=True)
     with tarfile.open(tar_path, "w") as tar:
@@ -79,11 +81,17 @@ def translation_output(tmp_path: Path, make_images) -> Path:
         info = tarfile.TarInfo("k2.png")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
-    rows.append({"key": "k2", "source_url": shard_input, "output_url": f"{tar_path}#k2.png", "status": "ok"})
+    rows.append({"key": "k2", "source_url": shard_input, "output_url": f"{tar_path}#k2.png", "status": "ok",
+                 "output_sha256": hashlib.sha256(data).hexdigest()})
     write_part(str(out), 0, rows[:2])
     write_part(str(out), 1, [rows[2], {"key": "bad", "source_url": "/gone.jpg", "status": "error",
                                         "error": "corrupt", "error_detail": "not an image"}])
     return out
+
+
+def corpus_roots(tmp_path: Path) -> list[str]:
+    """`--inputs` for `translation_output`: where its inputs lie (a listing and a shard set)."""
+    return ["--inputs", str(tmp_path / "corpus"), str(tmp_path / "corpus-shards")]
 
 
 def test_images_stream_from_listings_shard_sets_and_inference_outputs(tmp_path, make_images, caplog):
@@ -146,7 +154,7 @@ def test_translated_output_without_inception_weights_reports_fid_unavailable(tmp
     out = translation_output(tmp_path, make_images)
     classifier = tmp_path / "domain.pt"
     classifier.write_bytes(to_bytes(export_classifier(DomainClassifier(width=4), test_accuracy=0.9)))
-    args = ["--translated", str(out), "--test-b", str(make_images("testB", 2, start_seed=20)),
+    args = ["--translated", str(out), *corpus_roots(tmp_path), "--test-b", str(make_images("testB", 2, start_seed=20)),
             "--domain-classifier", str(classifier), "--no-download", "--crop-size", str(CROP)]
     assert main([*args, "--out", str(tmp_path / "report")]) == 0
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
@@ -204,7 +212,7 @@ def test_a_weak_classifier_warns_in_the_log_the_table_and_the_report(tmp_path, m
     weak = tmp_path / "weak.pt"
     weak.write_bytes(to_bytes(export_classifier(DomainClassifier(width=4), test_accuracy=0.56,
                                                 test_accuracy_a=0.9, test_accuracy_b=0.22)))
-    rc = main(["--translated", str(out), "--test-b", str(make_images("testB", 2, start_seed=20)),
+    rc = main(["--translated", str(out), *corpus_roots(tmp_path), "--test-b", str(make_images("testB", 2, start_seed=20)),
                "--domain-classifier", str(weak), "--no-download", "--crop-size", str(CROP),
                "--out", str(tmp_path / "report")])
     assert rc == 0
@@ -225,7 +233,7 @@ def test_per_image_scores_and_headline_numbers_are_written(tmp_path, make_images
     classifier = tmp_path / "domain.pt"
     classifier.write_bytes(to_bytes(export_classifier(DomainClassifier(width=4), test_accuracy=0.95)))
     report = tmp_path / "report"
-    assert main(["--translated", str(out), "--test-b", str(make_images("testB", 2, start_seed=20)),
+    assert main(["--translated", str(out), *corpus_roots(tmp_path), "--test-b", str(make_images("testB", 2, start_seed=20)),
                  "--domain-classifier", str(classifier), "--no-download", "--crop-size", str(CROP),
                  "--out", str(report)]) == 0
     table = pq.read_table(report / "per_image.parquet")
