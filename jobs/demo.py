@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     note = (f"make demo: CUT trained {args.steps} steps on the CPU at {SIZE} px"
             + (f" on {data}. {REAL_DATA_NOTE}" if args.data else " on generated shapes (flat A, striped B)."))
     run([py, "-m", "jobs.eval", "--translated", str(out / "translated"), "--inputs", str(data / "testA"),
-         "--test-b", str(data / "testB"),
-         "--domain-classifier", str(classifier), "--out", str(out), "--crop-size", str(SIZE),
+         "--test-b", str(data / "testB"), "--domain-classifier", str(classifier), "--out", str(out),
+         "--crop-size", str(SIZE),
          "--samples", "16", "--metrics", "domain", "--note", note])
     metrics = json.loads((out / "metrics.json").read_text())
     print("\n" + summary(metrics, out, args.steps, time.perf_counter() - start))

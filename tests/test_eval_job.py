@@ -154,7 +154,8 @@ def test_translated_output_without_inception_weights_reports_fid_unavailable(tmp
     out = translation_output(tmp_path, make_images)
     classifier = tmp_path / "domain.pt"
     classifier.write_bytes(to_bytes(export_classifier(DomainClassifier(width=4), test_accuracy=0.9)))
-    args = ["--translated", str(out), *corpus_roots(tmp_path), "--test-b", str(make_images("testB", 2, start_seed=20)),
+    args = ["--translated", str(out), *corpus_roots(tmp_path),
+            "--test-b", str(make_images("testB", 2, start_seed=20)),
             "--domain-classifier", str(classifier), "--no-download", "--crop-size", str(CROP)]
     assert main([*args, "--out", str(tmp_path / "report")]) == 0
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
@@ -212,7 +213,8 @@ def test_a_weak_classifier_warns_in_the_log_the_table_and_the_report(tmp_path, m
     weak = tmp_path / "weak.pt"
     weak.write_bytes(to_bytes(export_classifier(DomainClassifier(width=4), test_accuracy=0.56,
                                                 test_accuracy_a=0.9, test_accuracy_b=0.22)))
-    rc = main(["--translated", str(out), *corpus_roots(tmp_path), "--test-b", str(make_images("testB", 2, start_seed=20)),
+    rc = main(["--translated", str(out), *corpus_roots(tmp_path),
+               "--test-b", str(make_images("testB", 2, start_seed=20)),
                "--domain-classifier", str(weak), "--no-download", "--crop-size", str(CROP),
                "--out", str(tmp_path / "report")])
     assert rc == 0
@@ -233,7 +235,8 @@ def test_per_image_scores_and_headline_numbers_are_written(tmp_path, make_images
     classifier = tmp_path / "domain.pt"
     classifier.write_bytes(to_bytes(export_classifier(DomainClassifier(width=4), test_accuracy=0.95)))
     report = tmp_path / "report"
-    assert main(["--translated", str(out), *corpus_roots(tmp_path), "--test-b", str(make_images("testB", 2, start_seed=20)),
+    assert main(["--translated", str(out), *corpus_roots(tmp_path),
+                 "--test-b", str(make_images("testB", 2, start_seed=20)),
                  "--domain-classifier", str(classifier), "--no-download", "--crop-size", str(CROP),
                  "--out", str(report)]) == 0
     table = pq.read_table(report / "per_image.parquet")
