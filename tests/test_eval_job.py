@@ -9,8 +9,14 @@ import json
 import logging
 import re
 import tarfile
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import image_bytes
@@ -270,3 +276,135 @@ def test_a_classifier_is_trained_on_its_own_and_measured_on_images_it_never_saw(
     assert 0 <= meta["test_accuracy"] <= 1 and not (tmp_path / "report").exists()
     with pytest.raises(SystemExit):  # where to save it is required
         main(["--train-classifier-only", "--train-a", str(train_a), "--train-b", str(train_b)])
+
+
+class RecordingHandler(BaseHTTPRequestHandler):
+    """Serves a PNG for any GET and records the path asked for."""
+
+    def do_GET(self) -> None:
+        self.server.requests.append(self.path)  # type: ignore[attr-defined]
+        body = png(99)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_server() -> Iterator[ThreadingHTTPServer]:
+    """A real HTTP server on 127.0.0.1 in a thread; `.requests` lists every path it was asked for."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingHandler)
+    server.requests = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def infer_translated_set(tmp_path: Path, inputs: Path, generator: str) -> Path:
+    """A translated set written by jobs.infer itself (files of PNGs and a Parquet manifest)."""
+    from jobs.infer import main as infer
+
+    out = tmp_path / "translated"
+    assert infer(["--checkpoint", generator, "--input", str(inputs), "--out", str(out),
+                  "--crop-size", str(CROP), "--workers", "0", "--no-progress"]) == 0
+    return out
+
+
+def tamper(out: Path, changes: dict[str, dict[str, str]]) -> None:
+    """Rewrite the manifest parts of `out` with `changes[key]` applied to that key's row."""
+    for part in sorted((out / "manifest").glob("part-*.parquet")):
+        table = pq.read_table(part)
+        rows = [{**row, **changes.get(row["key"], {})} for row in table.to_pylist()]
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), part)
+
+
+def private_image(tmp_path: Path) -> Path:
+    """An image outside every root eval is given: pure magenta, so a leak into the report shows."""
+    path = tmp_path / "private" / "secret.png"
+    path.parent.mkdir()
+    Image.new("RGB", (CROP, CROP), (255, 0, 255)).save(path)
+    return path
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_translated_rows_naming_urls_outside_their_set_are_rejected_named_and_never_read(
+        tmp_path, make_images, generator_file, offline, http_server, capfd):
+    test_a = make_images("testA", 9, start_seed=5)
+    out = infer_translated_set(tmp_path, test_a, generator_file)
+    rows = pq.read_table(out / "manifest").to_pylist()
+    assert all(row["status"] == "ok" for row in rows) and len(rows) == 9
+    keys = sorted(row["key"] for row in rows)
+    output = {row["key"]: Path(row["output_url"]) for row in rows}
+    secret = private_image(tmp_path)
+    link = output[keys[4]].parent / "link.png"
+    link.symlink_to(secret)  # inside the translated set, pointing out of it
+    port = http_server.server_address[1]
+    changes = {
+        keys[0]: {"output_url": f"http://127.0.0.1:{port}/x.png",
+                  "output_sha256": hashlib.sha256(png(99)).hexdigest()},
+        keys[1]: {"output_url": str(secret), "output_sha256": sha(secret)},
+        keys[2]: {"output_url": f"{out}/images/../../private/secret.png", "output_sha256": sha(secret)},
+        keys[3]: {"output_sha256": "0" * 64},
+        keys[4]: {"output_url": str(link), "output_sha256": sha(secret)},
+        keys[5]: {"source_url": f"http://127.0.0.1:{port}/src.png"},
+        keys[6]: {"source_url": f"file://{secret}"},
+    }
+    tamper(out, changes)
+    classifier = tmp_path / "domain.pt"
+    classifier.write_bytes(to_bytes(export_classifier(DomainClassifier(width=4), test_accuracy=0.9)))
+    report = tmp_path / "report"
+    capfd.readouterr()
+    assert main(["--translated", str(out), "--inputs", str(test_a), "--test-b", str(make_images("testB", 2)),
+                 "--domain-classifier", str(classifier), "--no-download", "--crop-size", str(CROP),
+                 "--samples", "9", "--out", str(report)]) == 0
+    logged = capfd.readouterr().err
+
+    assert http_server.requests == []  # nothing was fetched from the manifest's HTTP URLs
+    metrics = json.loads((report / "metrics.json").read_text())
+    reasons = {key: r["reason"] for key, r in metrics["rejections"].items()}
+    assert reasons == {keys[0]: "output-outside", keys[1]: "output-outside", keys[2]: "output-outside",
+                       keys[3]: "sha256-mismatch", keys[4]: "output-outside", keys[5]: "source-outside",
+                       keys[6]: "source-outside"}
+    assert metrics["rejected"] == 7 and metrics["translated"]["count"] == 2
+    assert all(f"rejected {key}" in logged for key in reasons)  # each row is named in the log
+    assert pq.read_table(report / "per_image.parquet").column("key").to_pylist() == keys[7:]
+    shown = [np.asarray(Image.open(p).convert("RGB")) for p in (report / "samples").glob("*.png")]
+    assert len(shown) == 4 and not any((img == (255, 0, 255)).all(axis=-1).mean() > 0.5 for img in shown)
+    assert "7 manifest rows rejected" in (report / "report.html").read_text()
+
+    # The same screening holds where a translated set is a plain image source (--test-b, training's eval).
+    assert [e.key for e in iter_encoded(str(out))] == keys[5:]
+    assert http_server.requests == []
+
+
+def test_a_translated_set_none_of_whose_rows_can_be_scored_exits_2_and_writes_no_report(
+        tmp_path, make_images, generator_file, offline, capfd):
+    test_a = make_images("testA", 2, start_seed=5)
+    out = infer_translated_set(tmp_path, test_a, generator_file)
+    keys = [row["key"] for row in pq.read_table(out / "manifest").to_pylist()]
+    tamper(out, {key: {"output_sha256": "f" * 64} for key in keys})
+    classifier = tmp_path / "domain.pt"
+    classifier.write_bytes(to_bytes(export_classifier(DomainClassifier(width=4), test_accuracy=0.9)))
+    capfd.readouterr()
+    assert main(["--translated", str(out), "--inputs", str(test_a), "--test-b", str(make_images("testB", 2)),
+                 "--metrics", "domain", "--domain-classifier", str(classifier), "--crop-size", str(CROP),
+                 "--out", str(tmp_path / "report")]) == 2
+    err = capfd.readouterr().err
+    assert re.search(r"ERROR jobs.eval: .*none of the 2 successful manifest rows can be scored "
+                     r"\(2 sha256-mismatch", err)
+    assert not (tmp_path / "report").exists()
+
+
+def test_translated_needs_to_be_told_where_its_inputs_may_be_read(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--translated", str(tmp_path), "--test-b", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert exc.value.code == 2 and "--inputs must be given with --translated" in capsys.readouterr().err
