@@ -95,6 +95,8 @@ class Confinement:
     def resolve(self, url: str) -> str:
         """The URL to read for `url` (a `<shard>.tar#<member>` URL keeps its member); OutsideError
         if it lies outside every root."""
+        if not isinstance(url, str) or not url:
+            raise OutsideError(f"no URL ({url!r})")
         head, sep, member = url.partition("#") if _container(url) else (url, "", "")
         if not self.roots:
             raise OutsideError(f"{url}: no root is named to read it from")

@@ -29,7 +29,7 @@ from cut.domain import DomainClassifier, export_classifier
 from cut.inception import WEIGHTS_NAME, FIDInception
 from cut.metrics import FeatureStats, evaluate_generator, reference_statistics
 from jobs.eval import main
-from pipeline.images import image_batches, iter_encoded
+from pipeline.images import Confinement, OutsideError, image_batches, iter_encoded
 from pipeline.ingest import build_shards
 from pipeline.manifest import write_part
 from pipeline.shards import ShardIndex
@@ -408,3 +408,30 @@ def test_translated_needs_to_be_told_where_its_inputs_may_be_read(tmp_path, caps
     with pytest.raises(SystemExit) as exc:
         main(["--translated", str(tmp_path), "--test-b", str(tmp_path), "--out", str(tmp_path / "r")])
     assert exc.value.code == 2 and "--inputs must be given with --translated" in capsys.readouterr().err
+
+
+def test_a_confinement_admits_only_urls_that_stay_under_its_roots(tmp_path):
+    root = tmp_path / "set"
+    (root / "images").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "images" / "out").symlink_to(tmp_path / "elsewhere")
+    local = Confinement([str(root)])
+    assert local.resolve(f"{root}/images/a.png") == f"{root.resolve()}/images/a.png"
+    assert local.resolve(f"file://{root}/images/a.png") == f"{root.resolve()}/images/a.png"
+    assert local.resolve(f"{root}/shards/p.tar#k/a.png") == f"{root.resolve()}/shards/p.tar#k/a.png"
+    for url in (f"{root}/../elsewhere/a.png", f"{root}/images/out/a.png", f"{root}x/a.png", "relative/a.png",
+                f"file://localhost{root}/a.png", f"http://127.0.0.1:9/{root}/a.png", f"s3:/{root}/a.png", "",
+                None):
+        with pytest.raises(OutsideError):
+            local.resolve(url)
+    shards = Confinement([f"{root}/_index.json", f"{tmp_path}/glob/*/x"])  # a shard set's, a glob's folder
+    assert shards.resolve(f"{root}/p.tar#a.png") and shards.resolve(f"{tmp_path}/glob/y/a.png")
+
+    remote = Confinement(["s3://bucket/set/", "http://127.0.0.1:8000/set"])
+    assert remote.resolve("s3://bucket/set/images/a.png") == "s3://bucket/set/images/a.png"
+    assert remote.resolve("http://127.0.0.1:8000/set/a.png") == "http://127.0.0.1:8000/set/a.png"
+    for url in ("s3://bucket/setx/a.png", "s3://other/set/a.png", "s3://bucket/set/../x.png",
+                "s3://bucket/set/%2e%2e/x.png", "s3://bucket/set/%2E%2e/x.png", "gs://bucket/set/a.png",
+                "http://127.0.0.1:8001/set/a.png", "http://127.0.0.1:8000/set/%2e%2e/x", "https://127.0.0.1:8000/set/a"):
+        with pytest.raises(OutsideError):
+            remote.resolve(url)
