@@ -360,7 +360,7 @@ def score_translated(config: EvalConfig, meters: tuple[QualityMeter, QualityMete
         raise FileNotFoundError(f"{config.translated}: the manifest has no successful rows")
     pairs, rejected = screen_pairs(listed, Confinement([config.translated]),
                                    Confinement(config.inputs or [config.test_a]))
-    scored, missing = Scored([], [], rejected), 0
+    scored = Scored([], [], rejected)
     for start in range(0, len(pairs), PAIR_CHUNK):
         chunk = pairs[start:start + PAIR_CHUNK]
         outputs = {item.key: y for item, y in decode_for_eval(
@@ -371,7 +371,6 @@ def score_translated(config: EvalConfig, meters: tuple[QualityMeter, QualityMete
         failed = {r.key for r in scored.rejected}
         scored.rejected += [unreadable(p, p.key in outputs) for p in chunk
                             if p.key not in inputs and p.key not in failed]
-        missing += len(chunk) - len(keys)
         for i in range(0, len(keys), config.batch_size):
             batch = keys[i:i + config.batch_size]
             x = torch.stack([inputs[k] for k in batch]).to(device)
@@ -380,9 +379,6 @@ def score_translated(config: EvalConfig, meters: tuple[QualityMeter, QualityMete
         scored.keys += keys
         room = config.samples - len(scored.samples)
         scored.samples += [Sample(k, inputs[k], outputs[k]) for k in keys[:room]]
-    if missing:
-        log.warning("%s: %d of %d translations left out: their input or output could not be read",
-                    config.translated, missing, len(pairs))
     if not scored.keys:
         raise NothingToScoreError(
             f"{config.translated}: none of the {len(listed)} successful manifest rows can be scored "
