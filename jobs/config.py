@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -166,6 +167,12 @@ class RunSection:
     """Where the run lives."""
 
     url: str = key("", "run URL: config.yaml, checkpoints/, tb/, export/ (any fsspec URL)")
+    allow_config_change: bool = key(False, "resume a run whose stored config differs in keys other than "
+                                    "those free to change on resume (FREE_ON_RESUME); every config the run "
+                                    "used stays in config-history/")
+    lease_stale_after: float = key(120.0, "seconds without a heartbeat after which another trainer may take "
+                                   "over the run's lease (its owner died on another host); the owner "
+                                   "beats every quarter of it")
 
 
 @dataclass
@@ -262,6 +269,8 @@ def build(cls: type[T], data: Any, source: str, where: str = "") -> T:
         if not _type_ok(value, annotation):
             expected = getattr(annotation, "__name__", str(annotation))
             raise ConfigError(f"{source}: config key '{key}' must be {expected}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{source}: config key '{key}' must be a finite number, got {value!r}")
         takes_int = annotation is int or int in typing.get_args(annotation)
         is_int = isinstance(value, int) and not isinstance(value, bool)
         values[name] = float(value) if is_int and not takes_int else value
@@ -326,6 +335,38 @@ def to_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
+# ------------------------------------------------------------------------------------------ resuming
+#: Keys a resumed run may change without run.allow_config_change: when it stops, how often it logs,
+#: saves and keeps, where it runs and with how many loader workers, how it is evaluated and where it
+#: lives; never what a training step computes. A prefix ending in "." frees its whole section.
+FREE_ON_RESUME = (
+    "train.max_steps", "train.checkpoint_every", "train.keep_last", "train.log_every", "train.image_every",
+    "train.device", "train.start_fresh_if_unreadable", "data.workers", "model.init_from", "eval.", "run.",
+)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
+
+
+def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, stored value, current value) of each key both configs hold with different values; a key
+    the stored config lacks (written before the key existed) is not compared."""
+    old, new = _flatten(stored), _flatten(current)
+    return [(k, old[k], v) for k, v in new.items() if k in old and old[k] != v]
+
+
+def free_on_resume(key_name: str) -> bool:
+    """Whether a resumed run may change ``key_name`` freely (FREE_ON_RESUME)."""
+    return any(key_name == k or (k.endswith(".") and key_name.startswith(k)) for k in FREE_ON_RESUME)
+
+
 # ---------------------------------------------------------------------------------------- training
 def resolve_train_config(config: TrainConfig) -> TrainConfig:
     """Fill preset-dependent values (epochs, NCE options) and check cross-key rules."""
@@ -367,7 +408,11 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
         ("train.n_epochs_decay", t.n_epochs_decay >= 0, ">= 0"),
         ("train.n_epochs", t.n_epochs + t.n_epochs_decay >= 1, "such that n_epochs + n_epochs_decay >= 1"),
         ("train.lr_policy", t.lr_policy in LR_POLICIES, f"one of {', '.join(LR_POLICIES)}"),
-        ("train.lr_decay_iters", t.lr_policy != "step" or t.lr_decay_iters >= 1, ">= 1 for lr_policy step"),
+        ("train.lr_decay_iters", t.lr_decay_iters >= 1, ">= 1"),
+        ("train.seed", t.seed >= 0, ">= 0"),
+        ("model.netF_nc", m.netF_nc >= 1, ">= 1"),
+        ("data.crops_per_epoch", d.crops_per_epoch >= 1, ">= 1"),
+        ("run.lease_stale_after", config.run.lease_stale_after > 0, "> 0 seconds"),
         ("train.n_epochs", t.lr_policy != "cosine" or t.n_epochs >= 1, ">= 1 with lr_policy cosine"),
         ("train.max_steps", t.max_steps is None or t.max_steps >= 1, ">= 1 or null"),
         ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),

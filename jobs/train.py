@@ -6,10 +6,19 @@ on two single images (configs/sincut.yaml, one process).
 
 Outputs under run.url: config.yaml, checkpoints/step-%09d/ (full training state; the newest
 complete one is resumed automatically; one that cannot be read is set aside and the one before it
-resumed), tb/ (TensorBoard), export/ (generator.pt for jobs.infer and an official-layout
-latest_net_G.pth: the generator of the newest checkpoint, rewritten with each). In the training
-loop, SIGTERM or SIGINT saves a checkpoint and exits 0; before it, or a second time, they end the
-run at once (exit 143 or 130).
+resumed), tb/ (TensorBoard), export/ (generator.pt for jobs.infer, an official-layout
+latest_net_G.pth and model_card.json, written last, naming their step: the generator of the newest
+checkpoint, rewritten with each and on resume when it is older), config-history/ (every config the run
+used). In the training loop, SIGTERM or SIGINT saves a checkpoint and exits 0; before it, or a second
+time, they end the run at once (exit 143 or 130).
+
+One trainer per run: rank 0 holds RUN/lease.json for the whole job (a heartbeat every quarter of
+run.lease_stale_after); a second trainer exits 2 naming the owner, unless the owner is gone (its process
+on this host, or no heartbeat for run.lease_stale_after seconds) or is this torchrun job restarted. A
+resume whose config differs from RUN/config.yaml in keys other than FREE_ON_RESUME (jobs/config.py)
+exits 2 listing them, unless run.allow_config_change=true. Exit codes: 0 done or stopped by a signal
+with a checkpoint saved, 1 a failure (data, checkpoint, a failed write), 2 a bad config, a run owned by
+another trainer or a changed config.
 """
 
 from __future__ import annotations
@@ -17,7 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
+import socket
 import sys
 import time
 from collections import deque
@@ -26,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -38,14 +50,16 @@ from jobs.config import (
     SINCUT,
     ConfigError,
     TrainConfig,
+    config_changes,
     cut_config,
     describe_keys,
+    free_on_resume,
     load_config,
     resolve_train_config,
     to_dict,
     to_yaml,
 )
-from jobs.finetune import init_generator
+from jobs.finetune import InitFromError, init_generator
 from jobs.logs import setup_logging
 from jobs.quality import HeldOutEvaluator
 from jobs.runtime import Runtime, code_version, init_runtime, shutdown
@@ -55,12 +69,17 @@ from jobs.tensorboard import TensorBoard
 from pipeline import storage
 from pipeline.checkpoints import CheckpointStore
 from pipeline.corpus import is_shard_set
+from pipeline.lease import Lease, LeaseHeldError, LeaseLostError
 from pipeline.shards import ShardIndexError
 from pipeline.unpaired import DataSetError, StreamPosition, UnpairedStream, freeze_listing
 
 log = logging.getLogger("jobs.train")
 
 STATE_BLOB = "state.pt"
+LEASE = "lease.json"  # RUN/lease.json: the run's owner (pipeline.lease)
+CONFIG = "config.yaml"  # RUN/config.yaml: the config the run uses now
+CONFIG_HISTORY = "config-history"  # RUN/config-history/NNNN-step-S.yaml: each config used, from step S
+EXPORT_CARD = "model_card.json"  # RUN/export/model_card.json: written last, names the export's step
 Loaded = tuple[int, str, dict[str, Any]]  # a checkpoint's step, the URL of its state and the state
 
 
@@ -68,13 +87,23 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 
+class RunWriteError(RuntimeError):
+    """A checkpoint or export could not be written (a full disk, a store refusing writes)."""
+
+
+class RunClaimError(RuntimeError):
+    """The run cannot be taken: another trainer owns it, or its stored config differs (exit 2)."""
+
+
 class Trainer:
     """The training loop of one rank: model, stream, schedule, checkpoints, logs."""
 
-    def __init__(self, config: TrainConfig, runtime: Runtime, signals: StopSignals | None = None) -> None:
+    def __init__(self, config: TrainConfig, runtime: Runtime, signals: StopSignals | None = None,
+                 lease: Lease | None = None) -> None:
         self.config = config
         self.rt = runtime
         self.signals = signals or StopSignals()
+        self.lease = lease  # rank 0's lease on the run (claim_run), checked before each write
         t = config.train
         self.run_url = config.run.url.rstrip("/")
         self.model, self.stream = self._build()
@@ -200,9 +229,17 @@ class Trainer:
         """Rank 0 writes the full training state; every rank takes part (RNG gather, barrier)."""
         rng = self._gather_rng()
         if self.rt.is_main:
-            folder = self.store.save(
-                self.step, {STATE_BLOB: self._state_bytes(rng), "config.yaml": to_yaml(self.config).encode()}
-            )
+            if self.lease is not None:
+                self.lease.check()
+            try:
+                folder = self.store.save(
+                    self.step, {STATE_BLOB: self._state_bytes(rng), CONFIG: to_yaml(self.config).encode()}
+                )
+            except OSError as exc:
+                raise RunWriteError(
+                    f"step {self.step}: could not write the checkpoint under {self.store.root} ({exc}); it "
+                    f"is not committed, a rerun resumes from the one before"
+                ) from exc
             removed = self.store.prune(self.config.train.keep_last)
             log.info("step %d: saved checkpoint %s (pruned %s)", self.step, folder, removed or "none")
             self.export()  # export/ always holds the newest checkpoint's generator
@@ -334,12 +371,19 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- loop
     def _control(self, losses: dict[str, torch.Tensor]) -> tuple[bool, bool]:
-        """(stop requested on any rank, non-finite loss on any rank), agreed by all ranks."""
+        """(stop requested on any rank, non-finite loss on any rank), agreed by all ranks; every rank
+        raises LeaseLostError once rank 0's heartbeat found the run taken over by another trainer."""
         bad = ~torch.isfinite(torch.stack([v.float() for v in losses.values()])).all()
-        flags = torch.stack([torch.tensor(self.signals.is_set(), device=bad.device), bad]).to(torch.int32)
+        lost = self.lease is not None and self.lease.lost is not None
+        flags = torch.stack([torch.tensor(self.signals.is_set(), device=bad.device), bad,
+                             torch.tensor(lost, device=bad.device)]).to(torch.int32)
         if self.rt.distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop, nonfinite = (bool(v) for v in flags.tolist())
+        stop, nonfinite, lost = (bool(v) for v in flags.tolist())
+        if lost:
+            raise LeaseLostError(f"step {self.step}: the run was taken over by another trainer "
+                                 f"({self.lease.lost if self.lease else 'seen by rank 0'}); stopping without "
+                                 f"writing")
         return stop, nonfinite
 
     def _batches(self) -> Iterator[tuple[dict[str, Any], float]]:
@@ -471,7 +515,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- outputs
     def export(self) -> None:
-        """The generator alone: our export for jobs.infer and the official latest_net_G.pth."""
+        """The generator alone: our export for jobs.infer and the official latest_net_G.pth, then the
+        model card naming their step (written last: a card of this step means both files are of it)."""
         g = self.model.netG
         meta = {
             "preset": self.config.model.preset,
@@ -479,21 +524,45 @@ class Trainer:
             "code_version": code_version(),
             "card": self.card(),
         }
-        storage.write_bytes_atomic(
-            storage.join(self.run_url, "export", "generator.pt"), to_bytes(export_generator(g, **meta))
-        )
         official = {k: v.detach().cpu() for k, v in g.state_dict().items()}
-        storage.write_bytes_atomic(
-            storage.join(self.run_url, "export", "latest_net_G.pth"), to_bytes(official)
-        )
+        files = {
+            "generator.pt": to_bytes(export_generator(g, **meta)),
+            "latest_net_G.pth": to_bytes(official),
+            EXPORT_CARD: json.dumps(meta, indent=1, default=str).encode(),
+        }
+        for name, data in files.items():
+            url = storage.join(self.run_url, "export", name)
+            try:
+                storage.write_bytes_atomic(url, data)
+            except OSError as exc:
+                raise RunWriteError(
+                    f"step {self.step}: checkpoint committed, but writing its export {url} failed ({exc}); "
+                    f"export/ is older than the newest checkpoint until a rerun rewrites it"
+                ) from exc
         log.info("step %d: exported the generator to %s", self.step, storage.join(self.run_url, "export"))
 
+    def export_step(self) -> int | None:
+        """The step export/ holds by its model card; None when it has none (or cannot be read)."""
+        try:
+            card = storage.read_bytes(storage.join(self.run_url, "export", EXPORT_CARD))
+            return int(json.loads(card)["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def ensure_export(self) -> None:
+        """Rewrite export/ from the resumed checkpoint when it holds another step (an export whose
+        write failed after its checkpoint committed, one from before a checkpoint was set aside)."""
+        held = self.export_step()
+        if held != self.step:
+            log.warning("step %d: export/ holds %s, not the newest checkpoint: rewriting it", self.step,
+                        "no model card" if held is None else f"step {held}")
+            self.export()
+
     def run(self) -> int:
-        if self.rt.is_main:
-            storage.write_bytes_atomic(
-                storage.join(self.run_url, "config.yaml"), to_yaml(self.config).encode()
-            )
-        self.apply_init_from(self.resume())
+        resumed = self.resume()
+        if resumed and self.rt.is_main:
+            self.ensure_export()
+        self.apply_init_from(resumed)
         if self.rt.distributed:
             device_ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             # batch norm over the global batch where torch can (SyncBatchNorm is GPU-only); on CPU
@@ -584,6 +653,85 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
+def job_id() -> str | None:
+    """What a restarted rank 0 of this torchrun job shares with the one before it: the rendezvous id
+    (--rdzv-id; --standalone draws one per torchrun), else, with torchrun's default id "none", its agent
+    process on this host; None outside torchrun."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None:
+        return None
+    if run_id and run_id != "none":
+        return f"torchrun {run_id}"
+    return f"torchrun agent {socket.gethostname()}:{os.getppid()}"
+
+
+def record_config(config: TrainConfig) -> None:
+    """Compare the config with the run's stored one (RUN/config.yaml), refusing changed keys other than
+    FREE_ON_RESUME unless run.allow_config_change; keep each config the run used in config-history/
+    and make config.yaml the current one."""
+    run_url = config.run.url.rstrip("/")
+    stored_url = storage.join(run_url, CONFIG)
+    history = storage.join(run_url, CONFIG_HISTORY)
+    current = to_yaml(config)
+    kept = sorted(storage.list_files(history)) if storage.exists(history) else []
+    if storage.exists(stored_url):
+        stored_text = storage.read_bytes(stored_url).decode()
+        try:
+            stored = yaml.safe_load(stored_text)
+        except yaml.YAMLError as exc:
+            raise RunClaimError(f"{stored_url} is not readable YAML ({exc}); restore it or use a new "
+                                f"run.url") from exc
+        changes = config_changes(stored if isinstance(stored, dict) else {}, yaml.safe_load(current))
+        if not changes:
+            return
+        fixed = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes if not free_on_resume(k))
+        if fixed and not config.run.allow_config_change:
+            raise RunClaimError(
+                f"{run_url} was trained with another config ({stored_url}); changed: {fixed}. Resume with "
+                f"the run's config, or pass run.allow_config_change=true to go on with this one (each config "
+                f"the run used is kept in {history}/)")
+        log.warning("resuming %s with a changed config: %s", run_url,
+                    ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes))
+        if not kept:  # a run from before config-history/ was kept: its first config goes in first
+            kept = [storage.join(history, "0001-step-000000000.yaml")]
+            storage.write_bytes_atomic(kept[0], stored_text.encode())
+    step = CheckpointStore(storage.join(run_url, "checkpoints")).latest_step() or 0
+    storage.write_bytes_atomic(storage.join(history, f"{len(kept) + 1:04d}-step-{step:09d}.yaml"),
+                               current.encode())
+    storage.write_bytes_atomic(stored_url, current.encode())
+
+
+def claim_run(config: TrainConfig, runtime: Runtime) -> Lease | None:
+    """Rank 0 takes the run's lease (held until ``release``) and records the config (``record_config``);
+    every rank learns the outcome. RunClaimError on every rank when the run is another trainer's or its
+    config changed. Returns rank 0's lease (None on the other ranks)."""
+    lease, refused = None, None
+    if runtime.is_main:
+        lease = Lease(storage.join(config.run.url.rstrip("/"), LEASE), job=job_id(),
+                      stale_after=config.run.lease_stale_after)
+        try:
+            lease.acquire()
+            record_config(config)
+        except LeaseHeldError as exc:
+            refused = (f"run {config.run.url} is being trained by another trainer: {exc}. One trainer per "
+                       f"run: wait for it or stop it; a dead owner's lease is taken over once it has had no "
+                       f"heartbeat for run.lease_stale_after ({config.run.lease_stale_after:g} s)")
+        except RunClaimError as exc:
+            refused = str(exc)
+        except BaseException:
+            lease.release()
+            raise
+        if refused:
+            lease.release()
+    if runtime.distributed:
+        box = [refused]
+        dist.broadcast_object_list(box, src=0)
+        refused = box[0]
+    if refused:
+        raise RunClaimError(refused)
+    return lease
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.train",
@@ -622,10 +770,19 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(runtime.rank, args.log_format)
         torch.manual_seed(config.train.seed)
         finished = False
+        lease = None
         try:
-            code = Trainer(config, runtime, signals).run()
+            lease = claim_run(config, runtime)
+            code = Trainer(config, runtime, signals, lease).run()
             finished = True
             return code
+        except (RunClaimError, LeaseLostError) as exc:
+            if runtime.is_main:  # one line, not one per rank
+                log.error("%s", exc)
+            return 2
+        except InitFromError as exc:  # a bad model.init_from is bad input: exit 2, as in every job
+            log.error("%s", exc)
+            return 2
         except (
             ConfigError,
             NonFiniteLossError,
@@ -634,10 +791,13 @@ def main(argv: list[str] | None = None) -> int:
             FileNotFoundError,
             ShardIndexError,
             DataSetError,
+            RunWriteError,
         ) as exc:
             log.error("%s", str(exc).strip().splitlines()[-1])
             return 1
         finally:
+            if lease is not None:
+                lease.release()
             shutdown(runtime, wait_for_peers=finished)
 
 

@@ -191,7 +191,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     run_dir = tmp_path / "run"
     ok = run(train_cmd(a, b, str(run_dir), "train.max_steps=4"))
     assert ok.returncode == 0
-    bad = run(train_cmd(a, b, str(run_dir), "train.max_steps=8", "train.lr=1e30"))
+    bad = run(train_cmd(a, b, str(run_dir), "train.max_steps=8", "train.lr=1e30", "run.allow_config_change=true"))
     assert bad.returncode == 1
     assert "non-finite loss" in bad.stderr and "Last good checkpoint: step 4" in bad.stderr
     assert final_state(str(run_dir))["step"] == 4
@@ -203,7 +203,7 @@ def test_bad_config_and_foreign_checkpoint_are_clear_errors(tmp_path, data):
     assert bad.returncode == 2 and "unknown config key 'train.lrr'" in bad.stderr
     run_dir = str(tmp_path / "run")
     assert run(train_cmd(a, b, run_dir, "train.max_steps=2")).returncode == 0
-    other = run(train_cmd(a, b, run_dir, "train.max_steps=4", "model.ngf=16"))
+    other = run(train_cmd(a, b, run_dir, "train.max_steps=4", "model.ngf=16", "run.allow_config_change=true"))
     assert other.returncode == 1
     assert "does not match the network" in other.stderr and "Traceback" not in other.stderr
 
