@@ -191,7 +191,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     run_dir = tmp_path / "run"
     ok = run(train_cmd(a, b, str(run_dir), "train.max_steps=4"))
     assert ok.returncode == 0
-    bad = run(train_cmd(a, b, str(run_dir), "train.max_steps=8", "train.lr=1e30", "run.allow_config_change=true"))
+    allow = "run.allow_config_change=true"  # a resume with another lr must say so
+    bad = run(train_cmd(a, b, str(run_dir), "train.max_steps=8", "train.lr=1e30", allow))
     assert bad.returncode == 1
     assert "non-finite loss" in bad.stderr and "Last good checkpoint: step 4" in bad.stderr
     assert final_state(str(run_dir))["step"] == 4
