@@ -25,7 +25,7 @@ from tqdm import tqdm
 from pipeline import formats, storage
 from pipeline.keys import path_key
 from pipeline.shards import INDEX_NAME, REJECTS_NAME, ShardIndex, ShardWriter, index_url
-from pipeline.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, inspect_image
+from pipeline.transforms import DEFAULT_MAX_PIXELS, decode_failure, inspect_image
 
 LIST_EXTENSIONS = (".txt", ".parquet")
 
@@ -43,16 +43,22 @@ class ListingError(ValueError):
     """A `.txt` or `.parquet` list of URLs that cannot be read as one."""
 
 
+class OutputOverlapError(ValueError):
+    """A SOURCE at or under --out: the set's own files would be read back, and a rebuild removes them."""
+
+
 class OutputExistsError(FileExistsError):
     """The output already holds a shard set and overwriting was not asked for."""
 
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """One image to ingest and the sample key it gets."""
+    """One image to ingest and the sample key it gets; `outside`: where a symlink that leaves the
+    listed folder leads (such a source is refused, never read), else empty."""
 
     url: str
     key: str
+    outside: str = ""
 
 
 @dataclass
@@ -110,23 +116,44 @@ def expand_source(spec: str) -> SourceListing:
     by path below it; other files are listed as skipped. A glob: every matching file, keyed by path
     below the glob's fixed part. A `.txt` (one URL a line) or `.parquet` (column `url`) list: those
     URLs, keyed by their path. Anything else: that single file, keyed by its name.
+
+    Symlinks in a folder or glob are never followed out of it: one whose target lies outside is
+    listed with `Source.outside` set (a reject, an error row); one to a folder inside is not descended
+    (its files are listed under their own paths). Lists and single files are read as named.
     """
     if storage.has_glob(spec):
-        below = storage.relative_to(_glob_root(spec))
-        return SourceListing([Source(u, path_key(below(u))) for u in storage.list_files(spec)])
+        return _folder_listing(spec, _glob_root(spec), lambda url: True)
     if storage.is_dir(spec):
-        below = storage.relative_to(spec)
-        listing = SourceListing()
-        for u in storage.list_files(spec):
-            if formats.is_image_name(u):
-                listing.sources.append(Source(u, path_key(below(u))))
-            else:
-                listing.skipped.append(u)
-        return listing
+        return _folder_listing(spec, spec, formats.is_image_name)
     if spec.endswith(LIST_EXTENSIONS):
         return SourceListing([Source(u, path_key(storage.url_path(u))) for u in _url_list(spec)])
     return SourceListing([Source(u, path_key(posixpath.basename(storage.url_path(u))))
                           for u in storage.list_files(spec)])
+
+
+def _folder_listing(spec: str, root: str, is_image: Callable[[str], bool]) -> SourceListing:
+    below, leaves = storage.relative_to(root), storage.link_leaving(root)
+    listing, folder_links = SourceListing(), []
+    for url in storage.list_files(spec):
+        target = leaves(url)
+        if target:
+            detail = f"a symlink to {target}, outside the input {root} (link targets are not followed out)"
+            listing.sources.append(Source(url, path_key(below(url)), detail))
+        elif storage.is_folder_link(url):
+            folder_links.append(url)
+        elif is_image(url):
+            listing.sources.append(Source(url, path_key(below(url))))
+        else:
+            listing.skipped.append(url)
+    outside = sum(bool(s.outside) for s in listing.sources)
+    if outside:
+        examples = [s.url for s in listing.sources if s.outside][:3]
+        log.warning("%s: %d symlinks lead outside it and are refused as outside-input (e.g. %s)", spec,
+                    outside, ", ".join(examples))
+    if folder_links:
+        log.warning("%s: %d symlinks to folders inside it are not descended; their files are listed under "
+                    "their own paths (e.g. %s)", spec, len(folder_links), ", ".join(folder_links[:3]))
+    return listing
 
 
 def list_sources(specs: Iterable[str]) -> list[Source]:
@@ -153,6 +180,8 @@ def list_sources(specs: Iterable[str]) -> list[Source]:
 
 
 def _load(source: Source, domain: str | None, max_pixels: int) -> tuple[Source, dict[str, bytes] | Reject]:
+    if source.outside:
+        return source, Reject(source.url, "outside-input", source.outside)
     if formats.extension(source.url) in formats.UNSUPPORTED:
         return source, Reject(source.url, "unsupported-format", formats.unsupported_detail(source.url))
     try:
@@ -161,8 +190,9 @@ def _load(source: Source, domain: str | None, max_pixels: int) -> tuple[Source, 
         return source, Reject(source.url, "unreadable", f"{type(exc).__name__}: {exc}")
     try:
         info = inspect_image(data, max_pixels=max_pixels)
-    except ImageDecodeError as exc:
-        return source, Reject(source.url, exc.reason, str(exc))
+    except Exception as exc:  # whatever one file makes a decoder raise: its reject, not the run's end
+        failure = decode_failure(exc)
+        return source, Reject(source.url, failure.reason, str(failure))
     meta = {"key": source.key, "source_url": source.url, "width": info.width, "height": info.height,
             "format": info.format, "domain": domain, "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest()}
@@ -234,6 +264,11 @@ def build_shards(specs: Sequence[str], out_url: str, *, prefix: str = "shard", d
                  workers: int = 8, overwrite: bool = False, progress: bool = True) -> Summary:
     """Check and shard every image the SOURCE specs name into `out_url`; see `python -m jobs.shard`."""
     start = time.monotonic()
+    inside_out = storage.within(out_url)
+    for spec in specs:
+        if inside_out(_glob_root(spec) if storage.has_glob(spec) else spec):
+            raise OutputOverlapError(f"SOURCE {spec} lies inside --out {out_url}: give the shard set a "
+                                     f"folder of its own; nothing was written")
     sources = list_sources(specs)
     if not sources:
         raise FileNotFoundError(f"no images found in {', '.join(specs)}")

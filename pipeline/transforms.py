@@ -6,6 +6,7 @@ Tensors are float32 (3, H, W) in [-1, 1], as torchvision's ToTensor + Normalize(
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,15 +41,17 @@ class ImageInfo:
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The opened image (header and metadata chunks read, pixels not yet decoded); ImageDecodeError
+    for whatever one file's bytes can make Pillow raise here."""
     if not data:
         raise ImageDecodeError("empty", "no bytes")
     try:
         img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError("too-large", str(exc)) from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not-an-image", "no image format recognises these bytes") from exc
-    except OSError as exc:
+    # Opening parses metadata: a PNG's zTXt/iTXt/iCCP bomb raises ValueError, a bad header SyntaxError,
+    # struct.error, EOFError, ... (Pillow has no common base class for them).
+    except Exception as exc:
         raise decode_failure(exc) from exc
     if img.format not in formats.MEMBER_EXTENSIONS:
         raise ImageDecodeError("unsupported-format", f"{img.format} images are not decoded by this project")
@@ -68,16 +71,40 @@ def load(img: Image.Image) -> None:
         raise decode_failure(exc) from exc
 
 
-def decode_failure(exc: Exception) -> ImageDecodeError:
-    reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
-    return ImageDecodeError(reason, f"{type(exc).__name__}: {exc}")
+# What Pillow says when a file asks for more memory than its limits allow (MAX_TEXT_CHUNK,
+# MAX_TEXT_MEMORY, MAX_IMAGE_PIXELS): a decompression bomb, not damage.
+_BOMB_WORDS = ("too large", "too much memory", "decompression bomb")
+
+
+def decode_failure(exc: BaseException) -> ImageDecodeError:
+    """The code of an exception raised while decoding one file: too-large for a decompression bomb,
+    out-of-memory where the host could not allocate what a file within the limits needs, truncated
+    for data that ends early, else corrupt."""
+    if isinstance(exc, ImageDecodeError):
+        return exc
+    message = str(exc).lower()
+    detail = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, Image.DecompressionBombError) or any(w in message for w in _BOMB_WORDS):
+        return ImageDecodeError("too-large", detail)
+    if isinstance(exc, MemoryError):
+        return ImageDecodeError("out-of-memory", detail)
+    if isinstance(exc, EOFError) or "truncated" in message:
+        return ImageDecodeError("truncated", detail)
+    return ImageDecodeError("corrupt", detail)
 
 
 NPY_MAGIC = b"\x93NUMPY"
+# Samples an .npy pixel may hold: 64 channels of 8 bits, 32 of 16; more is refused as too-large.
+MAX_NPY_BYTES_PER_PIXEL = 64
 
 
 def read_npy(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """An (H, W, C) uint8/uint16 array from ``.npy`` bytes (never unpickling anything)."""
+    """An (H, W, C) uint8/uint16 array from ``.npy`` bytes (never unpickling anything).
+
+    The header is checked before anything is allocated: (H, W) or (H, W, C) of positive sides,
+    H x W within ``max_pixels``, at most `MAX_NPY_BYTES_PER_PIXEL` bytes a pixel, and exactly the
+    bytes the file holds after its header (a 200-byte file cannot ask for 954 GiB).
+    """
     buffer = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(buffer)
@@ -87,21 +114,33 @@ def read_npy(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     except Exception as exc:  # a malformed header: numpy raises ValueError, SyntaxError, ...
         detail = f"not a readable .npy header ({type(exc).__name__}: {exc})"
         raise ImageDecodeError("corrupt", detail) from exc
-    if len(shape) not in (2, 3) or dtype.kind != "u" or dtype.itemsize not in (1, 2) or 0 in shape:
+    if len(shape) not in (2, 3) or dtype.kind != "u" or dtype.itemsize not in (1, 2) or min(shape) < 1:
         raise ImageDecodeError("corrupt", f"a {dtype} array shaped {shape}: expected (H, W) or (H, W, C) "
                                           "of uint8 or uint16")
     if shape[0] * shape[1] > max_pixels:
         raise ImageDecodeError("too-large", f"{shape[1]}x{shape[0]} exceeds {max_pixels} pixels")
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > shape[0] * shape[1] * MAX_NPY_BYTES_PER_PIXEL:
+        raise ImageDecodeError("too-large", f"an array shaped {shape} of {dtype} takes {declared} bytes: "
+                                            f"more than {MAX_NPY_BYTES_PER_PIXEL} a pixel")
+    held = len(data) - buffer.tell()
+    if held != declared:  # checked here, so np.load never allocates what the file does not hold
+        reason = "truncated" if held < declared else "corrupt"
+        raise ImageDecodeError(reason, f"the header of an array shaped {shape} of {dtype} promises "
+                                       f"{declared} bytes of data; the file holds {held}")
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as exc:  # fewer bytes than the header promises
-        raise ImageDecodeError("truncated", f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # the header checks above leave nothing known to fail here
+        raise decode_failure(exc) from exc
     array = array.astype(np.uint8 if dtype.itemsize == 1 else np.uint16, copy=False)
     return array[:, :, None] if array.ndim == 2 else array
 
 
 def inspect_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
-    """Check that `data` decodes completely within the pixel limit; size as displayed (EXIF applied)."""
+    """Check that `data` decodes completely within the pixel limit; size as displayed (EXIF applied).
+
+    ImageDecodeError, with its code, for anything one file can make a decoder raise.
+    """
     if data.startswith(NPY_MAGIC):
         array = read_npy(data, max_pixels)
         return ImageInfo("NPY", array.shape[1], array.shape[0])
@@ -109,7 +148,11 @@ def inspect_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     fmt = img.format or "unknown"
     width, height = img.size
     load(img)
-    if img.getexif().get(ExifTags.Base.Orientation) in _SWAPPED_ORIENTATIONS:
+    try:
+        orientation = img.getexif().get(ExifTags.Base.Orientation)
+    except Exception as exc:  # a broken EXIF block is parsed only now
+        raise decode_failure(exc) from exc
+    if orientation in _SWAPPED_ORIENTATIONS:
         width, height = height, width
     return ImageInfo(fmt, width, height)
 
