@@ -104,6 +104,7 @@ class InputListing:
     skipped: list[str] = field(default_factory=list)
     excluded: int = 0
     duplicates: int = 0
+    outside: dict[str, str] = field(default_factory=dict)  # URL -> why: a symlink leaving the input
 
     @property
     def count(self) -> int:
@@ -144,6 +145,8 @@ def list_input(url: str, exclude: Callable[[str], bool] | None = None) -> InputL
             continue
         listing.urls.append(source.url)
         listing.natural_keys.append(source.key)
+        if source.outside:
+            listing.outside[source.url] = source.outside
     if not listing.urls:
         notes = [f"{len(listing.skipped)} files skipped, their names are not images"] * bool(listing.skipped)
         notes += [f"{listing.excluded} under the output prefix left out"] * bool(listing.excluded)
@@ -219,6 +222,8 @@ def _listing_keys(listing: InputListing, keys: KeyAllocator) -> tuple[list[str],
         allocated.append(keys.take(natural))
         if formats.extension(url) in formats.UNSUPPORTED:
             errors[i] = ("unsupported-format", formats.unsupported_detail(url))
+        if url in listing.outside:  # planned as an error row: never read
+            errors[i] = ("outside-input", listing.outside[url])
     return allocated, errors
 
 

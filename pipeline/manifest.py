@@ -55,6 +55,7 @@ ERROR_CODES = {
     "shard-error": "the input shard is missing, breaks off, or holds samples its index does not list",
     "no-image": "a shard sample without an image member",
     "channel-mismatch": "an .npy array whose channel count the model cannot take (only 1-4 channels convert)",
+    "outside-input": "a symlink in a listed folder that leads outside it: refused, never read",
     "unsafe-key": "a key that would name a path outside the output (absolute, '..', control characters)",
 }
 SUCCESS = "_SUCCESS"

@@ -174,15 +174,23 @@ def make_plan(out: str, inputs: Sequence[str], identity: dict[str, Any], unit_si
     return committed
 
 
-def list_inputs(out: str, inputs: Sequence[str]) -> list[InputListing]:
-    """Each input listed once, leaving out anything under the output prefix and any URL an earlier
-    listing already holds (so every source gets one row)."""
+def check_input_urls(out: str, inputs: Sequence[str]) -> None:
+    """PlanError for inputs that cannot make a job with `out`, found without listing or writing: an
+    input at or under --out (--out equal to it included), or an input given twice."""
     inside_out = storage.within(out)
     for i, url in enumerate(inputs):
         if inside_out(url):
-            raise PlanError(f"input {url} lies inside --out {out}: outputs would become inputs")
+            raise PlanError(f"input {url} lies inside --out {out}: outputs would become inputs; nothing "
+                            f"was written")
         if url.rstrip("/") in [u.rstrip("/") for u in inputs[:i]]:
-            raise PlanError(f"input {url} is given twice")
+            raise PlanError(f"input {url} is given twice; nothing was written")
+
+
+def list_inputs(out: str, inputs: Sequence[str]) -> list[InputListing]:
+    """Each input listed once, leaving out anything under the output prefix and any URL an earlier
+    listing already holds (so every source gets one row)."""
+    check_input_urls(out, inputs)
+    inside_out = storage.within(out)
     listings, seen = [], set()
     for url in inputs:
         listing = list_input(url, exclude=inside_out)
@@ -346,7 +354,8 @@ def extend_plan(plan: JobPlan, listings: Sequence[InputListing], changes: Sequen
         if listing.kind == LISTING:
             new = set(change.new)
             picked = [(u, k) for u, k in zip(listing.urls, listing.natural_keys, strict=True) if u in new]
-            extra = InputListing(listing.url, LISTING, [u for u, _ in picked], [k for _, k in picked])
+            extra = InputListing(listing.url, LISTING, [u for u, _ in picked], [k for _, k in picked],
+                                 outside={u: why for u, why in listing.outside.items() if u in new})
         else:
             names = {storage.join(listing.base_url, s.name): s for s in listing.shards}
             extra = InputListing(listing.url, SHARDS, base_url=listing.base_url,

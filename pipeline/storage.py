@@ -245,6 +245,13 @@ def remove_folder(url: str) -> None:
         retry(lambda: fs.rm(path, recursive=True), what=f"remove {url}")
 
 
+def remove_empty_folder(url: str) -> None:
+    """Delete a local folder if it is empty (object-store prefixes vanish with their last object)."""
+    if is_local(url):
+        with contextlib.suppress(OSError):
+            os.rmdir(local_path(url))
+
+
 def has_glob(url: str) -> bool:
     """Whether `url` holds glob wildcards."""
     return any(c in url for c in _GLOB_CHARS)
@@ -310,6 +317,27 @@ def relative_to(root: str) -> Callable[[str], str]:
         return path[len(root_path):]
 
     return below
+
+
+def link_leaving(root: str) -> Callable[[str], str]:
+    """For URLs listed under the folder `root`: the real path a local one leads to when symlinks take
+    it out of `root`, else "". Object stores have no links."""
+    if not is_local(root):
+        return lambda url: ""
+    base = os.path.realpath(local_path(root))
+    prefix = base.rstrip("/") + "/"
+
+    def target(url: str) -> str:
+        real = os.path.realpath(url_path(url))
+        return "" if real == base or real.startswith(prefix) else real
+
+    return target
+
+
+def is_folder_link(url: str) -> bool:
+    """Whether `url` is a local symlink to a folder (listings show one as a file and never descend it)."""
+    path = url_path(url)
+    return is_local(url) and os.path.islink(path) and os.path.isdir(path)
 
 
 def list_sizes(url: str) -> dict[str, int]:
