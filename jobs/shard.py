@@ -10,7 +10,7 @@ from dataclasses import asdict
 from jobs.cli import HelpFormatter, add_logging_arguments
 from jobs.logs import setup_logging
 from jobs.signals import StopSignals
-from pipeline.ingest import KeyCollisionError, ListingError, build_shards
+from pipeline.ingest import KeyCollisionError, ListingError, OutputOverlapError, build_shards
 from pipeline.shards import ShardIndexError
 from pipeline.transforms import DEFAULT_MAX_PIXELS
 
@@ -85,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag, value in (("--max-count", args.max_count), ("--max-size", args.max_size),
+                        ("--max-pixels", args.max_pixels), ("--workers", args.workers)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, not {value}")  # exit 2 before anything is read or written
     setup_logging(0, args.log_format)
     # SIGTERM/SIGINT end the build at once (exit 143/130): the spool is removed on the way out and the
     # output keeps the set it had (a rebuild switches sets only by writing its index, last).
@@ -107,7 +112,8 @@ def _build(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except (FileNotFoundError, FileExistsError, KeyCollisionError, ListingError, ShardIndexError) as exc:
+    except (FileNotFoundError, FileExistsError, KeyCollisionError, ListingError, OutputOverlapError,
+            ShardIndexError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # storage trouble after retries

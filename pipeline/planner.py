@@ -27,6 +27,7 @@ from pipeline.plan import (
     JobPlan,
     PlanError,
     check_identity,
+    check_input_urls,
     compare_inputs,
     extend_plan,
     list_inputs,
@@ -111,18 +112,40 @@ def _plan_as(out: str, worker: int, inputs: Sequence[str], identity: dict[str, A
     return plan
 
 
+def _missing_folders(out: str) -> list[str]:
+    """The local folders that writing the planning lock creates (innermost first)."""
+    return [url for url in (plan_dir(out), out) if storage.is_local(url) and not storage.exists(url)]
+
+
+def _plan_leaving_nothing_on_failure(out: str, worker: int, inputs: Sequence[str], identity: dict[str, Any],
+                                     unit_size: int, made: list[str]) -> JobPlan:
+    """`_plan_as`; when planning fails (an input that does not list), the folders the lock made go
+    too, so a refused run leaves the storage as it found it."""
+    try:
+        return _plan_as(out, worker, inputs, identity, unit_size)
+    except BaseException:
+        for folder in made:
+            storage.remove_empty_folder(folder)
+        raise
+
+
 def _plan_or_wait(out: str, worker: int, inputs: Sequence[str], identity: dict[str, Any], unit_size: int,
                   timeout: float) -> JobPlan:
     """Plan if nobody is planning; else wait for the plan, taking over from a planner that died."""
     deadline = time.monotonic() + timeout
     seen, since, poll = None, time.monotonic(), 0.5
+    missing = [url for url in inputs if not storage.has_glob(url) and not storage.exists(url)]
+    if missing:  # refused before the lock is written: a refusal leaves the storage as it was
+        raise FileNotFoundError(f"no input at {', '.join(missing)}; nothing was written")
     while True:
         plan = load_plan(out)
         if plan is not None:
             return plan
         lock = _read_lock(out)
-        if lock is None and storage.write_bytes_exclusive(_lock_url(out), _lock_body(worker, 0)):
-            return _plan_as(out, worker, inputs, identity, unit_size)
+        if lock is None:
+            made = _missing_folders(out)
+            if storage.write_bytes_exclusive(_lock_url(out), _lock_body(worker, 0)):
+                return _plan_leaving_nothing_on_failure(out, worker, inputs, identity, unit_size, made)
         if lock is not None and lock != seen:
             seen, since = lock, time.monotonic()
         if lock is not None and (time.monotonic() - since > STALE_AFTER or _holder_is_dead(lock)):
@@ -143,8 +166,10 @@ def obtain_plan(out: str, inputs: Sequence[str], identity: dict[str, Any], unit_
     identity; on worker 0's rerun, checked against a new listing of the inputs (`check_inputs`) and
     extended with the new ones if `add_new_inputs`.
 
-    PlanError, before any output is written, when the plan does not fit this run.
+    PlanError (FileNotFoundError for a missing input) when the plan does not fit this run; a refusal
+    writes nothing.
     """
+    check_input_urls(out, inputs)
     plan = load_plan(out)
     if plan is None:
         plan = _plan_or_wait(out, worker, inputs, identity, unit_size, timeout)
