@@ -3,7 +3,18 @@
 import pytest
 
 from cut.schedule import lr_factor
-from jobs.config import ConfigError, TrainConfig, cut_config, load_config, resolve_train_config, to_yaml
+from jobs.config import (
+    ConfigError,
+    TrainConfig,
+    config_changes,
+    cut_config,
+    free_on_resume,
+    load_config,
+    resolve_train_config,
+    schema_keys,
+    to_dict,
+    to_yaml,
+)
 
 REQUIRED = ["data.a=/a", "data.b=/b", "run.url=/run"]
 
@@ -79,3 +90,45 @@ def test_linear_schedule_matches_the_official_policy():
     assert lr_factor(199, 200, 200) == 1.0
     assert lr_factor(200, 200, 200) == pytest.approx(1 - 1 / 201)
     assert lr_factor(399, 200, 200) == pytest.approx(1 / 201)
+
+
+FLOAT_KEYS = [name for name, kind, _, _ in schema_keys(TrainConfig) if kind.startswith("float")]
+
+
+def test_every_float_key_of_the_training_config_is_covered():
+    assert {"train.lr", "train.beta1", "train.beta2", "model.lambda_NCE", "model.nce_T",
+            "run.lease_stale_after"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "inf", "nan"])
+@pytest.mark.parametrize("name", FLOAT_KEYS)
+def test_a_float_key_that_is_not_finite_is_an_error_naming_the_key(name, value):
+    with pytest.raises(ConfigError, match=rf"config key '{name}' must be a finite number"):
+        load_config(TrainConfig, "configs/tiny.yaml", [*REQUIRED, f"{name}={value}"])
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.lr=-0.0002", "train.lr=0", "train.beta1=-0.1", "train.beta1=1", "train.beta2=1.5",
+     "model.lambda_NCE=-1", "model.lambda_GAN=-0.5", "model.lambda_gp=-1", "model.nce_T=0",
+     "model.init_gain=-0.02", "run.lease_stale_after=0", "model.netF_nc=0", "train.seed=-1",
+     "data.crops_per_epoch=0", "train.lr_decay_iters=0"],
+)
+def test_a_numeric_key_outside_its_range_is_an_error_naming_the_key(override):
+    name = override.split("=")[0]
+    with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
+        resolve_train_config(load_config(TrainConfig, "configs/tiny.yaml", [*REQUIRED, override]))
+
+
+def test_keys_free_to_change_on_resume_are_where_and_how_a_run_executes_not_what_it_computes():
+    assert all(free_on_resume(k) for k in ("train.max_steps", "train.log_every", "data.workers",
+                                           "eval.every", "run.allow_config_change", "train.device"))
+    assert not any(free_on_resume(k) for k in ("train.lr", "model.lambda_NCE", "data.a", "train.seed",
+                                               "train.batch_size", "model.ngf"))
+    old = load_config(TrainConfig, "configs/tiny.yaml", REQUIRED)
+    new = load_config(TrainConfig, "configs/tiny.yaml", [*REQUIRED, "train.lr=0.001", "train.max_steps=9"])
+    changes = config_changes(to_dict(old), to_dict(new))
+    assert changes == [("train.lr", 0.0002, 0.001), ("train.max_steps", 8, 9)]
+    stored = to_dict(old)
+    del stored["run"]["lease_stale_after"]  # a config written before the key existed
+    assert config_changes(stored, to_dict(old)) == []

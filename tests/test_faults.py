@@ -292,3 +292,36 @@ def test_a_yaml_file_whose_top_level_is_not_a_mapping_is_refused(tmp_path):
     (tmp_path / "list.yaml").write_text("- model\n- data\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(TrainConfig, str(tmp_path / "list.yaml"), ["train.lr=0.1"])
+
+
+@pytest.mark.slow
+def test_an_export_whose_write_failed_is_a_clear_error_and_the_rerun_rewrites_it_from_the_newest_checkpoint(
+    tmp_path, data
+):
+    import torch
+
+    from cut import read_checkpoint
+
+    a, b = data
+    run_dir = tmp_path / "run"
+    assert run(train_cmd(a, b, str(run_dir), "train.max_steps=4")).returncode == 0
+    blocker = run_dir / "export" / "generator.pt"  # a folder where the export's file must go: writes fail
+    blocker.unlink()
+    (blocker / "x").mkdir(parents=True)
+    failed = run(train_cmd(a, b, str(run_dir), "train.max_steps=8"))
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert "step 8: checkpoint committed, but writing its export" in failed.stderr
+    assert f"{blocker}" in failed.stderr and final_state(str(run_dir))["step"] == 8
+    (blocker / "x").rmdir()
+    blocker.rmdir()  # space freed
+
+    rerun = run(train_cmd(a, b, str(run_dir), "train.max_steps=8"))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "export/ holds step 4, not the newest checkpoint: rewriting it" in rerun.stderr
+    newest = final_state(str(run_dir))["model"]["G"]
+    export = read_checkpoint(blocker.read_bytes())
+    official = read_checkpoint((run_dir / "export" / "latest_net_G.pth").read_bytes())
+    assert export["metadata"]["step"] == 8
+    assert json.loads((run_dir / "export" / "model_card.json").read_text())["step"] == 8
+    for weights in (export["state_dict"], official):
+        assert all(torch.equal(v, newest[k]) for k, v in weights.items())
