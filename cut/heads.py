@@ -17,15 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cut.networks import PatchSampleF
+from cut.networks import PatchSampleF, l2_rows
 
 HEADS = ("mlp_sample", "sample", "reshape")
 RESHAPE_GRID = 4  # the official ReshapeF pools every feature map to 4 x 4
-
-
-def l2_rows(x: torch.Tensor) -> torch.Tensor:
-    """Each row divided by (its L2 norm + 1e-7), the norm taken in fp32 (the official Normalize)."""
-    return x / (x.float().pow(2).sum(1, keepdim=True).sqrt().to(x.dtype) + 1e-7)
 
 
 class ReshapeF(nn.Module):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cut import winograd
+from cut.losses import at_least_fp32
 
 NCE_LAYERS: tuple[int, ...] = (0, 4, 8, 12, 16)
 
@@ -543,6 +544,18 @@ def define_discriminator(
     raise ValueError(f"netD must be one of {', '.join(DISCRIMINATORS)}, got {netD!r}")
 
 
+def l2_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row divided by (its L2 norm + 1e-7), the norm taken in at least fp32: the official
+    Normalize, value for value. The norm's own gradient at an all-zero row (0 x inf = NaN through
+    the square root) is its limit, 0, so such a row gets the finite derivative of the normalised
+    row there (the identity over 1e-7); every other row's gradient is autograd's as before."""
+    squares = at_least_fp32(x).pow(2).sum(1, keepdim=True)
+    nonzero = squares > 0
+    # sqrt runs on 1 in place of 0, so its backward stays finite; where() then routes no gradient there
+    norm = torch.where(nonzero, torch.where(nonzero, squares, 1.0).sqrt(), 0.0)
+    return x / (norm.to(x.dtype) + 1e-7)
+
+
 class PatchSampleF(nn.Module):
     """One two-layer MLP head per NCE layer (``mlp_0`` ...), applied to sampled patch features.
 
@@ -576,7 +589,7 @@ class PatchSampleF(nn.Module):
             x = picked.transpose(1, 2).reshape(-1, c)
             if self.use_mlp:
                 x = getattr(self, f"mlp_{i}")(x)
-            out.append(x / (x.float().pow(2).sum(1, keepdim=True).sqrt().to(x.dtype) + 1e-7))
+            out.append(l2_rows(x))
         return out
 
 
