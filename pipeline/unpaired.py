@@ -344,7 +344,8 @@ def freeze_listing(url: str, frozen_url: str) -> tuple[str, ...]:
     if storage.exists(frozen_url):
         return tuple(storage.read_bytes(frozen_url).decode().splitlines())
     found = expand_source(url)
-    urls = tuple(s.url for s in found.sources if formats.extension(s.url) not in formats.UNSUPPORTED)
+    urls = tuple(s.url for s in found.sources
+                 if formats.extension(s.url) not in formats.UNSUPPORTED and not s.outside)
     if not urls:
         raise DataSetError(f"no images found at {url}")
     if len(urls) > SHARD_ADVICE:

@@ -26,6 +26,7 @@ from jobs import shard as shard_job
 from pipeline import storage
 from pipeline.pixels import decode_pixels
 from pipeline.transforms import ImageDecodeError, inspect_image
+from pipeline.unpaired import freeze_listing
 
 
 # ------------------------------------------------------------------------------------ hostile files
@@ -234,6 +235,12 @@ def test_jobs_infer_gives_symlinks_out_of_the_input_outside_input_rows_and_reads
         "secret": ("error", "outside-input"), "album": ("error", "outside-input"),
         "inner": ("ok", None), "sub/real": ("ok", None)}
     assert rows["secret"]["input_bytes"] in (0, None)
+
+
+def test_a_training_listing_leaves_out_symlinks_out_of_the_folder(tmp_path: Path) -> None:
+    folder = _linked_input(tmp_path)
+    urls = freeze_listing(str(folder), str(tmp_path / "frozen.txt"))
+    assert sorted(Path(u).name for u in urls) == ["inner.jpg", "real.jpg"]
 
 
 def test_link_leaving_names_the_target_of_links_out_of_the_folder_only(tmp_path: Path) -> None:
