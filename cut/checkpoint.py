@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cut.networks import ResnetGenerator
+from cut.networks import NORM_TYPES, ResnetGenerator
 from cut.stylegan2 import INFERENCE_NOISE_SEED, RESOLUTIONS, StyleGAN2Generator, generator_channels
 from cut.unet import UnetGenerator, infer_unet_architecture
 
@@ -23,6 +23,16 @@ STYLEGAN2_FIRST_KEY = "encoder.convs.1.0.weight"  # the official SinCUT generato
 
 EXPORT_FORMAT = "cut-pipeline/generator"
 EXPORT_VERSION = 1
+
+# What an architecture may declare. Wider than any generator that was ever trained, and narrow enough
+# that building the declared network on the meta device (to compare it with the tensors) costs nothing.
+ARCHITECTURE_BOUNDS = {"input_nc": (1, 1024), "output_nc": (1, 1024), "ngf": (1, 1024), "n_blocks": (0, 256),
+                       "num_downs": (5, 12), "num_downsampling": (0, 8)}
+ARCHITECTURE_FLAGS = ("antialias", "antialias_up", "use_dropout", "inject_noise")
+# What a model card may declare about the sizes it sizes work by (jobs.infer and jobs.export translate
+# at crop_size by default): a training crop beyond 4096 px fits no accelerator.
+CARD_SIZES = {"crop_size": (8, 4096), "load_size": (8, 16384)}
+CARD_STRINGS = ("preset", "direction", "preprocess")
 
 
 class CheckpointError(ValueError):
@@ -55,28 +65,63 @@ def strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return dict(state)
 
 
-def load_strict(net: nn.Module, state: Mapping[str, Any], name: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that lists what does not match."""
+def tensor_state(state: Any, name: str) -> dict[str, torch.Tensor]:
+    """``state`` (its ``module.`` prefix dropped) when it is a state dict of dense CPU tensors, each
+    backed by its own data: a broadcast view (stride 0) saved in a few bytes declares a size it does not
+    hold, and would allocate it when copied."""
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{name}: expected a state dict, got {type(state).__name__}")
-    state = strip_module_prefix(state)
-    own = net.state_dict()
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{name}: a state dict holds tensors by name, but {key!r} is a "
+                                  f"{type(value).__name__}")
+        if value.layout != torch.strided or value.device.type != "cpu":
+            raise CheckpointError(f"{name}: {key} is a {value.layout} tensor on {value.device}, not a dense "
+                                  f"tensor of weights")
+        held = value.untyped_storage().nbytes() - value.storage_offset() * value.element_size()
+        if value.numel() * value.element_size() > held:
+            raise CheckpointError(f"{name}: {key} declares shape {tuple(value.shape)} but holds {held} bytes "
+                                  f"of data (a broadcast view, not weights)")
+    return strip_module_prefix(state)
+
+
+def state_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
+    """What differs between a network's tensors (``own``, real or on the meta device) and ``state``:
+    names, shapes, and dtypes where one is floating and the other is not."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
-        if wrong:
-            parts.append(f"shape mismatch: {wrong[:3]}")
+    shared = [k for k in own if k in state]
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in shared
+             if state[k].shape != own[k].shape]
+    dtypes = [f"{k} {state[k].dtype} != {own[k].dtype}" for k in shared
+              if state[k].dtype.is_floating_point != own[k].dtype.is_floating_point]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
+    if wrong:
+        parts.append(f"shape mismatch: {wrong[:3]}")
+    if dtypes:
+        parts.append(f"dtype mismatch: {dtypes[:3]}")
+    return parts
+
+
+def check_finite(state: Mapping[str, torch.Tensor], name: str) -> None:
+    """Refuse NaN or Inf in any floating tensor: such weights translate every input into garbage."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{name}: {len(bad)} of {len(state)} tensors hold NaN or Inf (e.g. {bad[:3]})")
+
+
+def load_strict(net: nn.Module, state: Mapping[str, Any], name: str) -> None:
+    """``load_state_dict(strict=True)`` after checking every tensor: what does not match is listed,
+    non-tensors, broadcast views and NaN/Inf are refused."""
+    state = tensor_state(state, name)
+    parts = state_mismatch(net.state_dict(), state)
+    if parts:
         raise CheckpointError(f"{name}: checkpoint does not match the network: {'; '.join(parts)}")
+    check_finite(state, name)
     net.load_state_dict(state, strict=True)
 
 
@@ -147,7 +192,8 @@ def infer_stylegan2_architecture(state: Mapping[str, torch.Tensor]) -> dict[str,
     for resolution in (64, *(r for r in RESOLUTIONS if r != 64)):
         if resolution // 2 ** len(down) < RESOLUTIONS[0]:
             continue
-        for ngf in range(1, 4 * widths[0] * resolution // 512 + 2):
+        most = min(4 * widths[0] * resolution // 512 + 1, ARCHITECTURE_BOUNDS["ngf"][1])  # a bounded search
+        for ngf in range(1, most + 1):
             table = generator_channels(ngf)
             if [table[resolution // 2**k] for k in range(len(down) + 1)] == widths:
                 return {
@@ -175,41 +221,128 @@ def build_generator(architecture: Mapping[str, Any]) -> Generator:
         raise CheckpointError(f"not a generator architecture {dict(architecture)}: {exc}") from exc
 
 
-def model_card(obj: Any) -> dict[str, Any]:
-    """The model card a checkpoint carries (our exports and training states), else {}."""
+def check_architecture(arch: Any, name: str) -> dict[str, Any]:
+    """``arch`` when every field it declares is a generator argument of the right type within
+    ARCHITECTURE_BOUNDS; else a CheckpointError naming the field and its value."""
+    if not isinstance(arch, Mapping):
+        raise CheckpointError(f"{name} is a {type(arch).__name__}, not a dict")
+    for key, value in arch.items():
+        if key in ARCHITECTURE_BOUNDS:
+            low, high = ARCHITECTURE_BOUNDS[key]
+            ok, expected = type(value) is int and low <= value <= high, f"an integer in {low}..{high}"
+        elif key in ARCHITECTURE_FLAGS:
+            ok, expected = isinstance(value, bool), "true or false"
+        elif key == "norm":
+            ok, expected = isinstance(value, str) and value in NORM_TYPES, " or ".join(NORM_TYPES)
+        elif key == "resolution":
+            ok, expected = type(value) is int and value in RESOLUTIONS, f"one of {RESOLUTIONS}"
+        else:
+            raise CheckpointError(f"{name} has {key!r}, which no generator takes")
+        if not ok:
+            raise CheckpointError(f"{name} has {key}={value!r}; expected {expected}")
+    return dict(arch)
+
+
+def check_fit(arch: Any, state: Mapping[str, torch.Tensor], name: str) -> None:
+    """Refuse an architecture whose network would not hold exactly ``state``'s tensors. The network is
+    built on the meta device (shapes, no memory), so a declared size is compared with the tensors
+    before anything of that size is allocated."""
+    arch = check_architecture(arch, name)
+    with torch.device("meta"):
+        declared = build_generator(arch).state_dict()
+    parts = state_mismatch(declared, state)
+    if parts:
+        fields = ", ".join(f"{k}={v}" for k, v in arch.items())
+        raise CheckpointError(f"{name} ({fields}) does not match the tensors (shapes: tensor != declared): "
+                              f"{'; '.join(parts)}")
+
+
+def check_card(card: Any, source: str) -> dict[str, Any]:
+    """``card`` when it is a dict whose sizes (CARD_SIZES; crop_size also a multiple of 4), names
+    (CARD_STRINGS) and architecture are sane; else a CheckpointError naming ``source`` and the field."""
+    if not isinstance(card, Mapping):
+        raise CheckpointError(f"{source}: the model card is a {type(card).__name__}, not a dict")
+    for key, (low, high) in CARD_SIZES.items():
+        value = card.get(key)
+        if key in card and not (type(value) is int and low <= value <= high and (key != "crop_size"
+                                                                                  or value % 4 == 0)):
+            multiple = ", a multiple of 4" if key == "crop_size" else ""
+            raise CheckpointError(f"{source}: the model card declares {key}={value!r}; expected an integer "
+                                  f"in {low}..{high}{multiple}")
+    for key in CARD_STRINGS:
+        if key in card and not isinstance(card[key], str):
+            raise CheckpointError(f"{source}: the model card declares {key}={card[key]!r}; expected a string")
+    if "architecture" in card:
+        check_architecture(card["architecture"], f"{source}: the model card's architecture")
+    return dict(card)
+
+
+def model_card(obj: Any, source: str = "checkpoint") -> dict[str, Any]:
+    """The model card a checkpoint carries (our exports and training states), else {}; checked by
+    ``check_card``."""
     if isinstance(obj, Mapping) and obj.get("format") == EXPORT_FORMAT:
-        return dict(obj.get("metadata", {}).get("card", {}))
-    if isinstance(obj, Mapping) and isinstance(obj.get("card"), Mapping):
-        return dict(obj["card"])
+        metadata = obj.get("metadata", {})
+        if not isinstance(metadata, Mapping):
+            raise CheckpointError(f"{source}: the export's metadata is a {type(metadata).__name__}, "
+                                  f"not a dict")
+        return check_card(metadata.get("card", {}), source)
+    if isinstance(obj, Mapping) and "card" in obj:
+        return check_card(obj["card"], source)
     return {}
 
 
-def generator_from_checkpoint(obj: Any, source: str = "checkpoint") -> Generator:
-    """Build a generator from our export, a training state (jobs.train's ``state.pt``, or a model's
-    state dict) or an official ``latest_net_G.pth`` state dict."""
+def _declared_weights(obj: Any, source: str) -> tuple[Mapping[str, Any] | None, Any]:
+    """(architecture or None where the tensors must tell it, state dict) of a generator checkpoint."""
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and "G" in obj["model"]:
         obj = obj["model"]  # jobs.train's state.pt: the model's state beside the run's position
     if isinstance(obj, Mapping) and obj.get("format") == EXPORT_FORMAT:
         if obj.get("version") != EXPORT_VERSION:
             raise CheckpointError(f"{source}: export version {obj.get('version')} is not supported")
-        arch, state = obj["architecture"], obj["state_dict"]
-    elif isinstance(obj, Mapping) and "G" in obj and "opt_G" in obj:
-        state = obj["G"]  # a full training state
-        arch = infer_generator_architecture(strip_module_prefix(state))
-    elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        state = strip_module_prefix(obj)
-        arch = infer_generator_architecture(state)
-    else:
-        raise CheckpointError(f"{source}: neither a generator export, a training state nor a generator "
-                              f"state dict")
+        return obj.get("architecture"), obj.get("state_dict")
+    if isinstance(obj, Mapping) and "G" in obj and "opt_G" in obj:
+        return None, obj["G"]  # a full training state
+    if isinstance(obj, Mapping) and any(isinstance(v, torch.Tensor) for v in obj.values()):
+        return None, obj  # a state dict (tensor_state names any value that is not a tensor)
+    raise CheckpointError(f"{source}: neither a generator export, a training state nor a generator "
+                          f"state dict")
+
+
+def generator_from_checkpoint(obj: Any, source: str = "checkpoint") -> Generator:
+    """Build a generator from our export, a training state (jobs.train's ``state.pt``, or a model's
+    state dict) or an official ``latest_net_G.pth`` state dict.
+
+    Nothing the checkpoint declares is trusted before it is compared with the tensors it holds: the
+    architecture (declared, or inferred from the tensors) and the model card's are built on the meta
+    device and must have exactly the tensors' names and shapes; the tensors must be dense, backed by
+    their data and finite. Only then is the generator built and loaded.
+    """
+    card = model_card(obj, source)
+    arch, state = _declared_weights(obj, source)
     try:
+        state = tensor_state(state, "G")
+        if arch is None:
+            arch = _inferred_architecture(state)
+            check_fit(arch, state, "G: the architecture inferred from its tensors")
+        else:
+            check_fit(arch, state, "G: the declared architecture")
+        if "architecture" in card:
+            check_fit(card["architecture"], state, "G: the model card's architecture")
+        check_finite(state, "G")
         net = build_generator(arch)
-        load_strict(net, state, "G")
+        net.load_state_dict(state, strict=True)
     except CheckpointError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
     if isinstance(net, StyleGAN2Generator):
         net.noise_seed = INFERENCE_NOISE_SEED  # the decoder's noise: the same for every translation
     return net.eval().requires_grad_(False)  # frozen: translation may cache per-weight work
+
+
+def _inferred_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """``infer_generator_architecture``, with tensors of unexpected rank a CheckpointError too."""
+    try:
+        return infer_generator_architecture(state)
+    except (IndexError, KeyError) as exc:
+        raise CheckpointError(f"not a generator state dict: a tensor of unexpected shape ({exc!r})") from exc
 
 
 def official_state_dicts(model: Any) -> dict[str, dict[str, torch.Tensor]]:

@@ -13,8 +13,11 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+
+from cut.checkpoint import CheckpointError, check_card
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -119,6 +122,33 @@ def card_of(data: bytes, fmt: str) -> dict[str, Any]:
     files = {f"{CARD_KEY}.json": ""}
     _jit_load(data, files)
     return json.loads(files[f"{CARD_KEY}.json"] or "{}")
+
+
+def checked_onnx_card(data: bytes, source: str) -> dict[str, Any]:
+    """The model card of an ONNX export, once its weights (initializers and constants) are known to be
+    finite and its card sane (``cut.checkpoint.check_card``); else a CheckpointError naming ``source``."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(data)
+    graph = model.graph
+    tensors = [(t.name, t) for t in graph.initializer]
+    tensors += [(node.name or node.output[0], a.t) for node in graph.node if node.op_type == "Constant"
+                for a in node.attribute if a.name == "value"]
+    bad = [name for name, tensor in tensors if not _finite(numpy_helper.to_array(tensor))]
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} of {len(tensors)} weights hold NaN or Inf "
+                              f"(e.g. {bad[:3]})")
+    props = {p.key: p.value for p in model.metadata_props}
+    try:
+        card = json.loads(props.get(CARD_KEY, "{}"))
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: the model card ({CARD_KEY}) is not JSON: {exc}") from exc
+    return check_card(card, source)
+
+
+def _finite(array: np.ndarray) -> bool:
+    return not np.issubdtype(array.dtype, np.floating) or bool(np.isfinite(array).all())
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:

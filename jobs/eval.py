@@ -708,10 +708,10 @@ def main(argv: list[str] | None = None) -> int:
         if config.train_classifier_only:
             return save_classifier_only(config)
         metrics = evaluate(config)
-    except NothingToScoreError as exc:
+    except (NothingToScoreError, CheckpointError) as exc:  # bad input: exit 2, as in every job
         log.error("%s", exc)
         return 2
-    except (InceptionWeightsError, UnavailableError, CheckpointError, ConfigError, FileNotFoundError,
+    except (InceptionWeightsError, UnavailableError, ConfigError, FileNotFoundError,
             ShardIndexError, ListingError) as exc:
         log.error("%s", exc)
         return 1

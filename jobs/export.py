@@ -8,6 +8,9 @@ latest_net_G.pth, a training state.pt (also checkpoints/best/state.pt) or a run 
 checkpoint). Before anything is written, the exported model is run by its own runtime (onnxruntime
 for ONNX, torch.jit for TorchScript) on random inputs of several shapes and compared with the
 generator in PyTorch; a relative difference above 1e-4 fails the job (exit 1) and writes nothing.
+A checkpoint that is not what it declares (an architecture or model card its tensors do not fit, sizes
+out of bounds, tensors that are not finite floating weights) exits 2 naming the file and the fault,
+before anything of the declared size is built, and writes nothing.
 A SinCUT generator exports only without decoder noise (model.netG smallstylegan2); the noisy
 stylegan2 one is refused with exit 1 (docs/inference.md, SinCUT).
 
@@ -84,7 +87,7 @@ def export(checkpoint: str, out: str, fmt: str, size: int = 0) -> dict[str, Any]
             "export would not compute what jobs.infer computes; translate it with jobs.infer (PyTorch), "
             "or train model.netG=smallstylegan2 (no noise), which exports"
         )
-    card = {"architecture": dict(netG.architecture), **model_card(obj), "source_checkpoint": url}
+    card = {"architecture": dict(netG.architecture), **model_card(obj, url), "source_checkpoint": url}
     size = size or int(card.get("crop_size", 256))
     multiple = netG.size_multiple
     if size < max(16, multiple) or size % multiple:
@@ -118,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         log.error("%s: the export needs onnx and onnxruntime (pip install 'cut-pipeline[export]')", exc)
         return 1
-    except (CheckpointError, ExportError, FileNotFoundError, IsADirectoryError) as exc:
+    except CheckpointError as exc:
+        log.error("%s", exc)
+        return 2
+    except (ExportError, FileNotFoundError, IsADirectoryError) as exc:
         log.error("%s", exc)
         return 1
     print(f"{storage.join(args.out, report['file'])}: verified against torch at "

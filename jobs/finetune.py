@@ -42,30 +42,42 @@ def architecture_mismatch(config: Mapping[str, Any], checkpoint: Mapping[str, An
     return lines
 
 
+class InitFromError(CheckpointError):
+    """``model.init_from`` names a generator this run cannot start from: bad input (jobs.train exits 2)."""
+
+
 def init_generator(netG: nn.Module, url: str) -> dict[str, Any]:
     """Load the generator weights at ``url`` into ``netG`` in place; returns what the model card records.
 
-    The generators fit when their tensors have the same names and shapes (``load_strict``): a state
-    dict without an architecture record (a training state, an official file) fixes only what its
-    shapes show, and a StyleGAN2 generator's widths do not tell (ngf, resolution) apart, so its
-    inferred architecture may differ from the configured one in fields that change nothing. A
-    generator that does not fit is a CheckpointError that names the differing tensors and every
-    differing architecture field with the config key that sets it.
+    The source is checked as every job checks a checkpoint (``cut.generator_from_checkpoint``: what it
+    declares against its tensors, finite weights, a sane card). The generators fit when their tensors
+    have the same names and shapes (``load_strict``): a state dict without an architecture record (a
+    training state, an official file) fixes only what its shapes show, and a StyleGAN2 generator's
+    widths do not tell (ngf, resolution) apart, so its inferred architecture may differ from the
+    configured one in fields that change nothing. Any fault is an InitFromError; one that does not fit
+    names the differing tensors and every differing architecture field with the config key that sets it.
     """
     source = resolve_generator_url(url)
     data = storage.read_bytes(source)
-    obj = read_checkpoint(data, source)
-    loaded = generator_from_checkpoint(obj, source)
     try:
-        load_strict(netG, loaded.state_dict(), f"model.init_from {source}")
+        obj = read_checkpoint(data, source)
+        card = model_card(obj, source)
+        _load(netG, generator_from_checkpoint(obj, source), source)
+    except CheckpointError as exc:
+        raise InitFromError(f"model.init_from: {exc}") from exc
+    record: dict[str, Any] = {"url": url, "file": source, "sha256": hashlib.sha256(data).hexdigest()}
+    for name in ("preset", "step", "direction"):
+        if name in card:
+            record[f"source_{name}"] = card[name]
+    return record
+
+
+def _load(netG: nn.Module, loaded: nn.Module, source: str) -> None:
+    """``loaded``'s weights into ``netG``; a misfit also names the differing architecture fields."""
+    try:
+        load_strict(netG, loaded.state_dict(), source)
     except CheckpointError as exc:
         fields = architecture_mismatch(netG.architecture, loaded.architecture)
         if not fields:
             raise
         raise CheckpointError(f"{exc}; the configured generator differs in {'; '.join(fields)}") from None
-    record: dict[str, Any] = {"url": url, "file": source, "sha256": hashlib.sha256(data).hexdigest()}
-    card = model_card(obj)
-    for name in ("preset", "step", "direction"):
-        if name in card:
-            record[f"source_{name}"] = card[name]
-    return record

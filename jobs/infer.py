@@ -323,10 +323,10 @@ def _run(config: InferConfig, stop: StopSignals) -> int:
             add_new_inputs=config.add_new_inputs,
             timeout=config.plan_timeout,
         )
-    except (PlanError, ShardIndexError, ListingError) as exc:
+    except (PlanError, ShardIndexError, ListingError, CheckpointError) as exc:
         log.error("%s", exc)
         return 2
-    except (OSError, CheckpointError, ConfigError) as exc:
+    except (OSError, ConfigError) as exc:
         log.error("%s", exc)
         return 1
     done = committed_units(config.out)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cut import CheckpointError, generator_from_checkpoint, model_card, read_checkpoint
-from cut.export import ExportedModel, card_of
+from cut.export import ExportedModel, checked_onnx_card
 from cut.inference import BatchTranslator, PendingBatch
 from cut.tiling import TiledGenerator, default_tile_size, tileable
 from jobs.config import ConfigError
@@ -138,7 +138,7 @@ class Translator:
         self.checkpoint_url = resolve_generator_url(config.checkpoint)
         data = storage.read_bytes(self.checkpoint_url)
         checkpoint = read_checkpoint(data, self.checkpoint_url)
-        self.card = model_card(checkpoint)
+        self.card = model_card(checkpoint, self.checkpoint_url)
         netG = generator_from_checkpoint(checkpoint, self.checkpoint_url).to(self.device)
         self.input_channels, self.output_channels = netG.input_nc, netG.output_nc
         self.size_multiple = int(getattr(netG, "size_multiple", 4))
@@ -173,7 +173,7 @@ class Translator:
             raise CheckpointError(f"{self.checkpoint_url}: not an ONNX model onnxruntime can run "
                                   f"({type(exc).__name__}: {exc})") from exc
         self.device = torch.device("cpu")
-        self.card = card_of(data, "onnx")
+        self.card = checked_onnx_card(data, self.checkpoint_url)  # finite weights, a sane card
         self.input_channels, self.output_channels = model.input_nc, model.output_nc
         self.size_multiple = 4
         log.info("engine onnxruntime: %s with %s", self.checkpoint_url, ", ".join(model.providers))

@@ -129,4 +129,4 @@ def test_jobs_infer_runs_an_onnx_export_on_onnxruntime_like_torch(trained, tmp_p
     assert bad.returncode == 2 and "--engine onnxruntime must be used without --bf16" in bad.stderr
     wrong = infer("--checkpoint", str(trained / KINDS["export"]), "--engine", "onnxruntime", "--input",
                   str(src), "--out", str(tmp_path / "y"), "--workers", "0")
-    assert wrong.returncode == 1 and "not an ONNX model" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert wrong.returncode == 2 and "not an ONNX model" in wrong.stderr and "Traceback" not in wrong.stderr

@@ -310,4 +310,4 @@ def test_bad_arguments_are_clear_errors(tmp_path):
     broken = infer(
         "--checkpoint", str(tmp_path / "broken.pt"), "--input", str(src), "--out", str(tmp_path / "o")
     )
-    assert broken.returncode == 1 and "not a readable torch checkpoint" in broken.stderr
+    assert broken.returncode == 2 and "not a readable torch checkpoint" in broken.stderr
