@@ -43,11 +43,13 @@ def from_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0).sub_(0.5).div_(0.5)
 
 
-_OOM_MESSAGES = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
+# CPU devices: torch's host allocator says "can't allocate memory"; tiling's host buffers raise MemoryError.
+_OOM_MESSAGES = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
+                 "can't allocate memory")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or any(m in str(exc) for m in _OOM_MESSAGES)
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or any(m in str(exc) for m in _OOM_MESSAGES)
 
 
 @dataclass
@@ -119,7 +121,7 @@ class BatchTranslator:
         try:
             pending.parts.append((self._run(x), len(x)))
             return
-        except RuntimeError as exc:  # torch.OutOfMemoryError, or a library's allocation failure
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError, a library's allocation failure
             if not is_out_of_memory(exc):
                 raise
         self._release()  # outside the handler, whose traceback holds the failed forward's tensors

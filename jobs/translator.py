@@ -39,10 +39,12 @@ from pipeline.manifest import SUCCESS, committed_units, read_manifest, write_par
 from pipeline.plan import JobPlan
 from pipeline.spill import SpillArena
 from pipeline.translation_io import (
+    FORMAT_MAX_SIDE,
     OutputLayout,
     Preprocess,
     UnitBatches,
     error_record,
+    out_of_memory,
     pack_tar,
     sha256,
     write_output_index,
@@ -194,14 +196,18 @@ class Translator:
         except UnsafeKeyError as exc:
             return self._error_row(meta, "unsafe-key", str(exc))
         alpha = None if meta["alpha"] is None else meta["alpha"].numpy()
-        encoded = self.layout.encode(pixels, meta["restore"], alpha)
+        try:
+            encoded = self.layout.encode(pixels, meta["restore"], alpha, meta["box"])
+        except Exception as exc:  # an allocation for this one output: its row, not the unit's failure
+            if not out_of_memory(exc):
+                raise
+            return self._error_row(meta, "out-of-memory", f"encoding the output: {type(exc).__name__}: {exc}")
         data = encoded.data
         c1 = time.thread_time()
         digest = sha256(data)
         c2 = time.thread_time()
-        out_h, out_w = (
-            (pixels.shape[0], pixels.shape[1]) if meta["restore"] is None else meta["restore"][::-1]
-        )
+        left, top, right, bottom = meta["box"]
+        out_w, out_h = meta["restore"] or (right - left, bottom - top)
         row = {
             **{k: meta[k] for k in ("order", "key", "source_url", "width", "height", "input_bytes")},
             "output_url": url,
@@ -274,8 +280,10 @@ class Translator:
         cfg = self.cfg
         if not units:
             return
+        # A ResNet generator takes sides of 8 or more; a U-Net or StyleGAN2 one, sides of its multiple.
         pre = Preprocess(cfg.preprocess, cfg.load_size, cfg.crop_size, cfg.max_pixels, self.input_channels,
-                         self.size_multiple)
+                         self.size_multiple, max(8, self.size_multiple),
+                         FORMAT_MAX_SIDE.get(cfg.image_format))
         loader_workers = min(cfg.workers, len(units))
         loader = DataLoader(
             UnitBatches(units, pre, cfg.batch_size),

@@ -49,8 +49,10 @@ ERROR_CODES = {
     "unsupported-format": "an image format this project does not decode (pipeline.formats)",
     "truncated": "the image data ends early",
     "corrupt": "the image data does not decode",
-    "too-large": "more pixels than --max-pixels (decompression bombs included)",
+    "too-large": "more pixels than --max-pixels at the source or after any resize (decompression bombs "
+                 "included), or an output side longer than the output format stores",
     "too-large-for-device": "the device ran out of memory for this image alone, at batch size 1",
+    "out-of-memory": "the host could not allocate memory to decode, resize or encode this image",
     "read-error": "the input could not be read from storage (after retries)",
     "shard-error": "the input shard is missing, breaks off, or holds samples its index does not list",
     "no-image": "a shard sample without an image member",

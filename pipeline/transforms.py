@@ -266,6 +266,24 @@ def train_resize(size: tuple[int, int], mode: str, load_size: int, crop_size: in
     return size
 
 
+def check_train_size(size: tuple[int, int], mode: str, load_size: int, crop_size: int,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Raise ImageDecodeError for an image of ``size`` (w, h) that `train_crop` cannot make a training
+    input of: `too-large` where its resize in ``mode`` exceeds ``max_pixels`` (scale_shortside of a
+    thin image, scale_width of a tall one), `too-small` where a side ends below ``crop_size``: the
+    crop modes' RandomCrop would fail, and `none` keeps sizes the networks, sized for the crop, may not
+    take (every other mode reaches crop_size by construction)."""
+    width, height = train_resize(size, mode, load_size, crop_size)
+    if width * height > max_pixels:
+        raise ImageDecodeError("too-large", f"{size[0]}x{size[1]} becomes {width}x{height} under "
+                                            f"data.preprocess {mode}: more than {max_pixels} pixels")
+    if mode == "none":
+        width, height = multiple_of((width, height))
+    if min(width, height) < crop_size:
+        raise ImageDecodeError("too-small", f"{width}x{height} after data.preprocess {mode}: smaller "
+                                            f"than the {crop_size} crop (data.crop_size)")
+
+
 def train_crop(img: Image.Image | np.ndarray, rng: np.random.Generator, load_size: int, crop_size: int,
                flip: bool = True, decay: bool = False, mode: str = "resize_and_crop") -> torch.Tensor:
     """`train_transform` before the scaling to float: a uint8 (uint16 for 16-bit pixels)
@@ -316,8 +334,54 @@ def test_transform(img: Image.Image, mode: str, load_size: int, crop_size: int) 
     return to_tensor(test_pixels(img, mode, load_size, crop_size))
 
 
+@dataclass(frozen=True)
+class NetworkGeometry:
+    """Where test-time preprocessing puts an image: resized to ``target`` (w, h) as the mode says, then
+    to ``resized`` (each side the nearest multiple of the network's, as the official code does), then
+    mirrored out to ``network`` on sides the network cannot take that short; ``box`` (left, top,
+    right, bottom) is the image within the network input, the part of the output to keep."""
+
+    target: tuple[int, int]
+    resized: tuple[int, int]
+    network: tuple[int, int]
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        left, top = ((n - r) // 2 for n, r in zip(self.network, self.resized, strict=True))
+        return left, top, left + self.resized[0], top + self.resized[1]
+
+    @property
+    def pixels(self) -> int:
+        """The most pixels any stage holds: the mode's resize, or the network input."""
+        return max(self.target[0] * self.target[1], self.network[0] * self.network[1])
+
+
+def test_geometry(size: tuple[int, int], mode: str, load_size: int, crop_size: int, multiple: int = 4,
+                  minimum: int = 8) -> NetworkGeometry:
+    """The sizes `test_pixels` gives an image of ``size`` (w, h) (see there). Nothing is allocated:
+    callers check the sizes before the pixels exist."""
+    width, height = size
+    if mode == "official":
+        target = (crop_size, crop_size)
+    elif mode == "shortside":
+        scale = load_size / min(width, height)
+        target = (round(width * scale), round(height * scale))
+    elif mode == "none":
+        target = (width, height)
+    else:
+        raise ValueError(f"unknown preprocess mode {mode!r}; expected one of {TEST_MODES}")
+    rounded = multiple_of(target, multiple)
+    # A side that rounds below the network's minimum (a 5 px icon: 4, where a ResNet takes 8) keeps its
+    # pixels at their own scale and is mirrored out instead: stretching it would change what the
+    # network sees far more than the rounding changes any larger image.
+    floor = -(-minimum // multiple) * multiple
+    resized = tuple(t if r < floor else r for t, r in zip(target, rounded, strict=True))
+    network = tuple(max(r, floor) for r in resized)
+    return NetworkGeometry(target, resized, network)  # type: ignore[arg-type]
+
+
 def test_pixels(img: Image.Image | np.ndarray, mode: str, load_size: int, crop_size: int,
-                multiple: int = 4) -> torch.Tensor:
+                multiple: int = 4, minimum: int = 8) -> torch.Tensor:
     """Test-time preprocessing with Pillow's resize, as (C, H, W) uint8 (uint16 for 16-bit pixels):
     bit-exact with the official test inputs when the image was decoded at full size; `to_tensor`
     scales them. Takes an image or (H, W, C) pixels (`pipeline.pixels.Pixels.array`).
@@ -327,23 +391,23 @@ def test_pixels(img: Image.Image | np.ndarray, mode: str, load_size: int, crop_s
     U-Net needs 128 or 256) for the network.
     `shortside`: resize so the shortest side is load_size, keeping the aspect ratio (the official
     `scale_shortside` only ever enlarges; this also shrinks large inputs).
+    A side that would round below `minimum` (what the network takes: 8 for a ResNet generator) is
+    mirrored out to it instead (`NetworkGeometry.box` locates the image in the result).
     """
     array = np.asarray(img)
-    width, height = array.shape[1], array.shape[0]
-    if mode == "official":
-        size = (crop_size, crop_size)
-    elif mode == "shortside":
-        scale = load_size / min(width, height)
-        size = (round(width * scale), round(height * scale))
-    elif mode == "none":
-        size = (width, height)
-    else:
-        raise ValueError(f"unknown preprocess mode {mode!r}; expected one of {TEST_MODES}")
-    return chw_tensor(resize_pixels(resize_pixels(array, size), multiple_of(size, multiple)))
+    geometry = test_geometry((array.shape[1], array.shape[0]), mode, load_size, crop_size, multiple, minimum)
+    array = resize_pixels(resize_pixels(array, geometry.target), geometry.resized)
+    if geometry.resized != geometry.network:
+        left, top, right, bottom = geometry.box
+        pad = [(top, geometry.network[1] - bottom), (left, geometry.network[0] - right)]
+        # mirrored as the network's own ReflectionPad2d pads (numpy repeats a 1-pixel side)
+        array = np.pad(array, pad + [(0, 0)] * (array.ndim - 2), mode="reflect")
+    return chw_tensor(array)
 
 
 test_transform.__test__ = False  # type: ignore[attr-defined]  # not a pytest test despite its name
 test_pixels.__test__ = False  # type: ignore[attr-defined]
+test_geometry.__test__ = False  # type: ignore[attr-defined]
 
 
 def test_draft_size(mode: str, load_size: int, crop_size: int) -> int | None:

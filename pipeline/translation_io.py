@@ -28,12 +28,20 @@ from pipeline.keys import UnsafeKeyError
 from pipeline.pixels import decode_pixels, image_mode
 from pipeline.png import encode_png
 from pipeline.shards import ShardIndex, ShardInfo, index_url
-from pipeline.transforms import ImageDecodeError, resize_pixels, test_draft_size, test_pixels
+from pipeline.transforms import (
+    ImageDecodeError,
+    NetworkGeometry,
+    resize_pixels,
+    test_draft_size,
+    test_geometry,
+    test_pixels,
+)
 
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 # What each output format stores: channel counts (others become the nearest it has) and bit depths.
 FORMAT_CHANNELS = {"png": (1, 2, 3, 4), "jpg": (1, 3), "webp": (3, 4)}  # npy: any
 FORMAT_BITS = {"png": (8, 16), "jpg": (8,), "webp": (8,), "npy": (8, 16)}
+FORMAT_MAX_SIDE = {"jpg": 65500, "webp": 16383}  # the longest side each encoder writes (libjpeg, libwebp)
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,31 @@ class Preprocess:
     max_pixels: int = 64 * 2**20
     channels: int = 3  # the model's input channels (pipeline.pixels)
     multiple: int = 4  # the network's sides are multiples of this
+    minimum: int = 8  # ... and at least this long (a ResNet generator's two halvings and its padding)
+    max_side: int | None = None  # the longest output side the output format stores (FORMAT_MAX_SIDE)
+
+    def fit(self, size: tuple[int, int], restore: tuple[int, int] | None) -> NetworkGeometry:
+        """Where an image of ``size`` (w, h) goes through the network (`test_geometry`), checked before
+        any pixels are resized: ImageDecodeError `too-large` where the mode's resize or the network
+        input would hold more than ``max_pixels``, or the output (``restore``, else the network's
+        image) too, or a side longer than the output format stores."""
+        geometry = test_geometry(size, self.mode, self.load_size, self.crop_size, self.multiple, self.minimum)
+        out = restore or geometry.resized
+        where = f"{size[0]}x{size[1]} under --preprocess {self.mode} (network input " \
+                f"{geometry.network[0]}x{geometry.network[1]}, output {out[0]}x{out[1]})"
+        if max(geometry.pixels, out[0] * out[1]) > self.max_pixels:
+            raise ImageDecodeError("too-large", f"{where}: more than --max-pixels {self.max_pixels} "
+                                                f"after resizing")
+        if self.max_side is not None and max(out) > self.max_side:
+            raise ImageDecodeError("too-large", f"{where}: the output format stores at most {self.max_side} "
+                                                f"pixels a side")
+        return geometry
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: Python's and Pillow's MemoryError, or torch's CPU
+    allocator's RuntimeError."""
+    return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc)
 
 
 def error_record(
@@ -101,17 +134,24 @@ class UnitBatches(IterableDataset):
                     error_record(order, item.key, item.source_url, item.error, item.error_detail, size)
                 )
                 continue
+            dims = (None, None)  # the size, for the row, once decoded
             try:
                 decoded = decode_pixels(item.data, pre.channels, draft_to=draft, max_pixels=pre.max_pixels)
-                displayed = decoded.displayed
+                displayed = dims = decoded.displayed
                 c2 = time.thread_time()
-                x = test_pixels(decoded.array, pre.mode, pre.load_size, pre.crop_size, pre.multiple)
+                restore = displayed if pre.mode == "none" else None
+                geometry = pre.fit((decoded.array.shape[1], decoded.array.shape[0]), restore)
+                x = test_pixels(decoded.array, pre.mode, pre.load_size, pre.crop_size, pre.multiple,
+                                pre.minimum)
             except ImageDecodeError as exc:
-                errors.append(error_record(order, item.key, item.source_url, exc.reason, exc.detail, size))
+                errors.append(
+                    error_record(order, item.key, item.source_url, exc.reason, exc.detail, size, dims)
+                )
                 continue
             except Exception as exc:  # whatever else one image can do: its row says so; the job goes on
+                code = "out-of-memory" if out_of_memory(exc) else "corrupt"
                 detail = f"{type(exc).__name__}: {exc}"
-                errors.append(error_record(order, item.key, item.source_url, "corrupt", detail, size))
+                errors.append(error_record(order, item.key, item.source_url, code, detail, size, dims))
                 continue
             meta = {
                 "order": order,
@@ -120,7 +160,8 @@ class UnitBatches(IterableDataset):
                 "width": displayed[0],
                 "height": displayed[1],
                 "input_bytes": size,
-                "restore": displayed if pre.mode == "none" else None,
+                "restore": restore,
+                "box": geometry.box,  # the image within the network's input and output
                 "source_mode": decoded.source_mode,
                 # the source's alpha the model does not take, for the output (a tensor: the
                 # DataLoader turns numpy arrays into tensors anyway)
@@ -160,12 +201,17 @@ class Encoded:
 
 
 def output_pixels(pixels: np.ndarray, fmt: str, restore: tuple[int, int] | None = None,
-                  alpha: np.ndarray | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
-    """The (H, W, C) pixels to store: ``restore`` resizes back to an input's (w, h) first; a kept
-    source ``alpha`` is put back beside 1- or 3-channel outputs (unchanged where the output has the
-    input's size, else resized alike); then fitted to what ``fmt`` stores, naming what was dropped."""
+                  alpha: np.ndarray | None = None,
+                  box: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The (H, W, C) pixels to store: ``box`` (left, top, right, bottom) cuts the image out of a
+    network output mirrored out around it, ``restore`` then resizes back to an input's (w, h); a
+    kept source ``alpha`` is put back beside 1- or 3-channel outputs (unchanged where the output has
+    the input's size, else resized alike); then fitted to what ``fmt`` stores, naming what was
+    dropped."""
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
+    if box is not None:
+        pixels = pixels[box[1]:box[3], box[0]:box[2]]
     if restore is not None:
         pixels = resize_pixels(pixels, tuple(restore))
     if alpha is not None and pixels.shape[2] in (1, 3):
@@ -191,10 +237,11 @@ def output_pixels(pixels: np.ndarray, fmt: str, restore: tuple[int, int] | None 
 
 
 def encode_image(pixels: np.ndarray, fmt: str, quality: int, restore: tuple[int, int] | None = None,
-                 png_level: int = 1, alpha: np.ndarray | None = None) -> Encoded:
+                 png_level: int = 1, alpha: np.ndarray | None = None,
+                 box: tuple[int, int, int, int] | None = None) -> Encoded:
     """HWC uint8/uint16 pixels as PNG (`pipeline.png`), JPEG, WebP or a NumPy array (see
     ``output_pixels``)."""
-    pixels, dropped = output_pixels(pixels, fmt, restore, alpha)
+    pixels, dropped = output_pixels(pixels, fmt, restore, alpha, box)
     mode = image_mode(pixels.shape[2], 8 * pixels.dtype.itemsize)
     if fmt == "png":
         return Encoded(encode_png(pixels, png_level), mode, dropped)
@@ -245,8 +292,8 @@ class OutputLayout:
         return url
 
     def encode(self, pixels: np.ndarray, restore: tuple[int, int] | None,
-               alpha: np.ndarray | None = None) -> Encoded:
-        return encode_image(pixels, self.image_format, self.quality, restore, self.png_level, alpha)
+               alpha: np.ndarray | None = None, box: tuple[int, int, int, int] | None = None) -> Encoded:
+        return encode_image(pixels, self.image_format, self.quality, restore, self.png_level, alpha, box)
 
 
 def sha256(data: bytes) -> str:

@@ -34,7 +34,7 @@ from pipeline import formats, storage
 from pipeline.ingest import expand_source
 from pipeline.pixels import check_channels, decode_pixels
 from pipeline.shards import ShardIndex, ShardNotFoundError, iter_shard
-from pipeline.transforms import TRAIN_MODES, ImageDecodeError, to_tensor, train_crop, train_resize
+from pipeline.transforms import TRAIN_MODES, ImageDecodeError, check_train_size, to_tensor, train_crop
 
 log = logging.getLogger(__name__)
 
@@ -289,12 +289,8 @@ class EpochPlan:
 
         def decode(data: bytes) -> np.ndarray:
             pixels = decode_pixels(data, channels, draft_to=draft).array
-            if "crop" in self.preprocess:
-                width, height = train_resize((pixels.shape[1], pixels.shape[0]), self.preprocess, size,
-                                             self.crop_size)
-                if min(width, height) < self.crop_size:  # the official RandomCrop would stop the run
-                    raise ImageDecodeError("too-small", f"{width}x{height} after data.preprocess "
-                                           f"{self.preprocess}: smaller than the {self.crop_size} crop")
+            # skipped, not a crash: the official RandomCrop (or the networks) would stop the run
+            check_train_size((pixels.shape[1], pixels.shape[0]), self.preprocess, size, self.crop_size)
             return pixels
 
         def transform(image: np.ndarray, item: RawSample) -> torch.Tensor:
