@@ -150,7 +150,7 @@ class UnitBatches(IterableDataset):
                 continue
             except Exception as exc:  # whatever else one image can do: its row says so; the job goes on
                 code = "out-of-memory" if out_of_memory(exc) else "corrupt"
-                detail = f"{type(exc).__name__}: {exc}"
+                detail = f"{type(exc).__name__}: {exc}".rstrip(": ")  # a MemoryError says nothing more
                 errors.append(error_record(order, item.key, item.source_url, code, detail, size, dims))
                 continue
             meta = {

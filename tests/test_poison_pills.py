@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,7 @@ import pytest
 import torch
 from conftest import image_bytes
 from PIL import Image
-from test_infer import infer, write_generator
+from test_infer import ROOT, infer, write_generator
 from test_unpaired import _good, _shard_set
 
 from cut import generator_from_checkpoint, read_checkpoint
@@ -146,6 +149,37 @@ def test_a_small_icon_is_translated_at_its_own_scale_mirrored_out_and_cropped_ba
         expected = to_uint8(g(to_tensor(x)[None]))[0, :, 2:5, 2:5].permute(1, 2, 0).numpy()
     got = np.asarray(Image.open(io.BytesIO(storage.read_bytes(row["output_url"]))))
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+# Runs jobs.infer with its address space limited to what it holds after its imports plus 2 GiB.
+LIMITED = """
+import resource, runpy, sys
+import jobs.infer
+held = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (held + 2 * 2**30, resource.RLIM_INFINITY))
+sys.argv = ["jobs.infer", *sys.argv[1:]]
+runpy.run_module("jobs.infer", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_an_image_the_host_cannot_allocate_for_is_an_out_of_memory_row(checkpoint, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(pixels((40, 36), 0)).save(src / "normal.png")
+    Image.fromarray(pixels((1, 16000), 1)).save(src / "thin.png")  # 256x4096000 (4 GiB) at short side 256
+    out = tmp_path / "out"
+    args = ["--no-progress", "--checkpoint", checkpoint, "--input", str(src), "--out", str(out),
+            "--preprocess", "shortside", "--load-size", "256", "--max-pixels", str(2**31), "--workers", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="2")
+    done = subprocess.run([sys.executable, "-c", LIMITED, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["key"]: r for r in pq.read_table(str(out / "manifest")).to_pylist()}
+    assert rows["normal"]["status"] == "ok"
+    assert (rows["thin"]["error"], rows["thin"]["error_detail"]) == ("out-of-memory", "MemoryError")
+    assert (rows["thin"]["width"], rows["thin"]["height"]) == (1, 16000)
+    assert (out / "_SUCCESS").exists()
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 3), (5, 5), (6, 2), (1, 4000), (4000, 1), (9, 5), (45, 38)])
