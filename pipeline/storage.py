@@ -15,6 +15,7 @@ import os
 import posixpath
 import random
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -38,15 +39,33 @@ _PERMANENT_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EL
                                errno.EDQUOT, errno.EBADF, errno.EINVAL})
 
 
-def _transient_types() -> tuple[type[BaseException], ...]:
+class StorageUnreachableError(Exception):
+    """The store behind a URL could not be reached (connection refused, no route, connect timeout),
+    after the retries: the job's environment, so a later retry of the job may succeed.
+
+    Not an OSError on purpose: callers that turn an unreadable file into a reject or an error row
+    (``except OSError``) must not do so for every file while the store is down; the job ends instead.
+    """
+
+    def __init__(self, message: str, endpoint: str) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+
+
+def _botocore_types() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """botocore's (HTTP trouble, connection failures), empty where botocore is not installed."""
     try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
         from botocore.exceptions import HTTPClientError
     except ImportError:
-        return (OSError,)
-    return (OSError, HTTPClientError)
+        return (), ()
+    return (HTTPClientError,), (BotoConnectionError,)
 
 
-_TRANSIENT = _transient_types()
+_BOTO_HTTP, _BOTO_CONNECT = _botocore_types()
+# botocore's connection failures (EndpointConnectionError: the endpoint is down) are not OSErrors:
+# without them here, a store that is down for a moment failed the first call without a retry.
+_TRANSIENT = (OSError, *_BOTO_HTTP, *_BOTO_CONNECT)
 _jitter = random.Random()  # private, so retries never disturb a seeded global `random`
 
 
@@ -57,14 +76,45 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, _TRANSIENT) and not isinstance(exc, _PERMANENT)
 
 
+def unreachable_endpoint(exc: BaseException) -> str | None:
+    """The endpoint URL (or host:port) that `exc`, or an exception it came from, could not connect
+    to; None if it is no connection failure."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, StorageUnreachableError):
+            return exc.endpoint
+        if isinstance(exc, _BOTO_CONNECT):
+            url = getattr(exc, "kwargs", {}).get("endpoint_url") or ""
+            return url.split("?", 1)[0] or str(exc)
+        if isinstance(exc, (ConnectionRefusedError, socket.gaierror)):
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _unreachable(what: str, exc: BaseException, attempts: int) -> StorageUnreachableError | None:
+    endpoint = unreachable_endpoint(exc)
+    if endpoint is None:
+        return None
+    return StorageUnreachableError(f"{what}: storage unreachable ({endpoint}) after {attempts} tries",
+                                   endpoint)
+
+
 def retry(fn: Callable[[], T], *, what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
-    """Call `fn`, retrying transient errors with jittered exponential backoff."""
+    """Call `fn`, retrying transient errors with jittered exponential backoff. A store that stays
+    unreachable ends in one StorageUnreachableError naming `what` (the URL) and the endpoint."""
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except Exception as exc:
-            if attempt == attempts or not is_transient(exc):
+            if not is_transient(exc):
                 raise
+            if attempt == attempts:
+                unreachable = _unreachable(what, exc, attempts)
+                if unreachable is None:
+                    raise
+                raise unreachable from exc
             delay = min(base_delay * 2 ** (attempt - 1), 10.0) * (0.5 + _jitter.random())
             log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(exc).__name__, exc,
                         attempt, attempts - 1, delay)
