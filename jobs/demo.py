@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from jobs.cli import HelpFormatter
+from jobs.cli import HelpFormatter, run_job
 
 STRIPE_PERIOD = 4  # pixels: 2 black, 2 grey; fine enough to average out in the content score's scales
 STRIPE_GREY = 160
@@ -182,4 +182,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

@@ -41,7 +41,6 @@ import html
 import io
 import json
 import logging
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -69,7 +68,7 @@ from cut.inception import (
     InceptionWeightsError,
 )
 from cut.metrics import FeatureStats, QualityMeter, as_rgb, quantize
-from jobs.cli import HelpFormatter, add_logging_arguments
+from jobs.cli import HelpFormatter, add_logging_arguments, run_job
 from jobs.config import ConfigError, build
 from jobs.logs import setup_logging
 from jobs.quality import (
@@ -721,4 +720,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from typing import Any
 
 import torch
@@ -42,7 +41,7 @@ from cut.export import (
     export_bytes,
     verify,
 )
-from jobs.cli import HelpFormatter, add_logging_arguments
+from jobs.cli import HelpFormatter, add_logging_arguments, run_job
 from jobs.logs import setup_logging
 from pipeline import storage
 from pipeline.checkpoints import resolve_generator_url
@@ -133,4 +132,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from cut import CheckpointError
-from jobs.cli import HelpFormatter, add_logging_arguments
+from jobs.cli import HelpFormatter, add_logging_arguments, run_job
 from jobs.config import ConfigError, build
 from jobs.logs import setup_logging
 from jobs.runtime import available_cores, env_int, reuse_freed_memory
@@ -360,4 +359,4 @@ def _run(config: InferConfig, stop: StopSignals) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

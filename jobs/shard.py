@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from jobs.cli import HelpFormatter, add_logging_arguments
+from jobs.cli import HelpFormatter, add_logging_arguments, run_job
 from jobs.logs import setup_logging
 from jobs.signals import StopSignals
 from pipeline.ingest import KeyCollisionError, ListingError, OutputOverlapError, build_shards
@@ -124,4 +124,4 @@ def _build(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

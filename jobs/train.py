@@ -45,7 +45,7 @@ from cut import CheckpointError, CUTModel, export_generator, read_checkpoint
 from cut.checkpoint import to_bytes
 from cut.inception import InceptionWeightsError
 from cut.schedule import OFFICIAL_PLATEAU_METRIC, LRSchedule
-from jobs.cli import HelpFormatter, add_logging_arguments
+from jobs.cli import HelpFormatter, add_logging_arguments, run_job
 from jobs.config import (
     SINCUT,
     ConfigError,
@@ -802,4 +802,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)
