@@ -690,8 +690,8 @@ def record_config(config: TrainConfig) -> None:
                 f"{run_url} was trained with another config ({stored_url}); changed: {fixed}. Resume with "
                 f"the run's config, or pass run.allow_config_change=true to go on with this one (each config "
                 f"the run used is kept in {history}/)")
-        log.warning("resuming %s with a changed config: %s", run_url,
-                    ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes))
+        log.log(logging.WARNING if fixed else logging.INFO, "resuming %s with a changed config: %s", run_url,
+                ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes))
         if not kept:  # a run from before config-history/ was kept: its first config goes in first
             kept = [storage.join(history, "0001-step-000000000.yaml")]
             storage.write_bytes_atomic(kept[0], stored_text.encode())

@@ -305,6 +305,14 @@ def test_an_export_whose_write_failed_is_a_clear_error_and_the_rerun_rewrites_it
     a, b = data
     run_dir = tmp_path / "run"
     assert run(train_cmd(a, b, str(run_dir), "train.max_steps=4")).returncode == 0
+    step_8 = run_dir / "checkpoints" / "step-000000008"
+    step_8.write_bytes(b"")  # a file where the checkpoint's folder must go: its writes fail
+    no_checkpoint = run(train_cmd(a, b, str(run_dir), "train.max_steps=8"))
+    assert no_checkpoint.returncode == 1 and "Traceback" not in no_checkpoint.stderr, no_checkpoint.stderr
+    assert f"step 8: could not write the checkpoint under {run_dir / 'checkpoints'}" in no_checkpoint.stderr
+    assert final_state(str(run_dir))["step"] == 4
+    step_8.unlink()
+
     blocker = run_dir / "export" / "generator.pt"  # a folder where the export's file must go: writes fail
     blocker.unlink()
     (blocker / "x").mkdir(parents=True)
