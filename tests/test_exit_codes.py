@@ -1,0 +1,127 @@
+"""Every job ends with its documented exit code on every run: a native library's abort at interpreter
+teardown cannot turn it into 134, and a store that is down is one line naming the URL and exit 1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import BUCKET
+from moto.server import ThreadedMotoServer
+from test_infer import image_folder, infer, write_generator
+
+ROOT = Path(__file__).resolve().parent.parent
+JOBS = ("shard", "train", "infer", "eval", "export", "demo")
+
+# exit() runs the C library's exit handlers, C++ static destructors among them: registering abort()
+# there does what a joinable std::thread destroyed at teardown does ("terminate called without an
+# active exception", SIGABRT, exit 134), on every run instead of some.
+ABORT_AT_TEARDOWN = """
+import ctypes, runpy, sys
+libc = ctypes.CDLL(None)
+libc.__cxa_atexit(libc.abort, None, None)
+sys.argv = ["jobs." + sys.argv[1], *sys.argv[2:]]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def job_under_teardown_abort(job: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", ABORT_AT_TEARDOWN, job, *args], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_teardown_abort_model_aborts_a_plain_exit():
+    """The model of the cause is faithful: a process that leaves through exit() aborts with 134."""
+    plain_exit = ("import ctypes, sys; libc = ctypes.CDLL(None); libc.__cxa_atexit(libc.abort, None, None); "
+                  "sys.exit(2)")
+    done = subprocess.run([sys.executable, "-c", plain_exit], capture_output=True, timeout=60)
+    assert done.returncode == -6
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_bad_flags_exit_2_even_when_native_teardown_would_abort(job):
+    done = job_under_teardown_abort(job, "--no-such-flag")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"python -m jobs.{job}: error: " in done.stderr
+
+
+def test_a_job_s_own_exit_code_survives_native_teardown(tmp_path):
+    """The refusal after the inputs changed (exit 2) and a finished run (exit 0), as they end."""
+    ckpt = write_generator(tmp_path / "g.pt")
+    inputs = image_folder(tmp_path / "in", 3)
+    args = ("--no-progress", "--crop-size", "32", "--checkpoint", ckpt, "--input", str(inputs),
+            "--out", str(tmp_path / "out"))
+    assert job_under_teardown_abort("infer", *args).returncode == 0
+    (inputs / "new.png").write_bytes((inputs / "img-000.png").read_bytes())
+    refused = job_under_teardown_abort("infer", *args)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "the inputs list differently" in refused.stderr
+
+
+def test_the_refusal_after_inputs_changed_exits_2_in_20_runs(tmp_path):
+    """Twenty reruns, two at a time (the load the abort showed under): every one exits 2."""
+    ckpt = write_generator(tmp_path / "g.pt")
+    inputs = image_folder(tmp_path / "in", 4)
+    args = ("--checkpoint", ckpt, "--input", str(inputs), "--out", str(tmp_path / "out"), "--unit-size", "2")
+    assert infer(*args).returncode == 0
+    (inputs / "new.png").write_bytes((inputs / "img-000.png").read_bytes())
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda _: infer(*args), range(20)))
+    assert [r.returncode for r in runs] == [2] * 20, [r.stderr[-500:] for r in runs if r.returncode != 2]
+    assert all("terminate called" not in r.stderr for r in runs)
+
+
+# ----------------------------------------------------------------------------------- storage down
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def closed_endpoint(monkeypatch) -> str:
+    """The endpoint of an S3 server that was started and stopped: its port refuses connections."""
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    server.stop()
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in (("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", "testing"),
+                        ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1"),
+                        # botocore's own retries of a refused connection, once each: keeps the test short;
+                        # pipeline.storage's retries still apply
+                        ("AWS_MAX_ATTEMPTS", "1"), ("AWS_RETRY_MODE", "standard")):
+        monkeypatch.setenv(name, value)
+    return endpoint
+
+
+def _job_args(job: str, s3: str, tmp_path: Path) -> list[str]:
+    ckpt = write_generator(tmp_path / "g.pt")
+    return {
+        "shard": ["--out", f"{s3}/shards", f"{s3}/images"],
+        "train": ["--config", "configs/tiny.yaml", f"data.a={s3}/a", f"data.b={s3}/b", f"run.url={s3}/run"],
+        "infer": ["--no-progress", "--checkpoint", f"{s3}/g.pt", "--input", f"{s3}/images", "--out",
+                  f"{s3}/out"],
+        "eval": ["--translated", f"{s3}/out", "--inputs", f"{s3}/images", "--test-b", f"{s3}/b",
+                 "--out", f"{s3}/report", "--no-download"],
+        "export": ["--checkpoint", ckpt, "--out", f"{s3}/export", "--format", "torchscript"],
+    }[job]
+
+
+@pytest.mark.parametrize("job", ("shard", "train", "infer", "eval", "export"))
+def test_storage_unreachable_is_one_line_naming_the_url_and_exit_1(job, closed_endpoint, tmp_path):
+    s3 = f"s3://{BUCKET}/down"
+    done = subprocess.run([sys.executable, "-m", f"jobs.{job}", *_job_args(job, s3, tmp_path)], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if "storage unreachable" in line]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert s3 in errors[0] and closed_endpoint in errors[0]
