@@ -94,3 +94,30 @@ def test_checkpoint_of_another_architecture_names_the_mismatch():
         CheckpointError, match=r"g.pt: G: .*model\.1\.weight \(4, 3, 7, 7\) != \(8, 3, 7, 7\)"
     ):
         generator_from_checkpoint(exported, "g.pt")
+
+
+def test_load_strict_refuses_non_tensors_broadcast_views_integer_and_non_finite_weights():
+    """Every network loaded through load_strict (a training resume, the domain classifier, the
+    Inception weights, model.init_from) gets the checks a generator checkpoint gets."""
+    net = ResnetGenerator(ngf=4, n_blocks=1)
+    own = net.state_dict()
+    faults = {
+        "a list": r"'model\.1\.weight' is a list",
+        torch.zeros(1).expand(4, 3, 7, 7): r"declares shape \(4, 3, 7, 7\) but holds 4 bytes",
+        torch.zeros(4, 3, 7, 7, dtype=torch.int64): r"dtype mismatch: \['model\.1\.weight torch\.int64",
+        torch.full((4, 3, 7, 7), float("-inf")): r"1 of \d+ tensors hold NaN or Inf",
+    }
+    for bad, message in faults.items():
+        value = [0.0] if isinstance(bad, str) else bad
+        with pytest.raises(CheckpointError, match=message):
+            load_strict(net, {**own, "model.1.weight": value}, "G")
+    assert torch.equal(net.state_dict()["model.1.weight"], own["model.1.weight"])  # nothing was loaded
+
+
+def test_an_official_state_dict_whose_empty_tensors_declare_giant_widths_is_refused_before_building():
+    """A zero-element tensor costs nothing to store and may declare any width; the architecture
+    inferred from it is bounds-checked before the generator is built (which would need ~600 GB)."""
+    state = {"model.1.weight": torch.zeros(10**9, 3, 0, 0), "model.10.conv_block.1.weight": torch.zeros(0)}
+    with pytest.raises(CheckpointError, match=r"x\.pth: G: the architecture inferred from its tensors has "
+                                              r"output_nc=1000000000; expected an integer in 1\.\.1024"):
+        generator_from_checkpoint(state, "x.pth")
