@@ -91,3 +91,24 @@ def test_join_and_dirname() -> None:
     assert storage.join("s3://b/set/", "_index.json") == "s3://b/set/_index.json"
     assert storage.join("/data/set", "a", "b.tar") == "/data/set/a/b.tar"
     assert storage.dirname("s3://b/set/_index.json") == "s3://b/set"
+
+
+def test_an_endpoint_that_refuses_is_retried_then_named_in_one_error(monkeypatch) -> None:
+    """botocore's EndpointConnectionError is no OSError: it is retried all the same, and a store that
+    stays down ends in StorageUnreachableError naming the URL and the endpoint."""
+    from botocore.exceptions import EndpointConnectionError
+
+    monkeypatch.setattr(storage.time, "sleep", lambda _s: None)
+    calls = []
+
+    def refused() -> None:
+        calls.append(1)
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9/bucket/key?x=1")
+
+    with pytest.raises(storage.StorageUnreachableError) as caught:
+        storage.retry(refused, what="read s3://bucket/key", attempts=3)
+    assert len(calls) == 3
+    assert str(caught.value) == ("read s3://bucket/key: storage unreachable (http://127.0.0.1:9/bucket/key) "
+                                 "after 3 tries")
+    assert not isinstance(caught.value, OSError)  # never taken for one unreadable file
+
