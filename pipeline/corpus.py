@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import formats, storage
-from pipeline.ingest import expand_source
+from pipeline.ingest import expand_source, link_root, outside_detail
 from pipeline.keys import KeyAllocator, UnsafeKeyError, check_length, member_key, shard_namespace
 from pipeline.shards import (
     INDEX_NAME,
@@ -68,6 +68,7 @@ class WorkUnit:
     items: tuple[Item, ...] | None = None
     items_url: str = ""
     row_group: int = 0
+    input_url: str = ""  # a listing unit's input as given: links out of its folder are refused when read
 
     @property
     def expected(self) -> int:
@@ -207,7 +208,8 @@ def lay_out_units(listings: Sequence[tuple[int, InputListing]], unit_size: int, 
         layout.keys[input_index], layout.errors[input_index] = allocated, errors
         for start in range(0, len(listing.urls), unit_size):
             stop = min(start + unit_size, len(listing.urls))
-            layout.units.append(WorkUnit(first_unit + len(layout.units), input_index, LISTING, start, stop))
+            layout.units.append(WorkUnit(first_unit + len(layout.units), input_index, LISTING, start, stop,
+                                         input_url=listing.url))
     return layout
 
 
@@ -243,7 +245,8 @@ def plan_units(inputs: Sequence[str], unit_size: int) -> list[WorkUnit]:
 
 
 def _with_items(unit: WorkUnit, items: tuple[Item, ...]) -> WorkUnit:
-    return WorkUnit(unit.index, unit.input_index, unit.kind, unit.start, unit.stop, items=items)
+    return WorkUnit(unit.index, unit.input_index, unit.kind, unit.start, unit.stop, items=items,
+                    input_url=unit.input_url)
 
 
 def read_items(unit: WorkUnit) -> tuple[Item, ...]:
@@ -261,9 +264,16 @@ def read_unit(unit: WorkUnit) -> Iterator[CorpusItem]:
     if unit.kind == SHARDS:
         yield from _read_shard_range(unit)
         return
+    # Checked again when read: a planned file may have become a symlink out of the input since.
+    root = link_root(unit.input_url) if unit.input_url else ""
+    leaves = storage.link_leaving(root) if root else None
     for item in read_items(unit):
-        if item.error:
-            yield CorpusItem(item.key, item.url, None, item.error, item.error_detail)
+        error, detail = item.error, item.error_detail
+        target = "" if error or leaves is None else leaves(item.url)
+        if target:
+            error, detail = "outside-input", outside_detail(target, root)
+        if error:
+            yield CorpusItem(item.key, item.url, None, error, detail)
             continue
         try:
             yield CorpusItem(item.key, item.url, storage.read_bytes(item.url))

@@ -131,14 +131,27 @@ def expand_source(spec: str) -> SourceListing:
                           for u in storage.list_files(spec)])
 
 
+def link_root(spec: str) -> str:
+    """The local folder a folder or glob SOURCE lists below, out of which links are not followed;
+    "" for object stores (no links), lists and single files (read as named)."""
+    if not storage.is_local(spec):
+        return ""
+    if storage.has_glob(spec):
+        return _glob_root(spec)
+    return spec if storage.is_dir(spec) else ""
+
+
+def outside_detail(target: str, root: str) -> str:
+    return f"a symlink to {target}, outside the input {root} (link targets are not followed out)"
+
+
 def _folder_listing(spec: str, root: str, is_image: Callable[[str], bool]) -> SourceListing:
     below, leaves = storage.relative_to(root), storage.link_leaving(root)
     listing, folder_links = SourceListing(), []
     for url in storage.list_files(spec):
         target = leaves(url)
         if target:
-            detail = f"a symlink to {target}, outside the input {root} (link targets are not followed out)"
-            listing.sources.append(Source(url, path_key(below(url)), detail))
+            listing.sources.append(Source(url, path_key(below(url)), outside_detail(target, root)))
         elif storage.is_folder_link(url):
             folder_links.append(url)
         elif is_image(url):

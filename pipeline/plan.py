@@ -281,7 +281,7 @@ def _unit(plan: JobPlan, row: dict[str, Any]) -> WorkUnit:
         row["index"], row["input_index"], row["kind"], row["start"], row["stop"], row["shard_url"] or "",
         row["shard_bytes"], row["namespace"] or "", row["last_of_shard"],
         items_url=storage.join(plan_dir(plan.out), row["items_file"]) if listing else "",
-        row_group=max(0, row["row_group"]))
+        row_group=max(0, row["row_group"]), input_url=plan.inputs[row["input_index"]].url if listing else "")
 
 
 def worker_units(plan: JobPlan, worker: int, workers: int) -> list[WorkUnit]:

@@ -237,6 +237,25 @@ def test_jobs_infer_gives_symlinks_out_of_the_input_outside_input_rows_and_reads
     assert rows["secret"]["input_bytes"] in (0, None)
 
 
+def test_a_planned_file_that_became_a_symlink_out_of_the_input_is_refused_when_read(tmp_path: Path) -> None:
+    ckpt = write_generator(tmp_path / "g.pt")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(image_bytes(0, (32, 32), fmt="PNG"))
+    (tmp_path / "secret.png").write_bytes(image_bytes(1, (32, 32), fmt="PNG"))
+    out = tmp_path / "out"
+    args = ["--checkpoint", ckpt, "--input", str(folder), "--out", str(out), "--unit-size", "1",
+            "--num-workers", "2"]
+    assert run(*args, "--worker-index", "0") == 0  # plans both files, translates a.png
+    (folder / "b.png").unlink()
+    (folder / "b.png").symlink_to(tmp_path / "secret.png")
+    assert run(*args, "--worker-index", "1") == 0
+    rows = rows_by_key(out)
+    assert (rows["b"]["error"], rows["a"]["status"]) == ("outside-input", "ok")
+    assert str(tmp_path / "secret.png") in rows["b"]["error_detail"]
+
+
 def test_a_training_listing_leaves_out_symlinks_out_of_the_folder(tmp_path: Path) -> None:
     folder = _linked_input(tmp_path)
     urls = freeze_listing(str(folder), str(tmp_path / "frozen.txt"))
