@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -125,3 +126,51 @@ def test_storage_unreachable_is_one_line_naming_the_url_and_exit_1(job, closed_e
     errors = [line for line in done.stderr.splitlines() if "storage unreachable" in line]
     assert len(errors) == 1, done.stderr[-3000:]
     assert s3 in errors[0] and closed_endpoint in errors[0]
+
+
+def test_a_store_restarted_mid_run_is_ridden_out_or_one_line_and_the_rerun_is_exactly_once(
+        tmp_path, monkeypatch):
+    """The S3 server stops after the first unit commits and comes back on the same port (moto keeps
+    its objects in this process): the run ends 0 or 1 without a traceback; the rerun ends 0 with one
+    manifest row per input."""
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in (("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", "testing"),
+                        ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1"),
+                        ("AWS_MAX_ATTEMPTS", "1"), ("AWS_RETRY_MODE", "standard")):
+        monkeypatch.setenv(name, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        storage.filesystem(f"s3://{BUCKET}")[0].mkdir(BUCKET)
+        inputs = image_folder(tmp_path / "in", 6)
+        for path in sorted(inputs.iterdir()):
+            storage.write_bytes_atomic(f"s3://{BUCKET}/in/{path.name}", path.read_bytes())
+        out = f"s3://{BUCKET}/out"
+        args = ["--checkpoint", write_generator(tmp_path / "g.pt"), "--input", f"s3://{BUCKET}/in",
+                "--out", out, "--unit-size", "1"]
+        log = tmp_path / "run.log"
+        cmd = [sys.executable, "-m", "jobs.infer", "--no-progress", "--crop-size", "32", *args]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                stdout=subprocess.DEVNULL, stderr=log.open("w"))
+        while proc.poll() is None and not storage.exists(f"{out}/manifest/part-000000.parquet"):
+            time.sleep(0.05)
+        server.stop()
+        while proc.poll() is None and "retry" not in log.read_text():
+            time.sleep(0.05)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        first = proc.wait(600)
+        assert "retry" in log.read_text()  # the job met the outage
+        assert first in (0, 1) and "Traceback" not in log.read_text(), log.read_text()[-3000:]
+        rerun = infer(*args)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        parts = storage.list_files(f"{out}/manifest")
+        keys = [k for p in parts for k in pq.read_table(storage.open_read(p)).column("key").to_pylist()]
+        assert sorted(keys) == sorted(set(keys)) and len(keys) == 6
+    finally:
+        server.stop()
