@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable
 from typing import NoReturn
 
-from pipeline.storage import unreachable_endpoint
+from pipeline.storage import StorageUnreachableError, unreachable_endpoint
 
 log = logging.getLogger("jobs")
 
@@ -56,10 +56,10 @@ def run_job(main: Callable[[], int]) -> NoReturn:
         endpoint = unreachable_endpoint(exc)
         if endpoint is None:
             traceback.print_exc()
-        elif endpoint in str(exc):
+        elif isinstance(exc, StorageUnreachableError):  # storage.retry's: names the URL and endpoint
             log.error("%s", exc)
-        else:
-            log.error("storage unreachable (%s): %s", endpoint, type(exc).__name__)
+        else:  # a read outside storage.retry (a stream, a library's own request)
+            log.error("storage unreachable (%s): %s", endpoint, " ".join(str(exc).split()))
         code = 1
     end_process(code)
 

@@ -78,6 +78,25 @@ def test_the_refusal_after_inputs_changed_exits_2_in_20_runs(tmp_path):
     assert all("terminate called" not in r.stderr for r in runs)
 
 
+
+@pytest.mark.parametrize("error, code, last_line", [
+    ("EndpointConnectionError(endpoint_url='http://127.0.0.1:9/b/k?list-type=2')", 1,
+     'storage unreachable (http://127.0.0.1:9/b/k): Could not connect to the endpoint URL: '
+     '"http://127.0.0.1:9/b/k?list-type=2"'),
+    ("ValueError('a bug')", 1, "ValueError: a bug"),
+    ("KeyboardInterrupt()", 130, None),
+])
+def test_what_escapes_a_job_s_main_ends_in_its_documented_code(error, code, last_line):
+    """A connection failure outside storage.retry is one line, a bug keeps its traceback: both exit 1."""
+    script = ("from botocore.exceptions import EndpointConnectionError\nfrom jobs.cli import run_job\n"
+              f"def main():\n    raise {error}\nrun_job(main)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == code, done.stderr
+    if last_line is not None:
+        assert done.stderr.strip().splitlines()[-1] == last_line
+    assert ("Traceback" in done.stderr) == (last_line == "ValueError: a bug")
+
 # ----------------------------------------------------------------------------------- storage down
 def _free_port() -> int:
     with socket.socket() as sock:
