@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cut.checkpoint import CheckpointError, load_strict
+from cut.checkpoint import CheckpointError, load_strict, state_mismatch, tensor_state
 
 EXPORT_FORMAT = "cut-pipeline/domain-classifier"
 EXPORT_VERSION = 1
@@ -140,9 +140,41 @@ def classifier_from_export(obj: Any,
         raise CheckpointError(f"{source}: not a domain classifier export")
     if obj.get("version") != EXPORT_VERSION:
         raise CheckpointError(f"{source}: export version {obj.get('version')} is not supported")
-    net = DomainClassifier(**obj["architecture"])
+    architecture = _checked_architecture(obj.get("architecture"), source)
+    state = tensor_state(obj.get("state_dict"), f"{source}: domain classifier")
+    with torch.device("meta"):  # shapes only: a declared width is compared before it is allocated
+        declared = DomainClassifier(**architecture).state_dict()
+    parts = state_mismatch(declared, state)
+    if parts:
+        raise CheckpointError(f"{source}: the declared classifier ({architecture}) does not match its "
+                              f"tensors: {'; '.join(parts)}")
+    net = DomainClassifier(**architecture)
     try:
-        load_strict(net, obj["state_dict"], "domain classifier")
+        load_strict(net, state, "domain classifier")
     except CheckpointError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
-    return net.eval(), dict(obj.get("metadata", {}))
+    metadata = obj.get("metadata", {})
+    if not isinstance(metadata, Mapping):
+        raise CheckpointError(f"{source}: metadata must be a mapping, got {type(metadata).__name__}")
+    return net.eval(), dict(metadata)
+
+
+# Bounds on what an export may declare: wide enough for any classifier this project trains.
+ARCHITECTURE_BOUNDS = {"image_size": (16, 1024), "width": (1, 1024)}
+
+
+def _checked_architecture(architecture: Any, source: str) -> dict[str, int]:
+    """The export's constructor arguments, when they are known integer fields within bounds."""
+    if not isinstance(architecture, Mapping):
+        raise CheckpointError(f"{source}: architecture must be a mapping, got {type(architecture).__name__}")
+    unknown = sorted(set(architecture) - set(ARCHITECTURE_BOUNDS))
+    if unknown:
+        raise CheckpointError(f"{source}: unknown architecture fields {unknown}")
+    checked = {}
+    for field, value in architecture.items():
+        low, high = ARCHITECTURE_BOUNDS[field]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise CheckpointError(f"{source}: architecture {field}={value!r}; expected an integer in "
+                                  f"{low}..{high}")
+        checked[field] = value
+    return checked

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from cut.checkpoint import read_checkpoint, to_bytes
+from cut.checkpoint import CheckpointError, read_checkpoint, to_bytes
 from cut.domain import (
     DomainClassifier,
     classifier_from_export,
@@ -69,3 +70,34 @@ def test_export_round_trip_keeps_weights_and_metadata():
     x = synthetic_domain("B", 4, 8)
     with torch.inference_mode():
         torch.testing.assert_close(loaded(x), net(x))
+
+
+def _hostile_export(**changes: object) -> dict:
+    export = export_classifier(DomainClassifier(image_size=SIZE, width=4))
+    export.update(changes)
+    return read_checkpoint(to_bytes(export), "domain.pt")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"architecture": {"image_size": SIZE, "width": 512}, "state_dict": {}},
+         r"declared classifier .*width': 512.* does not match its tensors: missing"),
+        ({"architecture": {"image_size": SIZE, "width": 10**6}},
+         r"width=1000000; expected an integer in 1\.\.1024"),
+        ({"architecture": {"image_size": SIZE, "width": 4, "depth": 9}},
+         r"unknown architecture fields \['depth'\]"),
+        ({"architecture": [SIZE, 4]}, r"architecture must be a mapping"),
+        ({"metadata": "accurate"}, r"metadata must be a mapping"),
+    ],
+)
+def test_a_classifier_export_is_checked_against_its_tensors_before_anything_is_built(changes, message):
+    with pytest.raises(CheckpointError, match=message):
+        classifier_from_export(_hostile_export(**changes), "domain.pt")
+
+
+def test_a_classifier_export_with_nan_weights_is_refused():
+    export = _hostile_export()
+    export["state_dict"]["head.weight"][0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="NaN or Inf"):
+        classifier_from_export(export, "domain.pt")
