@@ -669,6 +669,9 @@ def test_training_as_a_pytorchjob_is_elastic_torchrun(rendered: Rendered, tmp_pa
             checked = check_command_line(pod, container, objs, overlay, tmp_path)
             launch = checked.launch
             assert launch.rdzv_backend == "c10d", where
+            assert launch.run_id == policy.get("rdzvId") != "none", (
+                f"{where}: a named rendezvous id lets a restarted rank 0 take its own run's lease over"
+            )
             assert (launch.min_nodes, launch.max_nodes) == (policy["minReplicas"], policy["maxReplicas"]), (
                 where
             )
