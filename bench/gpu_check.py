@@ -1,4 +1,4 @@
-"""The prepared device check: run it once when a task has a GPU; every GPU figure the project tracks in one run.
+"""The prepared device check: run it once when a task has a GPU; every GPU figure we track, in one run.
 
     python -m bench.gpu_check [--compile]            # on a CUDA device, about 6-8 minutes
     python -m bench.gpu_check --smoke                 # the same code paths on the CPU, tiny (a test)
