@@ -28,6 +28,14 @@ class JsonLines(logging.Formatter):
         return json.dumps(entry)
 
 
+def _not_connection_noise(record: logging.LogRecord) -> bool:
+    """asyncio logs a request task that aiohttp abandoned on a dropped connection ("Task exception was
+    never retrieved") with its traceback; the request itself failed and pipeline.storage retries it
+    and says so in one line, so that traceback is dropped."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not (record.name == "asyncio" and isinstance(error, OSError))
+
+
 def setup_logging(rank: int, log_format: str = "text") -> None:
     """Log lines carry the rank. Under torchrun (RANK set) only rank 0 logs INFO; the other ranks log
     warnings and errors, unless CUT_LOG_ALL_RANKS=1. Independent workers (an Indexed Job's pods, each
@@ -35,6 +43,7 @@ def setup_logging(rank: int, log_format: str = "text") -> None:
     follower = os.environ.get("RANK", "0").strip() not in ("", "0")
     quiet = follower and os.environ.get("CUT_LOG_ALL_RANKS") != "1"
     handler = logging.StreamHandler()
+    handler.addFilter(_not_connection_noise)
     if log_format == "json":
         handler.setFormatter(JsonLines(rank))
     else:
