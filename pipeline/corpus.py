@@ -276,9 +276,13 @@ def read_unit(unit: WorkUnit) -> Iterator[CorpusItem]:
             yield CorpusItem(item.key, item.url, None, error, detail)
             continue
         try:
-            yield CorpusItem(item.key, item.url, storage.read_bytes(item.url))
-        except Exception as exc:  # a storage error after retries: this input's row says so
+            data = storage.read_bytes(item.url)
+        except storage.StorageUnreachableError:
+            raise  # the store is down, not this input: no row, the unit stays uncommitted for a rerun
+        except Exception as exc:  # this object could not be read after retries: its row says so
             yield CorpusItem(item.key, item.url, None, "read-error", f"{type(exc).__name__}: {exc}")
+            continue
+        yield CorpusItem(item.key, item.url, data)
 
 
 def image_member(sample: dict[str, object]) -> tuple[str, bytes] | tuple[str, str]:
@@ -317,7 +321,13 @@ def _read_shard_range(unit: WorkUnit) -> Iterator[CorpusItem]:
             if position < unit.start:
                 continue
             yield _shard_item(unit, position, raw, key, sample, error, detail)
+    except storage.StorageUnreachableError:
+        raise  # the store is down, not this shard: its samples get no rows until a rerun reads them
     except Exception as exc:
+        endpoint = storage.unreachable_endpoint(exc)
+        if endpoint is not None:  # a stream's connection failed: the same, found outside storage.retry
+            raise storage.StorageUnreachableError(
+                f"read {unit.shard_url}: storage unreachable ({endpoint})", endpoint) from exc
         failure = f"{type(exc).__name__}: {exc}"
         log.error("input shard %s unreadable after %d samples: %s", unit.shard_url, delivered, failure)
     for position in range(max(delivered, unit.start), unit.stop):

@@ -47,7 +47,7 @@ class StorageUnreachableError(Exception):
     (``except OSError``) must not do so for every file while the store is down; the job ends instead.
     """
 
-    def __init__(self, message: str, endpoint: str) -> None:
+    def __init__(self, message: str, endpoint: str = "") -> None:  # one argument: DataLoader re-raises it
         super().__init__(message)
         self.endpoint = endpoint
 

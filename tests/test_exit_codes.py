@@ -195,8 +195,45 @@ def test_a_store_restarted_mid_run_is_ridden_out_or_one_line_and_the_rerun_is_ex
         rerun = infer(*args)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         parts = storage.list_files(f"{out}/manifest")
-        keys = [k for p in parts for k in pq.read_table(storage.open_read(p)).column("key").to_pylist()]
+        rows = [r for p in parts for r in pq.read_table(storage.open_read(p)).to_pylist()]
+        keys = [r["key"] for r in rows]
         assert sorted(keys) == sorted(set(keys)) and len(keys) == 6
+        assert {r["status"] for r in rows} == {"ok"}, rows  # the outage committed no error rows
     finally:
         server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_store_that_goes_down_while_a_unit_is_read_stops_the_unit_and_gives_no_rows(tmp_path, monkeypatch):
+    """An unreachable store is the job's environment, not the inputs' fault: reading a listing unit
+    or a shard unit raises StorageUnreachableError instead of committing read-error or shard-error
+    rows that a rerun would then skip."""
+    from pipeline import storage
+    from pipeline.corpus import plan_units, read_unit
+    from pipeline.ingest import build_shards
+
+    port = _free_port()
+    for name, value in (("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}"), ("AWS_ACCESS_KEY_ID", "testing"),
+                        ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1"),
+                        ("AWS_MAX_ATTEMPTS", "1"), ("AWS_RETRY_MODE", "standard")):
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    bucket = f"down-{uuid.uuid4().hex[:12]}"
+    try:
+        storage.filesystem(f"s3://{bucket}")[0].mkdir(bucket)
+        inputs = image_folder(tmp_path / "in", 3)
+        for path in sorted(inputs.iterdir()):
+            storage.write_bytes_atomic(f"s3://{bucket}/in/{path.name}", path.read_bytes())
+        build_shards([str(inputs)], f"s3://{bucket}/shards", prefix="s")
+        units = plan_units([f"s3://{bucket}/in", f"s3://{bucket}/shards"], unit_size=8)
+        assert sorted(u.kind for u in units) == ["listing", "shards"]
+    finally:
+        server.stop()
+    try:
+        for unit in units:
+            with pytest.raises(storage.StorageUnreachableError, match="storage unreachable"):
+                list(read_unit(unit))
+    finally:
         s3fs.S3FileSystem.clear_instance_cache()
