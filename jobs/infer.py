@@ -14,7 +14,10 @@ images, then its manifest part OUT/manifest/part-%06d.parquet last (its existenc
 rerun skips committed units. When every unit is committed, OUT/_SUCCESS holds the totals.
 
 A rerun with another model or other output options exits 2 before writing anything; so does a
-rerun whose inputs list differently (unless --add-new-inputs or --skip-input-check). SIGTERM (or
+rerun whose inputs list differently (unless --add-new-inputs or --skip-input-check), and so do a
+checkpoint that fails its checks, a missing input and a bad flag; storage that stays unreachable or
+a unit that could not be written exits 1 (a rerun may succeed). A bad input image is never an exit:
+it becomes its manifest row. SIGTERM (or
 Ctrl-C) stops taking batches, commits the units that are complete and exits 143 (130).
 """
 
@@ -322,10 +325,10 @@ def _run(config: InferConfig, stop: StopSignals) -> int:
             add_new_inputs=config.add_new_inputs,
             timeout=config.plan_timeout,
         )
-    except (PlanError, ShardIndexError, ListingError, CheckpointError) as exc:
-        log.error("%s", exc)
+    except (PlanError, ShardIndexError, ListingError, CheckpointError, ConfigError, FileNotFoundError) as exc:
+        log.error("%s", exc)  # the same arguments would fail the same way: exit 2, nothing written
         return 2
-    except (OSError, ConfigError) as exc:
+    except OSError as exc:  # storage trouble after retries: a rerun may succeed
         log.error("%s", exc)
         return 1
     done = committed_units(config.out)
