@@ -120,7 +120,7 @@ class Trainer:
         self.last_saved = -1
         # A host sync per step is free on CPU; on CUDA the stop/finite check runs every few steps.
         self.control_every = 1 if runtime.device.type == "cpu" else 10
-        self.tb = TensorBoard(storage.join(self.run_url, "tb")) if runtime.is_main else None
+        self.tb: TensorBoard | None = None  # rank 0's, opened once the run is accepted (run)
         self.recent: deque[dict[str, torch.Tensor]] = deque(maxlen=4)  # visuals of the last steps
         self.last_losses: dict[str, float] = {}
         self.last_scores: dict[str, float] = {}
@@ -563,6 +563,9 @@ class Trainer:
         if resumed and self.rt.is_main:
             self.ensure_export()
         self.apply_init_from(resumed)
+        if self.rt.is_main:  # the run is accepted (resumed or started, model.init_from loaded)
+            record_config(self.config)
+            self.tb = TensorBoard(storage.join(self.run_url, "tb"))
         if self.rt.distributed:
             device_ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             # batch norm over the global batch where torch can (SyncBatchNorm is GPU-only); on CPU
@@ -665,10 +668,11 @@ def job_id() -> str | None:
     return f"torchrun agent {socket.gethostname()}:{os.getppid()}"
 
 
-def record_config(config: TrainConfig) -> None:
+def record_config(config: TrainConfig, write: bool = True) -> None:
     """Compare the config with the run's stored one (RUN/config.yaml), refusing changed keys other than
-    FREE_ON_RESUME unless run.allow_config_change; keep each config the run used in config-history/
-    and make config.yaml the current one."""
+    FREE_ON_RESUME unless run.allow_config_change; then, with ``write``, keep each config the run used
+    in config-history/ and make config.yaml the current one (claim_run only checks: a run refused
+    later, e.g. for its model.init_from, leaves no config behind)."""
     run_url = config.run.url.rstrip("/")
     stored_url = storage.join(run_url, CONFIG)
     history = storage.join(run_url, CONFIG_HISTORY)
@@ -690,11 +694,15 @@ def record_config(config: TrainConfig) -> None:
                 f"{run_url} was trained with another config ({stored_url}); changed: {fixed}. Resume with "
                 f"the run's config, or pass run.allow_config_change=true to go on with this one (each config "
                 f"the run used is kept in {history}/)")
+        if not write:
+            return
         log.log(logging.WARNING if fixed else logging.INFO, "resuming %s with a changed config: %s", run_url,
                 ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes))
         if not kept:  # a run from before config-history/ was kept: its first config goes in first
             kept = [storage.join(history, "0001-step-000000000.yaml")]
             storage.write_bytes_atomic(kept[0], stored_text.encode())
+    if not write:
+        return
     step = CheckpointStore(storage.join(run_url, "checkpoints")).latest_step() or 0
     storage.write_bytes_atomic(storage.join(history, f"{len(kept) + 1:04d}-step-{step:09d}.yaml"),
                                current.encode())
@@ -711,7 +719,7 @@ def claim_run(config: TrainConfig, runtime: Runtime) -> Lease | None:
                       stale_after=config.run.lease_stale_after)
         try:
             lease.acquire()
-            record_config(config)
+            record_config(config, write=False)
         except LeaseHeldError as exc:
             refused = (f"run {config.run.url} is being trained by another trainer: {exc}. One trainer per "
                        f"run: wait for it or stop it; a dead owner's lease is taken over once it has had no "
@@ -798,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if lease is not None:
                 lease.release()
+                storage.remove_empty_folder(config.run.url)  # a refused fresh run leaves no folder
             shutdown(runtime, wait_for_peers=finished)
 
 
