@@ -15,9 +15,9 @@ rerun skips committed units. When every unit is committed, OUT/_SUCCESS holds th
 
 A rerun with another model or other output options exits 2 before writing anything; so does a
 rerun whose inputs list differently (unless --add-new-inputs or --skip-input-check), and so do a
-checkpoint that fails its checks, a missing input and a bad flag; storage that stays unreachable or
-a unit that could not be written exits 1 (a rerun may succeed). A bad input image is never an exit:
-it becomes its manifest row. SIGTERM (or
+checkpoint that fails its checks, a missing input and a bad flag; a checkpoint not there (yet),
+storage that stays unreachable or a unit that could not be written exits 1 (a rerun may succeed).
+A bad input image is never an exit: it becomes its manifest row. SIGTERM (or
 Ctrl-C) stops taking batches, commits the units that are complete and exits 143 (130).
 """
 
@@ -315,6 +315,13 @@ def _run(config: InferConfig, stop: StopSignals) -> int:
     try:
         translator = Translator(config, stop)
         apply_model_card(config, translator.card)
+    except (CheckpointError, ConfigError) as exc:
+        log.error("%s", exc)  # a checkpoint that fails its checks, a flag it does not take: exit 2
+        return 2
+    except OSError as exc:  # a checkpoint not (yet) there or unreadable: a rerun may find it
+        log.error("%s", exc)
+        return 1
+    try:
         plan = obtain_plan(
             config.out,
             config.inputs,
@@ -325,7 +332,7 @@ def _run(config: InferConfig, stop: StopSignals) -> int:
             add_new_inputs=config.add_new_inputs,
             timeout=config.plan_timeout,
         )
-    except (PlanError, ShardIndexError, ListingError, CheckpointError, ConfigError, FileNotFoundError) as exc:
+    except (PlanError, ShardIndexError, ListingError, FileNotFoundError) as exc:
         log.error("%s", exc)  # the same arguments would fail the same way: exit 2, nothing written
         return 2
     except OSError as exc:  # storage trouble after retries: a rerun may succeed

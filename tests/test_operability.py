@@ -223,3 +223,22 @@ def test_the_repository_cites_no_document_it_lacks():
             if not any(c.exists() for c in candidates) and not name.startswith(("http", "www.")):
                 missing.append(f"{path.relative_to(ROOT)}: {name}")
     assert not missing, missing
+
+
+def test_the_docs_name_every_manifest_error_code_and_no_other():
+    """docs/inference.md's table of `error` codes is the one pipeline/manifest.py enforces."""
+    from pipeline.manifest import ERROR_CODES
+
+    text = (ROOT / "docs" / "inference.md").read_text()
+    table = text[text.index("| `error` | meaning |"):]
+    table = table[:table.index("\n\n")]
+    documented = set(re.findall(r"^\| `([a-z-]+)` \|", table, re.M)) - {"error"}  # the header
+    assert documented == set(ERROR_CODES)
+
+
+def test_the_readme_exit_code_table_covers_every_job():
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| job | 0 | 1 | 2 |"):]
+    table = table[:table.index("\n\n")]
+    rows = set(re.findall(r"^\| `?(?:python -m )?jobs\.(\w+)`? \|", table, re.M))
+    assert rows >= {"shard", "train", "infer", "eval", "export"}
