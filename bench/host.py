@@ -57,7 +57,9 @@ def measure(listing: str, out: str, size: int, fmt: str) -> dict:
             "--workers", "1", "--encode-threads", "1"]  # a GPU node's layout: a decoding process, an encoder
     config = infer.load_infer_config(infer.build_parser().parse_args(argv))
     if fmt == "png-pillow":
-        def pillow_png(pixels, fmt, quality, restore=None, png_level=1, alpha=None) -> translation_io.Encoded:
+        def pillow_png(pixels, fmt, quality, restore=None, png_level=1, alpha=None,
+                       box=None) -> translation_io.Encoded:
+            pixels, _ = translation_io.output_pixels(pixels, fmt, restore, alpha, box)
             buffer = io.BytesIO()
             Image.fromarray(pixels).save(buffer, "PNG")
             return translation_io.Encoded(buffer.getvalue(), "RGB")

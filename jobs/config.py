@@ -408,7 +408,7 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
         ("train.n_epochs_decay", t.n_epochs_decay >= 0, ">= 0"),
         ("train.n_epochs", t.n_epochs + t.n_epochs_decay >= 1, "such that n_epochs + n_epochs_decay >= 1"),
         ("train.lr_policy", t.lr_policy in LR_POLICIES, f"one of {', '.join(LR_POLICIES)}"),
-        ("train.lr_decay_iters", t.lr_decay_iters >= 1, ">= 1"),
+        ("train.lr_decay_iters", t.lr_policy != "step" or t.lr_decay_iters >= 1, ">= 1 under lr_policy step"),
         ("train.seed", t.seed >= 0, ">= 0"),
         ("model.netF_nc", m.netF_nc >= 1, ">= 1"),
         ("data.crops_per_epoch", d.crops_per_epoch >= 1, ">= 1"),

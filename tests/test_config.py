@@ -112,12 +112,13 @@ def test_a_float_key_that_is_not_finite_is_an_error_naming_the_key(name, value):
     ["train.lr=-0.0002", "train.lr=0", "train.beta1=-0.1", "train.beta1=1", "train.beta2=1.5",
      "model.lambda_NCE=-1", "model.lambda_GAN=-0.5", "model.lambda_gp=-1", "model.nce_T=0",
      "model.init_gain=-0.02", "run.lease_stale_after=0", "model.netF_nc=0", "train.seed=-1",
-     "data.crops_per_epoch=0", "train.lr_decay_iters=0"],
+     "data.crops_per_epoch=0", "train.lr_policy=step train.lr_decay_iters=0"],
 )
 def test_a_numeric_key_outside_its_range_is_an_error_naming_the_key(override):
-    name = override.split("=")[0]
+    overrides = override.split()
+    name = overrides[-1].split("=")[0]
     with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
-        resolve_train_config(load_config(TrainConfig, "configs/tiny.yaml", [*REQUIRED, override]))
+        resolve_train_config(load_config(TrainConfig, "configs/tiny.yaml", [*REQUIRED, *overrides]))
 
 
 def test_keys_free_to_change_on_resume_are_where_and_how_a_run_executes_not_what_it_computes():
