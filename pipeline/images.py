@@ -17,7 +17,6 @@ import hashlib
 import itertools
 import logging
 import os
-import re
 import tarfile
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,6 +27,7 @@ from fsspec.utils import get_protocol
 
 from pipeline import storage
 from pipeline.corpus import plan_units, read_unit
+from pipeline.ingest import glob_root
 from pipeline.manifest import manifest_dir, read_manifest
 from pipeline.pixels import decode_pixels
 from pipeline.shards import INDEX_NAME, iter_shard
@@ -113,7 +113,7 @@ class Confinement:
 def _root(url: str) -> str:
     """The folder or prefix a named source covers: a glob's fixed folder, a shard index's folder."""
     if storage.has_glob(url):
-        url = re.split(r"[*?[]", url, maxsplit=1)[0].rpartition("/")[0] + "/"
+        url = glob_root(url)
     elif url.endswith("/" + INDEX_NAME):
         url = storage.dirname(url)
     return url.rstrip("/") or url

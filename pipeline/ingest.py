@@ -103,7 +103,7 @@ def _url_list(url: str) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def _glob_root(pattern: str) -> str:
+def glob_root(pattern: str) -> str:
     """The folder part of a glob before its first wildcard."""
     first = min(i for i, c in enumerate(pattern) if c in "*?[")
     return storage.dirname(pattern[:first] + "x")
@@ -122,7 +122,7 @@ def expand_source(spec: str) -> SourceListing:
     (its files are listed under their own paths). Lists and single files are read as named.
     """
     if storage.has_glob(spec):
-        return _folder_listing(spec, _glob_root(spec), lambda url: True)
+        return _folder_listing(spec, glob_root(spec), lambda url: True)
     if storage.is_dir(spec):
         return _folder_listing(spec, spec, formats.is_image_name)
     if spec.endswith(LIST_EXTENSIONS):
@@ -137,7 +137,7 @@ def link_root(spec: str) -> str:
     if not storage.is_local(spec):
         return ""
     if storage.has_glob(spec):
-        return _glob_root(spec)
+        return glob_root(spec)
     return spec if storage.is_dir(spec) else ""
 
 
@@ -279,7 +279,7 @@ def build_shards(specs: Sequence[str], out_url: str, *, prefix: str = "shard", d
     start = time.monotonic()
     inside_out = storage.within(out_url)
     for spec in specs:
-        if inside_out(_glob_root(spec) if storage.has_glob(spec) else spec):
+        if inside_out(glob_root(spec) if storage.has_glob(spec) else spec):
             raise OutputOverlapError(f"SOURCE {spec} lies inside --out {out_url}: give the shard set a "
                                      f"folder of its own; nothing was written")
     sources = list_sources(specs)
