@@ -396,6 +396,11 @@ def test_pixels(img: Image.Image | np.ndarray, mode: str, load_size: int, crop_s
     """
     array = np.asarray(img)
     geometry = test_geometry((array.shape[1], array.shape[0]), mode, load_size, crop_size, multiple, minimum)
+    return geometry_pixels(array, geometry)
+
+
+def geometry_pixels(array: np.ndarray, geometry: NetworkGeometry) -> torch.Tensor:
+    """(H, W, C) pixels placed as ``geometry`` says (see `test_pixels`), as (C, H, W)."""
     array = resize_pixels(resize_pixels(array, geometry.target), geometry.resized)
     if geometry.resized != geometry.network:
         left, top, right, bottom = geometry.box

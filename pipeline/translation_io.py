@@ -31,10 +31,10 @@ from pipeline.shards import ShardIndex, ShardInfo, index_url
 from pipeline.transforms import (
     ImageDecodeError,
     NetworkGeometry,
+    geometry_pixels,
     resize_pixels,
     test_draft_size,
     test_geometry,
-    test_pixels,
 )
 
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
@@ -141,8 +141,7 @@ class UnitBatches(IterableDataset):
                 c2 = time.thread_time()
                 restore = displayed if pre.mode == "none" else None
                 geometry = pre.fit((decoded.array.shape[1], decoded.array.shape[0]), restore)
-                x = test_pixels(decoded.array, pre.mode, pre.load_size, pre.crop_size, pre.multiple,
-                                pre.minimum)
+                x = geometry_pixels(decoded.array, geometry)
             except ImageDecodeError as exc:
                 errors.append(
                     error_record(order, item.key, item.source_url, exc.reason, exc.detail, size, dims)
