@@ -268,6 +268,29 @@ def test_signals_stop_at_once_outside_graceful_work_and_second_signals_always():
     assert signal.getsignal(signal.SIGTERM) is not stops.handle
 
 
+
+def test_a_forked_worker_ignores_the_stop_signal_its_job_handles_and_says_nothing(caplog):
+    """Ctrl-C reaches the DataLoader workers too (they inherit the handler): the announcement and
+    the decision belong to the job's own process, once."""
+    stops = StopSignals()
+    with stops.installed():
+        stops.graceful = True
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # the worker: survives SIGINT and SIGTERM, requests nothing
+            os.close(read)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            os.write(write, b"set" if stops.is_set() else b"clear")
+            os._exit(0)
+        os.close(write)
+        answer = os.read(read, 16)
+        _, status = os.waitpid(child, 0)
+        os.close(read)
+        assert answer == b"clear" and os.waitstatus_to_exitcode(status) == 0
+        assert not stops.is_set() and "SIGINT" not in caplog.text
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "key"),
