@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cut.checkpoint import load_strict
 from cut.heads import HEADS, define_head
 from cut.losses import GAN_MODES, gan_loss, gradient_penalty, patch_nce_loss
 from cut.networks import (
@@ -217,8 +218,6 @@ class ThreeNetworkModel:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a ``state_dict``; a state of another architecture is a clear ValueError."""
-        from cut.checkpoint import load_strict  # local import: checkpoint imports this module
-
         missing = [k for k in ("G", "D", "F", "opt_G", "opt_D", "opt_F", "rng") if k not in state]
         if missing:
             raise ValueError(f"training state lacks {missing}; is this a {self.family} training checkpoint?")
