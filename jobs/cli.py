@@ -22,11 +22,15 @@ LOG_FORMATS = ("text", "json")
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions and epilogs as written (no reflowing), and each flag's default in its help, unless
-    the help already says it or there is none to say (a switch, or a default chosen at run time)."""
+    the help already says it or there is none to say (a default chosen at run time, or a switch: a
+    ``--no-x`` switch's stored True would read as if the switch were on, so its help says the
+    behaviour's default in words)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS) and "default" not in text
+        switch = action.nargs == 0
+        unsaid = action.default not in (None, False, argparse.SUPPRESS) and "default" not in text
+        shown = unsaid and not switch
         return f"{text} (default: %(default)s)" if shown and action.option_strings else text
 
 

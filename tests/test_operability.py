@@ -53,6 +53,16 @@ def test_every_flag_of_every_job_says_what_it_does(job):
     assert "(default: " in help_text or job == "demo"
 
 
+
+@pytest.mark.parametrize("job", (*JOBS, "export"))
+def test_a_switch_never_shows_a_stored_default_that_reads_as_if_it_were_on(job):
+    """``--no-progress ... (default: True)`` reads as if the bar were hidden by default."""
+    parser = importlib.import_module(f"jobs.{job}").build_parser()
+    for action in parser._actions:
+        if action.nargs == 0 and action.option_strings and not isinstance(action, argparse._HelpAction):
+            shown = parser._get_formatter()._expand_help(action) if action.help else ""
+            assert "(default: True)" not in shown and "(default: False)" not in shown, action.option_strings
+
 def test_print_config_shows_the_resolved_config_and_exits():
     done = run(
         [
