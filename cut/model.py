@@ -46,6 +46,22 @@ RESNET_BLOCKS = {"resnet_9blocks": 9, "resnet_6blocks": 6}  # the official defin
 GENERATORS = (*RESNET_BLOCKS, *UNET_DOWNS)
 
 
+def check_common_fields(config: Any) -> None:
+    """The value rules of the fields CUTConfig and SinCUTConfig share. The fields are the training
+    config's ``model.*`` keys, so the messages name those keys."""
+    channels = ">= 1 (1-4: L, LA, RGB, RGBA images; more: .npy arrays)"
+    rules = (
+        ("input_nc", config.input_nc >= 1, channels),
+        ("output_nc", config.output_nc >= 1, channels),
+        ("init_type", config.init_type in INIT_TYPES, ", ".join(INIT_TYPES)),
+        ("init_gain", config.init_gain > 0, "> 0"),
+        ("netF_nc", config.netF_nc >= 1, ">= 1"),
+    )
+    for name, ok, expected in rules:
+        if not ok:
+            raise ValueError(f"config key 'model.{name}' must be {expected}")
+
+
 @dataclass(frozen=True)
 class CUTConfig:
     """Everything that defines the model and its step; defaults are the official CUT options."""
@@ -88,13 +104,10 @@ class CUTConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"model.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        if self.input_nc < 1 or self.output_nc < 1:
-            raise ValueError("model.input_nc and model.output_nc must be positive")
+        check_common_fields(self)
         if self.nce_idt and self.input_nc != self.output_nc:
             raise ValueError(f"model.nce_idt needs model.input_nc == model.output_nc (the identity loss "
                              f"passes real B through the generator), got {self.input_nc}, {self.output_nc}")
-        if self.init_type not in INIT_TYPES:
-            raise ValueError(f"model.init_type must be one of {INIT_TYPES}, got {self.init_type!r}")
         if self.gan_mode not in GAN_MODES:
             raise ValueError(f"model.gan_mode must be one of {GAN_MODES}, got {self.gan_mode!r}")
         if self.netF not in HEADS:
