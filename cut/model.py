@@ -60,6 +60,10 @@ def check_common_fields(config: Any) -> None:
     for name, ok, expected in rules:
         if not ok:
             raise ValueError(f"config key 'model.{name}' must be {expected}")
+    if config.gan_mode not in GAN_MODES:
+        raise ValueError(f"model.gan_mode must be one of {GAN_MODES}, got {config.gan_mode!r}")
+    if config.nce_T <= 0:
+        raise ValueError(f"model.nce_T must be > 0, got {config.nce_T}")
 
 
 @dataclass(frozen=True)
@@ -108,8 +112,6 @@ class CUTConfig:
         if self.nce_idt and self.input_nc != self.output_nc:
             raise ValueError(f"model.nce_idt needs model.input_nc == model.output_nc (the identity loss "
                              f"passes real B through the generator), got {self.input_nc}, {self.output_nc}")
-        if self.gan_mode not in GAN_MODES:
-            raise ValueError(f"model.gan_mode must be one of {GAN_MODES}, got {self.gan_mode!r}")
         if self.netF not in HEADS:
             raise ValueError(f"model.netF must be one of {', '.join(HEADS)}, got {self.netF!r}")
         if not 0 <= self.lambda_gp < float("inf"):
@@ -123,8 +125,6 @@ class CUTConfig:
         if self.nce_layers[0] < 0 or self.nce_layers[-1] >= layers:
             raise ValueError(f"model.nce_layers must lie within the generator's layers 0..{layers - 1} "
                              f"(n_blocks {self.n_blocks}), got {list(self.nce_layers)}")
-        if self.nce_T <= 0:
-            raise ValueError(f"model.nce_T must be > 0, got {self.nce_T}")
         if self.lambda_NCE < 0 or self.lambda_GAN < 0:
             raise ValueError("model.lambda_NCE and model.lambda_GAN must be >= 0")
         if self.num_patches < 1:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cut.losses import GAN_MODES, at_least_fp32, gan_loss, patch_nce_loss
+from cut.losses import at_least_fp32, gan_loss, patch_nce_loss
 from cut.model import ThreeNetworkModel, check_common_fields
 from cut.networks import PatchSampleF, init_weights, sample_patch_ids
 from cut.stylegan2 import (
@@ -86,8 +86,6 @@ class SinCUTConfig:
         check_common_fields(self)
         if self.netG not in GENERATOR_VARIANTS:
             raise ValueError(f"model.netG must be one of {sorted(GENERATOR_VARIANTS)}, got {self.netG!r}")
-        if self.gan_mode not in GAN_MODES:
-            raise ValueError(f"model.gan_mode must be one of {GAN_MODES}, got {self.gan_mode!r}")
         for key in ("ngf", "ndf", "num_patches", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
@@ -113,8 +111,6 @@ class SinCUTConfig:
                 f"model.nce_layers must lie within the encoder's modules 0..{layers - 1} "
                 f"({self.netG}), got {list(self.nce_layers)}"
             )
-        if self.nce_T <= 0:
-            raise ValueError(f"model.nce_T must be > 0, got {self.nce_T}")
         for key in ("lambda_GAN", "lambda_NCE", "lambda_R1", "lambda_identity", "lr"):
             if getattr(self, key) < 0:
                 raise ValueError(f"model.{key} must be >= 0, got {getattr(self, key)}")
