@@ -47,6 +47,26 @@ RESNET_BLOCKS = {"resnet_9blocks": 9, "resnet_6blocks": 6}  # the official defin
 GENERATORS = (*RESNET_BLOCKS, *UNET_DOWNS)
 
 
+def check_common_fields(config: Any) -> None:
+    """The value rules of the fields CUTConfig and SinCUTConfig share. The fields are the training
+    config's ``model.*`` keys, so the messages name those keys."""
+    channels = ">= 1 (1-4: L, LA, RGB, RGBA images; more: .npy arrays)"
+    rules = (
+        ("input_nc", config.input_nc >= 1, channels),
+        ("output_nc", config.output_nc >= 1, channels),
+        ("init_type", config.init_type in INIT_TYPES, ", ".join(INIT_TYPES)),
+        ("init_gain", config.init_gain > 0, "> 0"),
+        ("netF_nc", config.netF_nc >= 1, ">= 1"),
+    )
+    for name, ok, expected in rules:
+        if not ok:
+            raise ValueError(f"config key 'model.{name}' must be {expected}")
+    if config.gan_mode not in GAN_MODES:
+        raise ValueError(f"model.gan_mode must be one of {GAN_MODES}, got {config.gan_mode!r}")
+    if config.nce_T <= 0:
+        raise ValueError(f"model.nce_T must be > 0, got {config.nce_T}")
+
+
 @dataclass(frozen=True)
 class CUTConfig:
     """Everything that defines the model and its step; defaults are the official CUT options."""
@@ -89,15 +109,10 @@ class CUTConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"model.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        if self.input_nc < 1 or self.output_nc < 1:
-            raise ValueError("model.input_nc and model.output_nc must be positive")
+        check_common_fields(self)
         if self.nce_idt and self.input_nc != self.output_nc:
             raise ValueError(f"model.nce_idt needs model.input_nc == model.output_nc (the identity loss "
                              f"passes real B through the generator), got {self.input_nc}, {self.output_nc}")
-        if self.init_type not in INIT_TYPES:
-            raise ValueError(f"model.init_type must be one of {INIT_TYPES}, got {self.init_type!r}")
-        if self.gan_mode not in GAN_MODES:
-            raise ValueError(f"model.gan_mode must be one of {GAN_MODES}, got {self.gan_mode!r}")
         if self.netF not in HEADS:
             raise ValueError(f"model.netF must be one of {', '.join(HEADS)}, got {self.netF!r}")
         if not 0 <= self.lambda_gp < float("inf"):
@@ -111,8 +126,6 @@ class CUTConfig:
         if self.nce_layers[0] < 0 or self.nce_layers[-1] >= layers:
             raise ValueError(f"model.nce_layers must lie within the generator's layers 0..{layers - 1} "
                              f"(n_blocks {self.n_blocks}), got {list(self.nce_layers)}")
-        if self.nce_T <= 0:
-            raise ValueError(f"model.nce_T must be > 0, got {self.nce_T}")
         if self.lambda_NCE < 0 or self.lambda_GAN < 0:
             raise ValueError("model.lambda_NCE and model.lambda_GAN must be >= 0")
         if self.num_patches < 1:

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cut.losses import GAN_MODES, at_least_fp32, gan_loss, patch_nce_loss
-from cut.model import ThreeNetworkModel
-from cut.networks import INIT_TYPES, PatchSampleF, init_weights, sample_patch_ids
+from cut.losses import at_least_fp32, gan_loss, patch_nce_loss
+from cut.model import ThreeNetworkModel, check_common_fields
+from cut.networks import PatchSampleF, init_weights, sample_patch_ids
 from cut.stylegan2 import (
     GENERATOR_VARIANTS,
     StyleGAN2Discriminator,
@@ -83,13 +83,10 @@ class SinCUTConfig:
     n_epochs_decay: int = 8
 
     def __post_init__(self) -> None:
+        check_common_fields(self)
         if self.netG not in GENERATOR_VARIANTS:
             raise ValueError(f"model.netG must be one of {sorted(GENERATOR_VARIANTS)}, got {self.netG!r}")
-        if self.gan_mode not in GAN_MODES:
-            raise ValueError(f"model.gan_mode must be one of {GAN_MODES}, got {self.gan_mode!r}")
-        if self.init_type not in INIT_TYPES:
-            raise ValueError(f"model.init_type must be one of {INIT_TYPES}, got {self.init_type!r}")
-        for key in ("input_nc", "output_nc", "ngf", "ndf", "num_patches", "netF_nc", "batch_size"):
+        for key in ("ngf", "ndf", "num_patches", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
         if self.num_downsampling < 0:
@@ -114,8 +111,6 @@ class SinCUTConfig:
                 f"model.nce_layers must lie within the encoder's modules 0..{layers - 1} "
                 f"({self.netG}), got {list(self.nce_layers)}"
             )
-        if self.nce_T <= 0:
-            raise ValueError(f"model.nce_T must be > 0, got {self.nce_T}")
         for key in ("lambda_GAN", "lambda_NCE", "lambda_R1", "lambda_identity", "lr"):
             if getattr(self, key) < 0:
                 raise ValueError(f"model.{key} must be >= 0, got {getattr(self, key)}")

@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 
 import yaml
 
-from cut import CUTConfig
-from cut.networks import INIT_TYPES
+from cut import PRESETS, CUTConfig
 from cut.schedule import LR_POLICIES
 from cut.sincut import SinCUTConfig
+from cut.stylegan2 import GENERATOR_VARIANTS
 from pipeline.transforms import TRAIN_MODES
 
 T = TypeVar("T")
@@ -40,63 +40,88 @@ def key(default: Any, meaning: str) -> Any:
 
 PRESET_VALUE = "null: the preset's value"
 DIRECTIONS = ("AtoB", "BtoA")  # the official --direction (which domain is the input)
-RUN_MODEL_KEYS = ("direction", "init_from")  # model keys the run uses, not fields of CUTConfig
+
+# The model section is CUTConfig's fields (cut/model.py: their types, defaults and value checks) under
+# the meanings below, in this order, plus the keys the run adds. Its only changes to them: a list for
+# nce_layers (YAML has no tuples), and null for the keys whose default depends on the preset or device.
+RUN_MODEL_KEYS = {"direction": (str, "AtoB"), "init_from": (str, "")}  # (type, default); not CUTConfig's
+NOT_MODEL_KEYS = ("lr", "beta1", "beta2", "reuse_keys")  # CUTConfig fields set from train.*, or by benches
+PRESET_KEYS = tuple(PRESETS["CUT"])  # null: the preset's value (lambda_NCE, nce_idt, flip_equivariance)
+CUDA_KEYS = ("channels_last", "bf16")  # null: on for CUDA
+MODEL_MEANINGS = {
+    "preset": "CUT or FastCUT: the official presets (NCE weight, identity NCE, flips, epochs); SinCUT: one "
+              "source and one target image (configs/sincut.yaml; README.md, SinCUT)",
+    "input_nc": "channels the generator takes: 1 (L), 2 (LA), 3 (RGB), 4 (RGBA); images are converted to "
+                "it; more: .npy arrays (docs/inference.md, Channels and bit depth)",
+    "output_nc": "channels it writes (and the discriminator sees), as model.input_nc",
+    "ngf": "generator width (filters of its first layer)",
+    "ndf": "discriminator width",
+    "netG": "generator: resnet_9blocks or resnet_6blocks; unet_128 and unet_256 only translate (the "
+            "official CUT cannot train a U-Net), so training refuses them",
+    "netD": "discriminator: basic (the 70x70 PatchGAN), n_layers (a PatchGAN of model.n_layers_D layers) or "
+            "pixel (1x1 PixelGAN)",
+    "n_blocks": "ResNet blocks in the generator; null: as model.netG names (9 or 6)",
+    "n_layers_D": "layers of the n_layers discriminator (must stay 3 with basic and pixel)",
+    "normG": "generator norm: instance, batch (synchronised across GPUs under DDP) or none",
+    "normD": "discriminator norm: instance, batch or none",
+    "no_dropout": "no dropout in the generator (official CUT default); false: Dropout(0.5) in every ResNet "
+                  "block",
+    "antialias": "blur-pool downsampling (the official default)",
+    "antialias_up": "blur upsampling (the official default)",
+    "init_type": "weight init of G, D and F: normal, xavier (the official CUT default), kaiming or "
+                 "orthogonal",
+    "init_gain": "scale of the normal, xavier and orthogonal inits",
+    "netF_nc": "width of the PatchNCE projection heads",
+    "netF": "PatchNCE head: mlp_sample (a 2-layer MLP per layer, official default), sample (the sampled "
+            "features, no parameters) or reshape (4x4 average-pooled cells as the patches; num_patches "
+            "unused) (§18)",
+    "num_patches": "patches sampled per layer for PatchNCE",
+    "nce_layers": "generator layers whose features PatchNCE compares",
+    "nce_T": "PatchNCE temperature",
+    "nce_includes_all_negatives_from_minibatch": "PatchNCE negatives from every image of the batch, not just "
+                                                 "the query's own (SinCUT's setting)",
+    "lambda_GAN": "weight of the adversarial loss",
+    "lambda_NCE": f"weight of the PatchNCE loss; {PRESET_VALUE} (1 CUT, 10 FastCUT)",
+    "nce_idt": f"identity PatchNCE on real B; {PRESET_VALUE} (on for CUT)",
+    "flip_equivariance": f"flip-equivariance augmentation; {PRESET_VALUE} (FastCUT)",
+    "gan_mode": "adversarial loss: lsgan, vanilla, nonsaturating or wgangp (-/+ mean)",
+    "lambda_gp": "weight of the WGAN-GP gradient penalty added to D's loss; 0: none, as the official CUT, "
+                 "which never adds it (§18)",
+    "direction": "AtoB: data.a is the input domain, translated into data.b's; BtoA: the reverse. eval.a "
+                 "always holds held-out inputs, eval.b the target domain",
+    "init_from": "fine-tune: a new run starts from this generator (our export, a run folder or state.pt, an "
+                 "official latest_net_G.pth): G's weights only, at step 0; ignored when the run resumes its "
+                 "own checkpoint",
+    "channels_last": "channels_last memory format; null: on for CUDA",
+    "bf16": "bf16 autocast; null: on for CUDA",
+}
 
 
-@dataclass
-class ModelSection:
-    """The CUT model (docs/official-reference.md §1-§2: the official defaults and presets)."""
+def _model_key(name: str, kind: Any, default: Any) -> tuple[Any, Any]:
+    """(type, default) of the model key for CUTConfig's field ``name``."""
+    if typing.get_origin(kind) is tuple:  # nce_layers: tuple[int, ...]
+        kind, default = list[typing.get_args(kind)[0]], list(default)
+    if name in PRESET_KEYS or name in CUDA_KEYS:
+        kind, default = kind | None, None
+    return kind, default
 
-    preset: str = key("CUT", "CUT or FastCUT: the official presets (NCE weight, identity NCE, flips, "
-                      "epochs); SinCUT: one source and one target image (configs/sincut.yaml; README.md, "
-                      "SinCUT)")
-    input_nc: int = key(3, "channels the generator takes: 1 (L), 2 (LA), 3 (RGB), 4 (RGBA); images are "
-                        "converted to it; more: .npy arrays (docs/inference.md, Channels and bit depth)")
-    output_nc: int = key(3, "channels it writes (and the discriminator sees), as model.input_nc")
-    ngf: int = key(64, "generator width (filters of its first layer)")
-    ndf: int = key(64, "discriminator width")
-    netG: str = key("resnet_9blocks", "generator: resnet_9blocks or resnet_6blocks; unet_128 and unet_256 "
-                    "only translate (the official CUT cannot train a U-Net), so training refuses them")
-    netD: str = key("basic", "discriminator: basic (the 70x70 PatchGAN), n_layers (a PatchGAN of "
-                    "model.n_layers_D layers) or pixel (1x1 PixelGAN)")
-    n_blocks: int | None = key(None, "ResNet blocks in the generator; null: as model.netG names (9 or 6)")
-    n_layers_D: int = key(3, "layers of the n_layers discriminator (must stay 3 with basic and pixel)")
-    normG: str = key("instance", "generator norm: instance, batch (synchronised across GPUs under DDP) "
-                     "or none")
-    normD: str = key("instance", "discriminator norm: instance, batch or none")
-    no_dropout: bool = key(True, "no dropout in the generator (official CUT default); false: Dropout(0.5) "
-                           "in every ResNet block")
-    antialias: bool = key(True, "blur-pool downsampling (the official default)")
-    antialias_up: bool = key(True, "blur upsampling (the official default)")
-    init_type: str = key("xavier", "weight init of G, D and F: normal, xavier (the official CUT default), "
-                         "kaiming or orthogonal")
-    init_gain: float = key(0.02, "scale of the normal, xavier and orthogonal inits")
-    netF_nc: int = key(256, "width of the PatchNCE projection heads")
-    netF: str = key("mlp_sample", "PatchNCE head: mlp_sample (a 2-layer MLP per layer, official default), "
-                    "sample (the sampled features, no parameters) or reshape (4x4 average-pooled cells as "
-                    "the patches; num_patches unused) (§18)")
-    num_patches: int = key(256, "patches sampled per layer for PatchNCE")
-    nce_layers: list[int] = key(  # noqa: RUF009 (key copies a list default per instance)
-        [0, 4, 8, 12, 16], "generator layers whose features PatchNCE compares"
-    )
-    nce_T: float = key(0.07, "PatchNCE temperature")
-    nce_includes_all_negatives_from_minibatch: bool = key(
-        False, "PatchNCE negatives from every image of the batch, not just the query's own (SinCUT's setting)"
-    )
-    lambda_GAN: float = key(1.0, "weight of the adversarial loss")
-    lambda_NCE: float | None = key(None, f"weight of the PatchNCE loss; {PRESET_VALUE} (1 CUT, 10 FastCUT)")
-    nce_idt: bool | None = key(None, f"identity PatchNCE on real B; {PRESET_VALUE} (on for CUT)")
-    flip_equivariance: bool | None = key(None, f"flip-equivariance augmentation; {PRESET_VALUE} (FastCUT)")
-    gan_mode: str = key("lsgan", "adversarial loss: lsgan, vanilla, nonsaturating or wgangp (-/+ mean)")
-    lambda_gp: float = key(0.0, "weight of the WGAN-GP gradient penalty added to D's loss; 0: none, as the "
-                           "official CUT, which never adds it (§18)")
-    direction: str = key("AtoB", "AtoB: data.a is the input domain, translated into data.b's; BtoA: the "
-                         "reverse. eval.a always holds held-out inputs, eval.b the target domain")
-    init_from: str = key("", "fine-tune: a new run starts from this generator (our export, a run folder or "
-                         "state.pt, an official latest_net_G.pth): G's weights only, at step 0; ignored "
-                         "when the run resumes its own checkpoint")
-    channels_last: bool | None = key(None, "channels_last memory format; null: on for CUDA")
-    bf16: bool | None = key(None, "bf16 autocast; null: on for CUDA")
+
+def _model_section() -> type:
+    hints = typing.get_type_hints(CUTConfig)
+    defaults = {f.name: f.default for f in dataclasses.fields(CUTConfig)}
+    unlisted = sorted(set(defaults) - set(MODEL_MEANINGS) - set(NOT_MODEL_KEYS))
+    if unlisted:  # a new CUTConfig field must become a key (with its meaning) or say why it is none
+        raise TypeError(f"CUTConfig fields missing from MODEL_MEANINGS and NOT_MODEL_KEYS: {unlisted}")
+    fields = []
+    for name, meaning in MODEL_MEANINGS.items():
+        kind, default = RUN_MODEL_KEYS.get(name) or _model_key(name, hints[name], defaults[name])
+        fields.append((name, kind, key(default, meaning)))
+    doc = "The CUT model (docs/official-reference.md §1-§2: the official defaults and presets)."
+    namespace = {"__doc__": doc, "__module__": __name__}
+    return dataclasses.make_dataclass("ModelSection", fields, namespace=namespace)
+
+
+ModelSection = _model_section()
 
 
 @dataclass
@@ -211,16 +236,18 @@ def describe_keys(cls: type) -> str:
     return "\n".join(lines)
 
 
-EPOCH_PRESETS = {"CUT": (200, 200), "FastCUT": (150, 50), "SinCUT": (8, 8)}
 SINCUT = "SinCUT"
-SINCUT_PREPROCESS = "zoom_and_patch"  # the official SinCUT crops (pipeline/single_image.py)
-# Model keys SinCUT has no use for: set to anything but these values, they are a ConfigError.
-SINCUT_UNUSED = {
-    "n_blocks": (None,), "n_layers_D": (3,), "normG": ("instance",), "normD": ("instance",),
-    "no_dropout": (True,), "antialias": (True,), "antialias_up": (True,), "netF": ("mlp_sample",),
-    "flip_equivariance": (None, False), "lambda_gp": (0.0,), "channels_last": (None, False),
-    "bf16": (None, False),
+EPOCH_PRESETS = {
+    "CUT": (200, 200), "FastCUT": (150, 50), SINCUT: (SinCUTConfig.n_epochs, SinCUTConfig.n_epochs_decay)
 }
+SINCUT_PREPROCESS = "zoom_and_patch"  # the official SinCUT crops (pipeline/single_image.py)
+# The model keys SinCUTConfig takes. SinCUT has no use for the others (but the run's, and netD, which
+# must name its one discriminator): set to anything but their default, they are a ConfigError.
+SINCUT_MODEL_KEYS = tuple(f.name for f in dataclasses.fields(SinCUTConfig) if f.name in MODEL_MEANINGS)
+SINCUT_UNUSED = tuple(
+    name for name in MODEL_MEANINGS
+    if name not in (*SINCUT_MODEL_KEYS, "preset", "netD", *RUN_MODEL_KEYS)
+)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -386,10 +413,6 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
         ("data.a", bool(d.a), "a shard set or image source (folder, prefix, glob, URL list) for domain A"),
         ("data.b", bool(d.b), "a shard set or image source for domain B"),
         ("run.url", bool(config.run.url), "the run URL for checkpoints and logs"),
-        ("model.input_nc", m.input_nc >= 1, ">= 1 (1-4: L, LA, RGB, RGBA images; more: .npy arrays)"),
-        ("model.output_nc", m.output_nc >= 1, ">= 1 (1-4: L, LA, RGB, RGBA images; more: .npy arrays)"),
-        ("model.init_type", m.init_type in INIT_TYPES, ", ".join(INIT_TYPES)),
-        ("model.init_gain", m.init_gain > 0, "> 0"),
         ("data.crop_size", d.crop_size >= 32 and d.crop_size % 4 == 0, "a multiple of 4, at least 32"),
         ("data.load_size", d.load_size >= d.crop_size, "at least data.crop_size"),
         ("data.preprocess", sincut or d.preprocess != "fixsize", "a mode the official unaligned dataset can "
@@ -410,7 +433,6 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
         ("train.lr_policy", t.lr_policy in LR_POLICIES, f"one of {', '.join(LR_POLICIES)}"),
         ("train.lr_decay_iters", t.lr_policy != "step" or t.lr_decay_iters >= 1, ">= 1 under lr_policy step"),
         ("train.seed", t.seed >= 0, ">= 0"),
-        ("model.netF_nc", m.netF_nc >= 1, ">= 1"),
         ("data.crops_per_epoch", d.crops_per_epoch >= 1, ">= 1"),
         ("run.lease_stale_after", config.run.lease_stale_after > 0, "> 0 seconds"),
         ("train.n_epochs", t.lr_policy != "cosine" or t.n_epochs >= 1, ">= 1 with lr_policy cosine"),
@@ -455,8 +477,8 @@ def _sincut_checks(config: TrainConfig) -> list[tuple[str, bool, str]]:
     m, d, t = config.model, config.data, config.train
     with_sincut = "with model.preset SinCUT"
     checks = [
-        ("model.netG", m.netG in ("stylegan2", "smallstylegan2"),
-         f"stylegan2 or smallstylegan2 {with_sincut} (configs/sincut.yaml holds the official SinCUT values)"),
+        ("model.netG", m.netG in GENERATOR_VARIANTS, f"{' or '.join(GENERATOR_VARIANTS)} {with_sincut} "
+         "(configs/sincut.yaml holds the official SinCUT values)"),
         ("model.netD", m.netD == "stylegan2", f"stylegan2 {with_sincut}"),
         ("model.input_nc", m.input_nc == 3, f"3 {with_sincut} (its crops are RGB, as officially)"),
         ("model.output_nc", m.output_nc == 3, f"3 {with_sincut} (its crops are RGB, as officially)"),
@@ -467,11 +489,11 @@ def _sincut_checks(config: TrainConfig) -> list[tuple[str, bool, str]]:
         ("data.crops_per_epoch", d.crops_per_epoch >= t.batch_size, "at least train.batch_size"),
     ]
     defaults = ModelSection()
-    for name, allowed in SINCUT_UNUSED.items():
-        value = getattr(m, name)
-        checks.append((f"model.{name}", value in allowed,
-                       f"left at {getattr(defaults, name)!r} {with_sincut}, which has no such option "
-                       f"(got {value!r})"))
+    for name in SINCUT_UNUSED:
+        value, default = getattr(m, name), getattr(defaults, name)
+        off = value == default or (default is None and value is False)  # a null switch may also be off
+        checks.append((f"model.{name}", off,
+                       f"left at {default!r} {with_sincut}, which has no such option (got {value!r})"))
     return checks
 
 
@@ -480,10 +502,7 @@ def sincut_config(config: TrainConfig) -> SinCUTConfig:
     (they size the networks), the optimizer, batch and epochs; unset (None) keys keep SinCUT's
     official values (cut/sincut.py). lambda_R1, lambda_identity and num_downsampling stay official."""
     m, d, t = config.model, config.data, config.train
-    shared = ("input_nc", "output_nc", "netG", "ngf", "ndf", "init_type", "init_gain", "nce_T", "num_patches",
-              "netF_nc", "nce_includes_all_negatives_from_minibatch", "nce_idt", "lambda_GAN", "lambda_NCE",
-              "gan_mode")
-    fields: dict[str, Any] = {k: getattr(m, k) for k in shared if getattr(m, k) is not None}
+    fields: dict[str, Any] = {k: getattr(m, k) for k in SINCUT_MODEL_KEYS if getattr(m, k) is not None}
     fields.update(
         nce_layers=tuple(m.nce_layers), crop_size=d.crop_size, load_size=d.load_size, lr=t.lr, beta1=t.beta1,
         beta2=t.beta2, batch_size=t.batch_size,

@@ -1,10 +1,18 @@
 """The config system: YAML plus overrides, every key validated, presets resolved."""
 
-import pytest
+import dataclasses
+import re
 
+import pytest
+import yaml
+
+from cut import CUTConfig
 from cut.schedule import lr_factor
+from cut.sincut import SinCUTConfig
 from jobs.config import (
+    SINCUT_UNUSED,
     ConfigError,
+    ModelSection,
     TrainConfig,
     config_changes,
     cut_config,
@@ -133,3 +141,43 @@ def test_keys_free_to_change_on_resume_are_where_and_how_a_run_executes_not_what
     stored = to_dict(old)
     del stored["run"]["lease_stale_after"]  # a config written before the key existed
     assert config_changes(stored, to_dict(old)) == []
+
+
+def test_the_model_section_is_cutconfigs_fields_with_their_defaults():
+    defaults = CUTConfig()
+    model_keys = {f.name for f in dataclasses.fields(ModelSection)}
+    for f in dataclasses.fields(CUTConfig):
+        assert f.name in model_keys or f.name in ("lr", "beta1", "beta2", "reuse_keys"), f.name
+    section = ModelSection()
+    for name in model_keys - {"direction", "init_from"}:
+        value = getattr(section, name)
+        if value is None:  # null: the preset's value, or on for CUDA
+            assert name in ("lambda_NCE", "nce_idt", "flip_equivariance", "channels_last", "bf16", "n_blocks")
+        else:
+            expected = getattr(defaults, name)
+            assert value == (list(expected) if name == "nce_layers" else expected), name
+
+
+def test_sincut_refuses_exactly_the_model_keys_it_has_no_field_for():
+    assert set(SINCUT_UNUSED) == {"n_blocks", "n_layers_D", "normG", "normD", "no_dropout", "antialias",
+                                  "antialias_up", "netF", "flip_equivariance", "lambda_gp", "channels_last",
+                                  "bf16"}
+
+
+@pytest.mark.parametrize("preset", ["configs/tiny.yaml", "configs/sincut.yaml"])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.init_type=uniform", "config key 'model.init_type' must be normal, xavier, kaiming, "
+                                    "orthogonal"),
+        ("model.init_gain=0", "config key 'model.init_gain' must be > 0"),
+        ("model.netF_nc=0", "config key 'model.netF_nc' must be >= 1"),
+    ],
+)
+def test_a_model_value_is_checked_once_by_the_model_config_in_the_words_of_the_key(preset, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_train_config(load_config(TrainConfig, preset, [*REQUIRED, override]))
+    name, value = override.removeprefix("model.").split("=")
+    model_config = CUTConfig if preset.endswith("tiny.yaml") else SinCUTConfig
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model_config(**{name: yaml.safe_load(value)})
