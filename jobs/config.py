@@ -7,11 +7,12 @@ names the key (and the file it came from).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -274,16 +275,26 @@ def _yaml11_float(text: str) -> float | str:
         return text
 
 
-def build(cls: type[T], data: Any, source: str, where: str = "") -> T:
-    """An instance of the dataclass ``cls`` from plain data, every key and type checked."""
+Origin = Callable[[str], str]  # a dotted key -> where its value came from, for error messages
+
+
+def build(cls: type[T], data: Any, source: str | Origin, where: str = "") -> T:
+    """An instance of the dataclass ``cls`` from plain data, every key and type checked. ``source``
+    names where the data came from, or is a function that names it key by key."""
+    origin = source if callable(source) else (lambda _key: source)
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: '{where or 'top level'}' must be a mapping, got {type(data).__name__}")
+        kind = type(data).__name__
+        raise ConfigError(f"{origin(where)}: '{where or 'top level'}' must be a mapping, got {kind}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - fields)
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"{source}: unknown config key '{key}' (known here: {', '.join(sorted(fields))})")
+        near = difflib.get_close_matches(unknown[0], fields, 1)
+        close = [f"{where}.{name}" if where else name for name in near]
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        known = ", ".join(sorted(fields))
+        raise ConfigError(f"{origin(key)}: unknown config key '{key}' ({hint}known here: {known})")
     values = {}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
@@ -295,9 +306,9 @@ def build(cls: type[T], data: Any, source: str, where: str = "") -> T:
             value = _yaml11_float(value)  # PyYAML reads 1e-4 (no dot) as a string
         if not _type_ok(value, annotation):
             expected = getattr(annotation, "__name__", str(annotation))
-            raise ConfigError(f"{source}: config key '{key}' must be {expected}, got {value!r}")
+            raise ConfigError(f"{origin(key)}: config key '{key}' must be {expected}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{source}: config key '{key}' must be a finite number, got {value!r}")
+            raise ConfigError(f"{origin(key)}: config key '{key}' must be a finite number, got {value!r}")
         takes_int = annotation is int or int in typing.get_args(annotation)
         is_int = isinstance(value, int) and not isinstance(value, bool)
         values[name] = float(value) if is_int and not takes_int else value
@@ -349,9 +360,26 @@ def load_config(
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of sections (model:, data:, "
                               f"train:, ...), got {type(data).__name__}")
+    given: dict[str, str] = {}  # dotted key -> the override that set it (the last one wins)
     for item in overrides:
-        data = _merge(data, parse_override(item))
-    return build(cls, data, source)
+        override = parse_override(item)
+        for key in _flatten(override):
+            given.pop(key, None)
+            given[key] = f"command-line override {item!r}"
+        data = _merge(data, override)
+    return build(cls, data, _origin(source, given))
+
+
+def _origin(source: str, given: dict[str, str]) -> Origin:
+    """Where a key's value came from: the override that set it or a key under it, else ``source``."""
+
+    def origin(key: str) -> str:
+        for set_key, override in reversed(given.items()):
+            if set_key == key or set_key.startswith(f"{key}.") or key.startswith(f"{set_key}."):
+                return override
+        return source
+
+    return origin
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -66,6 +66,18 @@ def test_bad_keys_and_values_are_errors_naming_the_key(override, message):
         load_config(TrainConfig, "configs/tiny.yaml", [override])
 
 
+
+def test_a_bad_key_is_blamed_on_where_it_came_from_with_the_nearest_known_key(tmp_path):
+    with pytest.raises(ConfigError) as given:
+        load_config(TrainConfig, "configs/tiny.yaml", ["train.lr=1e-3", "train.max_step=10"])
+    assert str(given.value).startswith("command-line override 'train.max_step=10': unknown config key")
+    assert "did you mean 'train.max_steps'?" in str(given.value)
+    with pytest.raises(ConfigError, match=r"^command-line override 'train\.lr=fast': config key 'train\.lr'"):
+        load_config(TrainConfig, "configs/tiny.yaml", ["train.lr=fast"])
+    (tmp_path / "typo.yaml").write_text("trian:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml: unknown config key 'trian' \(did you mean 'train'\?"):
+        load_config(TrainConfig, str(tmp_path / "typo.yaml"), ["train.max_steps=3"])
+
 @pytest.mark.parametrize(
     "override,key",
     [
