@@ -7,6 +7,7 @@ loaded with ``torch.load(weights_only=True)``, so no pickled code ever runs.
 from __future__ import annotations
 
 import io
+import pickle
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -39,13 +40,43 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the network it is loaded into."""
 
 
+ACCEPTED = ("a torch checkpoint (torch.save's zip or legacy format: a run's checkpoint or generator "
+            "export, an official latest_net_G.pth)")
+_ZIP, _PICKLE = b"PK\x03\x04", b"\x80"  # how torch.save's two formats begin
+_SIGNATURES = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image",
+               b"RIFF": "a RIFF file (WebP image?)", b"\x93NUMPY": "a NumPy array (.npy)",
+               b"\x08": "an ONNX model or other protobuf"}
+
+
+def _kind_of(data: bytes) -> str:
+    """What ``data`` looks like, for a file that is not a checkpoint."""
+    for signature, kind in _SIGNATURES.items():
+        if data.startswith(signature):
+            return kind
+    try:
+        data[:4096].decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary data of an unknown kind"
+    return "text"
+
+
 def read_checkpoint(data: bytes, source: str = "checkpoint") -> Any:
-    """Deserialize checkpoint bytes safely; ``source`` names the file in error messages."""
+    """Deserialize checkpoint bytes safely (weights and plain values only: no pickled code runs);
+    ``source`` names the file in error messages, which say what the file is when it is not one."""
     if not data:
         raise CheckpointError(f"{source}: the file is empty")
+    if not data.startswith((_ZIP, _PICKLE)):
+        raise CheckpointError(
+            f"{source}: not a readable torch checkpoint: it looks like {_kind_of(data)}; accepted: {ACCEPTED}"
+        )
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
+    except pickle.UnpicklingError as exc:  # torch's advice to load with weights_only=False is unsafe here
+        raise CheckpointError(
+            f"{source}: not a readable torch checkpoint: it holds objects other than weights and plain "
+            f"values, which are never loaded (no pickled code runs); accepted: {ACCEPTED}"
+        ) from exc
+    except Exception as exc:  # torch raises many types for corrupt or truncated files
         raise CheckpointError(
             f"{source}: not a readable torch checkpoint ({type(exc).__name__}: {exc})"
         ) from exc

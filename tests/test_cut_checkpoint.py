@@ -68,6 +68,23 @@ def test_corrupt_empty_and_foreign_checkpoints_are_clear_errors():
         read_checkpoint(data[: len(data) // 2], "ckpt.pt")
     with pytest.raises(CheckpointError, match="empty"):
         read_checkpoint(b"", "ckpt.pt")
+
+
+@pytest.mark.parametrize(("data", "kind"), [(b"\xff\xd8\xff\xe0\x00\x10JFIF", "a JPEG image"),
+                                           (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"epochs: 3\n", "text")])
+def test_a_file_that_is_no_checkpoint_says_what_it_looks_like_and_what_is_accepted(data, kind):
+    with pytest.raises(CheckpointError) as given:
+        read_checkpoint(data, "horse.jpg")
+    text = str(given.value)
+    assert text.startswith(f"horse.jpg: not a readable torch checkpoint: it looks like {kind}; accepted:")
+    assert "weights_only" not in text and "KeyError" not in text
+
+
+def test_a_checkpoint_holding_code_is_refused_without_torch_advice_to_unpickle_it():
+    data = to_bytes({"G": {}, "hook": print})
+    with pytest.raises(CheckpointError) as given:
+        read_checkpoint(data, "evil.pt")
+    assert "objects other than weights" in str(given.value) and "weights_only" not in str(given.value)
     with pytest.raises(CheckpointError, match="neither a generator export"):
         generator_from_checkpoint({"weights": [1, 2, 3]}, "x.pt")
     with pytest.raises(CheckpointError, match=r"no key .model\.1\.weight."):
