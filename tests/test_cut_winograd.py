@@ -1,7 +1,6 @@
 """The Winograd 3x3 convolution equals the direct one, forward and both gradients."""
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -225,7 +224,7 @@ def test_native_kernels_reject_bad_shapes_with_a_clear_error():
         ops.winograd_filter_transform(torch.zeros(2, 2, 5, 5), 2)
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler on this machine")
+@pytest.mark.skipif(native._missing_tool() is not None, reason="no C++ compiler or ninja on this machine")
 def test_native_kernels_build_where_a_compiler_exists():
     assert native.available()
 

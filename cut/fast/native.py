@@ -4,8 +4,9 @@
 20 s) into a build directory under the user's cache (``$CUT_NATIVE_CACHE``, else
 ``$XDG_CACHE_HOME/cut-pipeline`` or ``~/.cache/cut-pipeline``, else the temp directory: a read-only
 home, as in many containers, must not cost the kernels) and loads them as the torch operators
-``torch.ops.cut_native.*``; concurrent processes (DDP ranks) wait on its lock for one build. It
-needs a C++ compiler and ninja. Where either is missing, or with ``CUT_NATIVE=0``,
+``torch.ops.cut_native.*``; concurrent processes (DDP ranks) wait on its lock for one build (a lock
+older than ``STALE_LOCK_SECONDS``, left by a killed build, is removed first: torch would wait on it
+forever). It needs a C++ compiler and ninja. Where either is missing, or with ``CUT_NATIVE=0``,
 :func:`available` is False (with one warning saying why) and every convolution is torch's own.
 """
 
@@ -17,6 +18,7 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +32,9 @@ SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 #: depend on these flags: change them only with the numerics tests.
 CFLAGS = ["-O3", "-fopenmp", "-w"]  # with torch's own -std=c++20 -fPIC
 AVX2_CFLAGS = ["-mavx2", "-mfma"]
+
+#: A build takes seconds to a few minutes; a lock this old belongs to a build that was killed.
+STALE_LOCK_SECONDS = 900
 
 
 def _cflags() -> list[str]:
@@ -50,6 +55,15 @@ def _cache_dir() -> Path:
         if os.access(candidate, os.W_OK):
             return candidate
     return fallback
+
+
+def _remove_stale_lock(build_dir: Path) -> None:
+    lock = build_dir / "lock"  # torch's FileBaton
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
 
 
 def _missing_tool() -> str | None:
@@ -76,6 +90,7 @@ def available() -> bool:
     build_dir = _cache_dir() / f"native-torch{torch.__version__}-{platform.machine()}"
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_lock(build_dir)
         cpp_extension.load(
             "cut_native", [str(s) for s in SOURCES], extra_cflags=_cflags(), extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir), is_python_module=False, verbose=False,
