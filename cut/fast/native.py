@@ -91,6 +91,7 @@ def available() -> bool:
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_lock(build_dir)
+        log.info("loading native CPU kernels from %s (built there once per machine)", build_dir)
         cpp_extension.load(
             "cut_native", [str(s) for s in SOURCES], extra_cflags=_cflags(), extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir), is_python_module=False, verbose=False,
