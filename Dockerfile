@@ -34,6 +34,10 @@ RUN pip install --no-deps -c /tmp/keep-torch.txt . \
  && rm -rf build ./*.egg-info cut pipeline jobs \
  && python -c "import cut, pipeline, jobs.train, jobs.infer, jobs.shard"
 
+# No C++ compiler here (a runtime base image): cut/fast's native CPU kernels (Winograd convolutions)
+# stay off, and the first CPU float32 convolution logs "no C++ compiler (c++): native CPU kernels
+# off". GPU work never uses them; CPU training and inference run torch's own convolutions, same
+# math, slower. For CPU nodes, a devel base image (or apt-get install g++) turns them on.
 # A fixed numeric non-root user: Kubernetes checks runAsNonRoot against the number, and the
 # manifests set the same runAsUser. HOME under /tmp: the root filesystem is read-only in k8s.
 RUN groupadd --gid 10001 cut \

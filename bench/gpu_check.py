@@ -38,6 +38,7 @@ import torch
 from bench.train_step import build
 from cut import CUTConfig, CUTModel, ResnetGenerator, export_generator
 from cut.checkpoint import to_bytes
+from cut.fast import accelerate
 from cut.inference import from_uint8, is_out_of_memory, to_uint8
 from cut.networks import init_weights
 
@@ -68,7 +69,7 @@ def _timed(fn, seconds: float, device: torch.device) -> float:
 
 def check_correctness(device: torch.device, size: int) -> None:
     torch.manual_seed(0)
-    g = init_weights(ResnetGenerator(), gain=0.5).to(device).eval()
+    g = accelerate(init_weights(ResnetGenerator(), gain=0.5)).to(device).eval()
     x = torch.rand(4, 3, size, size, device=device) * 2 - 1
     with torch.inference_mode():
         ref = g(x)
@@ -95,7 +96,7 @@ def gpu_only_rates(device: torch.device, size: int, batches: list[int], seconds:
         variants.append(("bf16+cl+compile", True, True, True))
     rates = {}
     for name, bf16, cl, comp in variants:
-        g = ResnetGenerator().to(device).eval()
+        g = accelerate(ResnetGenerator()).to(device).eval()
         if cl:
             g = g.to(memory_format=torch.channels_last)
         fn = torch.compile(g) if comp else g

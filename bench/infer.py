@@ -41,6 +41,7 @@ from bench.child import run_json
 from bench.official import use_official_layers
 from cut import ResnetGenerator, export_generator
 from cut.checkpoint import to_bytes
+from cut.fast import accelerate
 from cut.networks import init_weights
 from jobs import export, infer
 
@@ -83,7 +84,7 @@ def plain_loop(g: nn.Module, files: list[Path], out: Path) -> float:
 def _generator() -> nn.Module:
     """The benchmark's weights: random, the same in every process."""
     torch.manual_seed(0)
-    return init_weights(ResnetGenerator()).eval()
+    return accelerate(init_weights(ResnetGenerator())).eval()
 
 
 def _job(argv: list[str]) -> float:

@@ -53,12 +53,13 @@ class PeakSampler(threading.Thread):
 
 def child(size: int, mode: str, tile: int, ngf: int, device: str, out: str) -> None:
     from cut import ResnetGenerator
+    from cut.fast import accelerate
     from cut.networks import init_weights
     from cut.tiling import host_empty, tiled_forward
     from pipeline.spill import SpillArena
 
     torch.manual_seed(0)
-    netG = init_weights(ResnetGenerator(ngf=ngf)).eval().to(device)
+    netG = accelerate(init_weights(ResnetGenerator(ngf=ngf))).eval().to(device)
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

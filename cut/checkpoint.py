@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cut.fast import accelerate
 from cut.networks import NORM_TYPES, ResnetGenerator
 from cut.stylegan2 import INFERENCE_NOISE_SEED, RESOLUTIONS, StyleGAN2Generator, generator_channels
 from cut.unet import UnetGenerator, infer_unet_architecture
@@ -359,7 +360,7 @@ def generator_from_checkpoint(obj: Any, source: str = "checkpoint") -> Generator
         if "architecture" in card:
             check_fit(card["architecture"], state, "G: the model card's architecture")
         check_finite(state, "G")
-        net = build_generator(arch)
+        net = accelerate(build_generator(arch))  # fast layer forms: same parameters and keys
         net.load_state_dict(state, strict=True)
     except CheckpointError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc

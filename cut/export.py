@@ -1,6 +1,6 @@
 """Deployable generators: ONNX and TorchScript with dynamic batch, height and width, and their check.
 
-Export records the plain-operator path of every layer (``cut.networks.exporting``), the official
+Export records the plain-operator path of every layer (``cut.fast.plain.exporting``), the official
 computation; the fast CPU kernels are for eager PyTorch. ``verify`` runs an exported model
 (onnxruntime for ONNX, torch.jit for TorchScript) and measures it against the eager generator.
 """

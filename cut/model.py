@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from cut.checkpoint import load_strict
+from cut.fast import accelerate
+from cut.fast.plain import plain_operators
 from cut.heads import HEADS, define_head
 from cut.losses import GAN_MODES, gan_loss, gradient_penalty, patch_nce_loss
 from cut.networks import (
@@ -31,7 +33,6 @@ from cut.networks import (
     define_discriminator,
     generator_layer_count,
     init_weights,
-    plain_operators,
     sample_patch_ids,
 )
 from cut.unet import UNET_DOWNS
@@ -306,6 +307,8 @@ class CUTModel(ThreeNetworkModel):
             self.netF = define_head(config.netF, channels, config.netF_nc)
             for net in (self.netG, self.netD, self.netF):
                 init_weights(net, config.init_gain, config.init_type)
+        # The official networks with their layers' fast forms swapped in (same parameters and keys).
+        self.netG, self.netD = accelerate(self.netG), accelerate(self.netD)
         memory_format = torch.channels_last if config.channels_last else torch.preserve_format
         for net in (self.netG, self.netD, self.netF):
             net.to(device=self.device, memory_format=memory_format)

@@ -1,50 +1,22 @@
 """CUT networks: ResNet generator, PatchGAN discriminator, PatchSampleF heads, blur resampling.
 
 Module indices, parameter names and buffer names follow the official implementation, so its
-checkpoints load with ``strict=True`` (docs/official-reference.md §4-§7 and §14).
+checkpoints load with ``strict=True`` (docs/official-reference.md §4-§7 and §14). The layers are
+the official ones, written plainly; ``cut.fast.accelerate`` swaps in faster forms of the same
+function (the models and the checkpoint loader apply it).
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cut import winograd
 from cut.losses import at_least_fp32
 
 NCE_LAYERS: tuple[int, ...] = (0, 4, 8, 12, 16)
-
-
-_plain = threading.local()
-
-
-@contextlib.contextmanager
-def plain_operators() -> Iterator[None]:
-    """Forwards inside take the plain-operator path that exporters get (see ``exporting``): for
-    passes whose gradient is differentiated again (the WGAN-GP penalty's ``create_graph``), since
-    the fast blur and Winograd kernels have a first derivative only."""
-    depth = getattr(_plain, "depth", 0)
-    _plain.depth = depth + 1
-    try:
-        yield
-    finally:
-        _plain.depth = depth
-
-
-def exporting() -> bool:
-    """Whether a tracer or exporter (torch.jit.trace, torch.onnx.export, torch.export) is recording
-    this forward, or ``plain_operators`` asks for what they get. The recorded graph must hold plain
-    operators only: the fast CPU paths use native kernels and in-place writes into views, which
-    exporters drop or cannot express (the ONNX exporter silently loses the blur's
-    ``narrow().add_()``, giving outputs off by up to 1.8)."""
-    if getattr(_plain, "depth", 0):
-        return True
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 def check_generator_input(x: torch.Tensor, input_nc: int, multiple: int, minimum: int,
@@ -59,13 +31,6 @@ def check_generator_input(x: torch.Tensor, input_nc: int, multiple: int, minimum
                          f"{minimum}, got {h}x{w}")
 
 
-def every_other(x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
-    """The view of ``x`` at positions start, start+2, ... along ``dim``."""
-    index = [slice(None)] * x.dim()
-    index[dim] = slice(start, None, 2)
-    return x[tuple(index)]
-
-
 def _binomial_filter(taps: Sequence[float], channels: int, scale: float) -> torch.Tensor:
     """A (channels, 1, k, k) depthwise filter: the outer product of ``taps``, summing to ``scale``."""
     a = torch.tensor(taps, dtype=torch.float32)
@@ -74,126 +39,47 @@ def _binomial_filter(taps: Sequence[float], channels: int, scale: float) -> torc
     return kernel[None, None].repeat(channels, 1, 1, 1)
 
 
-def _blur_stride2(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """[1,2,1]/4 along ``dim`` after a reflect pad of 1, every second output kept.
-
-    Output i is x[2i-1]/4 + x[2i]/2 + x[2i+1]/4, reading x[-1] as x[1] and x[n] as x[n-2].
-    """
-    n = x.shape[dim]
-    n_out, n_odd = (n + 1) // 2, n // 2
-    odd = every_other(x, dim, 1)
-    out = every_other(x, dim, 0) * 0.5
-    out.narrow(dim, 1, n_out - 1).add_(odd.narrow(dim, 0, n_out - 1), alpha=0.25)  # left neighbours
-    out.narrow(dim, 0, 1).add_(odd.narrow(dim, 0, 1), alpha=0.25)  # reflected x[-1] = x[1]
-    out.narrow(dim, 0, n_odd).add_(odd, alpha=0.25)  # right neighbours
-    if n % 2:  # reflected x[n] = x[n-2]
-        out.narrow(dim, n_out - 1, 1).add_(odd.narrow(dim, n_odd - 1, 1), alpha=0.25)
-    return out
-
-
-def _blur_stride2_adjoint(grad: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    """The transpose of ``_blur_stride2`` for an input of length ``n`` along ``dim``."""
-    n_out, n_odd = (n + 1) // 2, n // 2
-    shape = list(grad.shape)
-    shape[dim] = n
-    out = grad.new_empty(shape)
-    odd = every_other(out, dim, 1)
-    torch.mul(grad, 0.5, out=every_other(out, dim, 0))
-    torch.mul(grad.narrow(dim, 0, n_odd), 0.25, out=odd)
-    odd.narrow(dim, 0, n_out - 1).add_(grad.narrow(dim, 1, n_out - 1), alpha=0.25)
-    odd.narrow(dim, 0, 1).add_(grad.narrow(dim, 0, 1), alpha=0.25)
-    if n % 2:
-        odd.narrow(dim, n_odd - 1, 1).add_(grad.narrow(dim, n_out - 1, 1), alpha=0.25)
-    return out
-
-
-class _BlurDownsample(torch.autograd.Function):
-    """Reflect pad 1, then the [1,2,1] x [1,2,1] / 16 blur with stride 2, run as two separable passes.
-
-    The official layer is a depthwise 3x3 convolution; the separable form computes the same sums
-    (the weights are powers of two, so only the order of additions differs) with a fraction of the
-    memory traffic, and its backward is the exact transpose, needing no saved activation.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.size = x.shape[-2:]
-        return _blur_stride2(_blur_stride2(x, -2), -1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        h, w = ctx.size
-        return _blur_stride2_adjoint(_blur_stride2_adjoint(grad.contiguous(), w, -1), h, -2)
-
-
 class Downsample(nn.Module):
-    """Anti-aliased stride-2 downsampling: reflect pad 1, then a [1,2,1] binomial blur with stride 2."""
+    """Anti-aliased stride-2 downsampling: reflect pad 1, then a [1,2,1] x [1,2,1] / 16 binomial
+    blur with stride 2, as a depthwise convolution (``filt``)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.register_buffer("filt", _binomial_filter((1.0, 2.0, 1.0), channels, 1.0))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def check_input(self, x: torch.Tensor) -> None:
         if min(x.shape[-2:]) < 2:
             raise ValueError(f"blur downsampling needs at least 2x2 inputs, got {tuple(x.shape)}")
-        if exporting():  # the official layer itself: a depthwise convolution, which every exporter keeps
-            padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-            return F.conv2d(padded, self.filt.to(x.dtype), stride=2, groups=x.shape[1])
-        return _BlurDownsample.apply(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        return F.conv2d(padded, self.filt.to(x.dtype), stride=2, groups=x.shape[1])
 
 
 class Upsample(nn.Module):
-    """Anti-aliased 2x upsampling with a [1,3,3,1] blur and replicate padding.
-
-    The official layer (replicate pad 1, depthwise transposed conv with stride 2 and padding 2, then
-    one row and column cropped on each side) computes exactly bilinear 2x interpolation with
-    ``align_corners=False``; we run that kernel, which is far cheaper than a grouped transposed conv.
-    ``filt`` stays a buffer so official checkpoints keep their keys.
-    """
+    """Anti-aliased 2x upsampling: replicate pad 1, a depthwise transposed convolution with the
+    [1,3,3,1] x [1,3,3,1] / 16 blur times 4 (``filt``), stride 2 and padding 2, then one row and
+    column cropped on each side."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.register_buffer("filt", _binomial_filter((1.0, 3.0, 3.0, 1.0), channels, 4.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-
-
-class InstanceNorm(nn.InstanceNorm2d):
-    """The official InstanceNorm2d (no affine, no running stats, eps 1e-5), run as a group norm.
-
-    A group norm with one group per channel computes the same normalisation. Unlike
-    ``F.instance_norm``, whose result is a view of a reshaped batch norm, its result is a tensor
-    of its own: the in-place ReLU that follows then costs nothing in backward, where on a view
-    autograd has to copy the whole gradient through CopySlices (~6% of a step at crop 256).
-    Under autocast the norm runs in the input's dtype, which group_norm kernels support with
-    float32 statistics, instead of autocast's float32 output for group_norm.
-    """
-
-    def __init__(self, channels: int) -> None:
-        super().__init__(channels, affine=False, track_running_stats=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.num_features:
-            raise ValueError(f"InstanceNorm({self.num_features}) got a tensor of shape {tuple(x.shape)}")
-        if torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                return F.group_norm(x, self.num_features, eps=self.eps)
-        return F.group_norm(x, self.num_features, eps=self.eps)
-
-
-def _instance_norm(channels: int) -> InstanceNorm:
-    return InstanceNorm(channels)
+        padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+        y = F.conv_transpose2d(padded, self.filt.to(x.dtype), stride=2, padding=2, groups=x.shape[1])
+        return y[:, :, 1:-1, 1:-1]
 
 
 NORM_TYPES = ("instance", "batch", "none")
 
 
 def norm_layer(norm: str, channels: int) -> nn.Module:
-    """The official ``get_norm_layer`` choice: instance (no affine, no running stats: our
-    ``InstanceNorm``), batch (affine, running stats) or none (an identity, no state)."""
+    """The official ``get_norm_layer`` choice: instance (no affine, no running stats), batch
+    (affine, running stats) or none (an identity, no state)."""
     if norm == "instance":
-        return InstanceNorm(channels)
+        return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
     if norm == "batch":
         return nn.BatchNorm2d(channels, affine=True, track_running_stats=True)
     if norm == "none":
@@ -209,83 +95,14 @@ def uses_bias(norm: str) -> bool:
     return norm == "instance"
 
 
-def _winograd_conv(
-    c_in: int, c_out: int, bias: bool, kernel_size: int = 3, padding: int = 0
-) -> WinogradConv2d:
-    """A ``WinogradConv2d``, without its bias where ``bias`` is false (as nn.Conv2d(bias=False) keeps it)."""
-    conv = WinogradConv2d(c_in, c_out, kernel_size=kernel_size, padding=padding)
+def _stride1_conv(c_in: int, c_out: int, bias: bool, kernel_size: int = 3, padding: int = 0) -> nn.Conv2d:
+    """``nn.Conv2d(c_in, c_out, kernel_size, padding=padding, bias=bias)``, built with a bias that
+    is then dropped where ``bias`` is false: construction draws the bias's random numbers either
+    way, so a seeded model starts from the weights it always has (``init_weights`` draws next)."""
+    conv = nn.Conv2d(c_in, c_out, kernel_size=kernel_size, padding=padding, bias=True)
     if not bias:
         conv.register_parameter("bias", None)
     return conv
-
-
-class WinogradConv2d(nn.Conv2d):
-    """A stride-1 3x3 or 4x4 convolution, unpadded or zero-padded by one: the generator's (in
-    the ResNet blocks after a reflect pad; in the down- and upsampling stages) and the
-    discriminator's hidden layers. On the CPU in float32 it runs as a Winograd convolution
-    (``cut.winograd``), which computes the same convolution with 2.25-4x fewer multiplications
-    in both backward passes and in forward passes without autograd (a forward that autograd
-    records stays oneDNN's, for the gradients' accuracy); elsewhere (autocast, and GPUs, whose
-    cuDNN makes its own choice) as ``nn.Conv2d``. Parameters and their names are nn.Conv2d's.
-    """
-
-    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, padding: int = 0) -> None:
-        super().__init__(c_in, c_out, kernel_size=kernel_size, stride=1, padding=padding, bias=True)
-
-    def _conv_forward(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        padding = "zeros" if self.padding == (1, 1) else "none"
-        if self._winograd(x, padding):
-            return winograd.conv2d(x, weight, bias, padding)
-        return super()._conv_forward(x, weight, bias)
-
-    def _trains(self, x: torch.Tensor) -> bool:
-        return torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-
-    def _winograd(self, x: torch.Tensor, padding: str) -> bool:
-        return (
-            self.padding_mode == "zeros"
-            and self.padding in ((0, 0), (1, 1))
-            and not exporting()
-            and winograd.fits(x, self.weight, padding)
-        )
-
-    def padded_forward(self, x: torch.Tensor, pad: nn.Module) -> torch.Tensor:
-        """``self(pad(x))`` for an unpadded 3x3 convolution, keeping only the unpadded ``x``
-        (usually alive anyway) for backward.
-        """
-        reflect_1 = isinstance(pad, nn.ReflectionPad2d) and pad.padding == (1, 1, 1, 1)
-        unpadded_3x3 = self.padding == (0, 0) and self.kernel_size == (3, 3)
-        if not reflect_1 or not unpadded_3x3 or torch.is_autocast_enabled(x.device.type) or exporting():
-            return self(pad(x))
-        if self._winograd(x, "reflect"):
-            return winograd.conv2d(x, self.weight, self.bias, "reflect")
-        if self._trains(x):
-            return _ReflectPadConv.apply(x, self.weight, self.bias)
-        return self(pad(x))
-
-
-class _ReflectPadConv(torch.autograd.Function):
-    """conv2d(reflect_pad(x, 1), weight, bias) that saves ``x`` rather than its padded copy."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        need_x, need_w, need_b = ctx.needs_input_grad
-        grad_padded, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, padded, weight, [weight.shape[0]], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-            [need_x, need_w, need_b],
-        )
-        del padded
-        grad_x = torch.ops.aten.reflection_pad2d_backward(grad_padded, x, [1, 1, 1, 1]) if need_x else None
-        return grad_x, grad_w, grad_b
 
 
 class ResnetBlock(nn.Module):
@@ -296,19 +113,15 @@ class ResnetBlock(nn.Module):
         super().__init__()
         bias = uses_bias(norm)
         layers: list[nn.Module] = [
-            nn.ReflectionPad2d(1), _winograd_conv(dim, dim, bias), norm_layer(norm, dim), nn.ReLU(True)
+            nn.ReflectionPad2d(1), _stride1_conv(dim, dim, bias), norm_layer(norm, dim), nn.ReLU(True)
         ]
         if use_dropout:
             layers.append(nn.Dropout(0.5))
-        layers += [nn.ReflectionPad2d(1), _winograd_conv(dim, dim, bias), norm_layer(norm, dim)]
+        layers += [nn.ReflectionPad2d(1), _stride1_conv(dim, dim, bias), norm_layer(norm, dim)]
         self.conv_block = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pad1, conv1, *middle, pad2, conv2, norm2 = self.conv_block
-        h = conv1.padded_forward(x, pad1)
-        for layer in middle:  # norm, ReLU and any dropout
-            h = layer(h)
-        return x + norm2(conv2.padded_forward(h, pad2))
+        return x + self.conv_block(x)
 
 
 def generator_layer_count(n_blocks: int, antialias: bool = True, antialias_up: bool = True) -> int:
@@ -360,7 +173,7 @@ class ResnetGenerator(nn.Module):
             c_in, c_out = ngf * 2**i, ngf * 2 ** (i + 1)
             if antialias:
                 layers += [
-                    _winograd_conv(c_in, c_out, bias, padding=1),
+                    _stride1_conv(c_in, c_out, bias, padding=1),
                     norm_layer(norm, c_out),
                     nn.ReLU(True),
                     Downsample(c_out),
@@ -377,7 +190,7 @@ class ResnetGenerator(nn.Module):
             if antialias_up:
                 layers += [
                     Upsample(c_in),
-                    _winograd_conv(c_in, c_out, bias, padding=1),
+                    _stride1_conv(c_in, c_out, bias, padding=1),
                     norm_layer(norm, c_out),
                     nn.ReLU(True),
                 ]
@@ -451,8 +264,7 @@ class ResnetGenerator(nn.Module):
 
 class NLayerDiscriminator(nn.Module):
     """PatchGAN discriminator ('basic' is n_layers=3); no sigmoid, kernel 4, padding 1. The input
-    and output convolutions (3 and 1 channels) stay nn.Conv2d, with a bias whatever the norm: too
-    thin for Winograd to pay. The hidden convolutions carry a bias only with instance norm.
+    and output convolutions have a bias whatever the norm; the hidden ones only with instance norm.
     """
 
     def __init__(
@@ -481,7 +293,7 @@ class NLayerDiscriminator(nn.Module):
             prev, mult = mult, min(2**n, 8)
             if antialias:
                 seq += [
-                    _winograd_conv(ndf * prev, ndf * mult, bias, kw, padding=padw),
+                    _stride1_conv(ndf * prev, ndf * mult, bias, kw, padding=padw),
                     norm_layer(norm, ndf * mult),
                     nn.LeakyReLU(0.2, True),
                     Downsample(ndf * mult),
@@ -494,7 +306,7 @@ class NLayerDiscriminator(nn.Module):
                 ]
         prev, mult = mult, min(2**n_layers, 8)
         seq += [
-            _winograd_conv(ndf * prev, ndf * mult, bias, kw, padding=padw),
+            _stride1_conv(ndf * prev, ndf * mult, bias, kw, padding=padw),
             norm_layer(norm, ndf * mult),
             nn.LeakyReLU(0.2, True),
             nn.Conv2d(ndf * mult, 1, kw, stride=1, padding=padw),

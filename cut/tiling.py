@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from cut.networks import Downsample, InstanceNorm, ResnetBlock, ResnetGenerator, Upsample
+from cut.networks import Downsample, ResnetBlock, ResnetGenerator, Upsample
 
 
 @dataclass
@@ -115,12 +115,12 @@ def plan_steps(netG: ResnetGenerator) -> list[Step]:
         if isinstance(module, ResnetBlock):
             steps.append(Save())
             for layer in module.conv_block:
-                if isinstance(layer, InstanceNorm):
+                if isinstance(layer, nn.InstanceNorm2d):
                     steps.append(Normalize(layer.eps))
                 else:
                     local(layer)
             steps.append(AddSaved())
-        elif isinstance(module, InstanceNorm):
+        elif isinstance(module, nn.InstanceNorm2d):
             steps.append(Normalize(module.eps))
         else:
             local(module)

@@ -1,14 +1,18 @@
 """The networks match the official layout: module indices, state-dict names and shapes, outputs."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cut.fast import accelerate
+from cut.fast.blur import BilinearUpsample, BlurDownsample
+from cut.fast.norm import GroupNormInstanceNorm
 from cut.networks import (
     NCE_LAYERS,
     Downsample,
-    InstanceNorm,
     NLayerDiscriminator,
     PatchSampleF,
     ResnetGenerator,
@@ -25,16 +29,18 @@ def official_upsample(x: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
     return y[:, :, 1:, 1:][:, :, :-1, :-1]
 
 
-def test_upsample_equals_official_transposed_blur():
-    up = Upsample(5).double()
+@pytest.mark.parametrize("layer", [Upsample, BilinearUpsample])
+def test_upsample_equals_official_transposed_blur(layer):
+    up = layer(5).double()
     x = torch.randn(2, 5, 9, 6, dtype=torch.float64)
     torch.testing.assert_close(up(x), official_upsample(x, up.filt), rtol=0, atol=1e-12)
     assert up.filt.shape == (5, 1, 4, 4)
     assert up.filt[0].sum().item() == pytest.approx(4.0)
 
 
-def test_downsample_is_reflect_padded_binomial_blur_with_stride_2():
-    down = Downsample(3).double()
+@pytest.mark.parametrize("layer", [Downsample, BlurDownsample])
+def test_downsample_is_reflect_padded_binomial_blur_with_stride_2(layer):
+    down = layer(3).double()
     x = torch.randn(1, 3, 8, 10, dtype=torch.float64)
     a = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
     k = (a[:, None] * a[None, :]) / 16
@@ -52,7 +58,7 @@ def test_downsample_is_reflect_padded_binomial_blur_with_stride_2():
 @pytest.mark.parametrize("size", [(8, 10), (7, 9), (5, 4), (3, 3), (2, 2), (127, 64)])
 def test_downsample_and_its_gradient_equal_the_official_depthwise_conv(size):
     """The separable blur and its hand-written transpose against the official layer under autograd."""
-    down = Downsample(4).double()
+    down = BlurDownsample(4).double()
     x = torch.randn(2, 4, *size, dtype=torch.float64, requires_grad=True)
     official = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), down.filt, stride=2, groups=4)
     ours = down(x)
@@ -65,7 +71,7 @@ def test_downsample_and_its_gradient_equal_the_official_depthwise_conv(size):
 
 
 def test_instance_norm_equals_the_official_instance_norm_and_its_gradient():
-    norm = InstanceNorm(4).double()
+    norm = GroupNormInstanceNorm(4).double()
     x = torch.randn(2, 4, 7, 5, dtype=torch.float64, requires_grad=True)
     ours, official = norm(x), F.instance_norm(x, eps=1e-5)
     torch.testing.assert_close(ours, official, rtol=0, atol=1e-12)
@@ -80,9 +86,10 @@ def test_instance_norm_equals_the_official_instance_norm_and_its_gradient():
         norm(torch.randn(1, 3, 4, 4, dtype=torch.float64))
 
 
-def test_downsample_rejects_a_single_row():
+@pytest.mark.parametrize("layer", [Downsample, BlurDownsample])
+def test_downsample_rejects_a_single_row(layer):
     with pytest.raises(ValueError, match="at least 2x2"):
-        Downsample(1)(torch.randn(1, 1, 1, 8))
+        layer(1)(torch.randn(1, 1, 1, 8))
 
 
 @pytest.mark.parametrize("size", [(32, 32), (64, 64), (48, 64), (256, 256)])
@@ -227,14 +234,40 @@ def test_the_model_uses_the_configured_init_and_rejects_unknown_ones():
 def test_the_generator_normalises_with_its_own_instance_norm_whose_gradient_is_right():
     # torch 2.13's CPU F.instance_norm backward is wrong for a channels_last incoming gradient at batch
     # 1 (relative error 1.34); nn.InstanceNorm2d would bring that bug into training
-    from cut.networks import InstanceNorm
-
-    norms = [m for m in ResnetGenerator(ngf=8, n_blocks=2).modules() if isinstance(m, nn.InstanceNorm2d)]
-    assert norms and all(type(m) is InstanceNorm for m in norms)
+    norms = [m for m in accelerate(ResnetGenerator(ngf=8, n_blocks=2)).modules()
+             if isinstance(m, nn.InstanceNorm2d)]
+    assert norms and all(type(m) is GroupNormInstanceNorm for m in norms)
     torch.manual_seed(0)
     x = torch.randn(1, 8, 12, 12, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(1, 12, 12, 8, dtype=torch.float64).permute(0, 3, 1, 2)  # channels_last
     (reference,) = torch.autograd.grad(nn.functional.group_norm(x, 8, eps=1e-5), x, grad)
     x32 = x.detach().float().requires_grad_(True)
-    (ours,) = torch.autograd.grad(InstanceNorm(8)(x32), x32, grad.float())
+    (ours,) = torch.autograd.grad(GroupNormInstanceNorm(8)(x32), x32, grad.float())
     assert ((ours.double() - reference).norm() / reference.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("build", [
+    lambda: ResnetGenerator(ngf=8, n_blocks=2),
+    lambda: ResnetGenerator(ngf=8, n_blocks=2, antialias=False, antialias_up=False, norm="batch"),
+    lambda: NLayerDiscriminator(ndf=8),
+    lambda: NLayerDiscriminator(ndf=8, n_layers=4, antialias=False, norm="none"),
+])
+def test_accelerate_swaps_in_fast_forms_with_the_same_keys_and_function(build):
+    torch.manual_seed(0)
+    official = init_weights(build(), gain=0.5).double().eval()
+    fast = accelerate(copy.deepcopy(official))
+    assert fast.state_dict().keys() == official.state_dict().keys()
+    assert all(torch.equal(fast.state_dict()[k], v) for k, v in official.state_dict().items())
+    assert any(type(m).__module__.startswith("cut.fast") for m in fast.modules())
+    assert not any(type(m).__module__.startswith("cut.fast") for m in official.modules())
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64) * 2 - 1
+    torch.testing.assert_close(fast(x), official(x), rtol=0, atol=1e-10)
+
+
+def test_accelerate_picks_the_convolutions_winograd_ran_on():
+    names = {name for name, m in accelerate(ResnetGenerator(n_blocks=2)).named_modules()
+             if type(m).__name__ == "WinogradConv2d"}
+    blocks = {f"model.{i}.conv_block.{j}" for i in (12, 13) for j in (1, 5)}
+    assert names == {"model.4", "model.8", "model.15", "model.19"} | blocks
+    d = accelerate(NLayerDiscriminator())
+    assert [i for i, m in enumerate(d.model) if type(m).__name__ == "WinogradConv2d"] == [3, 7, 11]

@@ -1,7 +1,6 @@
 """The Winograd 3x3 convolution equals the direct one, forward and both gradients."""
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -9,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cut import CUTConfig, CUTModel, native, winograd
-from cut.networks import ResnetBlock, ResnetGenerator, WinogradConv2d
+from cut import CUTConfig, CUTModel
+from cut.fast import accelerate, native, winograd
+from cut.fast.conv import WinogradConv2d
+from cut.networks import ResnetBlock, ResnetGenerator
 
 PAD = {"none": lambda x: x, "reflect": lambda x: F.pad(x, (1, 1, 1, 1), mode="reflect"),
        "zeros": lambda x: F.pad(x, (1, 1, 1, 1))}
@@ -101,7 +102,7 @@ def test_a_forward_without_autograd_runs_a_small_map_as_one_band_with_the_same_o
 def test_resnet_block_keeps_no_padded_copy_for_backward(monkeypatch, size):
     """The block saves its unpadded maps (which the ReLU keeps anyway), not padded copies."""
     torch.manual_seed(size)
-    block = ResnetBlock(8)
+    block = accelerate(ResnetBlock(8))
     x = torch.randn(2, 8, size, size, requires_grad=True)
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -179,7 +180,7 @@ def test_generator_trains_the_same_with_and_without_winograd(monkeypatch):
     """
     monkeypatch.setenv("CUT_WINOGRAD_TILE", "2")
     torch.manual_seed(0)
-    g = ResnetGenerator(ngf=8, n_blocks=2)
+    g = accelerate(ResnetGenerator(ngf=8, n_blocks=2))
     x = torch.randn(2, 3, 64, 64)  # down/up convolutions at 64 and 32, ResNet blocks at 16
     out = g(x)
     names = {type(m).__name__ for m in g.modules()}
@@ -223,14 +224,14 @@ def test_native_kernels_reject_bad_shapes_with_a_clear_error():
         ops.winograd_filter_transform(torch.zeros(2, 2, 5, 5), 2)
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler on this machine")
+@pytest.mark.skipif(native._missing_tool() is not None, reason="no C++ compiler or ninja on this machine")
 def test_native_kernels_build_where_a_compiler_exists():
     assert native.available()
 
 
 def test_without_native_kernels_training_takes_the_direct_convolution():
     code = (
-        "import torch; from cut import native, winograd; from cut.networks import WinogradConv2d;"
+        "import torch; from cut.fast import native, winograd; from cut.fast.conv import WinogradConv2d;"
         "assert not native.available();"
         "x = torch.randn(1, 4, 16, 16, requires_grad=True);"
         "assert not winograd.fits(x, torch.zeros(4, 4, 3, 3), 'zeros');"
@@ -356,7 +357,7 @@ def test_one_cut_step_applies_gradients_as_accurate_as_the_direct_convolutions(m
 def test_a_recorded_forward_is_the_direct_convolution_and_inference_keeps_4x4_tiles(monkeypatch):
     torch.manual_seed(0)
     tiles = record_output_tiles(monkeypatch)
-    conv, block = WinogradConv2d(16, 16, padding=1), ResnetBlock(16)
+    conv, block = WinogradConv2d(16, 16, padding=1), accelerate(ResnetBlock(16))
     x = torch.randn(2, 16, 64, 64)
     with torch.no_grad():
         want = F.conv2d(x, conv.weight, conv.bias, padding=1)

@@ -12,8 +12,9 @@ from PIL import Image
 from test_checkpoint_kinds import trained  # noqa: F401 (a fixture: a tiny run trained from folders)
 
 from cut import ResnetGenerator, UnetGenerator, generator_from_checkpoint, read_checkpoint
-from cut import networks as cut_networks
 from cut.export import ExportedModel, ExportError, card_of, export_bytes, relative_error, verify
+from cut.fast import accelerate
+from cut.fast import plain as fast_plain
 from cut.networks import init_weights
 from jobs.export import check_shapes, main
 
@@ -55,7 +56,7 @@ def resolved(path):
 
 def test_a_full_size_generator_exports_within_tolerance_at_other_sizes():
     torch.manual_seed(0)
-    netG = init_weights(ResnetGenerator(ngf=16, n_blocks=9)).eval()
+    netG = accelerate(init_weights(ResnetGenerator(ngf=16, n_blocks=9))).eval()
     for fmt in ("onnx", "torchscript"):
         data = export_bytes(netG, fmt, (64, 64), {"preset": "CUT"})
         records = verify(netG, data, fmt, [(1, 128, 96), (2, 36, 52)])
@@ -77,7 +78,7 @@ def test_an_export_that_computes_something_else_fails_and_writes_nothing(
         trained, tmp_path, monkeypatch, capfd):  # noqa: F811
     # record the eager fast path instead of the exporter-safe one: the ONNX exporter then drops the
     # blur's in-place additions, as a naive torch.onnx.export of this generator would
-    monkeypatch.setattr(cut_networks, "exporting", lambda: False)
+    monkeypatch.setattr(fast_plain, "exporting", lambda: False)
     out = tmp_path / "model"
     assert main(["--checkpoint", str(trained / KINDS["export"]), "--out", str(out), "--format", "onnx"]) == 1
     err = capfd.readouterr().err

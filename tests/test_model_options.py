@@ -15,9 +15,9 @@ from test_train import final_state
 
 from cut import CheckpointError, CUTConfig, CUTModel, read_checkpoint
 from cut.checkpoint import load_strict, to_bytes
+from cut.fast.plain import plain_operators
 from cut.heads import HEADS, ReshapeF, define_head
 from cut.losses import gan_loss, gradient_penalty
-from cut.networks import plain_operators
 from jobs.config import ConfigError, TrainConfig, cut_config, load_config, resolve_train_config
 from jobs.runtime import Runtime
 from jobs.train import Trainer

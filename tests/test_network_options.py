@@ -14,6 +14,7 @@ from torch import nn
 
 from cut import CUTConfig, CUTModel, PixelDiscriminator, ResnetGenerator, UnetGenerator
 from cut.checkpoint import export_generator, generator_from_checkpoint, read_checkpoint, to_bytes
+from cut.fast import accelerate
 from cut.networks import NLayerDiscriminator, define_discriminator
 from cut.tiling import TiledGenerator, default_tile_size, tileable, tiled_forward
 from jobs.config import ConfigError, TrainConfig, load_config, resolve_train_config
@@ -201,10 +202,10 @@ DISCRIMINATORS = [("basic", 3), ("n_layers", 2), ("n_layers", 4), ("pixel", 3)]
 def ours_and_official(netG: str, kind: str, dropout: bool) -> tuple[nn.Module, nn.Module, int]:
     if netG.startswith("resnet"):
         blocks = 9 if netG == "resnet_9blocks" else 6
-        return (ResnetGenerator(ngf=4, n_blocks=blocks, norm=kind, use_dropout=dropout),
+        return (accelerate(ResnetGenerator(ngf=4, n_blocks=blocks, norm=kind, use_dropout=dropout)),
                 official_resnet(4, blocks, kind, dropout), 32)
     downs = 7 if netG == "unet_128" else 8
-    return (UnetGenerator(num_downs=downs, ngf=4, norm=kind, use_dropout=dropout),
+    return (accelerate(UnetGenerator(num_downs=downs, ngf=4, norm=kind, use_dropout=dropout)),
             official_unet(downs, 4, kind, dropout), 2**downs)
 
 
@@ -219,7 +220,7 @@ def test_each_generator_has_the_official_keys_shapes_and_outputs(netG, kind, dro
 @pytest.mark.parametrize("kind", NORMS)
 @pytest.mark.parametrize(("netD", "n_layers_D"), DISCRIMINATORS)
 def test_each_discriminator_has_the_official_keys_shapes_and_outputs(netD, n_layers_D, kind):
-    ours = define_discriminator(netD, 3, 4, n_layers_D, kind)
+    ours = accelerate(define_discriminator(netD, 3, 4, n_layers_D, kind))
     if netD == "pixel":
         assert isinstance(ours, PixelDiscriminator)
         official = official_pixelgan(4, kind)
@@ -412,7 +413,7 @@ def test_generators_tiles_cannot_reproduce_are_translated_whole():
 
 def test_a_generator_without_norm_tiles_exactly():
     torch.manual_seed(0)
-    netG = ResnetGenerator(ngf=4, n_blocks=2, norm="none").eval()
+    netG = accelerate(ResnetGenerator(ngf=4, n_blocks=2, norm="none")).eval()
     x = images(1, 96)[..., :64]
     with torch.inference_mode():
         expected = netG(x)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cut import ResnetGenerator
+from cut.fast import accelerate
 from cut.inference import to_uint8
 from cut.tiling import plan_steps, tiled_forward
 
@@ -15,7 +16,7 @@ def lively(seed: int = 0, **arch) -> ResnetGenerator:
     """Random weights and biases large enough that every normalisation matters: a tile normalised
     with its own statistics would be off by far more than the tolerance."""
     torch.manual_seed(seed)
-    netG = ResnetGenerator(**{"ngf": 8, "n_blocks": 2, **arch}).eval()
+    netG = accelerate(ResnetGenerator(**{"ngf": 8, "n_blocks": 2, **arch})).eval()
     with torch.no_grad():
         for p in netG.parameters():
             p.normal_(0.0, 0.3 if p.dim() > 1 else 1.0)

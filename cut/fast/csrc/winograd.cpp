@@ -1,5 +1,5 @@
 // The transforms of the Winograd convolutions F(2x2, 3x3), F(4x4, 3x3) and F(2x2, 4x4) in
-// cut/winograd.py, as the operators torch.ops.cut_native.*. F(m x m, r x r) computes each m x m
+// cut/fast/winograd.py, as the operators torch.ops.cut_native.*. F(m x m, r x r) computes each m x m
 // output tile from an a x a input tile d (a = m + r - 1) as A^T [(G w G^T) * (B^T d B)] A: a^2
 // products per channel pair instead of r^2 m^2 (2.25x fewer for F(2, 3), 4x for F(4, 3), 2.56x
 // for F(2, 4)). The map transforms are memory-bound:

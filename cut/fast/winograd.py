@@ -7,7 +7,7 @@ cuDNN and oneDNN use the same algorithm): for 3x3 kernels 2.25x fewer with m = 2
 (whose rounding error in float32 is a few times a direct convolution's: 1e-5 of the output's
 scale over 256 channels); for the discriminator's 4x4 kernels 2.56x fewer with m = 2. The
 4x4 tiles are used on large maps only, and never with ``CUT_WINOGRAD_TILE=2`` in the environment.
-The transforms are native kernels (``cut/csrc/winograd.cpp``); the a^2 products are batched
+The transforms are native kernels (``cut/fast/csrc/winograd.cpp``); the a^2 products are batched
 matrix multiplies. Backward is the exact transpose of each stage, so all three passes (output, input
 gradient, weight gradient) save the same multiplications. A large map runs in bands of tile rows
 whose transformed tiles fit ``BAND_BYTES``: the buffers are reused band after band, from the
@@ -41,7 +41,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from cut import native
+from cut.fast import native
 
 #: One-pixel padding the convolution applies to its input first.
 PADDING = {"none": 0, "reflect": 1, "zeros": 2}
@@ -247,6 +247,6 @@ def conv2d(
     if tile not in (None, 2, 4) or (tile == 4 and weight.shape[-1] != 3):
         raise ValueError(f"tile must be 2, or 4 for 3x3 kernels, got {tile!r}")
     if not native.available():
-        raise RuntimeError("cut.winograd needs the native CPU kernels (see cut.native)")
+        raise RuntimeError("cut.fast.winograd needs the native CPU kernels (see cut.fast.native)")
     recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     return _WinogradConv2d.apply(x, weight, bias, padding, tile, recorded)
