@@ -29,9 +29,9 @@ from pipeline import storage
 from pipeline.corpus import plan_units, read_unit
 from pipeline.ingest import glob_root
 from pipeline.manifest import manifest_dir, read_manifest
-from pipeline.pixels import decode_pixels
+from pipeline.pixels import ImageDecodeError, decode_pixels
 from pipeline.shards import INDEX_NAME, iter_shard
-from pipeline.transforms import ImageDecodeError, test_transform
+from pipeline.transforms import inference_pixels, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def decode_for_eval(items: Iterable[EvalImage], size: int,
         except ImageDecodeError as exc:
             log.warning("skipping %s: %s", item.url, exc)
             continue
-        yield item, test_transform(pixels, "official", size, size)
+        yield item, to_tensor(inference_pixels(pixels, "official", size, size))
 
 
 def batched(pairs: Iterable[tuple[EvalImage, torch.Tensor]],

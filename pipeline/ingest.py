@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from pipeline import formats, storage
 from pipeline.keys import path_key
+from pipeline.pixels import DEFAULT_MAX_PIXELS, decode_failure, inspect_image
 from pipeline.shards import INDEX_NAME, REJECTS_NAME, ShardIndex, ShardWriter, index_url
-from pipeline.transforms import DEFAULT_MAX_PIXELS, decode_failure, inspect_image
 
 LIST_EXTENSIONS = (".txt", ".parquet")
 

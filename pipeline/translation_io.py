@@ -25,16 +25,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline import storage
 from pipeline.corpus import WorkUnit, read_unit
 from pipeline.keys import UnsafeKeyError
-from pipeline.pixels import decode_pixels, image_mode
+from pipeline.pixels import ImageDecodeError, decode_pixels, image_mode
 from pipeline.png import encode_png
 from pipeline.shards import ShardIndex, ShardInfo, index_url
 from pipeline.transforms import (
-    ImageDecodeError,
     NetworkGeometry,
     geometry_pixels,
+    inference_draft_size,
+    inference_geometry,
     resize_pixels,
-    test_draft_size,
-    test_geometry,
 )
 
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
@@ -46,7 +45,7 @@ FORMAT_MAX_SIDE = {"jpg": 65500, "webp": 16383}  # the longest side each encoder
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How inputs become network inputs (see ``pipeline.transforms.test_transform``)."""
+    """How inputs become network inputs (see ``pipeline.transforms.inference_pixels``)."""
 
     mode: str = "official"
     load_size: int = 256
@@ -58,11 +57,12 @@ class Preprocess:
     max_side: int | None = None  # the longest output side the output format stores (FORMAT_MAX_SIDE)
 
     def fit(self, size: tuple[int, int], restore: tuple[int, int] | None) -> NetworkGeometry:
-        """Where an image of ``size`` (w, h) goes through the network (`test_geometry`), checked before
+        """Where an image of ``size`` (w, h) goes through the network (`inference_geometry`), checked before
         any pixels are resized: ImageDecodeError `too-large` where the mode's resize or the network
         input would hold more than ``max_pixels``, or the output (``restore``, else the network's
         image) too, or a side longer than the output format stores."""
-        geometry = test_geometry(size, self.mode, self.load_size, self.crop_size, self.multiple, self.minimum)
+        geometry = inference_geometry(size, self.mode, self.load_size, self.crop_size, self.multiple,
+                                      self.minimum)
         out = restore or geometry.resized
         where = f"{size[0]}x{size[1]} under --preprocess {self.mode} (network input " \
                 f"{geometry.network[0]}x{geometry.network[1]}, output {out[0]}x{out[1]})"
@@ -119,7 +119,7 @@ class UnitBatches(IterableDataset):
         groups: dict[tuple[int, int, torch.dtype], list[tuple[torch.Tensor, dict]]] = {}
         errors = []
         count = 0
-        draft = test_draft_size(pre.mode, pre.load_size, pre.crop_size)
+        draft = inference_draft_size(pre.mode, pre.load_size, pre.crop_size)
         items = read_unit(unit)
         for order in itertools.count():
             t0, c0 = time.perf_counter(), time.thread_time()

@@ -32,9 +32,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import formats, storage
 from pipeline.ingest import expand_source
-from pipeline.pixels import check_channels, decode_pixels
+from pipeline.pixels import ImageDecodeError, check_channels, decode_pixels
 from pipeline.shards import ShardIndex, ShardNotFoundError, iter_shard
-from pipeline.transforms import TRAIN_MODES, ImageDecodeError, check_train_size, to_tensor, train_crop
+from pipeline.transforms import TRAIN_MODES, check_train_size, to_tensor, train_crop
 
 log = logging.getLogger(__name__)
 
