@@ -87,13 +87,14 @@ def train_resize(size: tuple[int, int], mode: str, load_size: int, crop_size: in
 
 
 def check_train_size(size: tuple[int, int], mode: str, load_size: int, crop_size: int,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """Raise ImageDecodeError for an image of ``size`` (w, h) that `train_crop` cannot make a training
-    input of: `too-large` where its resize in ``mode`` exceeds ``max_pixels`` (scale_shortside of a
-    thin image, scale_width of a tall one), `too-small` where a side ends below ``crop_size``: the
-    crop modes' RandomCrop would fail, and `none` keeps sizes the networks, sized for the crop, may not
-    take (every other mode reaches crop_size by construction)."""
-    width, height = train_resize(size, mode, load_size, crop_size)
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """The `train_resize` of an image of ``size`` (w, h), for `train_crop`; ImageDecodeError for one
+    that `train_crop` cannot make a training input of: `too-large` where its resize in ``mode``
+    exceeds ``max_pixels`` (scale_shortside of a thin image, scale_width of a tall one), `too-small`
+    where a side ends below ``crop_size``: the crop modes' RandomCrop would fail, and `none` keeps
+    sizes the networks, sized for the crop, may not take (every other mode reaches crop_size by
+    construction)."""
+    resized = width, height = train_resize(size, mode, load_size, crop_size)
     if width * height > max_pixels:
         raise ImageDecodeError("too-large", f"{size[0]}x{size[1]} becomes {width}x{height} under "
                                             f"data.preprocess {mode}: more than {max_pixels} pixels")
@@ -102,10 +103,12 @@ def check_train_size(size: tuple[int, int], mode: str, load_size: int, crop_size
     if min(width, height) < crop_size:
         raise ImageDecodeError("too-small", f"{width}x{height} after data.preprocess {mode}: smaller "
                                             f"than the {crop_size} crop (data.crop_size)")
+    return resized
 
 
 def train_crop(img: Image.Image | np.ndarray, rng: np.random.Generator, load_size: int, crop_size: int,
-               flip: bool = True, decay: bool = False, mode: str = "resize_and_crop") -> torch.Tensor:
+               flip: bool = True, decay: bool = False, mode: str = "resize_and_crop",
+               resized: tuple[int, int] | None = None) -> torch.Tensor:
     """The official training transform of ``data.preprocess`` ``mode`` before the scaling to float
     (`to_tensor`): a uint8 (uint16 for 16-bit pixels) (C, H, W) tensor, (C, crop, crop) in the
     `_and_crop` modes and `crop`. Batches convert to float once for the whole stack, which is cheaper
@@ -115,7 +118,8 @@ def train_crop(img: Image.Image | np.ndarray, rng: np.random.Generator, load_siz
     crop; other modes: `train_resize`, then a random crop where the mode says `crop`; every mode then
     resizes to sides that are multiples of 4, flips at random. In the LR-decay phase (`decay`) the
     official dataset sets load_size to crop_size: for resize_and_crop a plain resize with no crop
-    jitter; the flip stays.
+    jitter; the flip stays. ``resized``: the image's `train_resize` where the caller has it already
+    (`check_train_size`).
     """
     if crop_size % 4:
         raise ValueError(f"crop_size must be a multiple of 4, got {crop_size}")
@@ -123,7 +127,7 @@ def train_crop(img: Image.Image | np.ndarray, rng: np.random.Generator, load_siz
     if size < crop_size:
         raise ValueError(f"load_size {load_size} is smaller than crop_size {crop_size}")
     chw = chw_tensor(img)
-    width, height = train_resize((chw.shape[2], chw.shape[1]), mode, size, crop_size)
+    width, height = resized or train_resize((chw.shape[2], chw.shape[1]), mode, size, crop_size)
     chw = resize_uint8(chw, height, width)
     if "crop" in mode:
         if height < crop_size or width < crop_size:

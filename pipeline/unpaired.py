@@ -178,12 +178,12 @@ def shuffled(items: Iterable[T], rng: np.random.Generator, size: int) -> Iterato
         yield buffer[pick]
 
 
-Transform = Callable[[np.ndarray, RawSample], torch.Tensor]
+Transform = Callable[[Any, RawSample], torch.Tensor]
 # (key of the image used, augmented uint8 tensor, [(key, reason)] of the corrupt sample it stands in for)
 Decoded = tuple[str, torch.Tensor, list[tuple[str, str]]]
 
 
-def decode_filled(items: Iterable[RawSample], decode: Callable[[bytes], np.ndarray], transform: Transform,
+def decode_filled(items: Iterable[RawSample], decode: Callable[[bytes], Any], transform: Transform,
                   fallback: Callable[[], Iterable[RawSample]], source: str = "") -> Iterator[Decoded]:
     """(key, tensor, skipped) per item; a corrupt item takes the image of the next good one.
 
@@ -287,16 +287,19 @@ class EpochPlan:
         # DCT-scaled JPEG decoding only where every image is resized to a known size anyway.
         draft = size if "resize" in self.preprocess else None
 
-        def decode(data: bytes) -> np.ndarray:
+        def decode(data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
+            """The pixels and the size they are resized to before the crop, checked once here."""
             pixels = decode_pixels(data, channels, draft_to=draft).array
             # skipped, not a crash: the official RandomCrop (or the networks) would stop the run
-            check_train_size((pixels.shape[1], pixels.shape[0]), self.preprocess, size, self.crop_size)
-            return pixels
+            resized = check_train_size((pixels.shape[1], pixels.shape[0]), self.preprocess, size,
+                                       self.crop_size)
+            return pixels, resized
 
-        def transform(image: np.ndarray, item: RawSample) -> torch.Tensor:
+        def transform(image: tuple[np.ndarray, tuple[int, int]], item: RawSample) -> torch.Tensor:
             rng = _rng(seq.seed, self.epoch, seq.stream, _AUGMENT, item.position)
-            return train_crop(image, rng, self.load_size, self.crop_size, self.flip, self.decay,
-                              self.preprocess)
+            pixels, resized = image
+            return train_crop(pixels, rng, self.load_size, self.crop_size, self.flip, self.decay,
+                              self.preprocess, resized)
 
         return decode_filled(islice(self._order(seq, logical), skip, None), decode, transform,
                              lambda: self._order(seq, logical), seq.name)
