@@ -131,7 +131,7 @@ class UnitBatches(IterableDataset):
             size = len(item.data) if item.data is not None else 0
             if item.data is None:
                 errors.append(
-                    error_record(order, item.key, item.source_url, item.error, item.error_detail, size)
+                    error_record(order, item.key, item.url, item.error, item.error_detail, size)
                 )
                 continue
             dims = (None, None)  # the size, for the row, once decoded
@@ -144,18 +144,18 @@ class UnitBatches(IterableDataset):
                 x = geometry_pixels(decoded.array, geometry)
             except ImageDecodeError as exc:
                 errors.append(
-                    error_record(order, item.key, item.source_url, exc.reason, exc.detail, size, dims)
+                    error_record(order, item.key, item.url, exc.reason, exc.detail, size, dims)
                 )
                 continue
             except Exception as exc:  # whatever else one image can do: its row says so; the job goes on
                 code = "out-of-memory" if out_of_memory(exc) else "corrupt"
                 detail = f"{type(exc).__name__}: {exc}".rstrip(": ")  # a MemoryError says nothing more
-                errors.append(error_record(order, item.key, item.source_url, code, detail, size, dims))
+                errors.append(error_record(order, item.key, item.url, code, detail, size, dims))
                 continue
             meta = {
                 "order": order,
                 "key": item.key,
-                "source_url": item.source_url,
+                "source_url": item.url,
                 "width": displayed[0],
                 "height": displayed[1],
                 "input_bytes": size,
