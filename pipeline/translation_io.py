@@ -11,7 +11,6 @@ import hashlib
 import io
 import itertools
 import posixpath
-import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pipeline.corpus import WorkUnit, read_unit
 from pipeline.keys import UnsafeKeyError
 from pipeline.pixels import ImageDecodeError, decode_pixels, image_mode
 from pipeline.png import encode_png
-from pipeline.shards import ShardIndex, ShardInfo, index_url
+from pipeline.shards import ShardIndex, ShardInfo, TarWriter, index_url
 from pipeline.transforms import (
     NetworkGeometry,
     geometry_pixels,
@@ -41,6 +40,7 @@ PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 FORMAT_CHANNELS = {"png": (1, 2, 3, 4), "jpg": (1, 3), "webp": (3, 4)}  # npy: any
 FORMAT_BITS = {"png": (8, 16), "jpg": (8,), "webp": (8,), "npy": (8, 16)}
 FORMAT_MAX_SIDE = {"jpg": 65500, "webp": 16383}  # the longest side each encoder writes (libjpeg, libwebp)
+OUTPUT_MEMBER_MODE = 0o644  # the permission bits of an output shard's members (shard sets': 0o444)
 
 
 @dataclass(frozen=True)
@@ -300,15 +300,11 @@ def sha256(data: bytes) -> str:
 
 
 def pack_tar(members: Sequence[tuple[str, bytes]]) -> bytes:
-    """A WebDataset tar of (name, bytes) members, with fixed metadata so identical input packs identically
-    (PAX headers only where a name needs them: long or non-ASCII)."""
+    """One unit's output shard: a WebDataset tar of (name, bytes) members (`pipeline.shards.TarWriter`)."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with TarWriter(buffer, OUTPUT_MEMBER_MODE) as tar:
         for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
+            tar.add(name, data)
     return buffer.getvalue()
 
 
