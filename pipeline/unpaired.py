@@ -93,8 +93,8 @@ class ShardSequence:
         first = self.files[0][0] if self.files else self.urls[0] if self.urls else ""
         return first.rsplit("/", 1)[0]
 
-    def segments(self, epoch: int, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
-        """(shard, first sample, end sample, first position) runs covering positions [start, stop)."""
+    def segments(self, epoch: int, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """(shard, first sample, end sample) runs covering positions [start, stop), in order."""
         position = start
         while position < stop:
             cycle, offset = divmod(position, self.total)
@@ -105,7 +105,7 @@ class ShardSequence:
                 if before + count > offset:
                     first = offset - before
                     end = min(count, first + stop - position)
-                    yield int(shard), first, end, position
+                    yield int(shard), first, end
                     position += end - first
                     offset += end - first
                     if position == stop:
@@ -114,7 +114,7 @@ class ShardSequence:
 
     def read(self, epoch: int, start: int, stop: int) -> Iterator[EncodedSample]:
         """Exactly `stop - start` samples, in position order; unreadable ones carry an error."""
-        for shard, first, end, _ in self.segments(epoch, start, stop):
+        for shard, first, end in self.segments(epoch, start, stop):
             if self.files:
                 yield from _read_files(self.files[shard][first:end])
             else:
