@@ -6,8 +6,8 @@ A model with ``channels`` inputs sees L (1), LA (2), RGB (3) or RGBA (4) pixels.
 with Pillow's ITU-R 601-2 luma weights (torchvision's ``Grayscale``), grey becomes RGB by repetition,
 a missing alpha is opaque. A source alpha the model does not take (an RGBA image into an RGB model)
 is kept aside, to be put back beside the output. 16-bit sources stay 16-bit: grey PNGs through
-Pillow, colour PNGs decoded in full here (Pillow keeps only each sample's high byte). The scaling
-to the network's [-1, 1] is ``v / max * 2 - 1`` with max 255 or 65535 (docs/inference.md).
+Pillow, colour PNGs decoded in full here (Pillow keeps only each sample's high byte); the network
+later sees ``v / max * 2 - 1`` with max 255 or 65535 (``pipeline.transforms.to_tensor``).
 Whatever one file's bytes make a decoder raise becomes an `ImageDecodeError` with its code.
 """
 
