@@ -11,8 +11,8 @@ from jobs.cli import HelpFormatter, add_logging_arguments, run_job
 from jobs.logs import setup_logging
 from jobs.signals import StopSignals
 from pipeline.ingest import KeyCollisionError, ListingError, OutputOverlapError, build_shards
+from pipeline.pixels import DEFAULT_MAX_PIXELS
 from pipeline.shards import ShardIndexError
-from pipeline.transforms import DEFAULT_MAX_PIXELS
 
 EPILOG = """\
 outputs:

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from pipeline import formats, storage
 from pipeline.ingest import expand_source, link_root, outside_detail
 from pipeline.keys import KeyAllocator, UnsafeKeyError, check_length, member_key, shard_namespace
+from pipeline.sample import EncodedSample
 from pipeline.shards import (
     INDEX_NAME,
     ShardIndex,
@@ -79,17 +80,6 @@ class WorkUnit:
         if self.kind == SHARDS:
             return f"{self.shard_url} samples {self.start}..{self.stop - 1}"
         return f"items {self.start}..{self.stop - 1} of input {self.input_index}"
-
-
-@dataclass(frozen=True)
-class CorpusItem:
-    """One input of a unit: its encoded bytes, or the error code and message of why there are none."""
-
-    key: str
-    source_url: str
-    data: bytes | None
-    error: str = ""
-    error_detail: str = ""
 
 
 @dataclass
@@ -259,7 +249,7 @@ def read_items(unit: WorkUnit) -> tuple[Item, ...]:
         *(table.column(n).to_pylist() for n in ITEMS_SCHEMA.names), strict=True))
 
 
-def read_unit(unit: WorkUnit) -> Iterator[CorpusItem]:
+def read_unit(unit: WorkUnit) -> Iterator[EncodedSample]:
     """The unit's inputs in order. Nothing is lost: what cannot be read becomes an item with an error."""
     if unit.kind == SHARDS:
         yield from _read_shard_range(unit)
@@ -273,16 +263,16 @@ def read_unit(unit: WorkUnit) -> Iterator[CorpusItem]:
         if target:
             error, detail = "outside-input", outside_detail(target, root)
         if error:
-            yield CorpusItem(item.key, item.url, None, error, detail)
+            yield EncodedSample(item.key, item.url, None, error, detail)
             continue
         try:
             data = storage.read_bytes(item.url)
         except storage.StorageUnreachableError:
             raise  # the store is down, not this input: no row, the unit stays uncommitted for a rerun
         except Exception as exc:  # this object could not be read after retries: its row says so
-            yield CorpusItem(item.key, item.url, None, "read-error", f"{type(exc).__name__}: {exc}")
+            yield EncodedSample(item.key, item.url, None, "read-error", f"{type(exc).__name__}: {exc}")
             continue
-        yield CorpusItem(item.key, item.url, data)
+        yield EncodedSample(item.key, item.url, data)
 
 
 def image_member(sample: dict[str, object]) -> tuple[str, bytes] | tuple[str, str]:
@@ -297,7 +287,7 @@ def image_member(sample: dict[str, object]) -> tuple[str, bytes] | tuple[str, st
     return "no-image", f"the sample has no image member (members: {', '.join(names) or 'none'})"
 
 
-def _read_shard_range(unit: WorkUnit) -> Iterator[CorpusItem]:
+def _read_shard_range(unit: WorkUnit) -> Iterator[EncodedSample]:
     """Samples [start, stop) of a shard. Samples before `start` are read for their keys only, so every
     unit of a shard allocates keys exactly as one pass over the whole shard would.
 
@@ -334,18 +324,18 @@ def _read_shard_range(unit: WorkUnit) -> Iterator[CorpusItem]:
         reason = failure or "the shard holds fewer samples than its index lists"
         key = keys.take(f"missing-{position:06d}")
         url = f"{unit.shard_url}#{position}"
-        yield CorpusItem(f"{unit.namespace}/{key}", url, None, "shard-error", reason)
+        yield EncodedSample(f"{unit.namespace}/{key}", url, None, "shard-error", reason)
 
 
 def _shard_item(unit: WorkUnit, position: int, raw: str, key: str, sample: dict[str, object], error: str,
-                detail: str) -> CorpusItem:
+                detail: str) -> EncodedSample:
     full_key = f"{unit.namespace}/{key}"
     if error:
-        return CorpusItem(full_key, f"{unit.shard_url}#{position}", None, error, detail)
+        return EncodedSample(full_key, f"{unit.shard_url}#{position}", None, error, detail)
     if position >= unit.stop:
-        return CorpusItem(full_key, f"{unit.shard_url}#{raw}", None, "shard-error",
+        return EncodedSample(full_key, f"{unit.shard_url}#{raw}", None, "shard-error",
                           f"sample {position} is beyond the {unit.stop} samples the index lists")
     found = image_member(sample)
     if isinstance(found[1], str):
-        return CorpusItem(full_key, f"{unit.shard_url}#{raw}", None, found[0], found[1])
-    return CorpusItem(full_key, f"{unit.shard_url}#{raw}.{found[0]}", found[1])
+        return EncodedSample(full_key, f"{unit.shard_url}#{raw}", None, found[0], found[1])
+    return EncodedSample(full_key, f"{unit.shard_url}#{raw}.{found[0]}", found[1])

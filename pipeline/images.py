@@ -29,22 +29,14 @@ from pipeline import storage
 from pipeline.corpus import plan_units, read_unit
 from pipeline.ingest import glob_root
 from pipeline.manifest import manifest_dir, read_manifest
-from pipeline.pixels import decode_pixels
+from pipeline.pixels import ImageDecodeError, decode_pixels
+from pipeline.sample import EncodedSample
 from pipeline.shards import INDEX_NAME, iter_shard
-from pipeline.transforms import ImageDecodeError, test_transform
+from pipeline.transforms import inference_pixels, to_tensor
 
 log = logging.getLogger(__name__)
 
 _UNIT_SIZE = 256  # images per listing chunk; only bounds the URL batches read in a row
-
-
-@dataclass(frozen=True)
-class EvalImage:
-    """One encoded image: its key, where it was read from, its bytes."""
-
-    key: str
-    url: str
-    data: bytes
 
 
 @dataclass(frozen=True)
@@ -172,7 +164,7 @@ def screen_pairs(pairs: Iterable[TranslatedPair], outputs: Confinement,
     return kept, rejected
 
 
-def read_outputs(pairs: Sequence[TranslatedPair], rejected: list[Rejection]) -> Iterator[EvalImage]:
+def read_outputs(pairs: Sequence[TranslatedPair], rejected: list[Rejection]) -> Iterator[EncodedSample]:
     """The outputs of screened pairs whose bytes hash to their `output_sha256`, before anything decodes
     them; each mismatch is appended to `rejected`."""
     expected = {pair.key: pair.output_sha256 for pair in pairs}
@@ -197,7 +189,7 @@ def _container(url: str) -> str:
     return head if sep and head.endswith(".tar") else ""
 
 
-def read_urls(items: Iterable[tuple[str, str]]) -> Iterator[EvalImage]:
+def read_urls(items: Iterable[tuple[str, str]]) -> Iterator[EncodedSample]:
     """Read `(key, url)` items in order. `<shard>.tar#<member>` URLs (shard inputs and shard outputs)
     are tar members: each run of members of one tar costs one pass over it."""
     for tar_url, group in itertools.groupby(items, key=lambda item: _container(item[1])):
@@ -206,12 +198,12 @@ def read_urls(items: Iterable[tuple[str, str]]) -> Iterator[EvalImage]:
             continue
         for key, url in group:
             try:
-                yield EvalImage(key, url, storage.read_bytes(url))
+                yield EncodedSample(key, url, storage.read_bytes(url))
             except OSError as exc:
                 log.warning("skipping %s: unreadable (%s: %s)", url, type(exc).__name__, exc)
 
 
-def _read_members(tar_url: str, wanted: Sequence[tuple[str, str]]) -> Iterator[EvalImage]:
+def _read_members(tar_url: str, wanted: Sequence[tuple[str, str]]) -> Iterator[EncodedSample]:
     by_member = {url.partition("#")[2]: (key, url) for key, url in wanted}
     found: dict[str, bytes] = {}
     try:
@@ -226,12 +218,12 @@ def _read_members(tar_url: str, wanted: Sequence[tuple[str, str]]) -> Iterator[E
         log.warning("shard %s unreadable (%s: %s)", tar_url, type(exc).__name__, exc)
     for name, (key, url) in by_member.items():
         if name in found:
-            yield EvalImage(key, url, found[name])
+            yield EncodedSample(key, url, found[name])
         else:
             log.warning("skipping %s: not in %s", url, tar_url)
 
 
-def iter_encoded(url: str) -> Iterator[EvalImage]:
+def iter_encoded(url: str) -> Iterator[EncodedSample]:
     """Every image of a source in order; for an inference output, its translated images that lie under
     it and match their hashes (the others are logged and left out)."""
     if is_translation_output(url):
@@ -241,13 +233,13 @@ def iter_encoded(url: str) -> Iterator[EvalImage]:
     for unit in plan_units([url], _UNIT_SIZE):
         for item in read_unit(unit):
             if item.data is None:
-                log.warning("skipping %s: %s: %s", item.source_url, item.error, item.error_detail)
+                log.warning("skipping %s: %s: %s", item.url, item.error, item.error_detail)
             else:
-                yield EvalImage(item.key, item.source_url, item.data)
+                yield item
 
 
-def decode_for_eval(items: Iterable[EvalImage], size: int,
-                    channels: int = 3) -> Iterator[tuple[EvalImage, torch.Tensor]]:
+def decode_for_eval(items: Iterable[EncodedSample], size: int,
+                    channels: int = 3) -> Iterator[tuple[EncodedSample, torch.Tensor]]:
     """Each decodable image with its (channels, size, size) tensor in [-1, 1]: the official test
     input (full decode, bicubic resize to the crop size)."""
     for item in items:
@@ -256,11 +248,11 @@ def decode_for_eval(items: Iterable[EvalImage], size: int,
         except ImageDecodeError as exc:
             log.warning("skipping %s: %s", item.url, exc)
             continue
-        yield item, test_transform(pixels, "official", size, size)
+        yield item, to_tensor(inference_pixels(pixels, "official", size, size))
 
 
-def batched(pairs: Iterable[tuple[EvalImage, torch.Tensor]],
-            batch_size: int) -> Iterator[tuple[list[EvalImage], torch.Tensor]]:
+def batched(pairs: Iterable[tuple[EncodedSample, torch.Tensor]],
+            batch_size: int) -> Iterator[tuple[list[EncodedSample], torch.Tensor]]:
     """Groups of up to `batch_size` images with their stacked tensors."""
     it = iter(pairs)
     while chunk := list(itertools.islice(it, batch_size)):

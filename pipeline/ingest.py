@@ -6,17 +6,14 @@ reason in `_rejects.jsonl`. The index is written last, so a set with an index is
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import hashlib
 import io
 import json
 import logging
 import posixpath
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,15 +21,13 @@ from tqdm import tqdm
 
 from pipeline import formats, storage
 from pipeline.keys import path_key
+from pipeline.pixels import DEFAULT_MAX_PIXELS, decode_failure, inspect_image
+from pipeline.prefetch import ordered_map
 from pipeline.shards import INDEX_NAME, REJECTS_NAME, ShardIndex, ShardWriter, index_url
-from pipeline.transforms import DEFAULT_MAX_PIXELS, decode_failure, inspect_image
 
 LIST_EXTENSIONS = (".txt", ".parquet")
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 class KeyCollisionError(ValueError):
@@ -213,18 +208,6 @@ def _load(source: Source, domain: str | None, max_pixels: int) -> tuple[Source, 
     return source, {ext: data, "json": json.dumps(meta, sort_keys=True).encode()}
 
 
-def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
-    """`map` over a thread pool with results in input order and at most a few per worker in flight."""
-    with cf.ThreadPoolExecutor(max(1, workers)) as pool:
-        pending: deque[cf.Future[R]] = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 4 * max(1, workers):
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
 @dataclass(frozen=True)
 class ExistingSet:
     """What an output folder already holds: its index (if any) and its top-level shard-set files."""
@@ -296,7 +279,9 @@ def build_shards(specs: Sequence[str], out_url: str, *, prefix: str = "shard", d
     rejects: list[Reject] = []
     bar = tqdm(total=len(sources), unit="img", desc=f"shard {prefix}", disable=not progress)
     try:
-        for source, result in ordered_map(lambda s: _load(s, domain, max_pixels), sources, workers):
+        threads = max(1, workers)
+        loaded = ordered_map(lambda s: _load(s, domain, max_pixels), sources, threads, 4 * threads, "ingest")
+        for source, result in loaded:
             if isinstance(result, Reject):
                 rejects.append(result)
                 bar.set_postfix(rejects=len(rejects))

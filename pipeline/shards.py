@@ -151,6 +151,33 @@ def tar_member_size(n: int) -> int:
     return TAR_BLOCK + -(-n // TAR_BLOCK) * TAR_BLOCK
 
 
+class TarWriter:
+    """A WebDataset tar written member by member, to a file path or a binary stream: every member gets
+    fixed metadata (no owner, time 0, the given permission bits), so the same members always give the
+    same bytes; PAX headers only where a name needs them (long or non-ASCII)."""
+
+    def __init__(self, target: str | IO[bytes], permissions: int) -> None:
+        self.permissions = permissions
+        path, stream = (target, None) if isinstance(target, str) else (None, target)
+        # Open until close(): a shard takes samples over many ShardWriter.write calls.
+        self._tar = tarfile.open(path, "w", stream, format=tarfile.PAX_FORMAT)  # noqa: SIM115
+
+    def add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode = len(data), self.permissions
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self._tar.close()
+
+    def __enter__(self) -> TarWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+SHARD_MEMBER_MODE = 0o444  # a shard set's members are read-only (inference output shards': 0o644)
 SPOOL_DIR = "cut-pipeline-spool"
 
 
@@ -189,7 +216,7 @@ class ShardWriter:
         self.out_url, self.name_prefix = out_url, name_prefix
         self.max_count, self.max_size = max_count, max_size
         self.written: list[ShardInfo] = []
-        self._tar: tarfile.TarFile | None = None
+        self._tar: TarWriter | None = None
         self._spool = ""
         self._count = self._size = 0
         self._folder = spool_folder()
@@ -204,12 +231,9 @@ class ShardWriter:
         if self._tar is None:
             fd, self._spool = tempfile.mkstemp(prefix=f"{os.getpid()}-", suffix=".tar", dir=self._folder)
             os.close(fd)
-            # Stays open across write() calls; _finish or abort closes it.
-            self._tar = tarfile.open(self._spool, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+            self._tar = TarWriter(self._spool, SHARD_MEMBER_MODE)  # open across write() calls until _finish
         for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mode = len(data), 0o444
-            self._tar.addfile(info, io.BytesIO(data))
+            self._tar.add(f"{key}.{ext}", data)
         self._count += 1
         self._size += size
 

@@ -1,203 +1,23 @@
-"""Decode encoded image bytes to RGB and apply the official CUT train and test preprocessing.
+"""Geometry: decoded pixels (``pipeline.pixels``) resized, cropped and flipped as the official CUT
+train and test preprocessing does, then scaled to the network's range.
 
-Tensors are float32 (3, H, W) in [-1, 1], as torchvision's ToTensor + Normalize(0.5, 0.5) give.
+Tensors are float32 (C, H, W) in [-1, 1], as torchvision's ToTensor + Normalize(0.5, 0.5) give.
+Every size is decided before any pixel is resized (`train_resize`, `inference_geometry`), so callers
+check it once and pass it on.
 """
 
 from __future__ import annotations
 
-import io
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from pipeline import formats
+from pipeline.pixels import DEFAULT_MAX_PIXELS, ImageDecodeError
 
-# ~67 megapixels (~200 MB as RGB). Pillow's own bomb check (2 x Image.MAX_IMAGE_PIXELS) still applies.
-DEFAULT_MAX_PIXELS = 64 * 2**20
-TEST_MODES = ("official", "none", "shortside")
-_SWAPPED_ORIENTATIONS = {5, 6, 7, 8}
-
-
-class ImageDecodeError(ValueError):
-    """Encoded bytes that are not a usable image; `reason` is its code (`pipeline.manifest.ERROR_CODES`)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """What ingest records about a checked image."""
-
-    format: str
-    width: int
-    height: int
-
-
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """The opened image (header and metadata chunks read, pixels not yet decoded); ImageDecodeError
-    for whatever one file's bytes can make Pillow raise here."""
-    if not data:
-        raise ImageDecodeError("empty", "no bytes")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError as exc:
-        raise ImageDecodeError("not-an-image", "no image format recognises these bytes") from exc
-    # Opening parses metadata: a PNG's zTXt/iTXt/iCCP bomb raises ValueError, a bad header SyntaxError,
-    # struct.error, EOFError, ... (Pillow has no common base class for them).
-    except Exception as exc:
-        raise decode_failure(exc) from exc
-    if img.format not in formats.MEMBER_EXTENSIONS:
-        raise ImageDecodeError("unsupported-format", f"{img.format} images are not decoded by this project")
-    width, height = img.size
-    if width * height > max_pixels:
-        raise ImageDecodeError("too-large", f"{width}x{height} exceeds {max_pixels} pixels")
-    if width == 0 or height == 0:
-        raise ImageDecodeError("corrupt", f"{width}x{height} image")
-    return img
-
-
-def load(img: Image.Image) -> None:
-    try:
-        img.load()
-    # Pillow's decoders raise many types (OSError, SyntaxError, ValueError, struct.error, ...) on bad data.
-    except Exception as exc:
-        raise decode_failure(exc) from exc
-
-
-# What Pillow says when a file asks for more memory than its limits allow (MAX_TEXT_CHUNK,
-# MAX_TEXT_MEMORY, MAX_IMAGE_PIXELS): a decompression bomb, not damage.
-_BOMB_WORDS = ("too large", "too much memory", "decompression bomb")
-
-
-def decode_failure(exc: BaseException) -> ImageDecodeError:
-    """The code of an exception raised while decoding one file: too-large for a decompression bomb,
-    out-of-memory where the host could not allocate what a file within the limits needs, truncated
-    for data that ends early, else corrupt."""
-    if isinstance(exc, ImageDecodeError):
-        return exc
-    message = str(exc).lower()
-    detail = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, Image.DecompressionBombError) or any(w in message for w in _BOMB_WORDS):
-        return ImageDecodeError("too-large", detail)
-    if isinstance(exc, MemoryError):
-        return ImageDecodeError("out-of-memory", detail)
-    if isinstance(exc, EOFError) or "truncated" in message:
-        return ImageDecodeError("truncated", detail)
-    return ImageDecodeError("corrupt", detail)
-
-
-NPY_MAGIC = b"\x93NUMPY"
-# Samples an .npy pixel may hold: 64 channels of 8 bits, 32 of 16; more is refused as too-large.
-MAX_NPY_BYTES_PER_PIXEL = 64
-
-
-def read_npy(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """An (H, W, C) uint8/uint16 array from ``.npy`` bytes (never unpickling anything).
-
-    The header is checked before anything is allocated: (H, W) or (H, W, C) of positive sides,
-    H x W within ``max_pixels``, at most `MAX_NPY_BYTES_PER_PIXEL` bytes a pixel, and exactly the
-    bytes the file holds after its header (a 200-byte file cannot ask for 954 GiB).
-    """
-    buffer = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(buffer)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-            np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(buffer)  # the header alone: nothing is allocated yet
-    except Exception as exc:  # a malformed header: numpy raises ValueError, SyntaxError, ...
-        detail = f"not a readable .npy header ({type(exc).__name__}: {exc})"
-        raise ImageDecodeError("corrupt", detail) from exc
-    if len(shape) not in (2, 3) or dtype.kind != "u" or dtype.itemsize not in (1, 2) or min(shape) < 1:
-        raise ImageDecodeError("corrupt", f"a {dtype} array shaped {shape}: expected (H, W) or (H, W, C) "
-                                          "of uint8 or uint16")
-    if shape[0] * shape[1] > max_pixels:
-        raise ImageDecodeError("too-large", f"{shape[1]}x{shape[0]} exceeds {max_pixels} pixels")
-    declared = math.prod(shape) * dtype.itemsize
-    if declared > shape[0] * shape[1] * MAX_NPY_BYTES_PER_PIXEL:
-        raise ImageDecodeError("too-large", f"an array shaped {shape} of {dtype} takes {declared} bytes: "
-                                            f"more than {MAX_NPY_BYTES_PER_PIXEL} a pixel")
-    held = len(data) - buffer.tell()
-    if held != declared:  # checked here, so np.load never allocates what the file does not hold
-        reason = "truncated" if held < declared else "corrupt"
-        raise ImageDecodeError(reason, f"the header of an array shaped {shape} of {dtype} promises "
-                                       f"{declared} bytes of data; the file holds {held}")
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:  # the header checks above leave nothing known to fail here
-        raise decode_failure(exc) from exc
-    array = array.astype(np.uint8 if dtype.itemsize == 1 else np.uint16, copy=False)
-    return array[:, :, None] if array.ndim == 2 else array
-
-
-def inspect_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
-    """Check that `data` decodes completely within the pixel limit; size as displayed (EXIF applied).
-
-    ImageDecodeError, with its code, for anything one file can make a decoder raise.
-    """
-    if data.startswith(NPY_MAGIC):
-        array = read_npy(data, max_pixels)
-        return ImageInfo("NPY", array.shape[1], array.shape[0])
-    img = open_image(data, max_pixels)
-    fmt = img.format or "unknown"
-    width, height = img.size
-    load(img)
-    try:
-        orientation = img.getexif().get(ExifTags.Base.Orientation)
-    except Exception as exc:  # a broken EXIF block is parsed only now
-        raise decode_failure(exc) from exc
-    if orientation in _SWAPPED_ORIENTATIONS:
-        width, height = height, width
-    return ImageInfo(fmt, width, height)
-
-
-def decode_rgb(data: bytes, *, draft_to: int | None = None,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode to an RGB image with EXIF orientation applied.
-
-    `draft_to`: JPEGs at least twice this size on both sides decode with DCT scaling to no less than
-    `draft_to` per side (much faster than decoding full size and resizing down); `full_size` of the
-    result still tells the size as displayed before that scaling.
-    Raises ImageDecodeError for empty, non-image, too large, truncated or corrupt data.
-    """
-    img = open_image(data, max_pixels)
-    displayed = None
-    if draft_to and img.format == "JPEG":  # a JPEG's EXIF is in its header: reading it decodes nothing
-        swapped = img.getexif().get(ExifTags.Base.Orientation) in _SWAPPED_ORIENTATIONS
-        displayed = (img.height, img.width) if swapped else img.size
-        img.draft("RGB", (draft_to, draft_to))
-    load(img)
-    try:
-        ImageOps.exif_transpose(img, in_place=True)
-        rgb = _to_rgb(img)
-    except Exception as exc:  # a broken EXIF block or palette, found only now
-        raise decode_failure(exc) from exc
-    rgb.info[_FULL_SIZE] = displayed or rgb.size
-    return rgb
-
-
-_FULL_SIZE = "cut_full_size"
-
-
-def full_size(img: Image.Image) -> tuple[int, int]:
-    """Width and height of a `decode_rgb` result as displayed, before any DCT scaling."""
-    return img.info.get(_FULL_SIZE, img.size)
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I", "I;16", "I;16B", "I;16L"):
-        # 16-bit grayscale: Pillow's convert would clip at 255 instead of scaling.
-        eight_bit = (np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
-        img = Image.fromarray(eight_bit)
-    return img.convert("RGB")
+INFERENCE_MODES = ("official", "none", "shortside")
 
 
 def chw_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
@@ -267,13 +87,14 @@ def train_resize(size: tuple[int, int], mode: str, load_size: int, crop_size: in
 
 
 def check_train_size(size: tuple[int, int], mode: str, load_size: int, crop_size: int,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """Raise ImageDecodeError for an image of ``size`` (w, h) that `train_crop` cannot make a training
-    input of: `too-large` where its resize in ``mode`` exceeds ``max_pixels`` (scale_shortside of a
-    thin image, scale_width of a tall one), `too-small` where a side ends below ``crop_size``: the
-    crop modes' RandomCrop would fail, and `none` keeps sizes the networks, sized for the crop, may not
-    take (every other mode reaches crop_size by construction)."""
-    width, height = train_resize(size, mode, load_size, crop_size)
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """The `train_resize` of an image of ``size`` (w, h), for `train_crop`; ImageDecodeError for one
+    that `train_crop` cannot make a training input of: `too-large` where its resize in ``mode``
+    exceeds ``max_pixels`` (scale_shortside of a thin image, scale_width of a tall one), `too-small`
+    where a side ends below ``crop_size``: the crop modes' RandomCrop would fail, and `none` keeps
+    sizes the networks, sized for the crop, may not take (every other mode reaches crop_size by
+    construction)."""
+    resized = width, height = train_resize(size, mode, load_size, crop_size)
     if width * height > max_pixels:
         raise ImageDecodeError("too-large", f"{size[0]}x{size[1]} becomes {width}x{height} under "
                                             f"data.preprocess {mode}: more than {max_pixels} pixels")
@@ -282,14 +103,23 @@ def check_train_size(size: tuple[int, int], mode: str, load_size: int, crop_size
     if min(width, height) < crop_size:
         raise ImageDecodeError("too-small", f"{width}x{height} after data.preprocess {mode}: smaller "
                                             f"than the {crop_size} crop (data.crop_size)")
+    return resized
 
 
 def train_crop(img: Image.Image | np.ndarray, rng: np.random.Generator, load_size: int, crop_size: int,
-               flip: bool = True, decay: bool = False, mode: str = "resize_and_crop") -> torch.Tensor:
-    """`train_transform` before the scaling to float: a uint8 (uint16 for 16-bit pixels)
-    (C, H, W) tensor, (C, crop, crop) in the `_and_crop` modes and `crop`.
+               flip: bool = True, decay: bool = False, mode: str = "resize_and_crop",
+               resized: tuple[int, int] | None = None) -> torch.Tensor:
+    """The official training transform of ``data.preprocess`` ``mode`` before the scaling to float
+    (`to_tensor`): a uint8 (uint16 for 16-bit pixels) (C, H, W) tensor, (C, crop, crop) in the
+    `_and_crop` modes and `crop`. Batches convert to float once for the whole stack, which is cheaper
+    than per image.
 
-    Batches convert to float once for the whole stack, which is cheaper than per image.
+    `resize_and_crop`: bicubic resize to load_size x load_size (aspect ignored), random crop_size
+    crop; other modes: `train_resize`, then a random crop where the mode says `crop`; every mode then
+    resizes to sides that are multiples of 4, flips at random. In the LR-decay phase (`decay`) the
+    official dataset sets load_size to crop_size: for resize_and_crop a plain resize with no crop
+    jitter; the flip stays. ``resized``: the image's `train_resize` where the caller has it already
+    (`check_train_size`).
     """
     if crop_size % 4:
         raise ValueError(f"crop_size must be a multiple of 4, got {crop_size}")
@@ -297,7 +127,7 @@ def train_crop(img: Image.Image | np.ndarray, rng: np.random.Generator, load_siz
     if size < crop_size:
         raise ValueError(f"load_size {load_size} is smaller than crop_size {crop_size}")
     chw = chw_tensor(img)
-    width, height = train_resize((chw.shape[2], chw.shape[1]), mode, size, crop_size)
+    width, height = resized or train_resize((chw.shape[2], chw.shape[1]), mode, size, crop_size)
     chw = resize_uint8(chw, height, width)
     if "crop" in mode:
         if height < crop_size or width < crop_size:
@@ -311,27 +141,9 @@ def train_crop(img: Image.Image | np.ndarray, rng: np.random.Generator, load_siz
     return chw
 
 
-def train_transform(img: Image.Image | np.ndarray, rng: np.random.Generator, load_size: int, crop_size: int,
-                    flip: bool = True, decay: bool = False, mode: str = "resize_and_crop") -> torch.Tensor:
-    """The official training transform of ``data.preprocess`` ``mode`` (default `resize_and_crop`).
-
-    `resize_and_crop`: bicubic resize to load_size x load_size (aspect ignored), random crop_size
-    crop; other modes: `train_resize`, then a random crop where the mode says `crop`; every mode then
-    resizes to sides that are multiples of 4, flips at random, scales to [-1, 1]. In the LR-decay
-    phase (`decay`) the official dataset sets load_size to crop_size: for resize_and_crop a plain
-    resize with no crop jitter; the flip stays.
-    """
-    return to_tensor(train_crop(img, rng, load_size, crop_size, flip, decay, mode))
-
-
 def multiple_of(size: tuple[int, int], base: int = 4) -> tuple[int, int]:
     """Each side rounded to the nearest multiple of `base` (the official `__make_power_2`)."""
     return max(base, round(size[0] / base) * base), max(base, round(size[1] / base) * base)
-
-
-def test_transform(img: Image.Image, mode: str, load_size: int, crop_size: int) -> torch.Tensor:
-    """The network input of `test_pixels`, in [-1, 1]."""
-    return to_tensor(test_pixels(img, mode, load_size, crop_size))
 
 
 @dataclass(frozen=True)
@@ -356,9 +168,9 @@ class NetworkGeometry:
         return max(self.target[0] * self.target[1], self.network[0] * self.network[1])
 
 
-def test_geometry(size: tuple[int, int], mode: str, load_size: int, crop_size: int, multiple: int = 4,
-                  minimum: int = 8) -> NetworkGeometry:
-    """The sizes `test_pixels` gives an image of ``size`` (w, h) (see there). Nothing is allocated:
+def inference_geometry(size: tuple[int, int], mode: str, load_size: int, crop_size: int,
+                       multiple: int = 4, minimum: int = 8) -> NetworkGeometry:
+    """The sizes `inference_pixels` gives an image of ``size`` (w, h) (see there). Nothing is allocated:
     callers check the sizes before the pixels exist."""
     width, height = size
     if mode == "official":
@@ -369,7 +181,7 @@ def test_geometry(size: tuple[int, int], mode: str, load_size: int, crop_size: i
     elif mode == "none":
         target = (width, height)
     else:
-        raise ValueError(f"unknown preprocess mode {mode!r}; expected one of {TEST_MODES}")
+        raise ValueError(f"unknown preprocess mode {mode!r}; expected one of {INFERENCE_MODES}")
     rounded = multiple_of(target, multiple)
     # A side that rounds below the network's minimum (a 5 px icon: 4, where a ResNet takes 8) keeps its
     # pixels at their own scale and is mirrored out instead: stretching it would change what the
@@ -380,8 +192,8 @@ def test_geometry(size: tuple[int, int], mode: str, load_size: int, crop_size: i
     return NetworkGeometry(target, resized, network)  # type: ignore[arg-type]
 
 
-def test_pixels(img: Image.Image | np.ndarray, mode: str, load_size: int, crop_size: int,
-                multiple: int = 4, minimum: int = 8) -> torch.Tensor:
+def inference_pixels(img: Image.Image | np.ndarray, mode: str, load_size: int, crop_size: int,
+                     multiple: int = 4, minimum: int = 8) -> torch.Tensor:
     """Test-time preprocessing with Pillow's resize, as (C, H, W) uint8 (uint16 for 16-bit pixels):
     bit-exact with the official test inputs when the image was decoded at full size; `to_tensor`
     scales them. Takes an image or (H, W, C) pixels (`pipeline.pixels.Pixels.array`).
@@ -395,12 +207,13 @@ def test_pixels(img: Image.Image | np.ndarray, mode: str, load_size: int, crop_s
     mirrored out to it instead (`NetworkGeometry.box` locates the image in the result).
     """
     array = np.asarray(img)
-    geometry = test_geometry((array.shape[1], array.shape[0]), mode, load_size, crop_size, multiple, minimum)
+    geometry = inference_geometry((array.shape[1], array.shape[0]), mode, load_size, crop_size, multiple,
+                                  minimum)
     return geometry_pixels(array, geometry)
 
 
 def geometry_pixels(array: np.ndarray, geometry: NetworkGeometry) -> torch.Tensor:
-    """(H, W, C) pixels placed as ``geometry`` says (see `test_pixels`), as (C, H, W)."""
+    """(H, W, C) pixels placed as ``geometry`` says (see `inference_pixels`), as (C, H, W)."""
     array = resize_pixels(resize_pixels(array, geometry.target), geometry.resized)
     if geometry.resized != geometry.network:
         left, top, right, bottom = geometry.box
@@ -410,16 +223,8 @@ def geometry_pixels(array: np.ndarray, geometry: NetworkGeometry) -> torch.Tenso
     return chw_tensor(array)
 
 
-test_transform.__test__ = False  # type: ignore[attr-defined]  # not a pytest test despite its name
-test_pixels.__test__ = False  # type: ignore[attr-defined]
-test_geometry.__test__ = False  # type: ignore[attr-defined]
-
-
-def test_draft_size(mode: str, load_size: int, crop_size: int) -> int | None:
-    """The `draft_to` for `decode_rgb` before `test_transform` in `mode`: JPEGs much larger than the
-    target decode with DCT scaling. Faster, but not bit-exact with the official inputs; pass
-    `draft_to=None` where that matters."""
+def inference_draft_size(mode: str, load_size: int, crop_size: int) -> int | None:
+    """The `draft_to` for `pipeline.pixels.decode_pixels` before `inference_pixels` in `mode`: JPEGs
+    much larger than the target decode with DCT scaling. Faster, but not bit-exact with the official
+    inputs; pass `draft_to=None` where that matters."""
     return {"official": crop_size, "shortside": load_size}.get(mode)
-
-
-test_draft_size.__test__ = False  # type: ignore[attr-defined]

@@ -11,7 +11,6 @@ import hashlib
 import io
 import itertools
 import posixpath
-import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,16 +24,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline import storage
 from pipeline.corpus import WorkUnit, read_unit
 from pipeline.keys import UnsafeKeyError
-from pipeline.pixels import decode_pixels, image_mode
+from pipeline.pixels import ImageDecodeError, decode_pixels, image_mode
 from pipeline.png import encode_png
-from pipeline.shards import ShardIndex, ShardInfo, index_url
+from pipeline.shards import ShardIndex, ShardInfo, TarWriter, index_url
 from pipeline.transforms import (
-    ImageDecodeError,
     NetworkGeometry,
     geometry_pixels,
+    inference_draft_size,
+    inference_geometry,
     resize_pixels,
-    test_draft_size,
-    test_geometry,
 )
 
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
@@ -42,11 +40,12 @@ PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 FORMAT_CHANNELS = {"png": (1, 2, 3, 4), "jpg": (1, 3), "webp": (3, 4)}  # npy: any
 FORMAT_BITS = {"png": (8, 16), "jpg": (8,), "webp": (8,), "npy": (8, 16)}
 FORMAT_MAX_SIDE = {"jpg": 65500, "webp": 16383}  # the longest side each encoder writes (libjpeg, libwebp)
+OUTPUT_MEMBER_MODE = 0o644  # the permission bits of an output shard's members (shard sets': 0o444)
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How inputs become network inputs (see ``pipeline.transforms.test_transform``)."""
+    """How inputs become network inputs (see ``pipeline.transforms.inference_pixels``)."""
 
     mode: str = "official"
     load_size: int = 256
@@ -58,11 +57,12 @@ class Preprocess:
     max_side: int | None = None  # the longest output side the output format stores (FORMAT_MAX_SIDE)
 
     def fit(self, size: tuple[int, int], restore: tuple[int, int] | None) -> NetworkGeometry:
-        """Where an image of ``size`` (w, h) goes through the network (`test_geometry`), checked before
+        """Where an image of ``size`` (w, h) goes through the network (`inference_geometry`), checked before
         any pixels are resized: ImageDecodeError `too-large` where the mode's resize or the network
         input would hold more than ``max_pixels``, or the output (``restore``, else the network's
         image) too, or a side longer than the output format stores."""
-        geometry = test_geometry(size, self.mode, self.load_size, self.crop_size, self.multiple, self.minimum)
+        geometry = inference_geometry(size, self.mode, self.load_size, self.crop_size, self.multiple,
+                                      self.minimum)
         out = restore or geometry.resized
         where = f"{size[0]}x{size[1]} under --preprocess {self.mode} (network input " \
                 f"{geometry.network[0]}x{geometry.network[1]}, output {out[0]}x{out[1]})"
@@ -119,7 +119,7 @@ class UnitBatches(IterableDataset):
         groups: dict[tuple[int, int, torch.dtype], list[tuple[torch.Tensor, dict]]] = {}
         errors = []
         count = 0
-        draft = test_draft_size(pre.mode, pre.load_size, pre.crop_size)
+        draft = inference_draft_size(pre.mode, pre.load_size, pre.crop_size)
         items = read_unit(unit)
         for order in itertools.count():
             t0, c0 = time.perf_counter(), time.thread_time()
@@ -131,7 +131,7 @@ class UnitBatches(IterableDataset):
             size = len(item.data) if item.data is not None else 0
             if item.data is None:
                 errors.append(
-                    error_record(order, item.key, item.source_url, item.error, item.error_detail, size)
+                    error_record(order, item.key, item.url, item.error, item.error_detail, size)
                 )
                 continue
             dims = (None, None)  # the size, for the row, once decoded
@@ -144,18 +144,18 @@ class UnitBatches(IterableDataset):
                 x = geometry_pixels(decoded.array, geometry)
             except ImageDecodeError as exc:
                 errors.append(
-                    error_record(order, item.key, item.source_url, exc.reason, exc.detail, size, dims)
+                    error_record(order, item.key, item.url, exc.reason, exc.detail, size, dims)
                 )
                 continue
             except Exception as exc:  # whatever else one image can do: its row says so; the job goes on
                 code = "out-of-memory" if out_of_memory(exc) else "corrupt"
                 detail = f"{type(exc).__name__}: {exc}".rstrip(": ")  # a MemoryError says nothing more
-                errors.append(error_record(order, item.key, item.source_url, code, detail, size, dims))
+                errors.append(error_record(order, item.key, item.url, code, detail, size, dims))
                 continue
             meta = {
                 "order": order,
                 "key": item.key,
-                "source_url": item.source_url,
+                "source_url": item.url,
                 "width": displayed[0],
                 "height": displayed[1],
                 "input_bytes": size,
@@ -300,15 +300,11 @@ def sha256(data: bytes) -> str:
 
 
 def pack_tar(members: Sequence[tuple[str, bytes]]) -> bytes:
-    """A WebDataset tar of (name, bytes) members, with fixed metadata so identical input packs identically
-    (PAX headers only where a name needs them: long or non-ASCII)."""
+    """One unit's output shard: a WebDataset tar of (name, bytes) members (`pipeline.shards.TarWriter`)."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with TarWriter(buffer, OUTPUT_MEMBER_MODE) as tar:
         for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
+            tar.add(name, data)
     return buffer.getvalue()
 
 

@@ -32,9 +32,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import formats, storage
 from pipeline.ingest import expand_source
-from pipeline.pixels import check_channels, decode_pixels
+from pipeline.pixels import ImageDecodeError, check_channels, decode_pixels
+from pipeline.sample import EncodedSample
 from pipeline.shards import ShardIndex, ShardNotFoundError, iter_shard
-from pipeline.transforms import TRAIN_MODES, ImageDecodeError, check_train_size, to_tensor, train_crop
+from pipeline.transforms import TRAIN_MODES, check_train_size, to_tensor, train_crop
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,6 @@ class StreamPosition:
 
 def _rng(*entropy: int) -> np.random.Generator:
     return np.random.default_rng(list(entropy))
-
-
-@dataclass(frozen=True)
-class RawSample:
-    """One position of a stream: the encoded image, or why there is none."""
-
-    position: int
-    key: str
-    data: bytes | None
-    error: str = ""
 
 
 FILES_PER_CHUNK = 64  # a listing is read as chunks of this many files, each standing in for a shard
@@ -102,8 +93,8 @@ class ShardSequence:
         first = self.files[0][0] if self.files else self.urls[0] if self.urls else ""
         return first.rsplit("/", 1)[0]
 
-    def segments(self, epoch: int, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
-        """(shard, first sample, end sample, first position) runs covering positions [start, stop)."""
+    def segments(self, epoch: int, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """(shard, first sample, end sample) runs covering positions [start, stop), in order."""
         position = start
         while position < stop:
             cycle, offset = divmod(position, self.total)
@@ -114,51 +105,52 @@ class ShardSequence:
                 if before + count > offset:
                     first = offset - before
                     end = min(count, first + stop - position)
-                    yield int(shard), first, end, position
+                    yield int(shard), first, end
                     position += end - first
                     offset += end - first
                     if position == stop:
                         return
                 before += count
 
-    def read(self, epoch: int, start: int, stop: int) -> Iterator[RawSample]:
+    def read(self, epoch: int, start: int, stop: int) -> Iterator[EncodedSample]:
         """Exactly `stop - start` samples, in position order; unreadable ones carry an error."""
-        for shard, first, end, position in self.segments(epoch, start, stop):
+        for shard, first, end in self.segments(epoch, start, stop):
             if self.files:
-                yield from _read_files(self.files[shard][first:end], position)
+                yield from _read_files(self.files[shard][first:end])
             else:
-                yield from _read_run(self.urls[shard], self.sizes[shard], first, end, position)
+                yield from _read_run(self.urls[shard], self.sizes[shard], first, end)
 
 
-def _read_files(urls: Sequence[str], position: int) -> Iterator[RawSample]:
-    for offset, url in enumerate(urls):
+def _read_files(urls: Sequence[str]) -> Iterator[EncodedSample]:
+    for url in urls:
         try:
-            yield RawSample(position + offset, url, storage.read_bytes(url))
+            yield EncodedSample(url, url, storage.read_bytes(url))
         except OSError as exc:  # read errors after retries: a skipped sample, like a corrupt one
-            yield RawSample(position + offset, url, None, f"read-error: {type(exc).__name__}: {exc}")
+            yield EncodedSample(url, url, None, "read-error", f"{type(exc).__name__}: {exc}")
 
 
-def _read_run(url: str, size: int, first: int, end: int, position: int) -> Iterator[RawSample]:
+def _read_run(url: str, size: int, first: int, end: int) -> Iterator[EncodedSample]:
     done = 0
     error = f"shard {url} holds fewer samples than its index lists"
     try:
         for sample in islice(iter_shard(url, size), first, end):
-            yield _raw(position + done, sample)
+            yield _encoded(url, sample)
             done += 1
     except ShardNotFoundError:
         raise
     except (OSError, EOFError, ValueError, tarfile.TarError) as exc:
         error = f"shard {url} unreadable after sample {first + done}: {exc}"
     for missing in range(done, end - first):
-        yield RawSample(position + missing, f"{url}#{first + missing}", None, error)
+        where = f"{url}#{first + missing}"
+        yield EncodedSample(where, where, None, "shard-error", error)
 
 
-def _raw(position: int, sample: dict[str, Any]) -> RawSample:
+def _encoded(url: str, sample: dict[str, Any]) -> EncodedSample:
     key = str(sample["__key__"])
     images = [k for k in sample if not k.startswith("__") and k != "json"]
     if not images:
-        return RawSample(position, key, None, "no image member")
-    return RawSample(position, key, sample[images[0]])
+        return EncodedSample(key, f"{url}#{key}", None, "no-image", "no image member")
+    return EncodedSample(key, f"{url}#{key}.{images[0]}", sample[images[0]])
 
 
 def shuffled(items: Iterable[T], rng: np.random.Generator, size: int) -> Iterator[T]:
@@ -178,33 +170,36 @@ def shuffled(items: Iterable[T], rng: np.random.Generator, size: int) -> Iterato
         yield buffer[pick]
 
 
-Transform = Callable[[np.ndarray, RawSample], torch.Tensor]
+# A sample with its position in the stream, which seeds its augmentation.
+Positioned = tuple[int, EncodedSample]
 # (key of the image used, augmented uint8 tensor, [(key, reason)] of the corrupt sample it stands in for)
 Decoded = tuple[str, torch.Tensor, list[tuple[str, str]]]
 
 
-def decode_filled(items: Iterable[RawSample], decode: Callable[[bytes], np.ndarray], transform: Transform,
-                  fallback: Callable[[], Iterable[RawSample]], source: str = "") -> Iterator[Decoded]:
-    """(key, tensor, skipped) per item; a corrupt item takes the image of the next good one.
+def decode_filled(items: Iterable[Positioned], decode: Callable[[bytes], T],
+                  transform: Callable[[T, int], torch.Tensor], fallback: Callable[[], Iterable[Positioned]],
+                  source: str = "") -> Iterator[Decoded]:
+    """(key, tensor, skipped) per item; a corrupt item takes the image of the next good one, augmented
+    with its own position's draws (`transform(image, position)`).
 
     `skipped` lists the (key, reason) of the corrupt item it replaces. Corrupt items at the end take
     the first good image of `fallback()`, the worker's whole sequence, so results never depend on
     where a run was resumed.
     """
-    holes: list[tuple[RawSample, str]] = []
-    for item in items:
+    holes: list[tuple[Positioned, str]] = []
+    for position, item in items:
         image, reason = _try_decode(item, decode)
         if image is None:
-            holes.append((item, reason))
+            holes.append(((position, item), reason))
             continue
-        for hole, why in holes:
-            yield item.key, transform(image, hole), [(hole.key, why)]
+        for (hole_position, hole), why in holes:
+            yield item.key, transform(image, hole_position), [(hole.key, why)]
         holes.clear()
-        yield item.key, transform(image, item), []
+        yield item.key, transform(image, position), []
     if holes:
-        key, image = _first_good(fallback(), decode, holes[0][0].key, source)
-        for hole, why in holes:
-            yield key, transform(image, hole), [(hole.key, why)]
+        key, image = _first_good(fallback(), decode, holes[0][0][1].key, source)
+        for (hole_position, hole), why in holes:
+            yield key, transform(image, hole_position), [(hole.key, why)]
 
 
 class DataSetError(ValueError):
@@ -215,9 +210,9 @@ class NoDecodableSampleError(DataSetError):
     """A stream whose samples (this worker's share of them) are all corrupt."""
 
 
-def _first_good(items: Iterable[RawSample], decode: Callable[[bytes], np.ndarray],
-                first_bad: str, source: str) -> tuple[str, np.ndarray]:
-    for item in items:
+def _first_good(items: Iterable[Positioned], decode: Callable[[bytes], T], first_bad: str,
+                source: str) -> tuple[str, T]:
+    for _, item in items:
         image = _try_decode(item, decode)[0]
         if image is not None:
             return item.key, image
@@ -225,9 +220,9 @@ def _first_good(items: Iterable[RawSample], decode: Callable[[bytes], np.ndarray
                                  f"share of it; first bad: {first_bad}): check it with python -m jobs.shard")
 
 
-def _try_decode(item: RawSample, decode: Callable[[bytes], np.ndarray]) -> tuple[np.ndarray | None, str]:
+def _try_decode(item: EncodedSample, decode: Callable[[bytes], T]) -> tuple[T | None, str]:
     if item.data is None:
-        return None, item.error
+        return None, item.reason
     try:
         return decode(item.data), ""
     except ImageDecodeError as exc:
@@ -276,10 +271,10 @@ class EpochPlan:
                    "A_key": [k for k, _, _ in a_items], "B_key": [k for k, _, _ in b_items],
                    "skipped": [s for _, _, skipped in a_items + b_items for s in skipped]}
 
-    def _order(self, seq: ShardSequence, logical: int) -> Iterator[RawSample]:
+    def _order(self, seq: ShardSequence, logical: int) -> Iterator[Positioned]:
         start, stop = self.share(logical)
         rng = _rng(seq.seed, self.epoch, seq.stream, _SHUFFLE, start)
-        return shuffled(seq.read(self.epoch, start, stop), rng, self.shuffle_buffer)
+        return shuffled(enumerate(seq.read(self.epoch, start, stop), start), rng, self.shuffle_buffer)
 
     def _samples(self, seq: ShardSequence, logical: int, skip: int) -> Iterator[Decoded]:
         size = self.crop_size if self.decay else self.load_size
@@ -287,16 +282,19 @@ class EpochPlan:
         # DCT-scaled JPEG decoding only where every image is resized to a known size anyway.
         draft = size if "resize" in self.preprocess else None
 
-        def decode(data: bytes) -> np.ndarray:
+        def decode(data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
+            """The pixels and the size they are resized to before the crop, checked once here."""
             pixels = decode_pixels(data, channels, draft_to=draft).array
             # skipped, not a crash: the official RandomCrop (or the networks) would stop the run
-            check_train_size((pixels.shape[1], pixels.shape[0]), self.preprocess, size, self.crop_size)
-            return pixels
+            resized = check_train_size((pixels.shape[1], pixels.shape[0]), self.preprocess, size,
+                                       self.crop_size)
+            return pixels, resized
 
-        def transform(image: np.ndarray, item: RawSample) -> torch.Tensor:
-            rng = _rng(seq.seed, self.epoch, seq.stream, _AUGMENT, item.position)
-            return train_crop(image, rng, self.load_size, self.crop_size, self.flip, self.decay,
-                              self.preprocess)
+        def transform(image: tuple[np.ndarray, tuple[int, int]], position: int) -> torch.Tensor:
+            rng = _rng(seq.seed, self.epoch, seq.stream, _AUGMENT, position)
+            pixels, resized = image
+            return train_crop(pixels, rng, self.load_size, self.crop_size, self.flip, self.decay,
+                              self.preprocess, resized)
 
         return decode_filled(islice(self._order(seq, logical), skip, None), decode, transform,
                              lambda: self._order(seq, logical), seq.name)

@@ -25,7 +25,7 @@ from jobs.config import ConfigError, TrainConfig, load_config, resolve_train_con
 from pipeline.ingest import build_shards
 from pipeline.pixels import decode_pixels
 from pipeline.png import encode_png
-from pipeline.transforms import test_pixels
+from pipeline.transforms import inference_pixels
 from pipeline.translation_io import encode_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +127,7 @@ def test_sixteen_bit_sources_stay_sixteen_bit_and_scale_to_the_network_range(cha
     array[0, 1] = 65535
     decoded = decode_pixels(encode_png(array), channels)
     assert decoded.array.dtype == np.uint16 and np.array_equal(decoded.array, array)
-    x = from_pixels(test_pixels(decoded.array, "none", 0, 0).unsqueeze(0))
+    x = from_pixels(inference_pixels(decoded.array, "none", 0, 0).unsqueeze(0))
     assert x[0, :, 0, 0].tolist() == [-1.0] * channels and x[0, :, 0, 1].tolist() == [1.0] * channels
     assert torch.equal(to_uint16(x), torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0))
 
@@ -150,7 +150,7 @@ def test_a_sixteen_bit_png_rotated_by_exif_is_turned_like_an_eight_bit_one():
 
 
 def test_a_truncated_sixteen_bit_png_is_a_clear_decode_error():
-    from pipeline.transforms import ImageDecodeError
+    from pipeline.pixels import ImageDecodeError
 
     data = encode_png(pixels(1, (64, 64), 3, np.uint16))
     with pytest.raises(ImageDecodeError) as err:
@@ -199,7 +199,7 @@ def test_grey_and_sixteen_bit_inputs_come_out_in_their_mode_with_the_models_pixe
         assert img.mode == "I;16"
         source = decode_pixels(Path(row["source_url"]).read_bytes(), 1).array
         with torch.no_grad():
-            expected = to_uint16(netG(from_pixels(test_pixels(source, "official", 32, 32).unsqueeze(0))))
+            expected = to_uint16(netG(from_pixels(inference_pixels(source, "official", 32, 32).unsqueeze(0))))
         assert np.array_equal(np.asarray(img), expected[0, 0].numpy())
     eight = folder_of(tmp_path / "grey8", 2, 1, size=(32, 32))
     rows = infer(ckpt, eight, tmp_path / "out8")
@@ -207,7 +207,7 @@ def test_grey_and_sixteen_bit_inputs_come_out_in_their_mode_with_the_models_pixe
     img = np.asarray(opened(rows[0]["output_url"]))
     with torch.no_grad():
         source = decode_pixels(Path(rows[0]["source_url"]).read_bytes(), 1).array
-        expected = to_uint8(netG(from_pixels(test_pixels(source, "official", 32, 32).unsqueeze(0))))
+        expected = to_uint8(netG(from_pixels(inference_pixels(source, "official", 32, 32).unsqueeze(0))))
     assert np.array_equal(img, expected[0, 0].numpy())
     rgb16 = folder_of(tmp_path / "rgb16", 1, 3, size=(32, 32), dtype=np.uint16)
     rows = infer(generator_file(tmp_path / "g3.pt"), rgb16, tmp_path / "rgb16-out")
@@ -257,7 +257,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 def test_npy_arrays_hold_any_channel_count_and_hostile_ones_are_refused():
-    from pipeline.transforms import ImageDecodeError, inspect_image
+    from pipeline.pixels import ImageDecodeError, inspect_image
 
     array = pixels(4, (7, 5), 6, np.uint16)
     data = npy_bytes(array)

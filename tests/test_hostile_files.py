@@ -24,8 +24,7 @@ from test_infer_lake import rows_by_key, run
 
 from jobs import shard as shard_job
 from pipeline import storage
-from pipeline.pixels import decode_pixels
-from pipeline.transforms import ImageDecodeError, inspect_image
+from pipeline.pixels import ImageDecodeError, decode_pixels, inspect_image
 from pipeline.unpaired import freeze_listing
 
 

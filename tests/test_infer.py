@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from image_helpers import decode_rgb, inference_transform
 from PIL import Image
 
 from cut import ResnetGenerator, export_generator
@@ -24,7 +25,6 @@ from pipeline import storage
 from pipeline.ingest import build_shards
 from pipeline.manifest import read_manifest
 from pipeline.shards import ShardIndex
-from pipeline.transforms import decode_rgb, test_transform
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = {
@@ -116,7 +116,7 @@ def test_output_equals_the_generator_applied_directly(tmp_path):
 
     g = generator_from_checkpoint(read_checkpoint(Path(ckpt).read_bytes()))
     for row in manifest:
-        x = test_transform(decode_rgb((src / f"{row['key']}.png").read_bytes()), "official", 256, 32)
+        x = inference_transform(decode_rgb((src / f"{row['key']}.png").read_bytes()), "official", 256, 32)
         with torch.no_grad():
             expected = ((g(x[None])[0].clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 0).numpy()
         got = np.asarray(Image.open(io.BytesIO(storage.read_bytes(row["output_url"]))))

@@ -24,7 +24,8 @@ from cut import generator_from_checkpoint, read_checkpoint
 from cut.inference import to_uint8
 from pipeline import storage
 from pipeline.manifest import ERROR_CODES
-from pipeline.transforms import ImageDecodeError, check_train_size, test_geometry, test_pixels, to_tensor
+from pipeline.pixels import ImageDecodeError
+from pipeline.transforms import check_train_size, inference_geometry, inference_pixels, to_tensor
 from pipeline.translation_io import Preprocess
 from pipeline.unpaired import StreamPosition, UnpairedStream
 
@@ -141,7 +142,7 @@ def test_a_small_icon_is_translated_at_its_own_scale_mirrored_out_and_cropped_ba
     out = translated("none")
     row = next(r for r in pq.read_table(str(out / "manifest")).to_pylist() if r["key"] == "3x3")
     source = np.asarray(Image.open(folder / "3x3.png"))
-    x = test_pixels(source, "none", 32, 32)
+    x = inference_pixels(source, "none", 32, 32)
     assert tuple(x.shape) == (3, 8, 8)
     assert torch.equal(x[:, 2:5, 2:5], torch.from_numpy(source.copy()).permute(2, 0, 1))  # not resampled
     g = generator_from_checkpoint(read_checkpoint(Path(checkpoint).read_bytes()))
@@ -186,10 +187,10 @@ def test_an_image_the_host_cannot_allocate_for_is_an_out_of_memory_row(checkpoin
 @pytest.mark.parametrize("mode", ["none", "official", "shortside"])
 @pytest.mark.parametrize("multiple, minimum", [(4, 8), (32, 32)])
 def test_every_size_becomes_a_network_input_the_network_takes(size, mode, multiple, minimum):
-    x = test_pixels(pixels(size, 0), mode, 16, 16, multiple, minimum)
+    x = inference_pixels(pixels(size, 0), mode, 16, 16, multiple, minimum)
     height, width = x.shape[1:]
     assert height % multiple == 0 and width % multiple == 0 and min(height, width) >= minimum
-    geometry = test_geometry(size, mode, 16, 16, multiple, minimum)
+    geometry = inference_geometry(size, mode, 16, 16, multiple, minimum)
     assert geometry.network == (width, height)
     left, top, right, bottom = geometry.box
     assert 0 <= left < right <= width and 0 <= top < bottom <= height

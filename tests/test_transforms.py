@@ -1,4 +1,4 @@
-"""Decoding and the official train/test preprocessing in pipeline.transforms."""
+"""Decoding (pipeline.pixels) and the official train/test preprocessing (pipeline.transforms)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import image_bytes
+from image_helpers import decode_rgb, full_size, inference_transform, train_transform
 from PIL import Image
 
 from pipeline import transforms
-from pipeline.transforms import ImageDecodeError, decode_rgb, inspect_image, train_transform
+from pipeline.pixels import ImageDecodeError, inspect_image
 
 
 def _encode(img: Image.Image, fmt: str, **params: object) -> bytes:
@@ -100,7 +101,7 @@ def test_flip_off_never_flips() -> None:
 
 def test_official_test_mode_resizes_to_crop_like_pillow() -> None:
     img = decode_rgb(image_bytes(8, (50, 37)))
-    out = transforms.test_transform(img, "official", load_size=64, crop_size=32)
+    out = inference_transform(img, "official", load_size=64, crop_size=32)
     expected = np.array(img.resize((32, 32), Image.Resampling.BICUBIC))
     assert torch.equal(out, transforms.to_tensor(torch.from_numpy(expected).permute(2, 0, 1)))
     assert out.min() >= -1 and out.max() <= 1
@@ -115,19 +116,17 @@ def test_official_test_mode_resizes_to_crop_like_pillow() -> None:
 def test_test_modes_keep_sizes_network_friendly(mode: str, size: tuple[int, int],
                                                 expected: tuple[int, int]) -> None:
     img = decode_rgb(image_bytes(9, size))
-    out = transforms.test_transform(img, mode, load_size=64, crop_size=32)
+    out = inference_transform(img, mode, load_size=64, crop_size=32)
     assert out.shape == (3, expected[1], expected[0])
 
 
 def test_unknown_test_mode_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown preprocess mode"):
-        transforms.test_transform(Image.new("RGB", (8, 8)), "zoom", 8, 8)
+        inference_transform(Image.new("RGB", (8, 8)), "zoom", 8, 8)
 
 
 def test_full_size_is_the_displayed_size_before_dct_scaling():
     from PIL import ExifTags
-
-    from pipeline.transforms import full_size
 
     exif = Image.Exif()
     exif[ExifTags.Base.Orientation] = 6  # rotated: displayed as 400 wide, 600 high
