@@ -137,8 +137,16 @@ def train_crop(img: Image.Image | np.ndarray, rng: np.random.Generator, load_siz
     width, height = multiple_of((chw.shape[2], chw.shape[1]))
     chw = resize_uint8(chw, height, width)
     if flip and rng.random() < 0.5:
-        chw = chw.flip(-1)
+        chw = flip_width(chw)
     return chw
+
+
+def flip_width(chw: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right; torch has no flip kernel for uint16 (16-bit pixels), so those flip the same
+    bits read as int16."""
+    if chw.dtype == torch.uint16:
+        return chw.view(torch.int16).flip(-1).view(torch.uint16)
+    return chw.flip(-1)
 
 
 def multiple_of(size: tuple[int, int], base: int = 4) -> tuple[int, int]:

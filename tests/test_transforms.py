@@ -136,3 +136,18 @@ def test_full_size_is_the_displayed_size_before_dct_scaling():
     assert full_size(drafted) == (400, 600) and max(drafted.size) < 600
     whole = decode_rgb(buffer.getvalue())
     assert full_size(whole) == whole.size == (400, 600)
+
+
+def test_16_bit_training_pixels_flip_as_8_bit_ones_do() -> None:
+    """torch has no uint16 flip kernel: a 16-bit PNG in a training set stopped training whenever the
+    random flip fired."""
+    pixels = np.random.default_rng(0).integers(0, 65535, (40, 44, 3), dtype=np.uint16)
+    mirrored = 0
+    for seed in range(8):
+        crop = transforms.train_crop(pixels, np.random.default_rng(seed), 36, 32)
+        kept = transforms.train_crop(pixels, np.random.default_rng(seed), 36, 32, flip=False)
+        assert crop.dtype == torch.uint16
+        if not torch.equal(crop, kept):
+            assert np.array_equal(crop.numpy(), kept.numpy()[..., ::-1])
+            mirrored += 1
+    assert 0 < mirrored < 8
