@@ -4,8 +4,8 @@ One step is the official order: a discriminator update, then a generator and hea
 the freshly updated discriminator (docs/official-reference.md §9). The math is the official one; the
 speed comes from not recomputing what the generator's forward pass already produced (the PatchNCE
 keys), from never building autograd graphs that nothing uses, from cheaper kernels for the same
-functions in ``cut.networks`` (separable blur, group-norm instance norm, Winograd block convolutions
-on the CPU) and from fused Adam.
+functions (``cut.fast``: separable blur, group-norm instance norm, Winograd convolutions on the
+CPU, swapped into the official ``cut.networks`` where the networks are built) and from fused Adam.
 """
 
 from __future__ import annotations
