@@ -24,7 +24,6 @@ another trainer or a changed config.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -61,9 +60,9 @@ from jobs.run_claim import CONFIG, RunClaimError, claim_run, record_config
 from jobs.run_export import card_markdown, export_step, model_card, write_export
 from jobs.runtime import Runtime, code_version, init_runtime, shutdown
 from jobs.signals import StopSignals
-from jobs.train_log import TrainLog
+from jobs.train_log import TrainLog, hparams
 from pipeline import storage
-from pipeline.checkpoints import STATE_BLOB, Checkpointer, CheckpointWriteError, NoReadableCheckpoint, RankRNG
+from pipeline.checkpoints import Checkpointer, CheckpointWriteError, NoReadableCheckpoint, RankRNG
 from pipeline.corpus import is_shard_set
 from pipeline.lease import Lease, LeaseLostError
 from pipeline.shards import ShardIndexError
@@ -162,6 +161,22 @@ def new_schedule(config: TrainConfig) -> LRSchedule:
     return LRSchedule(t.lr_policy, t.lr, t.n_epochs, t.n_epochs_decay, t.lr_decay_iters)
 
 
+def restored_schedule(config: TrainConfig, saved: dict[str, Any] | None, epoch: int) -> LRSchedule:
+    """The schedule a checkpoint saved; without one (or with other settings), the configured schedule,
+    replayed to the resumed ``epoch`` as the loop advances (exact: the official plateau metric is a
+    constant)."""
+    schedule = new_schedule(config)
+    try:
+        if saved is not None:
+            schedule.load_state_dict(saved)
+            return schedule
+        why = "the checkpoint has no schedule state"
+    except ValueError as exc:
+        why = str(exc)
+    log.warning("%s: replaying lr_policy %s to epoch %d", why, schedule.policy, epoch)
+    return new_schedule(config)
+
+
 # ---------------------------------------------------------------------------------------- trainer
 class Trainer:
     """One rank's training: the components it is wired from (below), the state a checkpoint holds
@@ -183,7 +198,6 @@ class Trainer:
             storage.join(self.run_url, "checkpoints"), encode=to_bytes, decode=read_checkpoint,
             unreadable=(CheckpointError,), is_main=rt.is_main, agree=min_over_ranks(rt),
             guard=lease.check if lease is not None else None, logger=log)
-        self.best_url = storage.join(self.checkpointer.root, "best")
         # Every policy runs the official epoch loop: n_epochs + n_epochs_decay epochs (train.py).
         self.epochs = t.n_epochs + t.n_epochs_decay
         self.schedule = new_schedule(config)
@@ -247,27 +261,14 @@ class Trainer:
         self.init_record = state.get("card", {}).get("init_from")  # what this run first started from
         self.rng.load_state_dict(state["rng"])  # after the step: a reseed depends on it
         self.position = self.stream.position_from_state(state["stream"])
-        self._restore_schedule(state.get("schedule"))
+        self.schedule = restored_schedule(self.config, state.get("schedule"), self.position.epoch)
         self.last_saved = self.step
-        best = storage.join(self.best_url, "metrics.json")
-        if self.evaluator is not None and storage.exists(best):
-            self.evaluator.best = json.loads(storage.read_bytes(best))["scores"].get(self.evaluator.metric)
+        best = self.checkpointer.best_summary() if self.evaluator is not None else None
+        if best is not None:
+            self.evaluator.best = best["scores"].get(self.evaluator.metric)
         log.info("step %d: resumed from %s (epoch %d, step %d of it)", self.step, source, self.position.epoch,
                  self.position.step)
         return True
-
-    def _restore_schedule(self, saved: dict[str, Any] | None) -> None:
-        """The saved schedule state; without one (or with other settings), the configured schedule
-        replayed to the resumed epoch (exact: the official plateau metric is a constant)."""
-        try:
-            if saved is not None:
-                self.schedule.load_state_dict(saved)
-                return
-            why = "the checkpoint has no schedule state"
-        except ValueError as exc:
-            why = str(exc)
-        log.warning("%s: replaying lr_policy %s to epoch %d", why, self.schedule.policy, self.position.epoch)
-        self.schedule = new_schedule(self.config)
 
     def apply_init_from(self, resumed: bool) -> bool:
         """Fine-tuning: a fresh run takes G's weights from ``model.init_from`` (D, F, optimizers and
@@ -287,15 +288,6 @@ class Trainer:
     def export(self) -> None:
         write_export(self.run_url, self.model.netG, self.config.model.preset, self.step, self.card())
 
-    def ensure_export(self) -> None:
-        """Rewrite export/ from the resumed checkpoint when it holds another step (an export whose
-        write failed after its checkpoint committed, one from before a checkpoint was set aside)."""
-        held = export_step(self.run_url)
-        if held != self.step:
-            log.warning("step %d: export/ holds %s, not the newest checkpoint: rewriting it", self.step,
-                        "no model card" if held is None else f"step {held}")
-            self.export()
-
     def evaluate(self) -> None:
         """Score G on the held-out set (rank 0); keep the state as ``checkpoints/best`` if it improved."""
         rng = self.rng.state_dict()  # every rank: the gather is a collective
@@ -307,19 +299,17 @@ class Trainer:
                 self.logs.tb.scalars(self.step, {f"eval/{k}": v for k, v in scores.items()})
             if self.evaluator.improves(scores):
                 state = self.checkpointer.snapshot({**self.state(), "rng": rng})  # the card has the scores
-                self.checkpointer.write_state(storage.join(self.best_url, STATE_BLOB), state)
                 summary = {"step": self.step, "metric": self.evaluator.metric, "scores": scores}
-                storage.write_bytes_atomic(storage.join(self.best_url, "metrics.json"),
-                                           json.dumps(summary).encode())
-                log.info("step %d: new best %s, saved under %s", self.step, self.evaluator.metric,
-                         self.best_url)
+                folder = self.checkpointer.keep_best(state, summary)
+                log.info("step %d: new best %s, saved under %s", self.step, self.evaluator.metric, folder)
         if self.rt.distributed:
             dist.barrier()
 
     # --------------------------------------------------------------------------------------- loop
-    def _control(self, losses: dict[str, torch.Tensor]) -> tuple[bool, bool]:
-        """(stop requested on any rank, non-finite loss on any rank), agreed by all ranks; every rank
-        raises LeaseLostError once rank 0's heartbeat found the run taken over by another trainer."""
+    def _stop_requested(self, losses: dict[str, torch.Tensor]) -> bool:
+        """Whether a stop was requested on any rank, agreed by all ranks; every rank raises
+        NonFiniteLossError when a loss on any rank is NaN or infinite, and LeaseLostError once rank
+        0's heartbeat found the run taken over by another trainer."""
         bad = ~torch.isfinite(torch.stack([v.float() for v in losses.values()])).all()
         lost = self.lease is not None and self.lease.lost is not None
         flags = torch.stack([torch.tensor(self.signals.is_set(), device=bad.device), bad,
@@ -336,7 +326,7 @@ class Trainer:
             floats = {k: round(float(v), 5) for k, v in losses.items()}
             raise NonFiniteLossError(f"step {self.step}: non-finite loss {floats}; stopping. Last good "
                                      f"checkpoint: {kept}, under {self.checkpointer.root}")
-        return stop, nonfinite
+        return stop
 
     def _batches(self) -> Iterator[tuple[dict[str, Any], float]]:
         """(batch, seconds waited for it) until the schedule or max_steps ends; the schedule steps once
@@ -368,13 +358,12 @@ class Trainer:
                 self.position = StreamPosition(self.position.epoch, self.position.step + 1)
                 self.logs.add(losses, waited)
                 due_save = self.step % t.checkpoint_every == 0
-                if self.step % self.control_every == 0 or due_save or self.step == self.total_steps:
-                    stop, _ = self._control(losses)  # raises on a non-finite loss or a lost lease
-                    if stop:
-                        self.save()
-                        why = self.signals.requested.name if self.signals.requested else "on another rank"
-                        log.info("step %d: stop requested (%s), checkpoint saved, exiting", self.step, why)
-                        return "preempted"
+                check = self.step % self.control_every == 0 or due_save or self.step == self.total_steps
+                if check and self._stop_requested(losses):  # raises on a non-finite loss, a lost lease
+                    self.save()
+                    why = self.signals.requested.name if self.signals.requested else "on another rank"
+                    log.info("step %d: stop requested (%s), checkpoint saved, exiting", self.step, why)
+                    return "preempted"
                 if due_save:
                     self.save()
                 if every and self.step % every == 0:
@@ -391,8 +380,10 @@ class Trainer:
     def run(self) -> int:
         """Resume (or start), take the run, train, and close the logs; returns the exit code."""
         resumed = self.resume()
-        if resumed and self.rt.is_main:
-            self.ensure_export()
+        if resumed and self.rt.is_main and (held := export_step(self.run_url)) != self.step:
+            log.warning("step %d: export/ holds %s, not the newest checkpoint: rewriting it", self.step,
+                        "no model card" if held is None else f"step {held}")
+            self.export()  # its write failed after its checkpoint committed, or that one was set aside
         self.apply_init_from(resumed)
         if self.rt.is_main:  # the run is accepted (resumed or started, model.init_from loaded)
             record_config(self.config)
@@ -409,51 +400,31 @@ class Trainer:
             self.train()
         finally:
             self.signals.graceful = False
-            self.logs.close(self._hparams(), self._best_metric())
+            best = self.evaluator.best if self.evaluator is not None else None
+            self.logs.close(hparams(self.config, self.model.config, self.rt.world_size, self.step),
+                            {} if best is None else {f"best/{self.evaluator.metric}": float(best)})
         return 0
 
     def _announce(self) -> None:
         """The plan of the run, in the log and (rank 0) on TensorBoard with the config and model card."""
         t, rt = self.config.train, self.rt
         stopped_early = self.total_steps < self.epochs * self.stream.steps_per_epoch
-        limit = f", stopping at max_steps {t.max_steps}" if stopped_early else ""
         log.info(
             "training %s for %d steps: %d epochs (%d + %d) of %d steps%s, lr %g by policy %s; %d rank(s), "
             "batch %d each, device %s, from step %d",
             self.config.model.preset, self.total_steps, self.epochs, t.n_epochs, t.n_epochs_decay,
-            self.stream.steps_per_epoch, limit, t.lr, self.schedule.describe(), rt.world_size, t.batch_size,
-            rt.device, self.step,
+            self.stream.steps_per_epoch, f", stopping at max_steps {t.max_steps}" if stopped_early else "",
+            t.lr, self.schedule.describe(), rt.world_size, t.batch_size, rt.device, self.step,
         )
-        if self.logs.tb is None:
-            return
-        self.logs.tb.text("config", f"```yaml\n{to_yaml(self.config)}```", self.step)
+        how = [("batch", f"{t.batch_size} per rank x {rt.world_size} ranks"),
+               ("schedule", f"{self.total_steps} steps, lr {t.lr}, {t.n_epochs} + {t.n_epochs_decay} epochs, "
+                            f"lr_policy {self.schedule.describe()}"),
+               ("device", str(rt.device))]
         m = self.model
-        schedule = (f"{self.total_steps} steps, lr {t.lr}, {t.n_epochs} + {t.n_epochs_decay} epochs, "
-                    f"lr_policy {self.schedule.describe()}")
-        rows = [("batch", f"{t.batch_size} per rank x {rt.world_size} ranks"), ("schedule", schedule),
-                ("device", str(rt.device))]
-        nets = {"G": m.netG, "D": m.netD, "F": m.netF}
-        self.logs.tb.text("model_card", card_markdown(self.card(), nets, rows), self.step)
-
-    def _hparams(self) -> dict[str, Any]:
-        c = self.config
-        return {
-            "preset": c.model.preset,
-            "ngf": c.model.ngf,
-            "n_blocks": self.model.config.n_blocks,
-            "crop_size": c.data.crop_size,
-            "batch_size": c.train.batch_size,
-            "ranks": self.rt.world_size,
-            "lr": c.train.lr,
-            "lr_policy": c.train.lr_policy,
-            "lambda_NCE": float(self.model.config.lambda_NCE),
-            "steps": self.step,
-        }
-
-    def _best_metric(self) -> dict[str, float]:
-        if self.evaluator is None or self.evaluator.best is None:
-            return {}
-        return {f"best/{self.evaluator.metric}": float(self.evaluator.best)}
+        self.logs.text(self.step, {
+            "config": f"```yaml\n{to_yaml(self.config)}```",
+            "model_card": card_markdown(self.card(), {"G": m.netG, "D": m.netD, "F": m.netF}, how),
+        })
 
 
 def build_parser() -> argparse.ArgumentParser:

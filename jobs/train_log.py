@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from jobs.config import TrainConfig
 from pipeline.tensorboard import TensorBoard
 
 log = logging.getLogger("jobs.train")
@@ -21,6 +22,23 @@ def duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def hparams(config: TrainConfig, model_config: Any, ranks: int, steps: int) -> dict[str, Any]:
+    """The hyperparameters TensorBoard shows beside a run's final losses."""
+    c = config
+    return {
+        "preset": c.model.preset,
+        "ngf": c.model.ngf,
+        "n_blocks": model_config.n_blocks,
+        "crop_size": c.data.crop_size,
+        "batch_size": c.train.batch_size,
+        "ranks": ranks,
+        "lr": c.train.lr,
+        "lr_policy": c.train.lr_policy,
+        "lambda_NCE": float(model_config.lambda_NCE),
+        "steps": steps,
+    }
 
 
 def memory_mib(device: torch.device) -> float:
@@ -84,6 +102,12 @@ class TrainLog:
             self.tb.scalars(step, scalars)
             self.tb.sync()
         self._restart()
+
+    def text(self, step: int, texts: dict[str, str]) -> None:
+        """Markdown texts under their tags (rank 0)."""
+        if self.tb is not None:
+            for tag, markdown in texts.items():
+                self.tb.text(tag, markdown, step)
 
     def visuals(self, step: int, visuals: dict[str, torch.Tensor], image_every: int) -> None:
         """Keep this step's visuals (references only: no copy, no device sync); every ``image_every``

@@ -16,6 +16,7 @@ they are), serialized by the caller's ``encode`` and read back by its ``decode``
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 import time
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 COMPLETE = "_COMPLETE"
 LATEST = "latest"
 STATE_BLOB = "state.pt"
+BEST = "best"  # <root>/best/: the state that scored best so far (state.pt, metrics.json)
 _STEP_DIR = re.compile(r"step-(\d{9})$")
 Loaded = tuple[int, str, dict[str, Any]]  # a checkpoint's step, the URL of its state and the state
 
@@ -155,9 +157,18 @@ class Checkpointer:
         """The mapping ``save`` writes (every rank: a component's ``state_dict`` may be a collective)."""
         return {name: v.state_dict() if isinstance(v, Stateful) else v for name, v in state.items()}
 
-    def write_state(self, url: str, state: Mapping[str, Any]) -> None:
-        """``state`` as one state blob at ``url`` outside the step folders (e.g. the best one so far)."""
-        storage.write_bytes_atomic(url, self.encode(state))
+    def keep_best(self, state: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
+        """``state`` (a ``snapshot``) as ``<root>/best/state.pt`` beside ``summary`` (its scores, as
+        ``metrics.json``): the best state so far, outside the step folders. Returns the folder."""
+        folder = storage.join(self.root, BEST)
+        storage.write_bytes_atomic(storage.join(folder, STATE_BLOB), self.encode(state))
+        storage.write_bytes_atomic(storage.join(folder, "metrics.json"), json.dumps(summary).encode())
+        return folder
+
+    def best_summary(self) -> dict[str, Any] | None:
+        """What ``keep_best`` last stored beside the best state; None when there is none."""
+        url = storage.join(self.root, BEST, "metrics.json")
+        return json.loads(storage.read_bytes(url)) if storage.exists(url) else None
 
     def load(self, restore: Mapping[str, Stateful]) -> Loaded | None:
         """Restore ``restore`` (in its order) from the newest checkpoint that can be read, if any, and
