@@ -383,3 +383,40 @@ def official_state_dicts(model: Any) -> dict[str, dict[str, torch.Tensor]]:
         name: {k: v.detach().cpu() for k, v in net.state_dict().items()}
         for name, net in (("G", model.netG), ("D", model.netD), ("F", model.netF))
     }
+
+
+def architecture_mismatch(ours: Mapping[str, Any], theirs: Mapping[str, Any],
+                          names: Mapping[str, str] | None = None) -> list[str]:
+    """One line per architecture field where the configured generator (``ours``) and a checkpoint's
+    (``theirs``) differ; ``names`` says which setting sets each field."""
+    names = names or {}
+    lines = []
+    for field in sorted(set(ours) | set(theirs)):
+        mine, other = ours.get(field, "absent"), theirs.get(field, "absent")
+        if mine != other:
+            lines.append(f"{field}: checkpoint {other!r}, config {mine!r} ({names.get(field, field)})")
+    return lines
+
+
+def load_generator_weights(netG: nn.Module, obj: Any, source: str,
+                           names: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Load the generator a checkpoint object holds into ``netG`` in place; returns its model card.
+
+    The checkpoint is checked as every loader checks one (``generator_from_checkpoint``: what it
+    declares against its tensors, finite weights, a sane card). The generators fit when their tensors
+    have the same names and shapes (``load_strict``): a state dict without an architecture record (a
+    training state, an official file) fixes only what its shapes show, and a StyleGAN2 generator's
+    widths do not tell (ngf, resolution) apart, so its inferred architecture may differ from the
+    configured one in fields that change nothing. A misfit names the differing tensors and every
+    differing architecture field (with the setting ``names`` gives for it).
+    """
+    card = model_card(obj, source)
+    loaded = generator_from_checkpoint(obj, source)
+    try:
+        load_strict(netG, loaded.state_dict(), source)
+    except CheckpointError as exc:
+        fields = architecture_mismatch(netG.architecture, loaded.architecture, names)
+        if not fields:
+            raise
+        raise CheckpointError(f"{exc}; the configured generator differs in {'; '.join(fields)}") from None
+    return card

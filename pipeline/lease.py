@@ -7,7 +7,9 @@ over only when the owner cannot be alive or is its own job:
 - the lease names the same job id (e.g. a restarted rank 0 of the same torchrun job);
 - its owner is a process of this host (and PID namespace) that no longer runs;
 - its last heartbeat is older than ``stale_after`` seconds (an owner that died on another host, a
-  preempted pod; hosts' clocks must agree to well within the window).
+  preempted pod; hosts' clocks must agree to well within the window);
+- this process has seen the lease object unchanged for ``stale_after`` seconds (``acquire`` called
+  again and again while waiting, as the inference planner does: no clocks to agree).
 
 Otherwise ``LeaseHeldError`` names the owner. Two successors of one dead owner race for a claim
 object created exclusively (``<lease>.takeover-<the dead owner's token>``): one wins. The owner checks
@@ -61,23 +63,27 @@ class Owner:
     pidns: int
     job: str | None
     since: float  # when this owner took the lease (epoch seconds)
-    time: float  # its last heartbeat
+    time: float | None  # its last heartbeat (None: the object does not say)
     token: str  # unique per acquisition
 
     @classmethod
     def parse(cls, data: bytes) -> Owner:
-        """The owner a lease object names; one that cannot be read names an unknown, long-dead owner."""
+        """The owner a lease object names (what it leaves out unknown: no PID namespace, heartbeat time
+        or token); one without a host and pid names an unknown, long-dead owner."""
+        token = hashlib.sha256(data).hexdigest()[:32]
         try:
             body = json.loads(data)
+            beat = body.get("time")
             return cls(str(body["host"]), int(body["pid"]), int(body.get("pidns", 0)), body.get("job"),
-                       float(body["since"]), float(body["time"]), str(body["token"]))
-        except (ValueError, KeyError, TypeError):
-            return cls("?", 0, 0, None, 0.0, 0.0, hashlib.sha256(data).hexdigest()[:32])
+                       float(body.get("since", beat or 0.0)), None if beat is None else float(beat),
+                       str(body.get("token", token)))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return cls("?", 0, 0, None, 0.0, 0.0, token)
 
     def describe(self) -> str:
         job = f", job {self.job}" if self.job else ""
-        return (f"host {self.host} pid {self.pid}{job}, owner since {_iso(self.since)}, last heartbeat "
-                f"{max(0.0, time.time() - self.time):.0f} s ago")
+        beat = "unknown" if self.time is None else f"{max(0.0, time.time() - self.time):.0f} s ago"
+        return f"host {self.host} pid {self.pid}{job}, owner since {_iso(self.since)}, last heartbeat {beat}"
 
 
 class Lease:
@@ -92,6 +98,7 @@ class Lease:
         self.me = Owner(socket.gethostname(), os.getpid(), _pid_namespace(), job, time.time(), time.time(),
                         uuid.uuid4().hex)
         self.taken_from: Owner | None = None  # the owner this one took over from, if any
+        self._seen: tuple[bytes, float] | None = None  # the lease object as last read, and since when
         self.lost: str | None = None
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
@@ -104,10 +111,13 @@ class Lease:
             if storage.write_bytes_exclusive(self.url, self._body()):
                 return self._start()
             try:
-                current = Owner.parse(storage.read_bytes(self.url))
+                data = storage.read_bytes(self.url)
             except FileNotFoundError:  # released meanwhile
                 continue
-            why = self.takeover_reason(current)
+            if self._seen is None or self._seen[0] != data:
+                self._seen = (data, time.monotonic())
+            current = Owner.parse(data)
+            why = self.takeover_reason(current, time.monotonic() - self._seen[1])
             if why is None:
                 break
             if storage.write_bytes_exclusive(self._claim_url(current), self._body()):
@@ -119,16 +129,19 @@ class Lease:
         who = current.describe() if current else "another process"
         raise LeaseHeldError(f"{who} holds the lease {self.url}")
 
-    def takeover_reason(self, owner: Owner) -> str | None:
-        """Why ``owner`` may be taken over (None: it may be alive and is another job's)."""
+    def takeover_reason(self, owner: Owner, unchanged_for: float = 0.0) -> str | None:
+        """Why ``owner`` may be taken over (None: it may be alive and is another job's);
+        ``unchanged_for``: how long this process has seen its lease object unchanged."""
         if self.job and owner.job == self.job:
             return f"it is this job's ({self.job}), restarted"
-        same_host = owner.host == self.me.host and owner.pidns == self.me.pidns
+        same_host = owner.host == self.me.host and owner.pidns in (0, self.me.pidns)
         if same_host and owner.pid != self.me.pid and not storage.process_running(owner.pid):
             return f"its process {owner.pid} on this host is gone"
-        age = time.time() - owner.time
-        if age > self.stale_after:
+        age = None if owner.time is None else time.time() - owner.time
+        if age is not None and age > self.stale_after:
             return f"no heartbeat for {age:.0f} s (stale after {self.stale_after:g} s)"
+        if unchanged_for > self.stale_after:
+            return f"unchanged for {unchanged_for:.0f} s (stale after {self.stale_after:g} s)"
         return None
 
     def _claim_url(self, owner: Owner) -> str:

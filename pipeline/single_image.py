@@ -4,19 +4,37 @@ Each crop: resize the whole image by an independent random factor per axis in [1
 (never below the crop size, bilinear), lay a grid of crop-sized cells over it at a random offset,
 take one cell, flip it left-right with probability 1/2, scale to [-1, 1]. A and B crops are drawn
 independently, each from its own image (docs/official-reference.md, section "SinCUT").
+
+``SingleImageStream`` gives jobs.train a SinCUT run's batches: each batch's crops are drawn from a
+random generator seeded by (seed, rank, epoch, step) alone, so a resumed run draws exactly the crops an
+uninterrupted one would; threads (``workers``) cut the next batches ahead of the step.
 """
 
 from __future__ import annotations
 
+import io
+import logging
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from pipeline import storage
 from pipeline.transforms import to_tensor
+from pipeline.unpaired import DataSetError, StreamPosition
+
+log = logging.getLogger(__name__)
 
 CROP_SIZE = 64
 RANDOM_SCALE_MAX = 3.0
 DATASET_LENGTH = 100_000  # the official dataset pretends one image holds this many crops (one epoch)
+STREAM_KIND = "single_image"
+CARD_PREPROCESS = "zoom_and_patch (training); official test: the whole image (jobs.infer --preprocess none)"
 
 
 def draw_zoom(rng: np.random.Generator, scale_max: float = RANDOM_SCALE_MAX) -> tuple[float, float]:
@@ -90,3 +108,81 @@ def single_image_batch(
         crops_A.append(zoom_and_patch(image_A, rng, crop_size, scale_max, flip))
         crops_B.append(zoom_and_patch(image_B, rng, crop_size, scale_max, flip))
     return torch.stack(crops_A), torch.stack(crops_B)
+
+
+@dataclass(frozen=True)
+class SingleImage:
+    """One domain of a SinCUT run: one image, kept in memory (RGB)."""
+
+    url: str
+    image: Image.Image
+    total: int = 1  # images in the domain (the model card's count)
+
+
+def read_single_image(url: str, key: str) -> SingleImage:
+    """The image file at ``url`` (any fsspec URL); a folder or a file that is no image is a clear error."""
+    if storage.is_dir(url):
+        raise DataSetError(f"{key}={url} is a folder; SinCUT takes ONE image file per domain")
+    data = storage.read_bytes(url)  # FileNotFoundError names the URL
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            image = opened.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataSetError(f"{key}={url} is not an image file Pillow can read ({exc})") from exc
+    return SingleImage(url, image)
+
+
+class SingleImageStream:
+    """Batches of independent A and B crops (``single_image_batch``), ``steps_per_epoch`` per epoch."""
+
+    def __init__(self, a: SingleImage, b: SingleImage, batch_size: int, crop_size: int, crops_per_epoch: int,
+                 seed: int, flip: bool = True, workers: int = 0, rank: int = 0,
+                 scale_max: float = RANDOM_SCALE_MAX) -> None:
+        self.a, self.b = a, b
+        self.batch_size, self.crop_size, self.seed, self.flip = batch_size, crop_size, seed, flip
+        self.workers, self.rank, self.scale_max = workers, rank, scale_max
+        self.steps_per_epoch = crops_per_epoch // batch_size  # the official loader drops a partial batch
+        self.card_preprocess = CARD_PREPROCESS  # the model card's "preprocess"
+        self.skipped = 0  # nothing is ever skipped: the two images are read once, at the start
+
+    def batch(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
+        """The crops of one step: a pure function of (seed, rank, epoch, step)."""
+        rng = np.random.default_rng([self.seed, self.rank, epoch, step])
+        real_A, real_B = single_image_batch(self.a.image, self.b.image, rng, self.batch_size, self.crop_size,
+                                            self.scale_max, self.flip)
+        return {"A": real_A, "B": real_B}
+
+    def iterate(self, position: StreamPosition, decay: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of ``position.epoch`` from ``position.step`` on (``decay`` changes nothing here)."""
+        steps = range(position.step, self.steps_per_epoch)
+        if not self.workers:
+            for step in steps:
+                yield self.batch(position.epoch, step)
+            return
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="sincut-crops") as pool:
+            ahead: deque[Future] = deque()
+            todo = iter(steps)
+            for step in todo:
+                ahead.append(pool.submit(self.batch, position.epoch, step))
+                if len(ahead) >= 2 * self.workers:
+                    break
+            while ahead:
+                batch = ahead.popleft().result()
+                step = next(todo, None)
+                if step is not None:
+                    ahead.append(pool.submit(self.batch, position.epoch, step))
+                yield batch
+
+    def state_dict(self, position: StreamPosition) -> dict[str, Any]:
+        return {"kind": STREAM_KIND, "epoch": position.epoch, "step": position.step, "seed": self.seed,
+                "batch_size": self.batch_size, "steps_per_epoch": self.steps_per_epoch}
+
+    def position_from_state(self, state: dict[str, Any]) -> StreamPosition:
+        if state.get("kind") != STREAM_KIND:
+            raise DataSetError("the checkpoint was written by a CUT/FastCUT run, not SinCUT: use another "
+                               "run.url")
+        same = all(state[k] == getattr(self, k) for k in ("seed", "batch_size", "steps_per_epoch"))
+        if not same:
+            log.warning("SinCUT stream layout changed since the checkpoint: resuming at its epoch and step, "
+                        "not bit-exact")
+        return StreamPosition(int(state["epoch"]), min(int(state["step"]), self.steps_per_epoch))

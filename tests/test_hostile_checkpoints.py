@@ -20,7 +20,7 @@ from cut import ResnetGenerator
 from cut.checkpoint import export_generator, to_bytes
 from cut.export import to_onnx
 from jobs.export import main as export_main
-from pipeline.checkpoints import CheckpointStore
+from pipeline.checkpoints import Checkpointer
 
 ROOT = Path(__file__).resolve().parent.parent
 CARD = {"preset": "CUT", "crop_size": 32, "load_size": 36}
@@ -104,7 +104,7 @@ def hostile_run(tmp_path: Path) -> Path:
     """A run folder whose newest complete checkpoint holds NaN weights."""
     folder = tmp_path / "run"
     state = {"model": {"G": weights(**{"model.1.weight": NAN}), "opt_G": {}}, "card": CARD}
-    CheckpointStore(str(folder / "checkpoints")).save(3, {"state.pt": to_bytes(state)})
+    Checkpointer(str(folder / "checkpoints")).commit(3, {"state.pt": to_bytes(state)})
     return folder
 
 

@@ -19,7 +19,7 @@ from cut.sincut import SinCUTConfig, SinCUTModel
 from cut.stylegan2 import StyleGAN2Generator
 from jobs.config import ConfigError, TrainConfig, cut_config, load_config, resolve_train_config, sincut_config
 from jobs.finetune import init_generator
-from jobs.sincut import SingleImage, SingleImageStream
+from pipeline.single_image import SingleImage, SingleImageStream
 from pipeline.unpaired import StreamPosition
 
 ROOT = Path(__file__).resolve().parent.parent
