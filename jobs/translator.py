@@ -17,7 +17,6 @@ import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from cut.export import ExportedModel, checked_onnx_card
 from cut.inference import BatchTranslator, PendingBatch
 from cut.tiling import TiledGenerator, default_tile_size, tileable
 from jobs.config import ConfigError
+from jobs.infer_config import InferConfig, wants_cuda
 from jobs.runtime import available_memory
 from jobs.signals import StopSignals
 from pipeline import storage
@@ -50,9 +50,6 @@ from pipeline.translation_io import (
     write_output_index,
 )
 
-if TYPE_CHECKING:
-    from jobs.infer import InferConfig
-
 log = logging.getLogger("jobs.infer")
 
 
@@ -61,10 +58,6 @@ def device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return available_memory()
-
-
-def wants_cuda(config: InferConfig) -> bool:
-    return torch.cuda.is_available() if config.device == "auto" else config.device == "cuda"
 
 
 DATA_STAGES = ("read", "decode", "preprocess")  # in the DataLoader workers
