@@ -48,7 +48,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add a flag for each ``option`` field of the dataclass ``cls``, in field order. How the flag reads
     a value follows the field's type: int and float parse as such, a list takes one or more values,
     a bool is a switch (``--x`` sets it, ``--no-x`` clears it) or, when it may be None (chosen at run
-    time), both (``--x``/``--no-x``)."""
+    time), both (``--x``/``--no-x``). A flag not given whose default is empty text reads as None:
+    ``given`` leaves such fields at their default."""
     hints = typing.get_type_hints(cls)
     group = None
     for f in dataclasses.fields(cls):
@@ -66,7 +67,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             kw["type"] = int if int in kinds else float
         elif any(typing.get_origin(k) is list for k in kinds):
             kw["nargs"] = "+"
-        if not kw.get("required"):
+        if default != "" and not kw.get("required"):  # an empty text is None: no default to show
             kw["default"] = default
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
         target = parser
@@ -74,6 +75,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             group = group or parser.add_mutually_exclusive_group(required=True)
             target = group
         target.add_argument(flag, dest=f.name, help=f.metadata["help"], **kw)
+
+
+def given(args: argparse.Namespace, *leave_out: str) -> dict[str, Any]:
+    """The parsed options that have a value, but those named in ``leave_out``."""
+    return {k: v for k, v in vars(args).items() if v is not None and k not in leave_out}
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,7 +28,7 @@ import logging
 from typing import Any
 
 from cut import CheckpointError
-from jobs.cli import HelpFormatter, add_logging_arguments, add_options, run_job
+from jobs.cli import HelpFormatter, add_logging_arguments, add_options, given, run_job
 from jobs.config import ConfigError, build
 from jobs.infer_config import InferConfig, wants_cuda
 from jobs.logs import setup_logging
@@ -57,8 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_infer_config(args: argparse.Namespace) -> InferConfig:
     """The validated config of a parsed command line (ConfigError if a value is out of range)."""
-    options = {k: v for k, v in vars(args).items() if k != "log_format"}
-    config = build(InferConfig, options, "command line")
+    config = build(InferConfig, given(args, "log_format"), "command line")
     if config.worker_index is None:
         config.worker_index = env_int("RANK", "JOB_COMPLETION_INDEX", default=0)
     if config.num_workers is None:
