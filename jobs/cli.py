@@ -34,11 +34,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)" if shown and action.option_strings else text
 
 
-def option(default: Any, help: str, flag: str = "", *, exclusive: bool = False, **argparse_kw: Any) -> Any:
+def option(default: Any, meaning: str, flag: str = "", *, exclusive: bool = False, **argparse_kw: Any) -> Any:
     """A config field that is also a flag: its default (here only), its help line, the flag when it is
     not ``--field-name`` (``--no-x`` for a switch that turns a default-on field off), ``exclusive``
     for one of the job's required either-or flags, and argparse's own choices, metavar, required."""
-    metadata = {"help": help, "flag": flag, "exclusive": exclusive, "argparse": argparse_kw}
+    metadata = {"help": meaning, "flag": flag, "exclusive": exclusive, "argparse": argparse_kw}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
