@@ -105,6 +105,13 @@ def train_domain_classifier(images_a: torch.Tensor, images_b: torch.Tensor, *, e
     return net.eval()
 
 
+def held_out_split(images: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held out): a seeded random ``share`` of ``images`` (at least one image) kept aside."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    count = max(1, round(share * len(images)))
+    return images[order[count:]], images[order[:count]]
+
+
 @torch.inference_mode()
 def share_classified_b(net: DomainClassifier, images: torch.Tensor, batch_size: int = 256) -> float:
     """Share of ``images`` (N, 3, H, W in [-1, 1]) that ``net`` puts in domain B."""

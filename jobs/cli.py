@@ -1,17 +1,21 @@
-"""Command-line conventions every job shares: help that shows defaults, the log format flag, and one
-way to end the process with the documented exit code."""
+"""Command-line conventions every job shares: flags generated from a job's config dataclass (so each
+default lives in one place), help that shows defaults, the log format flag, and one way to end the
+process with the documented exit code."""
 
 from __future__ import annotations
 
 import argparse
 import atexit
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
 import traceback
+import types
+import typing
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pipeline.storage import StorageUnreachableError, unreachable_endpoint
 
@@ -32,6 +36,54 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         unsaid = action.default not in (None, False, argparse.SUPPRESS) and "default" not in text
         shown = unsaid and not switch
         return f"{text} (default: %(default)s)" if shown and action.option_strings else text
+
+
+def option(default: Any, meaning: str, flag: str = "", *, exclusive: bool = False, **argparse_kw: Any) -> Any:
+    """A config field that is also a flag: its default (here only), its help line, the flag when it is
+    not ``--field-name`` (``--no-x`` for a switch that turns a default-on field off), ``exclusive``
+    for one of the job's required either-or flags, and argparse's own choices, metavar, required."""
+    metadata = {"help": meaning, "flag": flag, "exclusive": exclusive, "argparse": argparse_kw}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add a flag for each ``option`` field of the dataclass ``cls``, in field order. How the flag reads
+    a value follows the field's type: int and float parse as such, a list takes one or more values,
+    a bool is a switch (``--x`` sets it, ``--no-x`` clears it) or, when it may be None (chosen at run
+    time), both (``--x``/``--no-x``). A flag not given whose default is empty text reads as None:
+    ``given`` leaves such fields at their default."""
+    hints = typing.get_type_hints(cls)
+    group = None
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        kw: dict[str, Any] = dict(f.metadata["argparse"])
+        hint = hints[f.name]
+        optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+        kinds = set(typing.get_args(hint)) - {type(None)} if optional else {hint}
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if bool in kinds:
+            kw["action"] = (argparse.BooleanOptionalAction if optional
+                            else "store_false" if default else "store_true")
+        elif int in kinds or float in kinds:
+            kw["type"] = int if int in kinds else float
+        elif any(typing.get_origin(k) is list for k in kinds):
+            kw["nargs"] = "+"
+        if default != "" and not kw.get("required"):  # an empty text is None: no default to show
+            kw["default"] = default
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        target = parser
+        if f.metadata["exclusive"]:
+            group = group or parser.add_mutually_exclusive_group(required=True)
+            target = group
+        target.add_argument(flag, dest=f.name, help=f.metadata["help"], **kw)
+
+
+def given(args: argparse.Namespace, *leave_out: str) -> dict[str, Any]:
+    """The parsed options that have a value, but those named in ``leave_out``."""
+    return {k: v for k, v in vars(args).items() if v is not None and k not in leave_out}
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:

@@ -37,20 +37,12 @@ image), OUT/report.html, OUT/grid.png, OUT/samples/*.png; a table on stdout.
 from __future__ import annotations
 
 import argparse
-import html
-import io
-import json
 import logging
 import time
-from collections import Counter
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
 from cut import CheckpointError, generator_from_checkpoint, read_checkpoint
 from cut.checkpoint import to_bytes
@@ -60,6 +52,7 @@ from cut.domain import (
     domain_accuracy,
     downscale,
     export_classifier,
+    held_out_split,
     train_domain_classifier,
 )
 from cut.inception import (
@@ -68,7 +61,7 @@ from cut.inception import (
     InceptionWeightsError,
 )
 from cut.metrics import FeatureStats, QualityMeter, as_rgb, quantize
-from jobs.cli import HelpFormatter, add_logging_arguments, run_job
+from jobs.cli import HelpFormatter, add_logging_arguments, add_options, given, option, run_job
 from jobs.config import ConfigError, build
 from jobs.logs import setup_logging
 from jobs.quality import (
@@ -94,6 +87,14 @@ from pipeline.images import (
     translated_pairs,
 )
 from pipeline.ingest import ListingError
+from pipeline.report import (
+    Sample,
+    classifier_note,
+    format_table,
+    rejection_summary,
+    write_per_image,
+    write_report,
+)
 from pipeline.shards import ShardIndexError
 
 log = logging.getLogger("jobs.eval")
@@ -113,87 +114,60 @@ class NothingToScoreError(RuntimeError):
 
 @dataclass
 class EvalConfig:
-    """One evaluation: the command line's options, validated by ``jobs.config.build``."""
+    """One evaluation: each field a flag of the command line (its default and help written here only),
+    validated by ``jobs.config.build`` and ``load_eval_config``."""
 
-    checkpoint: str = ""
-    translated: str = ""
-    inputs: list[str] | None = None
-    train_classifier_only: bool = False
-    test_a: str = ""
-    test_b: str = ""
-    out: str = ""
-    metrics: list[str] | None = None
-    domain_classifier: str = ""
-    train_a: str = ""
-    train_b: str = ""
-    classifier_epochs: int = 20
-    classifier_max_images: int = 5000
-    inception_weights: str = ""
-    download: bool = True
-    reference_stats: str = ""
-    baseline: bool = True
-    crop_size: int = 256
-    batch_size: int = 16
-    samples: int = 8
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    seed: int = 0
-    device: str = "auto"
-    note: str = ""
+    checkpoint: str = option("", "generator to evaluate: our export, latest_net_G.pth, a training state.pt "
+                             "or a run folder", exclusive=True)
+    translated: str = option("", "inference output folder (OUT/manifest/*.parquet, OUT/images/...)",
+                             exclusive=True)
+    inputs: list[str] | None = option(  # noqa: RUF009 (None: no list is shared)
+        None, "with --translated: the folders, prefixes or shard sets its inputs may be read from "
+        "(jobs.infer's --input); a manifest row whose source_url lies elsewhere is rejected, not read "
+        "(default: --test-a)",
+        metavar="URL")
+    train_classifier_only: bool = option(False, "train a domain classifier on --train-a/--train-b, save it "
+                                         "to --domain-classifier and stop (its held-out accuracy is in the "
+                                         "file and the log)", exclusive=True)
+    test_a: str = option("", "real domain A test images: what --checkpoint translates, and the A test set of "
+                         "a domain classifier trained here")
+    test_b: str = option("", "real domain B images (reference for FID/KID; domain classifier test)")
+    out: str = option("", "report folder URL (not used by --train-classifier-only)")
+    metrics: list[str] | None = option(  # noqa: RUF009 (None: no list is shared)
+        None, "compute these, and fail if one cannot be computed (default: every metric available)",
+        choices=METRICS)
+    domain_classifier: str = option("", "domain classifier file (trained and saved here if absent and "
+                                    "--train-a/--train-b are given)")
+    train_a: str = option("", "real domain A training images for the domain classifier")
+    train_b: str = option("", "real domain B training images for the domain classifier")
+    classifier_epochs: int = option(20, "epochs of the domain classifier")
+    classifier_max_images: int = option(5000, "training images per domain")
+    inception_weights: str = option("", f"path or URL of {WEIGHTS_NAME} (default: torch hub cache)")
+    download: bool = option(True, "never try to download the Inception weights", "--no-download")
+    reference_stats: str = option("", "Inception statistics of --test-b (.npz): reused when present, "
+                                  "written when computed")
+    baseline: bool = option(True, "skip scoring the untranslated inputs", "--no-baseline")
+    crop_size: int = option(256, "images are resized to this square size")
+    batch_size: int = option(16, "images per batch through G and the scorers")
+    samples: int = option(8, "input/output pairs shown in the report")
+    kid_subsets: int = option(100, "random subsets KID averages over")
+    kid_subset_size: int = option(1000, "images per KID subset (at most all)")
+    seed: int = option(0, "seeds the classifier and the KID subsets")
+    device: str = option("auto", "auto: CUDA if any", choices=("auto", "cpu", "cuda"))
+    note: str = option("", "a line of text shown at the top of the report (what was evaluated, why)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.eval", description=__doc__,
                                 formatter_class=HelpFormatter)
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument(
-        "--checkpoint",
-        help="generator to evaluate: our export, latest_net_G.pth, a training state.pt or a run folder",
-    )
-    what.add_argument("--translated", help="inference output folder (OUT/manifest/*.parquet, OUT/images/...)")
-    p.add_argument("--inputs", nargs="+", metavar="URL",
-                   help="with --translated: the folders, prefixes or shard sets its inputs may be read from "
-                   "(jobs.infer's --input); a manifest row whose source_url lies elsewhere is rejected, "
-                   "not read (default: --test-a)")
-    what.add_argument("--train-classifier-only", action="store_true",
-                      help="train a domain classifier on --train-a/--train-b, save it to --domain-classifier "
-                      "and stop (its held-out accuracy is in the file and the log)")
-    p.add_argument("--test-a", help="real domain A test images: what --checkpoint translates, and the A test "
-                   "set of a domain classifier trained here")
-    p.add_argument("--test-b", help="real domain B images (reference for FID/KID; domain classifier test)")
-    p.add_argument("--out", help="report folder URL (not used by --train-classifier-only)")
-    p.add_argument("--metrics", nargs="+", choices=METRICS, default=None,
-                   help="compute these, and fail if one cannot be computed (default: every metric available)")
-    p.add_argument("--domain-classifier", help="domain classifier file (trained and saved here if absent "
-                   "and --train-a/--train-b are given)")
-    p.add_argument("--train-a", help="real domain A training images for the domain classifier")
-    p.add_argument("--train-b", help="real domain B training images for the domain classifier")
-    p.add_argument("--classifier-epochs", type=int, default=20, help="epochs of the domain classifier")
-    p.add_argument("--classifier-max-images", type=int, default=5000, help="training images per domain")
-    p.add_argument("--inception-weights", help=f"path or URL of {WEIGHTS_NAME} (default: torch hub cache)")
-    p.add_argument("--no-download", dest="download", action="store_false",
-                   help="never try to download the Inception weights")
-    p.add_argument("--reference-stats", help="Inception statistics of --test-b (.npz): reused when present, "
-                   "written when computed")
-    p.add_argument("--no-baseline", dest="baseline", action="store_false",
-                   help="skip scoring the untranslated inputs")
-    p.add_argument("--crop-size", type=int, default=256, help="images are resized to this square size")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch through G and the scorers")
-    p.add_argument("--samples", type=int, default=8, help="input/output pairs shown in the report")
-    p.add_argument("--kid-subsets", type=int, default=100, help="random subsets KID averages over")
-    p.add_argument("--kid-subset-size", type=int, default=1000, help="images per KID subset (at most all)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the classifier and the KID subsets")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if any")
-    p.add_argument("--note", help="a line of text shown at the top of the report (what was evaluated, why)")
+    add_options(p, EvalConfig)
     add_logging_arguments(p)
     return p
 
 
 def load_eval_config(args: argparse.Namespace) -> EvalConfig:
     """The validated config of a parsed command line."""
-    options = {k: v for k, v in vars(args).items() if k != "log_format"}
-    data = {k: ("" if v is None and k not in ("metrics", "inputs") else v) for k, v in options.items()}
-    config = build(EvalConfig, data, "command line")
+    config = build(EvalConfig, given(args, "log_format"), "command line")
     only = config.train_classifier_only
     checks = [
         ("--out", bool(config.out) or only, "given"),
@@ -228,13 +202,6 @@ def load_images(url: str, crop_size: int, size: int, limit: int | None = None) -
     if not batches:
         raise FileNotFoundError(f"no readable images in {url}")
     return torch.cat(batches)[:limit]
-
-
-def held_out_split(images: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, held out): a seeded random ``share`` of ``images`` (at least one image) kept aside."""
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    count = max(1, round(share * len(images)))
-    return images[order[count:]], images[order[:count]]
 
 
 def train_classifier(config: EvalConfig, device: torch.device) -> tuple[DomainClassifier, dict[str, Any]]:
@@ -304,15 +271,6 @@ def save_classifier_only(config: EvalConfig) -> int:
 
 
 # ------------------------------------------------------------------------------------- evaluation
-@dataclass
-class Sample:
-    """One pair shown in the report."""
-
-    key: str
-    input: torch.Tensor | None
-    output: torch.Tensor
-
-
 @dataclass
 class Scored:
     """What an evaluation pass leaves: the keys of the scored images, in meter order, samples, and the
@@ -390,11 +348,6 @@ def unreadable(pair: TranslatedPair, output_read: bool) -> Rejection:
     url = pair.source_url if output_read else pair.output_url
     what = "input" if output_read else "output"
     return Rejection(pair.key, "unreadable", url, f"the {what} {url} could not be read or decoded")
-
-
-def rejection_summary(reasons: Iterable[str]) -> str:
-    """'2 output-outside, 1 sha256-mismatch': how many rows were left out, by reason code."""
-    return ", ".join(f"{n} {reason}" for reason, n in sorted(Counter(reasons).items()))
 
 
 def reference_pass(config: EvalConfig, inception: FIDInception | None, classifier: DomainClassifier | None,
@@ -526,172 +479,6 @@ def _no_better_than_identity(scores: dict[str, float], identity: dict[str, float
         return ""
     return (f"the translation score {scores['translation_score']:.3f} is no better than the identity's "
             f"{identity['translation_score']:.3f} (the inputs returned unchanged)")
-
-
-def write_per_image(out: str, keys: list[str], per_image: dict[str, list[float]],
-                    identity: dict[str, list[float]]) -> None:
-    """OUT/per_image.parquet: one row per scored image, its key and scores (identity_* for its input)."""
-    columns: dict[str, list[Any]] = {"key": keys, **per_image}
-    if "domain_probability" in identity:
-        columns["identity_domain_probability"] = identity["domain_probability"]
-    buffer = io.BytesIO()
-    pq.write_table(pa.table(columns), buffer, compression="zstd")
-    storage.write_bytes_atomic(storage.join(out, "per_image.parquet"), buffer.getvalue())
-
-
-# ----------------------------------------------------------------------------------------- report
-ROWS = (("translation score", "translation_score", 1.0), ("content score", "content_score", 1.0),
-        ("domain score", "domain_score", 1.0), ("FID", "fid", 1.0), ("KID x 1000", "kid", 1000.0),
-        ("images", "count", 1.0))
-
-
-def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
-    """The metrics table: a header, then one row per metric (translated, inputs, real B)."""
-    named = (("translated", metrics["translated"]), ("identity (inputs)", metrics["baseline"]),
-             ("real B", metrics["real_b"]))
-    columns = [(name, scores) for name, scores in named if scores is not None]
-    rows = [["metric", *(name for name, _ in columns)]]
-    for label, key, scale in ROWS:
-        cells = []
-        for _, scores in columns:
-            value = scores.get(key)
-            cells.append("-" if value is None else f"{value * scale:.0f}" if key == "count" else
-                         f"{value * scale:.4g}")
-        rows.append([label, *cells])
-    return rows
-
-
-def unavailable_notes(metrics: dict[str, Any]) -> list[tuple[str, str]]:
-    """(metric names, reason) per distinct reason: FID and KID usually share theirs."""
-    by_reason: dict[str, list[str]] = {}
-    for name, reason in metrics["unavailable"].items():
-        by_reason.setdefault(reason, []).append(name)
-    return [(" and ".join(names), reason) for reason, names in by_reason.items()]
-
-
-def format_table(metrics: dict[str, Any]) -> str:
-    """The metrics table as text, then why any metric is missing."""
-    rows = table_rows(metrics)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    lines += [f"{names} unavailable: {reason}" for names, reason in unavailable_notes(metrics)]
-    if note := rejected_note(metrics):
-        lines.append(note)
-    if about := classifier_note(metrics["domain_classifier"]):
-        lines.append(about)
-    lines += [f"WARNING: {warning}" for warning in metrics["warnings"]]
-    return "\n".join(lines)
-
-
-def rejected_note(metrics: dict[str, Any]) -> str:
-    """One line on the manifest rows left out of scoring ("" if none)."""
-    rejections = metrics.get("rejections") or {}
-    if not rejections:
-        return ""
-    summary = rejection_summary(r["reason"] for r in rejections.values())
-    return f"{len(rejections)} manifest rows rejected, not scored ({summary}): see rejections in metrics.json"
-
-
-def classifier_note(meta: dict[str, Any] | None) -> str:
-    """One line on the domain classifier behind the domain and translation scores ("" if none)."""
-    if not meta:
-        return ""
-    accuracy = meta.get("test_accuracy")
-    if accuracy is None:
-        return "domain classifier: held-out accuracy unknown"
-    parts = [f"{d} {meta[f'test_accuracy_{d.lower()}']:.3f}" for d in "AB"
-             if f"test_accuracy_{d.lower()}" in meta]
-    parts.append(meta.get("held_out", "held-out images"))
-    return f"domain classifier: held-out accuracy {accuracy:.3f} ({'; '.join(parts)})"
-
-
-def to_pixels(image: torch.Tensor) -> Image.Image:
-    """A (3, H, W) tensor in [-1, 1] whose values are 8-bit levels, as an RGB image (levels rounded)."""
-    pixels = ((image.float().clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
-    return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
-
-
-def png_bytes(img: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def grid_image(samples: list[Sample], per_row: int = 8) -> Image.Image:
-    """Rows of up to ``per_row`` inputs, each row followed by the row of their outputs (black if absent)."""
-    size = samples[0].output.shape[-1]
-    rows = [samples[i:i + per_row] for i in range(0, len(samples), per_row)]
-    grid = Image.new("RGB", (size * min(per_row, len(samples)), 2 * size * len(rows)))
-    for r, row in enumerate(rows):
-        for c, sample in enumerate(row):
-            if sample.input is not None:
-                grid.paste(to_pixels(sample.input), (c * size, 2 * r * size))
-            grid.paste(to_pixels(sample.output), (c * size, (2 * r + 1) * size))
-    return grid
-
-
-SCORE_GUIDE = (
-    "Translation score: per image, the lower of the domain classifier's P(B | output) and the content "
-    "score; high only when an output looks like domain B and keeps its input. Content score: agreement "
-    "of input and output luminance layout at coarse scales (1 = same layout, about 0 = unrelated or "
-    "noise). Domain score: share of outputs the classifier puts in B. Identity: the inputs returned "
-    "unchanged, the score of doing nothing."
-)
-
-
-def _cell(per_image: dict[str, list[float]], name: str, i: int) -> str:
-    values = per_image.get(name)
-    return "-" if values is None or i >= len(values) else f"{values[i]:.3f}"
-
-
-def write_report(out: str, metrics: dict[str, Any], samples: list[Sample],
-                 per_image: dict[str, list[float]]) -> None:
-    """metrics.json, grid.png, samples/NNN-{input,output}.png and report.html: the scores table, the
-    classifier's accuracy, warnings, and a gallery of input beside output with each pair's scores
-    (``per_image``: the meter's per-image scores, whose first entries are the samples')."""
-    storage.write_bytes_atomic(storage.join(out, "metrics.json"),
-                               (json.dumps(metrics, indent=1, sort_keys=True) + "\n").encode())
-    figure, pairs = "", []
-    if samples:
-        storage.write_bytes_atomic(storage.join(out, "grid.png"), png_bytes(grid_image(samples)))
-        figure = '<img src="grid.png" alt="inputs above their translations">'
-    for i, sample in enumerate(samples):
-        cells = []
-        for role, image in (("input", sample.input), ("output", sample.output)):
-            if image is None:
-                cells.append("<td>input unavailable</td>")
-                continue
-            name = f"samples/{i:03d}-{role}.png"
-            storage.write_bytes_atomic(storage.join(out, name), png_bytes(to_pixels(image)))
-            cells.append(f'<td><img src="{name}" class="pair" alt="{role} {html.escape(sample.key)}"></td>')
-        scores = "".join(f"<td>{_cell(per_image, n, i)}</td>"
-                         for n in ("translation_score", "content_score", "domain_probability"))
-        pairs.append(f"<tr><td>{html.escape(sample.key)}</td>{''.join(cells)}{scores}</tr>")
-    rows = table_rows(metrics)
-    table = "".join("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
-                    for tag, row in (("th" if i == 0 else "td", row) for i, row in enumerate(rows)))
-    notes = "".join(f"<p><b>{html.escape(names)} unavailable:</b> {html.escape(reason)}</p>"
-                    for names, reason in unavailable_notes(metrics))
-    about = classifier_note(metrics["domain_classifier"])
-    about = f"<p>{html.escape(about)}</p>" if about else ""
-    if rejected := rejected_note(metrics):
-        about += f'<p class="warning">{html.escape(rejected)}</p>'
-    warnings = "".join(f'<p class="warning"><b>Warning:</b> {html.escape(w)}</p>'
-                       for w in metrics["warnings"])
-    config = metrics["config"]
-    source = config["checkpoint"] or config["translated"]
-    note = f"<p>{html.escape(config['note'])}</p>" if config.get("note") else ""
-    page = (
-        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Translation quality</title>"
-        "<style>body{font-family:sans-serif;max-width:70em} td,th{padding:2px 8px;text-align:left}"
-        " img{max-width:100%} img.pair{width:160px;image-rendering:pixelated}"
-        " .warning{color:#a00}</style></head><body>\n"
-        f"<h1>Translation quality</h1><p>{html.escape(source)}</p>\n{note}{warnings}"
-        f"<table>{table}</table>\n{notes}{about}<p><small>{html.escape(SCORE_GUIDE)}</small></p>\n"
-        "<h2>Gallery</h2><table><tr><th>key</th><th>input</th><th>output</th><th>translation</th>"
-        f"<th>content</th><th>P(B)</th></tr>{''.join(pairs)}</table>\n"
-        f"<h2>Grid</h2>{figure}\n</body></html>\n")
-    storage.write_bytes_atomic(storage.join(out, "report.html"), page.encode())
 
 
 def main(argv: list[str] | None = None) -> int:

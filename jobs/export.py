@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,7 +42,7 @@ from cut.export import (
     export_bytes,
     verify,
 )
-from jobs.cli import HelpFormatter, add_logging_arguments, run_job
+from jobs.cli import HelpFormatter, add_logging_arguments, add_options, given, option, run_job
 from jobs.logs import setup_logging
 from pipeline import storage
 from pipeline.checkpoints import resolve_generator_url
@@ -49,16 +50,22 @@ from pipeline.checkpoints import resolve_generator_url
 log = logging.getLogger("jobs.export")
 
 
+@dataclass
+class ExportConfig:
+    """One export: each field a flag of the command line (its default and help written here only)."""
+
+    checkpoint: str = option("", "generator: export, latest_net_G.pth, state.pt or a run folder",
+                             required=True)
+    out: str = option("", "folder URL for the exported model and its model card", required=True)
+    format: str = option("", "onnx or torchscript", choices=FORMATS, required=True)
+    size: int = option(0, "side of the example input that is traced (default: the model card's crop size, "
+                       "else 256); the export runs at any size")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__,
                                 formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="generator: export, latest_net_G.pth, state.pt or a run folder")
-    p.add_argument("--out", required=True, help="folder URL for the exported model and its model card")
-    p.add_argument("--format", choices=FORMATS, required=True, help="onnx or torchscript")
-    p.add_argument("--size", type=int, default=0,
-                   help="side of the example input that is traced (default: the model card's crop size, "
-                   "else 256); the export runs at any size")
+    add_options(p, ExportConfig)
     add_logging_arguments(p)
     return p
 
@@ -114,9 +121,10 @@ def _shape(check: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    config = ExportConfig(**given(args, "log_format"))
     setup_logging(0, args.log_format)
     try:
-        report = export(args.checkpoint, args.out, args.format, args.size)
+        report = export(config.checkpoint, config.out, config.format, config.size)
     except ModuleNotFoundError as exc:
         log.error("%s: the export needs onnx and onnxruntime (pip install 'cut-pipeline[export]')", exc)
         return 1
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, FileNotFoundError, IsADirectoryError) as exc:
         log.error("%s", exc)
         return 1
-    print(f"{storage.join(args.out, report['file'])}: verified against torch at "
+    print(f"{storage.join(config.out, report['file'])}: verified against torch at "
           + ", ".join(f"{_shape(c)} ({c['relative_error']:.1e})" for c in report["checks"]))
     return 0
 

@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 from cut import CheckpointError
-from jobs.cli import HelpFormatter, add_logging_arguments, run_job
+from jobs.cli import HelpFormatter, add_logging_arguments, add_options, given, run_job
 from jobs.config import ConfigError, build
+from jobs.infer_config import InferConfig, wants_cuda
 from jobs.logs import setup_logging
 from jobs.runtime import available_cores, env_int, reuse_freed_memory
 from jobs.signals import StopSignals
-from jobs.translator import Translator, finish, wants_cuda
+from jobs.translator import Translator, finish
 from pipeline.ingest import ListingError
 from pipeline.manifest import committed_units, manifest_dir
 from pipeline.plan import PlanError, worker_units
@@ -43,170 +43,21 @@ from pipeline.shards import ShardIndexError
 
 log = logging.getLogger("jobs.infer")
 
-FORMATS = ("files", "shards")
-IMAGE_FORMATS = ("png", "jpg", "webp", "npy")
-PREPROCESS = ("official", "none", "shortside")
-ENGINES = ("torch", "onnxruntime")
 DEFAULT_SIZE = 256
-
-
-@dataclass
-class InferConfig:
-    checkpoint: str = ""
-    inputs: list[str] = field(default_factory=list)
-    out: str = ""
-    format: str = "files"
-    image_format: str = "png"
-    quality: int = 95
-    png_level: int = 1
-    preprocess: str = "official"
-    load_size: int | None = None
-    crop_size: int | None = None
-    max_pixels: int = 64 * 2**20
-    tile_size: int | None = None
-    batch_size: int | None = None
-    workers: int | None = None
-    encode_threads: int | None = None
-    unit_size: int = 1000
-    worker_index: int | None = None
-    num_workers: int | None = None
-    device: str = "auto"
-    bf16: bool | None = None
-    channels_last: bool | None = None
-    compile: bool = False
-    engine: str = "torch"
-    progress: bool = True
-    plan_timeout: float = 3600.0
-    check_inputs: bool = True
-    add_new_inputs: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jobs.infer", description=__doc__, formatter_class=HelpFormatter
     )
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        help="our export (export/generator.pt), latest_net_G.pth, a training state.pt, or a run folder "
-        "(its newest checkpoint)",
-    )
-    p.add_argument(
-        "--input", required=True, nargs="+", dest="inputs", metavar="URL", help="shard sets or listings"
-    )
-    p.add_argument("--out", required=True, help="output URL (images/, manifest/, _SUCCESS)")
-    p.add_argument("--format", choices=FORMATS, default="files", help="write image files or shards")
-    p.add_argument(
-        "--image-format",
-        choices=IMAGE_FORMATS,
-        default="png",
-        help="png (lossless, fast: pipeline/png.py), jpg or webp (lossy, --quality), npy (NumPy arrays: "
-        "any channel count; models with more than 4 output channels need it)",
-    )
-    p.add_argument(
-        "--quality", type=int, default=95, help="JPEG/WebP quality, 1-100 (default: 95); PNG is lossless"
-    )
-    p.add_argument(
-        "--png-level",
-        type=int,
-        default=1,
-        help="PNG deflate level 0-9 (default: 1, ISA-L: 0.7 ms for 256x256, files the size of Pillow's "
-        "level 1; 2-9: zlib, a few percent smaller, several times slower)",
-    )
-    p.add_argument(
-        "--preprocess",
-        choices=PREPROCESS,
-        default="official",
-        help="official: resize to the crop size as test.py; none: keep the size (network at a multiple "
-        "of 4, output restored to the input size); shortside: shortest side to --load-size",
-    )
-    p.add_argument(
-        "--load-size",
-        type=int,
-        default=None,
-        help="shortest side for --preprocess shortside (default: the model card's crop size, else 256)",
-    )
-    p.add_argument(
-        "--crop-size",
-        type=int,
-        default=None,
-        help="network size for --preprocess official (default: the model card's crop size, else 256)",
-    )
-    p.add_argument(
-        "--max-pixels", type=int, default=64 * 2**20, help="inputs with more pixels become error rows"
-    )
-    p.add_argument("--batch-size", type=int, default=None, help="default: 16 on CUDA, 1 on CPU (cache-bound)")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="DataLoader processes that read and decode (default: a third of the usable cores on CUDA; 0 "
-        "on CPU, where the model's threads use every core: inputs decode in this process between "
-        "batches, without a forked process's start-up and copy-on-write faults)",
-    )
-    p.add_argument(
-        "--encode-threads",
-        type=int,
-        default=None,
-        help="threads that encode, hash and write outputs (default: half the usable cores on CUDA, 1 on CPU)",
-    )
-    p.add_argument(
-        "--unit-size", type=int, default=1000, help="images (or shard samples) per work unit, at planning"
-    )
-    p.add_argument(
-        "--worker-index", type=int, default=None, help="this worker (default: RANK or JOB_COMPLETION_INDEX)"
-    )
-    p.add_argument(
-        "--num-workers", type=int, default=None, help="all workers (default: WORLD_SIZE or JOB_COMPLETIONS)"
-    )
-    p.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if there is one"
-    )
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
-    p.add_argument(
-        "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA"
-    )
-    p.add_argument("--compile", action="store_true", help="torch.compile the generator (CUDA)")
-    p.add_argument(
-        "--tile-size",
-        type=int,
-        default=None,
-        help="inputs larger than this many network pixels on a side are translated tile by tile, exactly "
-        "(whole-image InstanceNorm statistics); 0 never tiles (default: from the device's memory)",
-    )
-    p.add_argument(
-        "--engine",
-        choices=ENGINES,
-        default="torch",
-        help="torch, or onnxruntime: run an ONNX export of jobs.export (--checkpoint: its generator.onnx or "
-        "its folder) on onnxruntime's CPU execution provider (CUDA's with --device cuda)",
-    )
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    p.add_argument(
-        "--plan-timeout",
-        type=float,
-        default=3600.0,
-        help="seconds a worker waits for the plan another worker is making (default: 3600)",
-    )
-    p.add_argument(
-        "--add-new-inputs",
-        action="store_true",
-        help="rerun: add inputs that appeared since the plan was made as new units",
-    )
-    p.add_argument(
-        "--skip-input-check",
-        dest="check_inputs",
-        action="store_false",
-        help="rerun: do not relist the inputs (worker 0 relists them by default to find changes)",
-    )
+    add_options(p, InferConfig)
     add_logging_arguments(p)
     return p
 
 
 def load_infer_config(args: argparse.Namespace) -> InferConfig:
     """The validated config of a parsed command line (ConfigError if a value is out of range)."""
-    options = {k: v for k, v in vars(args).items() if k != "log_format"}
-    config = build(InferConfig, options, "command line")
+    config = build(InferConfig, given(args, "log_format"), "command line")
     if config.worker_index is None:
         config.worker_index = env_int("RANK", "JOB_COMPLETION_INDEX", default=0)
     if config.num_workers is None:

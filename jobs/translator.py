@@ -1,9 +1,11 @@
 """The work of one jobs.infer worker: its units through the model, outputs written, parts committed.
 
-Batches come from DataLoader workers (`pipeline.translation_io.UnitBatches`); the device runs one
-batch while the host hands the previous one to a bounded pool of encoder threads; a unit's manifest
-part is written once all of its outputs are stored. `finish` writes `_SUCCESS` (and, for shard
-outputs, their index) once every unit of the plan is committed.
+Read in the order a batch travels: `Translator.__init__` loads the model (torch, or onnxruntime);
+`run` takes batches that DataLoader workers read, decoded and preprocessed
+(`pipeline.translation_io.UnitBatches`) and starts each on the device, while `_hand_over` gives the
+previous batch's outputs to a bounded pool of encoder threads (`_write_one`: encode, hash, write);
+once all of a unit's outputs are stored, `_commit` writes its manifest part. `finish` writes
+`_SUCCESS` (and, for shard outputs, their index) once every unit of the plan is committed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from cut.export import ExportedModel, checked_onnx_card
 from cut.inference import BatchTranslator, PendingBatch
 from cut.tiling import TiledGenerator, default_tile_size, tileable
 from jobs.config import ConfigError
+from jobs.infer_config import InferConfig, wants_cuda
 from jobs.runtime import available_memory
 from jobs.signals import StopSignals
 from pipeline import storage
@@ -50,9 +52,6 @@ from pipeline.translation_io import (
     write_output_index,
 )
 
-if TYPE_CHECKING:
-    from jobs.infer import InferConfig
-
 log = logging.getLogger("jobs.infer")
 
 
@@ -61,10 +60,6 @@ def device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return available_memory()
-
-
-def wants_cuda(config: InferConfig) -> bool:
-    return torch.cuda.is_available() if config.device == "auto" else config.device == "cuda"
 
 
 DATA_STAGES = ("read", "decode", "preprocess")  # in the DataLoader workers
@@ -181,100 +176,6 @@ class Translator:
         log.info("engine onnxruntime: %s with %s", self.checkpoint_url, ", ".join(model.providers))
         return data, {}, model
 
-    def _add_time(self, **seconds: float) -> None:
-        with self._timing:
-            for stage, value in seconds.items():
-                self.seconds[stage] += value
-
-    def _write_one(
-        self, unit: WorkUnit, meta: dict, pixels: np.ndarray, model_ms: float, state: _Unit
-    ) -> dict:
-        """Encode one output and store it (a file, or a member of the unit's shard); returns its row."""
-        t0, c0 = time.perf_counter(), time.thread_time()
-        try:
-            url = self.layout.image_url(unit, meta["key"])
-        except UnsafeKeyError as exc:
-            return self._error_row(meta, "unsafe-key", str(exc))
-        alpha = None if meta["alpha"] is None else meta["alpha"].numpy()
-        try:
-            encoded = self.layout.encode(pixels, meta["restore"], alpha, meta["box"])
-        except Exception as exc:  # an allocation for this one output: its row, not the unit's failure
-            if not out_of_memory(exc):
-                raise
-            return self._error_row(meta, "out-of-memory", f"encoding the output: {type(exc).__name__}: {exc}")
-        data = encoded.data
-        c1 = time.thread_time()
-        digest = sha256(data)
-        c2 = time.thread_time()
-        left, top, right, bottom = meta["box"]
-        out_w, out_h = meta["restore"] or (right - left, bottom - top)
-        row = {
-            **{k: meta[k] for k in ("order", "key", "source_url", "width", "height", "input_bytes")},
-            "output_url": url,
-            "status": "ok",
-            "out_width": out_w,
-            "out_height": out_h,
-            "output_bytes": len(data),
-            "output_sha256": digest,
-            "source_mode": meta["source_mode"],
-            "output_mode": encoded.mode,
-            "dropped": ",".join(encoded.dropped) or None,
-        }
-        if encoded.dropped:
-            with self._timing:
-                self.dropped.update(encoded.dropped)
-        if self.cfg.format == "shards":
-            sidecar = {
-                k: row[k]
-                for k in ("key", "source_url", "width", "height", "out_width", "out_height", "output_sha256",
-                          "output_mode")
-            }
-            sidecar.update(model_id=self.model_id, preset=self.preset)
-            with state.lock:
-                state.tar_members.append((meta["key"], self.cfg.image_format, data))
-                state.tar_members.append((meta["key"], "json", json.dumps(sidecar, sort_keys=True).encode()))
-        else:
-            storage.write_bytes_atomic(url, data, durable=False)  # synced once per unit, before its part
-        self._add_time(encode=c1 - c0, hash=c2 - c1, write=time.thread_time() - c2)
-        row["elapsed_ms"] = meta["prep_ms"] + model_ms + 1000 * (time.perf_counter() - t0)
-        return row
-
-    def _commit(self, unit: WorkUnit, state: _Unit, errors: list[dict]) -> None:
-        rows = state.rows + [f.result() for f in state.writes] + errors
-        c0 = time.thread_time()
-        if self.cfg.format == "shards" and state.tar_members:
-            members = [(f"{key}.{ext}", data) for key, ext, data in sorted(state.tar_members)]
-            storage.write_bytes_atomic(self.layout.shard_url(unit.index), pack_tar(members))
-        elif self.cfg.format == "files":
-            storage.sync_local(self.cfg.out)  # the outputs are on disk before the part says so
-        rows.sort(key=lambda r: r["order"])
-        for row in rows:
-            row.update(
-                model_id=self.model_id, preset=self.preset, worker=self.cfg.worker_index, unit=unit.index
-            )
-            row.setdefault("elapsed_ms", 0.0)
-        write_part(self.cfg.out, unit.index, rows)
-        self._add_time(manifest=time.thread_time() - c0)
-        ok = sum(r["status"] == "ok" for r in rows)
-        self.stats["ok"] += ok
-        self.stats["error"] += len(rows) - ok
-
-    def _device_error(self, meta: dict, shape: tuple[int, ...]) -> dict:
-        detail = (
-            f"a {meta['width']}x{meta['height']} input ({shape[-1]}x{shape[-2]} at the network) "
-            f"does not fit in {self.device.type} memory at batch size 1"
-        )
-        log.error("%s: %s", meta["source_url"], detail)
-        return self._error_row(meta, "too-large-for-device", detail)
-
-    @staticmethod
-    def _error_row(meta: dict, code: str, detail: str) -> dict:
-        """The manifest row of an input that decoded but got no output."""
-        dims = (meta["width"], meta["height"])
-        return error_record(
-            meta["order"], meta["key"], meta["source_url"], code, detail, meta["input_bytes"], dims
-        )
-
     def run(self, units: list[WorkUnit]) -> None:
         """Translate `units`; returns early, leaving later units uncommitted, once `stop` is set."""
         cfg = self.cfg
@@ -386,12 +287,106 @@ class Translator:
             state.writes.append(future)
         return len(outputs)
 
+    def _write_one(
+        self, unit: WorkUnit, meta: dict, pixels: np.ndarray, model_ms: float, state: _Unit
+    ) -> dict:
+        """Encode one output and store it (a file, or a member of the unit's shard); returns its row."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            url = self.layout.image_url(unit, meta["key"])
+        except UnsafeKeyError as exc:
+            return self._error_row(meta, "unsafe-key", str(exc))
+        alpha = None if meta["alpha"] is None else meta["alpha"].numpy()
+        try:
+            encoded = self.layout.encode(pixels, meta["restore"], alpha, meta["box"])
+        except Exception as exc:  # an allocation for this one output: its row, not the unit's failure
+            if not out_of_memory(exc):
+                raise
+            return self._error_row(meta, "out-of-memory", f"encoding the output: {type(exc).__name__}: {exc}")
+        data = encoded.data
+        c1 = time.thread_time()
+        digest = sha256(data)
+        c2 = time.thread_time()
+        left, top, right, bottom = meta["box"]
+        out_w, out_h = meta["restore"] or (right - left, bottom - top)
+        row = {
+            **{k: meta[k] for k in ("order", "key", "source_url", "width", "height", "input_bytes")},
+            "output_url": url,
+            "status": "ok",
+            "out_width": out_w,
+            "out_height": out_h,
+            "output_bytes": len(data),
+            "output_sha256": digest,
+            "source_mode": meta["source_mode"],
+            "output_mode": encoded.mode,
+            "dropped": ",".join(encoded.dropped) or None,
+        }
+        if encoded.dropped:
+            with self._timing:
+                self.dropped.update(encoded.dropped)
+        if self.cfg.format == "shards":
+            sidecar = {
+                k: row[k]
+                for k in ("key", "source_url", "width", "height", "out_width", "out_height", "output_sha256",
+                          "output_mode")
+            }
+            sidecar.update(model_id=self.model_id, preset=self.preset)
+            with state.lock:
+                state.tar_members.append((meta["key"], self.cfg.image_format, data))
+                state.tar_members.append((meta["key"], "json", json.dumps(sidecar, sort_keys=True).encode()))
+        else:
+            storage.write_bytes_atomic(url, data, durable=False)  # synced once per unit, before its part
+        self._add_time(encode=c1 - c0, hash=c2 - c1, write=time.thread_time() - c2)
+        row["elapsed_ms"] = meta["prep_ms"] + model_ms + 1000 * (time.perf_counter() - t0)
+        return row
+
     def _finish_unit(self, unit: WorkUnit, state: _Unit, errors: list[dict]) -> None:
         try:
             self._commit(unit, state, errors)
         except Exception as exc:  # storage trouble after retries: report, keep going
             self.failed.append(unit.index)
             log.error("unit %d (%s) failed and stays uncommitted: %s", unit.index, unit.source, exc)
+
+    def _commit(self, unit: WorkUnit, state: _Unit, errors: list[dict]) -> None:
+        rows = state.rows + [f.result() for f in state.writes] + errors
+        c0 = time.thread_time()
+        if self.cfg.format == "shards" and state.tar_members:
+            members = [(f"{key}.{ext}", data) for key, ext, data in sorted(state.tar_members)]
+            storage.write_bytes_atomic(self.layout.shard_url(unit.index), pack_tar(members))
+        elif self.cfg.format == "files":
+            storage.sync_local(self.cfg.out)  # the outputs are on disk before the part says so
+        rows.sort(key=lambda r: r["order"])
+        for row in rows:
+            row.update(
+                model_id=self.model_id, preset=self.preset, worker=self.cfg.worker_index, unit=unit.index
+            )
+            row.setdefault("elapsed_ms", 0.0)
+        write_part(self.cfg.out, unit.index, rows)
+        self._add_time(manifest=time.thread_time() - c0)
+        ok = sum(r["status"] == "ok" for r in rows)
+        self.stats["ok"] += ok
+        self.stats["error"] += len(rows) - ok
+
+    def _device_error(self, meta: dict, shape: tuple[int, ...]) -> dict:
+        detail = (
+            f"a {meta['width']}x{meta['height']} input ({shape[-1]}x{shape[-2]} at the network) "
+            f"does not fit in {self.device.type} memory at batch size 1"
+        )
+        log.error("%s: %s", meta["source_url"], detail)
+        return self._error_row(meta, "too-large-for-device", detail)
+
+    @staticmethod
+    def _error_row(meta: dict, code: str, detail: str) -> dict:
+        """The manifest row of an input that decoded but got no output."""
+        dims = (meta["width"], meta["height"])
+        return error_record(
+            meta["order"], meta["key"], meta["source_url"], code, detail, meta["input_bytes"], dims
+        )
+
+    def _add_time(self, **seconds: float) -> None:
+        with self._timing:
+            for stage, value in seconds.items():
+                self.seconds[stage] += value
 
 
 def finish(out: str, plan: JobPlan, layout: OutputLayout, model_id: str) -> str | None:

@@ -1,0 +1,75 @@
+"""The options of one jobs.infer worker: each field is a flag of ``python -m jobs.infer`` (its default
+and help are written here only), read by jobs.infer (which fills in the defaults chosen at run time)
+and by jobs.translator (which runs the units)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from jobs.cli import option
+
+FORMATS = ("files", "shards")
+IMAGE_FORMATS = ("png", "jpg", "webp", "npy")
+PREPROCESS = ("official", "none", "shortside")
+ENGINES = ("torch", "onnxruntime")
+
+
+@dataclass
+class InferConfig:
+    """A None default is chosen at run time, from the device, the machine or the model card."""
+
+    checkpoint: str = option("", "our export (export/generator.pt), latest_net_G.pth, a training state.pt, "
+                             "or a run folder (its newest checkpoint)", required=True)
+    inputs: list[str] = option(  # noqa: RUF009 (option copies a list default per instance)
+        [], "shard sets or listings", "--input", required=True, metavar="URL")
+    out: str = option("", "output URL (images/, manifest/, _SUCCESS)", required=True)
+    format: str = option("files", "write image files or shards", choices=FORMATS)
+    image_format: str = option("png", "png (lossless, fast: pipeline/png.py), jpg or webp (lossy, "
+                               "--quality), npy (NumPy arrays: any channel count; models with more than 4 "
+                               "output channels need it)", choices=IMAGE_FORMATS)
+    quality: int = option(95, "JPEG/WebP quality, 1-100 (default: 95); PNG is lossless")
+    png_level: int = option(1, "PNG deflate level 0-9 (default: 1, ISA-L: 0.7 ms for 256x256, files the "
+                            "size of Pillow's level 1; 2-9: zlib, a few percent smaller, several times "
+                            "slower)")
+    preprocess: str = option("official", "official: resize to the crop size as test.py; none: keep the size "
+                             "(network at a multiple of 4, output restored to the input size); shortside: "
+                             "shortest side to --load-size", choices=PREPROCESS)
+    load_size: int | None = option(None, "shortest side for --preprocess shortside (default: the model "
+                                   "card's crop size, else 256)")
+    crop_size: int | None = option(None, "network size for --preprocess official (default: the model card's "
+                                   "crop size, else 256)")
+    max_pixels: int = option(64 * 2**20, "inputs with more pixels become error rows")
+    batch_size: int | None = option(None, "default: 16 on CUDA, 1 on CPU (cache-bound)")
+    workers: int | None = option(None, "DataLoader processes that read and decode (default: a third of the "
+                                 "usable cores on CUDA; 0 on CPU, where the model's threads use every core: "
+                                 "inputs decode in this process between batches, without a forked "
+                                 "process's start-up and copy-on-write faults)")
+    encode_threads: int | None = option(None, "threads that encode, hash and write outputs (default: half "
+                                        "the usable cores on CUDA, 1 on CPU)")
+    unit_size: int = option(1000, "images (or shard samples) per work unit, at planning")
+    worker_index: int | None = option(None, "this worker (default: RANK or JOB_COMPLETION_INDEX)")
+    num_workers: int | None = option(None, "all workers (default: WORLD_SIZE or JOB_COMPLETIONS)")
+    device: str = option("auto", "auto: CUDA if there is one", choices=("auto", "cpu", "cuda"))
+    bf16: bool | None = option(None, "default: on for CUDA")
+    channels_last: bool | None = option(None, "default: on for CUDA")
+    compile: bool = option(False, "torch.compile the generator (CUDA)")
+    tile_size: int | None = option(None, "inputs larger than this many network pixels on a side are "
+                                   "translated tile by tile, exactly (whole-image InstanceNorm statistics); "
+                                   "0 never tiles (default: from the device's memory)")
+    engine: str = option("torch", "torch, or onnxruntime: run an ONNX export of jobs.export (--checkpoint: "
+                         "its generator.onnx or its folder) on onnxruntime's CPU execution provider (CUDA's "
+                         "with --device cuda)", choices=ENGINES)
+    progress: bool = option(True, "hide the progress bar", "--no-progress")
+    plan_timeout: float = option(3600.0, "seconds a worker waits for the plan another worker is making "
+                                 "(default: 3600)")
+    add_new_inputs: bool = option(False, "rerun: add inputs that appeared since the plan was made as new "
+                                  "units")
+    check_inputs: bool = option(True, "rerun: do not relist the inputs (worker 0 relists them by default to "
+                                "find changes)", "--skip-input-check")
+
+
+def wants_cuda(config: InferConfig) -> bool:
+    """Whether this worker runs on CUDA: --device cuda, or auto on a machine that has it."""
+    return torch.cuda.is_available() if config.device == "auto" else config.device == "cuda"
