@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import io
 import logging
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline import storage
+from pipeline.prefetch import ordered_map
 from pipeline.transforms import to_tensor
 from pipeline.unpaired import DataSetError, StreamPosition
 
@@ -155,23 +155,8 @@ class SingleImageStream:
     def iterate(self, position: StreamPosition, decay: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """The batches of ``position.epoch`` from ``position.step`` on (``decay`` changes nothing here)."""
         steps = range(position.step, self.steps_per_epoch)
-        if not self.workers:
-            for step in steps:
-                yield self.batch(position.epoch, step)
-            return
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="sincut-crops") as pool:
-            ahead: deque[Future] = deque()
-            todo = iter(steps)
-            for step in todo:
-                ahead.append(pool.submit(self.batch, position.epoch, step))
-                if len(ahead) >= 2 * self.workers:
-                    break
-            while ahead:
-                batch = ahead.popleft().result()
-                step = next(todo, None)
-                if step is not None:
-                    ahead.append(pool.submit(self.batch, position.epoch, step))
-                yield batch
+        yield from ordered_map(partial(self.batch, position.epoch), steps, self.workers, 2 * self.workers,
+                               "sincut-crops")
 
     def state_dict(self, position: StreamPosition) -> dict[str, Any]:
         return {"kind": STREAM_KIND, "epoch": position.epoch, "step": position.step, "seed": self.seed,
