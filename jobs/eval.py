@@ -143,10 +143,12 @@ class EvalConfig:
     classifier_epochs: int = option(20, "epochs of the domain classifier")
     classifier_max_images: int = option(5000, "training images per domain")
     inception_weights: str = option("", f"path or URL of {WEIGHTS_NAME} (default: torch hub cache)")
-    download: bool = option(True, "never try to download the Inception weights", "--no-download")
+    download: bool = option(
+        True, "never try to download the Inception weights (by default: once, when missing)", "--no-download")
     reference_stats: str = option("", "Inception statistics of --test-b (.npz): reused when present, "
                                   "written when computed")
-    baseline: bool = option(True, "skip scoring the untranslated inputs", "--no-baseline")
+    baseline: bool = option(
+        True, "skip scoring the untranslated inputs (scored by default, as the baseline)", "--no-baseline")
     crop_size: int = option(256, "images are resized to this square size")
     batch_size: int = option(16, "images per batch through G and the scorers")
     samples: int = option(8, "input/output pairs shown in the report")

@@ -61,7 +61,8 @@ class InferConfig:
     engine: str = option("torch", "torch, or onnxruntime: run an ONNX export of jobs.export (--checkpoint: "
                          "its generator.onnx or its folder) on onnxruntime's CPU execution provider (CUDA's "
                          "with --device cuda)", choices=ENGINES)
-    progress: bool = option(True, "hide the progress bar", "--no-progress")
+    progress: bool = option(
+        True, "hide the progress bar (drawn only when stderr is a terminal)", "--no-progress")
     plan_timeout: float = option(3600.0, "seconds a worker waits for the plan another worker is making "
                                  "(default: 3600)")
     add_new_inputs: bool = option(False, "rerun: add inputs that appeared since the plan was made as new "

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the shard set in --out, or finish an interrupted build: the new shards are written "
         "beside the old ones, readers switch when the new index is written, then the old files go",
     )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="hide the progress bar (drawn only when stderr is a terminal)")
     add_logging_arguments(parser)
     return parser
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -196,9 +197,9 @@ class Translator:
         by_index = {u.index: u for u in units}
         states: dict[int, _Unit] = {}
         pending = set(by_index)
-        bar = tqdm(
-            total=sum(u.expected for u in units), unit="img", disable=not cfg.progress, desc="translate"
-        )
+        on_terminal = cfg.progress and sys.stderr.isatty()  # in a log file a bar is a carriage-return stream
+        total = sum(u.expected for u in units)
+        bar = tqdm(total=total, unit="img", disable=not on_terminal, desc="translate")
         start = last_log = time.perf_counter()
         done = 0
         threads = cfg.encode_threads

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import posixpath
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -277,7 +278,8 @@ def build_shards(specs: Sequence[str], out_url: str, *, prefix: str = "shard", d
     writer = ShardWriter(out_url, f"{prefix}-" if revision == 1 else f"{prefix}-r{revision}-", max_count,
                          max_size)
     rejects: list[Reject] = []
-    bar = tqdm(total=len(sources), unit="img", desc=f"shard {prefix}", disable=not progress)
+    on_terminal = progress and sys.stderr.isatty()  # in a log file a bar is a carriage-return stream
+    bar = tqdm(total=len(sources), unit="img", desc=f"shard {prefix}", disable=not on_terminal)
     try:
         threads = max(1, workers)
         loaded = ordered_map(lambda s: _load(s, domain, max_pixels), sources, threads, 4 * threads, "ingest")

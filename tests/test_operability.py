@@ -84,6 +84,27 @@ def test_print_config_shows_the_resolved_config_and_exits():
     assert not Path("/nonexistent/run").exists()
 
 
+
+@pytest.mark.parametrize("job", ["shard", "infer"])
+def test_a_progress_bar_is_drawn_only_on_a_terminal(tmp_path, capfd, job):
+    """A redirected stderr (a log file, a pod's log) gets log lines, not a carriage-return stream."""
+    from test_infer import write_generator
+
+    images = folder_of_images(tmp_path / "in", 3, 0)
+    if job == "shard":
+        from jobs.shard import main
+
+        argv = [str(images), "--out", str(tmp_path / "set")]
+    else:
+        from jobs.infer import main
+
+        ckpt = write_generator(tmp_path / "g.pt")
+        argv = ["--checkpoint", ckpt, "--input", str(images), "--out", str(tmp_path / "out"),
+                "--crop-size", "32"]
+    assert main(argv) == 0
+    err = capfd.readouterr().err
+    assert "\r" not in err and "img/s" not in err and "it/s" not in err, err[-2000:]
+
 # ------------------------------------------------------------------------------------------- logs
 @pytest.mark.slow
 def test_json_log_lines_parse_for_every_job(tmp_path):
