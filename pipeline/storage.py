@@ -348,11 +348,11 @@ def within(root: str) -> Callable[[str], bool]:
     protocol, base = _normalized(root)
     prefix = base.rstrip("/") + "/"
 
-    def test(url: str) -> bool:
+    def is_under(url: str) -> bool:
         other, path = _normalized(url)
         return other == protocol and (path == base or path.startswith(prefix))
 
-    return test
+    return is_under
 
 
 def relative_to(root: str) -> Callable[[str], str]:
