@@ -54,20 +54,12 @@ def test_every_flag_of_every_job_says_what_it_does(job):
 
 
 def test_print_config_shows_the_resolved_config_and_exits():
-    done = run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.train",
-            "--config",
-            "configs/fastcut.yaml",
-            "data.a=x",
-            "data.b=y",
-            "run.url=/nonexistent/run",
-            "--print-config",
-        ],
-        timeout=120,
-    )
+    from inprocess import run_main
+
+    from jobs.train import main as train_main
+
+    done = run_main(train_main, "--config", "configs/fastcut.yaml", "data.a=x", "data.b=y",
+                    "run.url=/nonexistent/run", "--print-config")
     assert done.returncode == 0, done.stderr
     config = yaml.safe_load(done.stdout)
     assert config["train"]["n_epochs"] == 150 and config["train"]["n_epochs_decay"] == 50  # from the preset
