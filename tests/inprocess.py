@@ -22,18 +22,24 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_main(main: Callable[[list[str]], int], *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``main(list(args))`` with stdout and stderr captured, ``env`` set, and the job's global changes
-    undone afterwards (root log handlers, torch's thread count, the working folder). argparse's
-    SystemExit becomes the return code as in `python -m`; any other exception propagates (a test
-    that meets one has found a bug, as a traceback in a process's stderr would show)."""
+def run_main(main: Callable[[list[str]], int], *args: str, env: dict | None = None
+             ) -> subprocess.CompletedProcess:
+    """``main(list(args))`` with stdout and stderr captured, ``env`` set, one torch thread (the job
+    processes of the tests ran with OMP_NUM_THREADS=1: these tiny networks gain nothing from a second
+    thread, and an oversubscribed OpenMP pool on a shared machine makes them many times slower), and
+    the job's global changes undone afterwards (root log handlers, torch's thread count, the working
+    folder). argparse's SystemExit becomes the return code as in `python -m`; any other exception
+    propagates (a test that meets one has found a bug, as a traceback in a process's stderr would
+    show)."""
     out, err = io.StringIO(), io.StringIO()
     root = logging.getLogger()
     handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    captured = contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)
+    with pytest.MonkeyPatch.context() as patch, captured[0], captured[1]:
         patch.chdir(ROOT)  # as the subprocesses run: relative paths (configs/...) resolve from the repo
-        for name, value in (env or {}).items():
+        for name, value in {"OMP_NUM_THREADS": "1", **(env or {})}.items():
             patch.setenv(name, value)
+        torch.set_num_threads(1)
         try:
             code = main(list(args))
         except SystemExit as exc:  # argparse's exit 2 (or 0 for --help)
