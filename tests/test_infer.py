@@ -116,9 +116,8 @@ def test_output_equals_the_generator_applied_directly(tmp_path):
     ckpt = write_generator(tmp_path / "g.pt")
     src = image_folder(tmp_path / "in", 3)
     out = tmp_path / "out"
-    assert (
-        infer_here("--checkpoint", ckpt, "--input", str(src), "--out", str(out), "--workers", "0").returncode == 0
-    )
+    done = infer_here("--checkpoint", ckpt, "--input", str(src), "--out", str(out), "--workers", "0")
+    assert done.returncode == 0, done.stderr
     manifest = read_manifest(str(out)).to_pylist()
     from cut import generator_from_checkpoint, read_checkpoint
 
