@@ -15,7 +15,7 @@ import pytest
 import torch
 from inprocess import run_main
 from test_infer import image_folder
-from test_train import data, run, train_cmd  # noqa: F401 (data: a fixture, two tiny shard sets)
+from test_train import data, train_here  # noqa: F401 (data: a fixture, two tiny shard sets)
 
 from cut import ResnetGenerator
 from cut.checkpoint import export_generator, to_bytes
@@ -188,9 +188,9 @@ def test_jobs_export_refuses_a_hostile_checkpoint_with_exit_2_and_writes_nothing
 def test_jobs_eval_refuses_a_hostile_checkpoint_with_exit_2_and_writes_nothing(tmp_path, case):
     checkpoint, message = hostile(tmp_path, case)
     out = tmp_path / "eval"
-    done = run_main(eval_main, "--checkpoint", str(checkpoint), "--test-a", str(image_folder(tmp_path / "A", 2)),
-                    "--test-b", str(image_folder(tmp_path / "B", 2)), "--out", str(out), "--crop-size", "32",
-                    "--no-download")
+    done = run_main(eval_main, "--checkpoint", str(checkpoint), "--test-a",
+                    str(image_folder(tmp_path / "A", 2)), "--test-b", str(image_folder(tmp_path / "B", 2)),
+                    "--out", str(out), "--crop-size", "32", "--no-download")
     assert_refused(done, checkpoint, message)
     assert not out.exists()
 
@@ -199,7 +199,7 @@ def test_jobs_eval_refuses_a_hostile_checkpoint_with_exit_2_and_writes_nothing(t
 def test_jobs_train_refuses_a_hostile_init_from_with_exit_2_before_training(tmp_path, data, case):  # noqa: F811
     checkpoint, message = hostile(tmp_path, case)
     run_dir = tmp_path / "run"
-    done = run(train_cmd(*data, str(run_dir), f"model.init_from={checkpoint}"))
+    done = train_here(*data, str(run_dir), f"model.init_from={checkpoint}")
     assert_refused(done, checkpoint, message)
     assert "model.init_from" in done.stderr
     left = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) if run_dir.exists() else []
