@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from inprocess import run_main
 from PIL import Image
 
 from cut import ResnetGenerator, export_generator, generator_from_checkpoint, read_checkpoint
@@ -22,6 +23,7 @@ from cut.checkpoint import to_bytes
 from cut.inference import from_pixels, to_uint8, to_uint16
 from cut.networks import init_weights
 from jobs.config import ConfigError, TrainConfig, load_config, resolve_train_config
+from jobs.infer import main as infer_main
 from pipeline.ingest import build_shards
 from pipeline.pixels import decode_pixels
 from pipeline.png import encode_png
@@ -62,8 +64,10 @@ def run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def infer(ckpt: str, src: Path, out: Path, *extra: str) -> list[dict]:
-    run(["-m", "jobs.infer", "--no-progress", "--checkpoint", ckpt, "--input", str(src), "--out", str(out),
-         "--crop-size", "32", *extra])
+    """jobs.infer's main in this process (tests/inprocess.py); the manifest's rows."""
+    done = run_main(infer_main, "--no-progress", "--checkpoint", ckpt, "--input", str(src), "--out", str(out),
+                    "--crop-size", "32", *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
     return pq.read_table(out / "manifest").to_pylist()
 
 
@@ -289,9 +293,8 @@ def test_a_five_channel_model_trains_on_npy_shards_and_writes_npy(tmp_path):
     rows = infer(str(run_url), tmp_path / "src-A", tmp_path / "out", "--image-format", "npy")
     assert {(r["status"], r["source_mode"], r["output_mode"]) for r in rows} == {("ok", "5ch", "5ch")}
     assert np.load(rows[0]["output_url"]).shape == (32, 32, 5)
-    command = [sys.executable, "-m", "jobs.infer", "--no-progress", "--checkpoint", str(run_url),
-               "--input", str(tmp_path / "src-A"), "--out", str(tmp_path / "png")]
-    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    refused = run_main(infer_main, "--no-progress", "--checkpoint", str(run_url), "--input",
+                       str(tmp_path / "src-A"), "--out", str(tmp_path / "png"))
     assert refused.returncode != 0 and "--image-format npy" in refused.stderr
     rgb_rows = infer(generator_file(tmp_path / "g.pt"), tmp_path / "src-A", tmp_path / "rgb")
     assert {r["error"] for r in rgb_rows} == {"channel-mismatch"}

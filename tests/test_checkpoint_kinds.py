@@ -4,22 +4,25 @@ latest_net_G.pth, training state.pt files and run folders; the model card carrie
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import image_bytes
+from inprocess import run_main
 from test_train import run, train_cmd
 
 from cut import model_card, read_checkpoint
+from jobs.eval import main as eval_main
+from jobs.infer import main as infer_main
 from pipeline.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Path:
-    """A tiny run (configs/tiny.yaml: 32-pixel crops) trained from plain folders."""
+    """A tiny run (configs/tiny.yaml: 32-pixel crops) trained from plain folders; read-only, trained
+    once for every module that uses it (test_export too)."""
     root = tmp_path_factory.mktemp("trained")
     for name, seed in (("A", 0), ("B", 40)):
         folder = root / name
@@ -32,13 +35,8 @@ def trained(tmp_path_factory) -> Path:
 
 
 def infer(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "jobs.infer", "--no-progress", "--workers", "0", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """jobs.infer's main in this process (tests/inprocess.py): what it writes and says, not its process."""
+    return run_main(infer_main, "--no-progress", "--workers", "0", *args)
 
 
 @pytest.mark.slow
@@ -74,33 +72,28 @@ def test_jobs_infer_takes_every_checkpoint_kind_at_the_trained_size(trained, tmp
 
 @pytest.mark.slow
 def test_jobs_eval_takes_a_run_folder(trained, tmp_path):
-    done = run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.eval",
-            "--checkpoint",
-            str(trained / "run"),
-            "--test-a",
-            str(trained / "A"),
-            "--test-b",
-            str(trained / "B"),
-            "--out",
-            str(tmp_path / "eval"),
-            "--crop-size",
-            "32",
-            "--metrics",
-            "domain",
-            "--train-a",
-            str(trained / "A"),
-            "--train-b",
-            str(trained / "B"),
-            "--domain-classifier",
-            str(tmp_path / "domain.pt"),
-            "--classifier-epochs",
-            "1",
-        ],
-        timeout=300,
+    done = run_main(
+        eval_main,
+        "--checkpoint",
+        str(trained / "run"),
+        "--test-a",
+        str(trained / "A"),
+        "--test-b",
+        str(trained / "B"),
+        "--out",
+        str(tmp_path / "eval"),
+        "--crop-size",
+        "32",
+        "--metrics",
+        "domain",
+        "--train-a",
+        str(trained / "A"),
+        "--train-b",
+        str(trained / "B"),
+        "--domain-classifier",
+        str(tmp_path / "domain.pt"),
+        "--classifier-epochs",
+        "1",
     )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "eval" / "metrics.json").exists()

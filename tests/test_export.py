@@ -106,7 +106,7 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_jobs_infer_runs_an_onnx_export_on_onnxruntime_like_torch(trained, tmp_path):  # noqa: F811
-    from test_infer import image_folder, infer
+    from test_infer import image_folder, infer_here
 
     from pipeline.manifest import read_manifest
 
@@ -116,8 +116,8 @@ def test_jobs_infer_runs_an_onnx_export_on_onnxruntime_like_torch(trained, tmp_p
     outputs = {}
     for engine, checkpoint in (("torch", trained / KINDS["export"]), ("onnxruntime", model)):
         out = tmp_path / engine
-        done = infer("--checkpoint", str(checkpoint), "--engine", engine, "--input", str(src),
-                     "--out", str(out), "--workers", "0")
+        done = infer_here("--checkpoint", str(checkpoint), "--engine", engine, "--input", str(src),
+                          "--out", str(out), "--workers", "0")
         assert done.returncode == 0, done.stderr
         rows = read_manifest(str(out)).to_pylist()
         assert {r["status"] for r in rows} == {"ok"} and len(rows) == 3
@@ -125,9 +125,9 @@ def test_jobs_infer_runs_an_onnx_export_on_onnxruntime_like_torch(trained, tmp_p
     assert "engine onnxruntime" in done.stderr and "CPUExecutionProvider" in done.stderr
     for key, pixels in outputs["torch"].items():
         assert np.abs(pixels - outputs["onnxruntime"][key]).max() <= 1  # one level of rounding at most
-    bad = infer("--checkpoint", str(model), "--engine", "onnxruntime", "--bf16", "--input", str(src),
-                "--out", str(tmp_path / "x"))
+    bad = infer_here("--checkpoint", str(model), "--engine", "onnxruntime", "--bf16", "--input", str(src),
+                     "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--engine onnxruntime must be used without --bf16" in bad.stderr
-    wrong = infer("--checkpoint", str(trained / KINDS["export"]), "--engine", "onnxruntime", "--input",
-                  str(src), "--out", str(tmp_path / "y"), "--workers", "0")
+    wrong = infer_here("--checkpoint", str(trained / KINDS["export"]), "--engine", "onnxruntime", "--input",
+                       str(src), "--out", str(tmp_path / "y"), "--workers", "0")
     assert wrong.returncode == 2 and "not an ONNX model" in wrong.stderr and "Traceback" not in wrong.stderr

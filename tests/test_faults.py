@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import image_bytes
-from test_train import assert_states_equal, final_state, run, shard_set, train_cmd
+from test_train import assert_states_equal, final_state, run, shard_set, train_cmd, train_here
 
 from jobs.signals import StopSignals
 from pipeline.shards import SPOOL_DIR, ShardIndex, iter_shard
@@ -305,7 +305,7 @@ def test_a_forked_worker_ignores_the_stop_signal_its_job_handles_and_says_nothin
 def test_configs_that_cannot_train_are_refused_naming_the_key(tmp_path, data, override, key):
     a, b = data
     extra = [override, "train.n_epochs_decay=0"] if override == "train.n_epochs=0" else [override]
-    done = run(train_cmd(a, b, str(tmp_path / "run"), *extra))
+    done = train_here(a, b, str(tmp_path / "run"), *extra)
     assert done.returncode == 2 and key in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 

@@ -13,13 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from inprocess import run_main
 from test_infer import image_folder
-from test_train import data, run, train_cmd  # noqa: F401 (data: a fixture, two tiny shard sets)
+from test_train import data, train_here  # noqa: F401 (data: a fixture, two tiny shard sets)
 
 from cut import ResnetGenerator
 from cut.checkpoint import export_generator, to_bytes
 from cut.export import to_onnx
+from jobs.eval import main as eval_main
 from jobs.export import main as export_main
+from jobs.infer import main as infer_main
 from pipeline.checkpoints import Checkpointer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,9 +129,9 @@ def assert_refused(done: subprocess.CompletedProcess | str, checkpoint: Path, me
 def test_jobs_infer_refuses_a_hostile_checkpoint_with_exit_2_and_writes_nothing(tmp_path, case):
     checkpoint, message = hostile(tmp_path, case)
     src = image_folder(tmp_path / "in", 1)
-    out = tmp_path / "out"
-    done = job("jobs.infer", "--no-progress", "--workers", "0", "--checkpoint", str(checkpoint),
-               "--input", str(src), "--out", str(out))
+    out = tmp_path / "out"  # in-process: the exit code of a real process is held by the run-folder case
+    done = run_main(infer_main, "--no-progress", "--workers", "0", "--checkpoint", str(checkpoint),
+                    "--input", str(src), "--out", str(out))
     assert_refused(done, checkpoint, message)
     assert not out.exists()  # no plan, no manifest rows, no _SUCCESS
 
@@ -164,8 +167,8 @@ def test_jobs_infer_on_onnxruntime_refuses_nan_weights_and_an_insane_card(tmp_pa
     model = onnx_model(tmp_path, card, nan=fault == "nan-initializer")
     message = "weights hold NaN or Inf" if fault == "nan-initializer" else "declares crop_size=60000"
     out = tmp_path / "out"
-    done = job("jobs.infer", "--no-progress", "--workers", "0", "--engine", "onnxruntime", "--checkpoint",
-               str(model), "--input", str(image_folder(tmp_path / "in", 1)), "--out", str(out))
+    done = run_main(infer_main, "--no-progress", "--workers", "0", "--engine", "onnxruntime", "--checkpoint",
+                    str(model), "--input", str(image_folder(tmp_path / "in", 1)), "--out", str(out))
     assert_refused(done, model, message)
     assert not out.exists()
 
@@ -185,9 +188,9 @@ def test_jobs_export_refuses_a_hostile_checkpoint_with_exit_2_and_writes_nothing
 def test_jobs_eval_refuses_a_hostile_checkpoint_with_exit_2_and_writes_nothing(tmp_path, case):
     checkpoint, message = hostile(tmp_path, case)
     out = tmp_path / "eval"
-    done = job("jobs.eval", "--checkpoint", str(checkpoint), "--test-a", str(image_folder(tmp_path / "A", 2)),
-               "--test-b", str(image_folder(tmp_path / "B", 2)), "--out", str(out), "--crop-size", "32",
-               "--no-download")
+    done = run_main(eval_main, "--checkpoint", str(checkpoint), "--test-a",
+                    str(image_folder(tmp_path / "A", 2)), "--test-b", str(image_folder(tmp_path / "B", 2)),
+                    "--out", str(out), "--crop-size", "32", "--no-download")
     assert_refused(done, checkpoint, message)
     assert not out.exists()
 
@@ -196,7 +199,7 @@ def test_jobs_eval_refuses_a_hostile_checkpoint_with_exit_2_and_writes_nothing(t
 def test_jobs_train_refuses_a_hostile_init_from_with_exit_2_before_training(tmp_path, data, case):  # noqa: F811
     checkpoint, message = hostile(tmp_path, case)
     run_dir = tmp_path / "run"
-    done = run(train_cmd(*data, str(run_dir), f"model.init_from={checkpoint}"))
+    done = train_here(*data, str(run_dir), f"model.init_from={checkpoint}")
     assert_refused(done, checkpoint, message)
     assert "model.init_from" in done.stderr
     left = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) if run_dir.exists() else []

@@ -16,11 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from image_helpers import decode_rgb, inference_transform
+from inprocess import run_main
 from PIL import Image
 
 from cut import ResnetGenerator, export_generator
 from cut.checkpoint import to_bytes
 from cut.networks import init_weights
+from jobs.infer import main as infer_main
 from pipeline import storage
 from pipeline.ingest import build_shards
 from pipeline.manifest import read_manifest
@@ -66,11 +68,17 @@ def infer(*args: str, env: dict | None = None, timeout: float = 180) -> subproce
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def infer_here(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`infer` without a process of its own: jobs.infer's main in this process (tests/inprocess.py),
+    for tests of what the job writes and says rather than of how its process ends."""
+    return run_main(infer_main, "--no-progress", "--crop-size", "32", *args, env=env)
+
+
 def test_every_input_gets_one_row_and_bad_inputs_become_error_rows(tmp_path):
     ckpt = write_generator(tmp_path / "g.pt")
     src = image_folder(tmp_path / "in", 5, bad=True)
     out = tmp_path / "out"
-    done = infer(
+    done = infer_here(
         "--checkpoint",
         ckpt,
         "--input",
@@ -108,9 +116,8 @@ def test_output_equals_the_generator_applied_directly(tmp_path):
     ckpt = write_generator(tmp_path / "g.pt")
     src = image_folder(tmp_path / "in", 3)
     out = tmp_path / "out"
-    assert (
-        infer("--checkpoint", ckpt, "--input", str(src), "--out", str(out), "--workers", "0").returncode == 0
-    )
+    done = infer_here("--checkpoint", ckpt, "--input", str(src), "--out", str(out), "--workers", "0")
+    assert done.returncode == 0, done.stderr
     manifest = read_manifest(str(out)).to_pylist()
     from cut import generator_from_checkpoint, read_checkpoint
 
@@ -130,7 +137,7 @@ def test_official_checkpoint_and_size_preserving_modes(tmp_path):
     src = image_folder(tmp_path / "in", 2, size=(45, 38))
     for mode, size in (("none", (45, 38)), ("shortside", (48, 40))):
         out = tmp_path / mode
-        done = infer(
+        done = infer_here(
             "--checkpoint",
             ckpt,
             "--input",
@@ -293,21 +300,21 @@ def test_a_unit_whose_outputs_cannot_be_written_is_reported_and_others_commit(tm
     (out / "images").mkdir(parents=True)
     (out / "images" / "0").write_text("a file where the job needs a folder")
     args = ["--checkpoint", ckpt, "--input", str(first), str(second), "--out", str(out), "--workers", "0"]
-    failed = infer(*args)
+    failed = infer_here(*args)
     assert failed.returncode == 1 and "units [0] failed" in failed.stderr
     assert [r["unit"] for r in read_manifest(str(out)).to_pylist()] == [1, 1]
     assert not (out / "_SUCCESS").exists()
     (out / "images" / "0").unlink()
-    assert infer(*args).returncode == 0
+    assert infer_here(*args).returncode == 0
     assert len(read_manifest(str(out))) == 4 and (out / "_SUCCESS").exists()
 
 
 def test_bad_arguments_are_clear_errors(tmp_path):
-    bad = infer("--checkpoint", "x", "--input", "y", "--out", "z", "--batch-size", "0")
+    bad = infer_here("--checkpoint", "x", "--input", "y", "--out", "z", "--batch-size", "0")
     assert bad.returncode == 2 and "--batch-size must be >= 1" in bad.stderr
     src = image_folder(tmp_path / "in", 1)
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
-    broken = infer(
+    broken = infer_here(
         "--checkpoint", str(tmp_path / "broken.pt"), "--input", str(src), "--out", str(tmp_path / "o")
     )
     assert broken.returncode == 2 and "not a readable torch checkpoint" in broken.stderr

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import image_bytes
 from PIL import Image
-from test_infer import ROOT, image_folder, infer, write_generator
+from test_infer import ROOT, image_folder, infer, infer_here, write_generator
 
 from jobs import infer as infer_job
 from jobs.translator import Translator, finish
@@ -166,8 +166,8 @@ def test_idle_workers_exit_zero_and_finish_a_run_killed_before_success(tmp_path)
     assert run("--checkpoint", ckpt, "--input", src, "--out", str(out), "--worker-index", "0",
                "--num-workers", "4") == 0
     (out / "_SUCCESS").unlink()  # killed after its last commit, before _SUCCESS
-    idle = infer("--checkpoint", ckpt, "--input", src, "--out", str(out), "--workers", "2",
-                 env={"JOB_COMPLETION_INDEX": "1", "JOB_COMPLETIONS": "2"})
+    idle = infer_here("--checkpoint", ckpt, "--input", src, "--out", str(out), "--workers", "2",
+                      env={"JOB_COMPLETION_INDEX": "1", "JOB_COMPLETIONS": "2"})
     assert idle.returncode == 0, idle.stderr
     assert json.loads((out / "_SUCCESS").read_text())["rows"] == 2
 
@@ -262,7 +262,7 @@ def test_a_rerun_after_the_listing_grew_refuses_then_adds_only_the_new_inputs(tm
     outputs = files_under(out / "images")
     for i in range(8):  # new files that sort before the old ones
         Image.new("RGB", (40, 40), (i, 0, 0)).save(folder / f"a-new-{i}.png")
-    refused = infer(*args, "--workers", "0")
+    refused = infer_here(*args, "--workers", "0")
     assert refused.returncode == 2
     assert "8 new, 0 gone" in refused.stderr and "--add-new-inputs" in refused.stderr
     assert {p.name: p.read_bytes() for p in (out / "manifest").iterdir()} == parts
@@ -287,7 +287,7 @@ def test_a_shard_set_that_grew_is_noticed_and_its_new_shards_added(tmp_path):
     args = ["--checkpoint", ckpt, "--input", str(src), "--out", str(out)]
     assert run(*args) == 0
     write_shard_set(src, [("a.png", png[2]), ("c.png", png[3])], name="s-000001.tar")
-    refused = infer(*args, "--workers", "0")
+    refused = infer_here(*args, "--workers", "0")
     assert refused.returncode == 2 and "1 new, 0 gone" in refused.stderr and "s-000001.tar" in refused.stderr
     assert run(*args, "--add-new-inputs") == 0
     expected = [f"s-00000{n}.tar/{k}" for n, k in ((0, "a"), (0, "b"), (1, "a"), (1, "c"))]
@@ -299,7 +299,8 @@ def test_unusable_listings_are_clear_errors(tmp_path):
     (tmp_path / "list.txt").write_bytes(b"\xff\xfe not utf-8\n")
     (tmp_path / "list.parquet").write_bytes(b"PAR1 but not really")
     for listing in ("list.txt", "list.parquet"):
-        done = infer("--checkpoint", ckpt, "--input", str(tmp_path / listing), "--out", str(tmp_path / "o"))
+        done = infer_here("--checkpoint", ckpt, "--input", str(tmp_path / listing), "--out",
+                          str(tmp_path / "o"))
         assert done.returncode == 2 and "is not a usable list of URLs" in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
 
@@ -317,7 +318,7 @@ def test_a_rerun_with_another_model_or_options_exits_before_writing(tmp_path):
         (["--checkpoint", ckpt, "--image-format", "jpg"], "image_format"),
         (["--checkpoint", ckpt, "--crop-size", "40"], "crop_size"),
     ):
-        done = infer(*argv, "--input", src, "--out", str(out), "--workers", "0")
+        done = infer_here(*argv, "--input", src, "--out", str(out), "--workers", "0")
         assert done.returncode == 2 and what in done.stderr and "new --out" in done.stderr, done.stderr
         assert {p: p.read_bytes() for p in files_under(out)} == before
     assert run("--checkpoint", ckpt, "--input", src, "--out", str(out)) == 0
@@ -405,7 +406,7 @@ def test_sigterm_commits_complete_units_exits_promptly_and_a_rerun_finishes(tmp_
     committed = len(list((out / "manifest").glob("part-*.parquet")))
     assert 1 <= committed < 20 and not (out / "_SUCCESS").exists()
     assert len(read_manifest(str(out))) == 2 * committed
-    assert infer(*args).returncode == 0
+    assert infer_here(*args).returncode == 0
     assert sorted(rows_by_key(out)) == [f"img-{i:03d}" for i in range(40)]
 
 
@@ -488,7 +489,7 @@ def test_lying_and_broken_indexes_are_clear_errors(tmp_path):
     assert "beyond the 2 samples" in rows["s-000000.tar/k2"]["error_detail"]
 
     big = write_shard_set(tmp_path / "big", [("k.png", png)], samples=10**9)
-    done = infer("--checkpoint", ckpt, "--input", str(big), "--out", str(tmp_path / "o-big"))
+    done = infer_here("--checkpoint", ckpt, "--input", str(big), "--out", str(tmp_path / "o-big"))
     assert done.returncode == 2 and "1000000000 samples cannot fit" in done.stderr
 
     for name, body, message in (
@@ -499,5 +500,5 @@ def test_lying_and_broken_indexes_are_clear_errors(tmp_path):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "_index.json").write_text(body)
-        done = infer("--checkpoint", ckpt, "--input", str(folder), "--out", str(tmp_path / f"o-{name}"))
+        done = infer_here("--checkpoint", ckpt, "--input", str(folder), "--out", str(tmp_path / f"o-{name}"))
         assert done.returncode == 2 and message in done.stderr and "_index.json" in done.stderr, done.stderr

@@ -421,15 +421,15 @@ def test_a_generator_without_norm_tiles_exactly():
 
 
 def test_jobs_infer_translates_a_batch_norm_generator_whole_and_refuses_tiles_for_it(tmp_path):
-    from test_infer import image_folder, infer
+    from test_infer import image_folder, infer_here
 
     ckpt = tmp_path / "g.pt"
     ckpt.write_bytes(to_bytes(export_generator(lively(ResnetGenerator(ngf=4, n_blocks=1, norm="batch")))))
     src = image_folder(tmp_path / "in", 2)
     common = ["--checkpoint", str(ckpt), "--input", str(src), "--device", "cpu"]
-    refused = infer(*common, "--out", str(tmp_path / "tiled"), "--tile-size", "64")
+    refused = infer_here(*common, "--out", str(tmp_path / "tiled"), "--tile-size", "64")
     assert refused.returncode == 2 and "--tile-size 64" in refused.stderr  # a flag the model cannot take
     assert "cannot translate exactly" in refused.stderr
-    done = infer(*common, "--out", str(tmp_path / "whole"))
+    done = infer_here(*common, "--out", str(tmp_path / "whole"))
     assert done.returncode == 0, done.stderr
     assert "every input is translated whole" in done.stderr

@@ -64,20 +64,12 @@ def test_a_switch_never_shows_a_stored_default_that_reads_as_if_it_were_on(job):
             assert "(default: True)" not in shown and "(default: False)" not in shown, action.option_strings
 
 def test_print_config_shows_the_resolved_config_and_exits():
-    done = run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.train",
-            "--config",
-            "configs/fastcut.yaml",
-            "data.a=x",
-            "data.b=y",
-            "run.url=/nonexistent/run",
-            "--print-config",
-        ],
-        timeout=120,
-    )
+    from inprocess import run_main
+
+    from jobs.train import main as train_main
+
+    done = run_main(train_main, "--config", "configs/fastcut.yaml", "data.a=x", "data.b=y",
+                    "run.url=/nonexistent/run", "--print-config")
     assert done.returncode == 0, done.stderr
     config = yaml.safe_load(done.stdout)
     assert config["train"]["n_epochs"] == 150 and config["train"]["n_epochs_decay"] == 50  # from the preset

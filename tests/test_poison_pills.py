@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import image_bytes
 from PIL import Image
-from test_infer import ROOT, infer, write_generator
+from test_infer import ROOT, infer_here, write_generator
 from test_unpaired import _good, _shard_set
 
 from cut import generator_from_checkpoint, read_checkpoint
@@ -84,14 +84,15 @@ def expected_size(key: str, mode: str) -> tuple[int, int]:
 
 
 def run_job(checkpoint: str, folder: Path, out: Path, mode: str, *extra: str):
-    return infer("--checkpoint", checkpoint, "--input", str(folder), "--out", str(out), "--preprocess", mode,
-                 "--load-size", "32", "--max-pixels", str(MAX_PIXELS), "--unit-size", "3", "--workers", "0",
-                 *extra)
+    """jobs.infer's main in this process (test_infer.infer_here)."""
+    return infer_here("--checkpoint", checkpoint, "--input", str(folder), "--out", str(out), "--preprocess",
+                      mode, "--load-size", "32", "--max-pixels", str(MAX_PIXELS), "--unit-size", "3",
+                      "--workers", "0", *extra)
 
 
 @pytest.fixture(scope="module")
 def translated(checkpoint: str, folder: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The output folder of the job in (mode, *extra), run once per module (each run is a process)."""
+    """The output folder of the job in (mode, *extra), run once per module."""
     outs: dict[tuple[str, ...], Path] = {}
 
     def run(mode: str, *extra: str) -> Path:

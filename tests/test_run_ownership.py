@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_train import final_state, run, shard_set, start, train_cmd, wait_for
+from test_train import final_state, run, shard_set, start, train_cmd, train_here, wait_for
 
 from pipeline import storage
 from pipeline.lease import Lease, LeaseHeldError, LeaseLostError, Owner
@@ -132,7 +132,7 @@ def test_a_changed_config_is_refused_listing_the_keys_unless_allowed_and_every_c
     run_dir = tmp_path / "run"
     assert run(train_cmd(a, b, str(run_dir), "train.max_steps=2")).returncode == 0
     changed = ["train.max_steps=4", "train.lr=0.001", "model.lambda_NCE=2"]
-    refused = run(train_cmd(a, b, str(run_dir), *changed))
+    refused = train_here(a, b, str(run_dir), *changed)  # in-process: a refusal before training
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "train.lr 0.0002 -> 0.001" in refused.stderr and "model.lambda_NCE" in refused.stderr
     assert "train.max_steps" not in refused.stderr.split("changed:")[1]  # free to change on resume

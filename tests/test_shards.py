@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from conftest import image_bytes, png_bomb
+from inprocess import run_main
 
 from jobs import shard as shard_job
 from pipeline import storage
@@ -37,9 +35,9 @@ def test_cli_ingests_a_folder_to_s3_and_streams_it_back(make_images: Callable[..
                                                          s3_url: str) -> None:
     folder = make_images("trainA", 7)
     originals = {sample_key(str(p.relative_to(folder))): p.read_bytes() for p in folder.rglob("*.jpg")}
-    run = subprocess.run([sys.executable, "-m", "jobs.shard", str(folder), "--out", s3_url, "--prefix", "a",
-                          "--domain", "A", "--max-count", "3", "--no-progress"],
-                         capture_output=True, text=True, env=os.environ.copy(), check=True)
+    run = run_main(shard_job.main, str(folder), "--out", s3_url, "--prefix", "a", "--domain", "A",
+                   "--max-count", "3", "--no-progress")  # in this process (tests/inprocess.py)
+    assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
     assert (summary["samples"], summary["shards"], summary["rejects"]) == (7, 3, 0)
     index = ShardIndex.load(storage.join(s3_url, "_index.json"))

@@ -168,10 +168,13 @@ def sincut_train(a: str, b: str, run_url: str, *overrides: str) -> list[str]:
 
 
 def infer(checkpoint: str, source: str, out: str) -> Image.Image:
-    import sys
+    """jobs.infer's main in this process (tests/inprocess.py); the translated image."""
+    from inprocess import run_main
 
-    done = run([sys.executable, "-m", "jobs.infer", "--checkpoint", checkpoint, "--input", source, "--out",
-                out, "--preprocess", "none", "--no-progress"])
+    from jobs.infer import main as infer_main
+
+    done = run_main(infer_main, "--checkpoint", checkpoint, "--input", source, "--out", out, "--preprocess",
+                    "none", "--no-progress")
     assert done.returncode == 0, done.stderr
     (image,) = Path(out, "images").rglob("*.png")
     return Image.open(image)

@@ -78,7 +78,7 @@ def test_the_plan_and_bad_tiles():
 def test_jobs_infer_tiles_a_large_input_to_the_whole_image_output(tmp_path):
     import numpy as np
     from PIL import Image
-    from test_infer import infer
+    from test_infer import infer_here
 
     from cut import export_generator
     from cut.checkpoint import to_bytes
@@ -93,8 +93,8 @@ def test_jobs_infer_tiles_a_large_input_to_the_whole_image_output(tmp_path):
     outputs, logs = {}, {}
     for tile in ("0", "256"):
         out = tmp_path / f"tile-{tile}"
-        done = infer("--checkpoint", str(checkpoint), "--input", str(src), "--out", str(out), "--preprocess",
-                     "none", "--tile-size", tile, "--workers", "0")
+        done = infer_here("--checkpoint", str(checkpoint), "--input", str(src), "--out", str(out),
+                          "--preprocess", "none", "--tile-size", tile, "--workers", "0")
         assert done.returncode == 0, done.stderr
         (row,) = read_manifest(str(out)).to_pylist()
         assert row["status"] == "ok" and (row["out_width"], row["out_height"]) == (1024, 768)
@@ -102,8 +102,9 @@ def test_jobs_infer_tiles_a_large_input_to_the_whole_image_output(tmp_path):
         logs[tile] = done.stderr
     assert np.abs(outputs["256"] - outputs["0"]).max() <= 1
     assert "larger than 256 network pixels on a side are translated tile by tile" in logs["256"]
-    rerun = infer("--checkpoint", str(checkpoint), "--input", str(src), "--out", str(tmp_path / "tile-0"),
-                  "--preprocess", "none", "--tile-size", "128", "--workers", "0")
+    rerun = infer_here("--checkpoint", str(checkpoint), "--input", str(src), "--out",
+                       str(tmp_path / "tile-0"), "--preprocess", "none", "--tile-size", "128",
+                       "--workers", "0")
     assert rerun.returncode == 2 and "tile_size" in rerun.stderr  # part of the job's identity
 
 

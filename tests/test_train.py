@@ -59,6 +59,16 @@ def train_cmd(a: str, b: str, run: str, *overrides: str, ranks: int = 0, restart
     return [sys.executable, *job, *overrides]
 
 
+def train_here(a: str, b: str, run: str, *overrides: str) -> subprocess.CompletedProcess:
+    """`run(train_cmd(a, b, run, *overrides))` without a process of its own: jobs.train's main in this
+    process (tests/inprocess.py), for runs refused before training that need no process-level check."""
+    from inprocess import run_main
+
+    from jobs.train import main as train_main
+
+    return run_main(train_main, *train_cmd(a, b, run, *overrides)[3:])
+
+
 def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
