@@ -152,6 +152,11 @@ class UnitBatches(IterableDataset):
                 detail = f"{type(exc).__name__}: {exc}".rstrip(": ")  # a MemoryError says nothing more
                 errors.append(error_record(order, item.key, item.url, code, detail, size, dims))
                 continue
+            # the source's alpha the model does not take, for the output (a tensor: the DataLoader turns
+            # numpy arrays into tensors anyway; a decoder's read-only view is copied first)
+            alpha = decoded.alpha
+            if alpha is not None:
+                alpha = torch.from_numpy(np.require(alpha, requirements="W"))
             meta = {
                 "order": order,
                 "key": item.key,
@@ -162,9 +167,7 @@ class UnitBatches(IterableDataset):
                 "restore": restore,
                 "box": geometry.box,  # the image within the network's input and output
                 "source_mode": decoded.source_mode,
-                # the source's alpha the model does not take, for the output (a tensor: the
-                # DataLoader turns numpy arrays into tensors anyway)
-                "alpha": None if decoded.alpha is None else torch.from_numpy(decoded.alpha),
+                "alpha": alpha,
                 "prep_ms": 1000 * (time.perf_counter() - t0),  # wall time, for the row's elapsed_ms
                 "cpu": {"read": c1 - c0, "decode": c2 - c1, "preprocess": time.thread_time() - c2},
             }
