@@ -188,11 +188,12 @@ def _shard_set(root: Path, name: str, n: int, size: int, seed: int) -> Path:
     return root / name
 
 
-def training_data_wait(device: torch.device, root: Path, size: int, steps: int, batches: list[int]) -> None:
+def training_data_wait(device: torch.device, root: Path, size: int, steps: int, batches: list[int],
+                       images: int = 256, overrides: tuple[str, ...] = ()) -> None:
     """jobs.train's own data_wait figure (its log lines) at each batch size, after the first log;
     larger batches run fewer steps (about the images of 8 batch-1 runs, at least 8 steps)."""
-    a = _shard_set(root, "trainA", 256, size, 1)
-    b = _shard_set(root, "trainB", 256, size, 2)
+    a = _shard_set(root, "trainA", images, size, 1)
+    b = _shard_set(root, "trainB", images, size, 2)
     for batch in batches:
         steps_here = steps if batch == 1 else max(8, 8 * steps // batch)
         log_every = max(1, steps_here // 4)
@@ -200,7 +201,7 @@ def training_data_wait(device: torch.device, root: Path, size: int, steps: int, 
                f"data.b={b}", f"run.url={root / f'run-{batch}'}", f"train.batch_size={batch}",
                f"train.max_steps={steps_here}", f"train.log_every={log_every}",
                "train.checkpoint_every=1000000", "train.image_every=1000000", f"train.device={device.type}",
-               f"data.load_size={size + size // 8}", f"data.crop_size={size}"]
+               f"data.load_size={size + size // 8}", f"data.crop_size={size}", *overrides]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             record(bench="jobs.train data_wait", batch=batch, error=done.stderr[-2000:])
@@ -284,7 +285,8 @@ def main() -> None:
             key = f"{'bf16+cl+compile' if comp else 'bf16+cl'}@{args.batch}"
             end_to_end(device, root / f"e2e-{comp}", size, args.images, args.batch, comp, rates.get(key))
         largest = largest_training_batch(device, size, [2] if args.smoke else [8, 16, 32, 64, 128])
-        training_data_wait(device, root, size, args.train_steps, sorted({1, largest}))
+        smoke = {"images": 16, "overrides": ("model.ngf=8", "model.n_blocks=2")} if args.smoke else {}
+        training_data_wait(device, root, size, args.train_steps, sorted({1, largest}), **smoke)
     training_speed(device, size, args.seconds)
     record(done=True, seconds=round(time.perf_counter() - start, 1))
 
