@@ -123,7 +123,8 @@ def unavailable_notes(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     by_reason: dict[str, list[str]] = {}
     for name, reason in metrics["unavailable"].items():
         by_reason.setdefault(reason, []).append(name)
-    return [(" and ".join(names), reason) for reason, names in by_reason.items()]
+    shown = {"fid": "FID", "kid": "KID", "domain": "domain score"}
+    return [(" and ".join(shown.get(n, n) for n in names), reason) for reason, names in by_reason.items()]
 
 
 def format_table(metrics: dict[str, Any]) -> str:
