@@ -4,8 +4,9 @@
     make demo DATA=path/to/set     # a folder with trainA/, trainB/, testA/, testB/ (e.g. horse2zebra)
 
 Every step runs the real command line a user would type; the output lands in demo-out/:
-report.html (a gallery of inputs beside their translations, with the scores of the translation
-against the identity baseline, the inputs returned unchanged) and metrics.json.
+report.html (a gallery of inputs beside their translations and a row of real B images, with the
+scores of the translation against the identity baseline, the inputs returned unchanged) and
+metrics.json.
 """
 
 from __future__ import annotations
@@ -133,6 +134,9 @@ def summary(metrics: dict, out: Path, steps: int, seconds: float) -> str:
     for key in keys:
         mine, base = metrics.get(key), metrics.get(f"identity_{key}")
         lines.append(f"  {key:24s}{_fmt(mine):>12s}{_fmt(base):>12s}")
+    if metrics.get("domain_saturated"):
+        lines.append("  the domain score is saturated (every output has P(B) >= 0.99): it ranks nothing, "
+                     "and the translation score is the content score (the report explains)")
     lines += [
         f"  report (open in a browser): {out / 'report.html'}",
         f"  metrics                   : {out / 'metrics.json'}",

@@ -4,7 +4,7 @@
         --test-a s3://b/h2z/testA --test-b s3://b/h2z/testB --out s3://b/evals/h2z \\
         --domain-classifier s3://b/h2z/domain.pt --train-a s3://b/h2z/trainA --train-b s3://b/h2z/trainB
     python -m jobs.eval --translated s3://b/translated/h2z --test-b s3://b/h2z/testB --out ...
-    python -m jobs.eval --train-classifier-only --domain-classifier s3://b/h2z/domain.pt \
+    python -m jobs.eval --train-classifier-only --domain-classifier s3://b/h2z/domain.pt \\
         --train-a s3://b/h2z/trainA --train-b s3://b/h2z/trainB --test-a ... --test-b ...
 
 The translated images come from a generator (--checkpoint, applied to --test-a with the official test
@@ -24,19 +24,27 @@ else $CUT_INCEPTION_WEIGHTS, else the torch hub cache, downloaded there when pos
 FID and KID are reported as unavailable, with the reason, unless --metrics asks for them (then the
 job fails). The domain score (share of translated images a small classifier puts in B) needs
 --domain-classifier; one is trained with --train-a/--train-b when that file does not exist yet
-(and saved there). Its held-out accuracy (on --test-a/--test-b, else on a tenth of the training
-images kept aside) is reported beside every domain score, with a warning below 0.8. The content
+(and saved there); the log says which, with its held-out accuracy (on --test-a/--test-b, else on a
+tenth of the training images kept aside), also reported beside every domain score, with a warning
+below 0.8. The classifier records the content hashes of the B images it trained on: a --test-b that
+holds any of them is refused (exit 2), as its "real B" score would be the classifier's memory. An
+input flag naming nothing (--translated, --test-a, --test-b, --inputs, --train-a, --train-b) is
+refused the same way, before anything is downloaded, trained or written. The content
 score (does the output keep its input's layout) needs no weights; the translation score is, per
 image, the lower of P(B | output) and the content score: high only for outputs that look like B and
 keep their input (docs/quality.md).
 
-Outputs: OUT/metrics.json (headline scores at its top level), OUT/per_image.parquet (scores of each
-image), OUT/report.html, OUT/grid.png, OUT/samples/*.png; a table on stdout.
+Outputs: OUT/metrics.json (each number once: the headline scores at its top level, the rest of each
+column under translated/baseline/real_b; pipeline/report.py lists the keys), OUT/per_image.parquet
+(scores of each image), OUT/report.html (with a row of real B images, and a note where every output's
+P(B) is at least 0.99 and the domain score ranks nothing), OUT/grid.png, OUT/samples/*.png,
+OUT/real_b/*.png; a table on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -86,11 +94,14 @@ from pipeline.images import (
     screen_pairs,
     translated_pairs,
 )
-from pipeline.ingest import ListingError
+from pipeline.ingest import ListingError, glob_root
 from pipeline.report import (
+    SATURATED,
     Sample,
+    accuracy_text,
     classifier_note,
     format_table,
+    metrics_scores,
     rejection_summary,
     write_per_image,
     write_report,
@@ -102,6 +113,8 @@ log = logging.getLogger("jobs.eval")
 METRICS = ("fid", "kid", "domain")
 HELD_OUT_SHARE = 0.1  # of the training images, kept aside to measure a classifier trained without test sets
 PAIR_CHUNK = 256  # inference outputs read (with their inputs) per chunk
+FINGERPRINT_HEX = 16  # hex digits of an image's sha256 kept per training image: unique, and short
+REAL_B_SHOWN = 8  # real B images shown in the report (at most --samples)
 
 
 class UnavailableError(RuntimeError):
@@ -110,6 +123,10 @@ class UnavailableError(RuntimeError):
 
 class NothingToScoreError(RuntimeError):
     """Every successful row of a --translated manifest was rejected or unreadable."""
+
+
+class TrainingImagesError(RuntimeError):
+    """--test-b holds images the domain classifier trained on: its "real B" score would be memory."""
 
 
 @dataclass
@@ -128,7 +145,7 @@ class EvalConfig:
         metavar="URL")
     train_classifier_only: bool = option(False, "train a domain classifier on --train-a/--train-b, save it "
                                          "to --domain-classifier and stop (its held-out accuracy is in the "
-                                         "file and the log)", exclusive=True)
+                                         "file and on stdout)", exclusive=True)
     test_a: str = option("", "real domain A test images: what --checkpoint translates, and the A test set of "
                          "a domain classifier trained here")
     test_b: str = option("", "real domain B images (reference for FID/KID; domain classifier test)")
@@ -198,12 +215,61 @@ def load_eval_config(args: argparse.Namespace) -> EvalConfig:
     return config
 
 
-def load_images(url: str, crop_size: int, size: int, limit: int | None = None) -> torch.Tensor:
-    """Up to ``limit`` images of a source, test-preprocessed at ``crop_size`` then downscaled to ``size``."""
-    batches = [downscale(x, size) for x in image_batches(url, crop_size, 64)]
+def source_exists(url: str) -> bool:
+    """Whether an image source names something: its folder for a glob, else the URL itself."""
+    return storage.exists(glob_root(url) if storage.has_glob(url) else url)
+
+
+def missing_inputs(config: EvalConfig) -> list[str]:
+    """'--flag URL does not exist' for each input this run would read that is not there (checked before
+    anything is downloaded, trained or written)."""
+    named = [("--translated", config.translated), ("--test-a", config.test_a), ("--test-b", config.test_b),
+             *(("--inputs", url) for url in config.inputs or ())]
+    saved = bool(config.domain_classifier) and storage.exists(config.domain_classifier)
+    if config.train_classifier_only or not saved:
+        named += [("--train-a", config.train_a), ("--train-b", config.train_b)]
+    return [f"{flag} {url} does not exist" for flag, url in named if url and not source_exists(url)]
+
+
+def fingerprint(data: bytes) -> str:
+    """A short content hash of an encoded image: the same file in a folder, a list or a shard set."""
+    return hashlib.sha256(data).hexdigest()[:FINGERPRINT_HEX]
+
+
+def load_images(url: str, crop_size: int, size: int,
+                limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Up to ``limit`` images of a source, test-preprocessed at ``crop_size`` then downscaled to ``size``,
+    and their fingerprints."""
+    batches, prints = [], []
+    for items, x in batched(decode_for_eval(iter_encoded(url), crop_size), 64):
+        batches.append(downscale(x, size))
+        prints += [fingerprint(item.data) for item in items if item.data is not None]
     if not batches:
         raise FileNotFoundError(f"no readable images in {url}")
-    return torch.cat(batches)[:limit]
+    return torch.cat(batches)[:limit], prints[:limit]
+
+
+def refuse_training_images(test_b: str, meta: dict[str, Any], where: str) -> None:
+    """Raise TrainingImagesError when --test-b holds images the classifier trained on: by the content
+    hashes it records (``train_b_sha256``), or, for a classifier saved without them, by its --train-b URL."""
+    if not test_b:
+        return
+    trained = meta.get("train_b_sha256")
+    if trained is None:
+        if str(meta.get("train_b", "")).rstrip("/") != test_b.rstrip("/"):
+            return
+        overlap, count = "all", "its"
+    else:
+        known = set(trained)
+        prints = [fingerprint(item.data) for item in iter_encoded(test_b) if item.data is not None]
+        shared = sum(p in known for p in prints)
+        if not shared:
+            return
+        overlap, count = str(shared), f"the {len(prints)}"
+    raise TrainingImagesError(
+        f"--test-b {test_b}: {overlap} of {count} images are images the domain classifier {where} trained "
+        f"on, so its real B domain score would measure what it memorised, not domain B. Pass real B images "
+        f"it never saw as --test-b (a test set such as testB), or train the classifier without them")
 
 
 def train_classifier(config: EvalConfig, device: torch.device) -> tuple[DomainClassifier, dict[str, Any]]:
@@ -211,34 +277,42 @@ def train_classifier(config: EvalConfig, device: torch.device) -> tuple[DomainCl
     real test sets when given, else on a tenth of the training images kept out of its training."""
     start = time.perf_counter()
     limit = config.classifier_max_images
-    train_a = load_images(config.train_a, config.crop_size, IMAGE_SIZE, limit)
-    train_b = load_images(config.train_b, config.crop_size, IMAGE_SIZE, limit)
+    train_a, _ = load_images(config.train_a, config.crop_size, IMAGE_SIZE, limit)
+    train_b, prints_b = load_images(config.train_b, config.crop_size, IMAGE_SIZE, limit)
     if config.test_a and config.test_b:
         held_out = "test images (--test-a, --test-b)"
-        test_a = load_images(config.test_a, config.crop_size, IMAGE_SIZE)
-        test_b = load_images(config.test_b, config.crop_size, IMAGE_SIZE)
+        test_a, _ = load_images(config.test_a, config.crop_size, IMAGE_SIZE)
+        test_b, _ = load_images(config.test_b, config.crop_size, IMAGE_SIZE)
     elif min(len(train_a), len(train_b)) >= 2:
         held_out = f"{HELD_OUT_SHARE:.0%} of the training images, kept out of training"
         train_a, test_a = held_out_split(train_a, HELD_OUT_SHARE, config.seed)
+        kept, _ = held_out_split(torch.arange(len(train_b)), HELD_OUT_SHARE, config.seed + 1)  # same split
         train_b, test_b = held_out_split(train_b, HELD_OUT_SHARE, config.seed + 1)
+        prints_b = [prints_b[i] for i in kept.tolist()]
     else:
         held_out, test_a, test_b = "", None, None
-    log.info("domain classifier: training on %d A and %d B images", len(train_a), len(train_b))
-    net = train_domain_classifier(
-        train_a, train_b, epochs=config.classifier_epochs, seed=config.seed, device=device,
-        on_epoch=lambda epoch, loss: log.info("domain classifier epoch %d: loss %.4f", epoch + 1, loss))
     meta: dict[str, Any] = {"train_a": config.train_a, "train_b": config.train_b,
                             "train_images_a": len(train_a), "train_images_b": len(train_b),
+                            "train_b_sha256": prints_b,
                             "image_size": IMAGE_SIZE, "crop_size": config.crop_size,
-                            "epochs": config.classifier_epochs,
-                            "train_seconds": round(time.perf_counter() - start, 1)}
+                            "epochs": config.classifier_epochs}
+    refuse_training_images(config.test_b, meta, "would be")  # before it is trained, or anything written
+    log.info("domain classifier: training on %d A and %d B images", len(train_a), len(train_b))
+    losses: list[float] = []
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        losses.append(loss)
+        log.debug("domain classifier epoch %d: loss %.4f", epoch + 1, loss)
+
+    net = train_domain_classifier(train_a, train_b, epochs=config.classifier_epochs, seed=config.seed,
+                                  device=device, on_epoch=on_epoch)
+    meta["train_seconds"] = round(time.perf_counter() - start, 1)
+    log.info("domain classifier: %d epochs in %.1f s, loss %.4f at the first, %.4f at the last",
+             len(losses), meta["train_seconds"], losses[0], losses[-1])
     if test_a is not None and test_b is not None:
         accuracy = domain_accuracy(net.to(device), test_a.to(device), test_b.to(device))
         meta.update({f"test_{k}": v for k, v in accuracy.items()}, test_images_a=len(test_a),
                     test_images_b=len(test_b), held_out=held_out)
-        log.info("domain classifier: held-out accuracy %.3f (A %.3f on %d, B %.3f on %d; %s)",
-                 accuracy["accuracy"], accuracy["accuracy_a"], len(test_a), accuracy["accuracy_b"],
-                 len(test_b), held_out)
     return net, meta
 
 
@@ -247,11 +321,14 @@ def obtain_classifier(config: EvalConfig, device: torch.device) -> tuple[DomainC
     url = config.domain_classifier
     if url and storage.exists(url):
         net, meta = load_domain_classifier(url)
+        refuse_training_images(config.test_b, meta, f"{url} was")
+        log.info("domain classifier %s reused: %s", url, accuracy_text(meta))
     elif config.train_a:
         net, meta = train_classifier(config, device)
         if url:
             storage.write_bytes_atomic(url, to_bytes(export_classifier(net.cpu(), **meta)))
-            log.info("domain classifier saved to %s", url)
+        log.info("domain classifier %s: %s", f"{url} trained and saved" if url else "trained (not saved: no "
+                 "--domain-classifier)", accuracy_text(meta))
     else:
         where = f"{url} does not exist" if url else "none given"
         raise UnavailableError(f"no domain classifier ({where}): pass --domain-classifier with a trained "
@@ -265,7 +342,7 @@ def save_classifier_only(config: EvalConfig) -> int:
     """--train-classifier-only: train, save to --domain-classifier (replacing a file there), report."""
     net, meta = train_classifier(config, pick_device(config.device))
     storage.write_bytes_atomic(config.domain_classifier, to_bytes(export_classifier(net.cpu(), **meta)))
-    print(classifier_note(meta))
+    print(classifier_note(meta))  # the trained-and-saved line, on stdout
     print(f"saved to {config.domain_classifier}")
     if warning := classifier_warning(meta):
         log.warning("%s", warning)
@@ -352,27 +429,33 @@ def unreadable(pair: TranslatedPair, output_read: bool) -> Rejection:
     return Rejection(pair.key, "unreadable", url, f"the {what} {url} could not be read or decoded")
 
 
-def reference_pass(config: EvalConfig, inception: FIDInception | None, classifier: DomainClassifier | None,
-                   device: torch.device) -> tuple[FeatureStats | None, QualityMeter | None]:
-    """Reference statistics of real B (loaded from --reference-stats, or computed and saved there), and a
-    meter with the classifier's verdicts on real B (when --test-b is given)."""
-    stats = None
+def reference_pass(
+    config: EvalConfig, inception: FIDInception | None, classifier: DomainClassifier | None,
+    device: torch.device,
+) -> tuple[FeatureStats | None, QualityMeter | None, list[torch.Tensor]]:
+    """Reference statistics of real B (loaded from --reference-stats, or computed and saved there), a
+    meter with the classifier's verdicts on real B, and the first real B images, to show (when
+    --test-b is given)."""
+    stats, shown = None, []
     if inception is not None and config.reference_stats and storage.exists(config.reference_stats):
         stats = FeatureStats.from_bytes(storage.read_bytes(config.reference_stats), config.reference_stats)
         log.info("reference statistics of %d images from %s", stats.count, config.reference_stats)
     if not config.test_b:
-        return stats, None
+        return stats, None, shown
     meter = QualityMeter(inception if stats is None else None, classifier)
+    room = min(config.samples, REAL_B_SHOWN)
     if meter.inception is None and classifier is None:
-        return stats, None
+        first = next(image_batches(config.test_b, config.crop_size, room), None) if room else None
+        return stats, None, [] if first is None else list(as_rgb(first))
     for x in image_batches(config.test_b, config.crop_size, config.batch_size):
+        shown += list(as_rgb(x.cpu()))[:room - len(shown)]
         meter.update(x.to(device))
     if meter.inception is not None:
         stats = meter.stats()
         if config.reference_stats:
             storage.write_bytes_atomic(config.reference_stats, stats.to_bytes())
             log.info("reference statistics saved to %s", config.reference_stats)
-    return stats, meter
+    return stats, meter, shown
 
 
 def pick_device(name: str) -> torch.device:
@@ -397,6 +480,14 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     errors: dict[str, str] = {}
     inception = classifier = None
     classifier_meta: dict[str, Any] = {}
+    if "domain" in wanted:  # first: it may refuse --test-b, before anything is downloaded or written
+        try:
+            classifier, classifier_meta = obtain_classifier(config, device)
+        except UnavailableError as exc:
+            if "domain" in required:
+                raise
+            errors["domain"] = str(exc)
+            log.warning("domain score unavailable: %s", exc)
     if wanted & {"fid", "kid"}:
         try:
             inception = load_inception(config.inception_weights, config.download).to(device)
@@ -405,15 +496,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
                 raise
             errors["fid"] = errors["kid"] = str(exc)
             log.warning("FID and KID unavailable: %s", exc)
-    if "domain" in wanted:
-        try:
-            classifier, classifier_meta = obtain_classifier(config, device)
-        except UnavailableError as exc:
-            if "domain" in required:
-                raise
-            errors["domain"] = str(exc)
-            log.warning("domain score unavailable: %s", exc)
-    reference, real_b = reference_pass(config, inception, classifier, device)
+    reference, real_b, real_b_shown = reference_pass(config, inception, classifier, device)
     translated = QualityMeter(inception, classifier)
     baseline = QualityMeter(inception, classifier) if config.baseline else None
     run = translate_checkpoint if config.checkpoint else score_translated
@@ -436,42 +519,24 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
                     rejection_summary(r.reason for r in scored.rejected))
     doubt = classifier_warning(classifier_meta) if classifier is not None else ""  # logged when loaded
     warnings = [w for w in (doubt, no_better) if w]
+    per_image = translated.per_image()
+    probabilities = per_image.get("domain_probability")
     metrics: dict[str, Any] = {
-        **headline(scores, identity, real_b_scores, classifier_meta),
-        "translated": scores,
-        "baseline": identity,
-        "real_b": real_b_scores,
+        **metrics_scores(scores, identity, real_b_scores, classifier_meta),
         "unavailable": errors,
         "warnings": warnings,
         "rejected": len(scored.rejected),
         "rejections": {r.key: {"reason": r.reason, "url": r.url, "detail": r.detail}
                        for r in scored.rejected},
-        "domain_classifier": classifier_meta or None,
         "inception_weights": inception_weights_source(config.inception_weights) if inception else None,
         "config": asdict(config),
     }
-    per_image = translated.per_image()
+    if probabilities:
+        metrics["domain_saturated"] = min(probabilities) >= SATURATED
     identity_per_image = baseline.per_image() if baseline is not None else {}
     write_per_image(config.out, scored.keys, per_image, identity_per_image)
-    write_report(config.out, metrics, scored.samples, per_image)
+    write_report(config.out, metrics, scored.samples, per_image, real_b_shown)
     return metrics
-
-
-HEADLINE = ("translation_score", "content_score", "domain_score", "fid", "kid")
-
-
-def headline(scores: dict[str, float], identity: dict[str, float] | None,
-             real_b: dict[str, float] | None, classifier_meta: dict[str, Any]) -> dict[str, float]:
-    """The numbers a reader looks for first, flat: the outputs' scores, the identity baseline's
-    (``identity_*``: the inputs returned unchanged), real B's domain score, the classifier's accuracy."""
-    out = {name: scores[name] for name in HEADLINE if name in scores}
-    if identity is not None:
-        out.update({f"identity_{name}": identity[name] for name in HEADLINE if name in identity})
-    if real_b is not None and "domain_score" in real_b:
-        out["real_b_domain_score"] = real_b["domain_score"]
-    if classifier_meta.get("test_accuracy") is not None:
-        out["classifier_accuracy"] = classifier_meta["test_accuracy"]
-    return out
 
 
 def _no_better_than_identity(scores: dict[str, float], identity: dict[str, float] | None) -> str:
@@ -493,10 +558,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(0, args.log_format)
     reuse_freed_memory()  # generator and encoder forwards allocate their activations anew each time
     try:
+        if missing := missing_inputs(config):  # before any download, training or writing
+            log.error("%s", "; ".join(missing))
+            return 2
         if config.train_classifier_only:
             return save_classifier_only(config)
         metrics = evaluate(config)
-    except (NothingToScoreError, CheckpointError) as exc:  # bad input: exit 2, as in every job
+    except (NothingToScoreError, CheckpointError, TrainingImagesError) as exc:  # bad input: exit 2
         log.error("%s", exc)
         return 2
     except (InceptionWeightsError, UnavailableError, ConfigError, FileNotFoundError,

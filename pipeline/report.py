@@ -1,7 +1,20 @@
 """The evaluation report: OUT/metrics.json, OUT/per_image.parquet, OUT/report.html (the scores table,
-the classifier's accuracy, warnings, a gallery of input beside output), OUT/grid.png and
-OUT/samples/*.png, and the same table as text for the log. It knows images and numbers, not models:
-the metrics dict jobs.eval builds, and the sample pairs as (3, H, W) tensors in [-1, 1]."""
+the classifier's accuracy, warnings, a gallery of input beside output, a row of real B), OUT/grid.png,
+OUT/samples/*.png and OUT/real_b/*.png, and the same table as text for the log. It knows images and
+numbers, not models: the metrics dict jobs.eval builds, and images as (3, H, W) tensors in [-1, 1].
+
+metrics.json holds each number once:
+
+- top level, the headline numbers: ``translation_score``, ``content_score``, ``domain_score``, ``fid``,
+  ``kid`` of the translated images; ``identity_<same>`` of the inputs returned unchanged (the
+  baseline); ``real_b_domain_score``; ``classifier_accuracy`` (the classifier's held-out accuracy);
+  ``domain_saturated`` (every output has P(B) >= 0.99, so the domain score ranks nothing);
+- ``translated``, ``baseline`` (null with --no-baseline), ``real_b`` (null without --test-b): the rest
+  of each column, its image ``count`` and ``kid_std``;
+- ``domain_classifier``: the classifier's file and metadata (its accuracy per domain, what it trained
+  on) less the headline accuracy; ``unavailable``, ``warnings``, ``rejected``, ``rejections``,
+  ``inception_weights``, ``config``.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +43,44 @@ class Sample:
     output: torch.Tensor
 
 
+HEADLINE = ("translation_score", "content_score", "domain_score", "fid", "kid")
+SATURATED = 0.99  # P(B) of every output at or above this: the domain score cannot rank the outputs
+CLASSIFIER_PRIVATE = ("test_accuracy", "train_b_sha256")  # at the top level, or too long to show
+
+
+def metrics_scores(translated: dict[str, float], identity: dict[str, float] | None,
+                   real_b: dict[str, float] | None, classifier: dict[str, Any]) -> dict[str, Any]:
+    """The score part of metrics.json, each number once (see the module docstring)."""
+    out: dict[str, Any] = {name: translated[name] for name in HEADLINE if name in translated}
+    out["translated"] = {k: v for k, v in translated.items() if k not in HEADLINE}
+    out["baseline"] = None
+    if identity is not None:
+        out.update({f"identity_{name}": identity[name] for name in HEADLINE if name in identity})
+        out["baseline"] = {k: v for k, v in identity.items() if k not in HEADLINE}
+    out["real_b"] = None
+    if real_b is not None:
+        if "domain_score" in real_b:
+            out["real_b_domain_score"] = real_b["domain_score"]
+        out["real_b"] = {k: v for k, v in real_b.items() if k != "domain_score"}
+    if classifier.get("test_accuracy") is not None:
+        out["classifier_accuracy"] = classifier["test_accuracy"]
+    out["domain_classifier"] = {k: v for k, v in classifier.items() if k not in CLASSIFIER_PRIVATE} or None
+    return out
+
+
+def column(metrics: dict[str, Any], name: str) -> dict[str, float] | None:
+    """The full scores of one table column (translated, baseline, real_b) from metrics.json."""
+    rest = metrics.get(name)
+    if rest is None:
+        return None
+    if name == "real_b":
+        flat = {"domain_score": metrics["real_b_domain_score"]} if "real_b_domain_score" in metrics else {}
+    else:
+        prefix = "identity_" if name == "baseline" else ""
+        flat = {k: metrics[prefix + k] for k in HEADLINE if prefix + k in metrics}
+    return {**rest, **flat}
+
+
 def rejection_summary(reasons: Iterable[str]) -> str:
     """'2 output-outside, 1 sha256-mismatch': how many rows were left out, by reason code."""
     return ", ".join(f"{n} {reason}" for reason, n in sorted(Counter(reasons).items()))
@@ -53,8 +104,8 @@ ROWS = (("translation score", "translation_score", 1.0), ("content score", "cont
 
 def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
     """The metrics table: a header, then one row per metric (translated, inputs, real B)."""
-    named = (("translated", metrics["translated"]), ("identity (inputs)", metrics["baseline"]),
-             ("real B", metrics["real_b"]))
+    named = (("translated", column(metrics, "translated")),
+             ("identity (inputs)", column(metrics, "baseline")), ("real B", column(metrics, "real_b")))
     columns = [(name, scores) for name, scores in named if scores is not None]
     rows = [["metric", *(name for name, _ in columns)]]
     for label, key, scale in ROWS:
@@ -72,21 +123,34 @@ def unavailable_notes(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     by_reason: dict[str, list[str]] = {}
     for name, reason in metrics["unavailable"].items():
         by_reason.setdefault(reason, []).append(name)
-    return [(" and ".join(names), reason) for reason, names in by_reason.items()]
+    shown = {"fid": "FID", "kid": "KID", "domain": "domain score"}
+    return [(" and ".join(shown.get(n, n) for n in names), reason) for reason, names in by_reason.items()]
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    """The metrics table as text, then why any metric is missing."""
+    """The metrics table as text, then which metric is missing (why: in the log and the report, once)."""
     rows = table_rows(metrics)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    lines += [f"{names} unavailable: {reason}" for names, reason in unavailable_notes(metrics)]
+    lines += [f"{names} unavailable (why: the warning above, and report.html)"
+              for names, _ in unavailable_notes(metrics)]
+    if note := saturation_note(metrics):
+        lines.append(note)
     if note := rejected_note(metrics):
         lines.append(note)
-    if about := classifier_note(metrics["domain_classifier"]):
+    if about := classifier_note(metrics["domain_classifier"], metrics.get("classifier_accuracy")):
         lines.append(about)
     lines += [f"WARNING: {warning}" for warning in metrics["warnings"]]
     return "\n".join(lines)
+
+
+def saturation_note(metrics: dict[str, Any]) -> str:
+    """What a saturated domain score means ("" when it is not saturated)."""
+    if not metrics.get("domain_saturated"):
+        return ""
+    return (f"domain score saturated: the classifier gives every output P(B) >= {SATURATED}, so it tells "
+            f"these outputs apart from nothing; the translation score (the lower of P(B) and the content "
+            f"score) is then the content score, and ranks the outputs by the layout they keep alone")
 
 
 def rejected_note(metrics: dict[str, Any]) -> str:
@@ -98,17 +162,22 @@ def rejected_note(metrics: dict[str, Any]) -> str:
     return f"{len(rejections)} manifest rows rejected, not scored ({summary}): see rejections in metrics.json"
 
 
-def classifier_note(meta: dict[str, Any] | None) -> str:
+def classifier_note(meta: dict[str, Any] | None, accuracy: float | None = None) -> str:
     """One line on the domain classifier behind the domain and translation scores ("" if none)."""
     if not meta:
         return ""
-    accuracy = meta.get("test_accuracy")
+    return f"domain classifier: {accuracy_text(meta, accuracy)}"
+
+
+def accuracy_text(meta: dict[str, Any], accuracy: float | None = None) -> str:
+    """'held-out accuracy 0.912 (A 0.900; B 0.925; where it was measured)', or that it is unknown."""
+    accuracy = meta.get("test_accuracy", accuracy)
     if accuracy is None:
-        return "domain classifier: held-out accuracy unknown"
+        return "held-out accuracy unknown"
     parts = [f"{d} {meta[f'test_accuracy_{d.lower()}']:.3f}" for d in "AB"
              if f"test_accuracy_{d.lower()}" in meta]
     parts.append(meta.get("held_out", "held-out images"))
-    return f"domain classifier: held-out accuracy {accuracy:.3f} ({'; '.join(parts)})"
+    return f"held-out accuracy {accuracy:.3f} ({'; '.join(parts)})"
 
 
 def to_pixels(image: torch.Tensor) -> Image.Image:
@@ -150,17 +219,28 @@ def _cell(per_image: dict[str, list[float]], name: str, i: int) -> str:
     return "-" if values is None or i >= len(values) else f"{values[i]:.3f}"
 
 
+def _gallery_columns(metrics: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """(heading, per-image score) of the gallery: P(B) and the translation score only when they say
+    something beyond the content score (not when the domain score saturates)."""
+    if metrics.get("domain_saturated"):
+        return (("content", "content_score"),)
+    return (("translation", "translation_score"), ("content", "content_score"),
+            ("P(B)", "domain_probability"))
+
+
 def write_report(out: str, metrics: dict[str, Any], samples: list[Sample],
-                 per_image: dict[str, list[float]]) -> None:
-    """metrics.json, grid.png, samples/NNN-{input,output}.png and report.html: the scores table, the
-    classifier's accuracy, warnings, and a gallery of input beside output with each pair's scores
-    (``per_image``: the meter's per-image scores, whose first entries are the samples')."""
+                 per_image: dict[str, list[float]], real_b: list[torch.Tensor] | None = None) -> None:
+    """metrics.json, grid.png, samples/NNN-{input,output}.png, real_b/NNN.png and report.html: the scores
+    table, the classifier's accuracy, warnings, a gallery of input beside output with each pair's scores
+    (``per_image``: the meter's per-image scores, whose first entries are the samples'), and a row of
+    real B images (``real_b``) to compare the outputs with."""
     storage.write_bytes_atomic(storage.join(out, "metrics.json"),
                                (json.dumps(metrics, indent=1, sort_keys=True) + "\n").encode())
     figure, pairs = "", []
     if samples:
         storage.write_bytes_atomic(storage.join(out, "grid.png"), png_bytes(grid_image(samples)))
         figure = '<img src="grid.png" alt="inputs above their translations">'
+    shown = _gallery_columns(metrics)
     for i, sample in enumerate(samples):
         cells = []
         for role, image in (("input", sample.input), ("output", sample.output)):
@@ -170,15 +250,23 @@ def write_report(out: str, metrics: dict[str, Any], samples: list[Sample],
             name = f"samples/{i:03d}-{role}.png"
             storage.write_bytes_atomic(storage.join(out, name), png_bytes(to_pixels(image)))
             cells.append(f'<td><img src="{name}" class="pair" alt="{role} {html.escape(sample.key)}"></td>')
-        scores = "".join(f"<td>{_cell(per_image, n, i)}</td>"
-                         for n in ("translation_score", "content_score", "domain_probability"))
+        scores = "".join(f"<td>{_cell(per_image, n, i)}</td>" for _, n in shown)
         pairs.append(f"<tr><td>{html.escape(sample.key)}</td>{''.join(cells)}{scores}</tr>")
+    real = []
+    for i, image in enumerate(real_b or ()):
+        name = f"real_b/{i:03d}.png"
+        storage.write_bytes_atomic(storage.join(out, name), png_bytes(to_pixels(image)))
+        real.append(f'<img src="{name}" class="pair" alt="real B {i}">')
+    real_row = (f"<h2>Real B</h2><p>Images of --test-b, for comparison with the outputs.</p>"
+                f"<p>{' '.join(real)}</p>\n") if real else ""
     rows = table_rows(metrics)
     table = "".join("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
                     for tag, row in (("th" if i == 0 else "td", row) for i, row in enumerate(rows)))
     notes = "".join(f"<p><b>{html.escape(names)} unavailable:</b> {html.escape(reason)}</p>"
                     for names, reason in unavailable_notes(metrics))
-    about = classifier_note(metrics["domain_classifier"])
+    if saturated := saturation_note(metrics):
+        notes += f"<p><b>{html.escape(saturated)}.</b></p>"
+    about = classifier_note(metrics["domain_classifier"], metrics.get("classifier_accuracy"))
     about = f"<p>{html.escape(about)}</p>" if about else ""
     if rejected := rejected_note(metrics):
         about += f'<p class="warning">{html.escape(rejected)}</p>'
@@ -187,6 +275,7 @@ def write_report(out: str, metrics: dict[str, Any], samples: list[Sample],
     config = metrics["config"]
     source = config["checkpoint"] or config["translated"]
     note = f"<p>{html.escape(config['note'])}</p>" if config.get("note") else ""
+    headings = "".join(f"<th>{heading}</th>" for heading, _ in shown)
     page = (
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Translation quality</title>"
         "<style>body{font-family:sans-serif;max-width:70em} td,th{padding:2px 8px;text-align:left}"
@@ -194,7 +283,7 @@ def write_report(out: str, metrics: dict[str, Any], samples: list[Sample],
         " .warning{color:#a00}</style></head><body>\n"
         f"<h1>Translation quality</h1><p>{html.escape(source)}</p>\n{note}{warnings}"
         f"<table>{table}</table>\n{notes}{about}<p><small>{html.escape(SCORE_GUIDE)}</small></p>\n"
-        "<h2>Gallery</h2><table><tr><th>key</th><th>input</th><th>output</th><th>translation</th>"
-        f"<th>content</th><th>P(B)</th></tr>{''.join(pairs)}</table>\n"
+        f"<h2>Gallery</h2><table><tr><th>key</th><th>input</th><th>output</th>{headings}</tr>"
+        f"{''.join(pairs)}</table>\n{real_row}"
         f"<h2>Grid</h2>{figure}\n</body></html>\n")
     storage.write_bytes_atomic(storage.join(out, "report.html"), page.encode())

@@ -72,6 +72,10 @@ def test_jobs_infer_takes_every_checkpoint_kind_at_the_trained_size(trained, tmp
 
 @pytest.mark.slow
 def test_jobs_eval_takes_a_run_folder(trained, tmp_path):
+    real_b = tmp_path / "testB"  # real B the classifier did not train on (jobs.eval refuses those, #27)
+    real_b.mkdir()
+    for i in range(3):
+        (real_b / f"B-{i}.png").write_bytes(image_bytes(80 + i, (40, 44), fmt="PNG"))
     done = run_main(
         eval_main,
         "--checkpoint",
@@ -79,7 +83,7 @@ def test_jobs_eval_takes_a_run_folder(trained, tmp_path):
         "--test-a",
         str(trained / "A"),
         "--test-b",
-        str(trained / "B"),
+        str(real_b),
         "--out",
         str(tmp_path / "eval"),
         "--crop-size",

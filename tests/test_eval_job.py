@@ -138,17 +138,18 @@ def test_checkpoint_evaluation_writes_metrics_report_and_table(tmp_path, make_im
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["unavailable"] == {} and metrics["baseline"] is None
-    scores = metrics["translated"]
-    assert scores["count"] == 2
-    assert scores["fid"] >= 0 and {"kid", "kid_std"} <= set(scores) and 0 <= scores["domain_score"] <= 1
-    assert 0 <= metrics["real_b"]["domain_score"] <= 1
-    assert {"test_accuracy", "test_accuracy_a", "test_accuracy_b"} <= set(metrics["domain_classifier"])
+    scores = metrics["translated"]  # each number once: the headline ones at the top level (#27)
+    assert scores == {"count": 2, "kid_std": scores["kid_std"]}
+    assert metrics["fid"] >= 0 and "kid" in metrics and 0 <= metrics["domain_score"] <= 1
+    assert 0 <= metrics["real_b_domain_score"] <= 1 and metrics["real_b"] == {"count": 2}
+    assert {"test_accuracy_a", "test_accuracy_b"} <= set(metrics["domain_classifier"])
+    assert 0 <= metrics["classifier_accuracy"] <= 1 and "test_accuracy" not in metrics["domain_classifier"]
     assert FeatureStats.from_bytes(reference.read_bytes()).count == 2 and classifier.exists()
 
     report = out / "report.html"
     pngs = {str(p.relative_to(out)) for p in out.rglob("*.png")}
     assert pngs == {"grid.png", "samples/000-input.png", "samples/000-output.png", "samples/001-input.png",
-                    "samples/001-output.png"}
+                    "samples/001-output.png", "real_b/000.png", "real_b/001.png"}  # real B to compare (#27)
     assert html_images(report) == pngs  # the page names every image, and every image it names exists
     assert Image.open(out / "grid.png").size == (2 * CROP, 2 * CROP)
     table = capsys.readouterr().out
@@ -168,7 +169,7 @@ def test_translated_output_without_inception_weights_reports_fid_unavailable(tmp
     assert set(metrics["unavailable"]) == {"fid", "kid"}
     reason = metrics["unavailable"]["fid"]
     assert WEIGHTS_NAME in reason and "--inception-weights" in reason and "downloading is off" in reason
-    assert metrics["translated"]["count"] == 3 and "domain_score" in metrics["translated"]
+    assert metrics["translated"]["count"] == 3 and "domain_score" in metrics
     assert metrics["baseline"]["count"] == 3  # the manifest's inputs, read from a listing and a shard
     report = tmp_path / "report"
     assert html_images(report / "report.html") == {str(p.relative_to(report)) for p in report.rglob("*.png")}
@@ -178,7 +179,8 @@ def test_translated_output_without_inception_weights_reports_fid_unavailable(tmp
     assert main([*args, "--out", str(tmp_path / "domain-only"), "--metrics", "domain"]) == 0
     only = json.loads((tmp_path / "domain-only" / "metrics.json").read_text())
     assert only["unavailable"] == {}
-    assert set(only["translated"]) == {"count", "domain_score", "content_score", "translation_score"}
+    assert set(only["translated"]) == {"count"}  # the scores are at the top level, once (#27)
+    assert {"domain_score", "content_score", "translation_score"} <= set(only)
 
     capfd.readouterr()
     assert main([*args, "--out", str(tmp_path / "strict"), "--metrics", "fid"]) == 1
@@ -435,3 +437,111 @@ def test_a_confinement_admits_only_urls_that_stay_under_its_roots(tmp_path):
                 "http://127.0.0.1:8001/set/a.png", "http://127.0.0.1:8000/set/%2e%2e/x", "https://127.0.0.1:8000/set/a"):
         with pytest.raises(OutsideError):
             remote.resolve(url)
+
+
+# ------------------------------------------------------------------ what a new user trips over (#27)
+def info_lines(err: str, text: str) -> list[str]:
+    return [line for line in err.splitlines() if " INFO jobs.eval: " in line and text in line]
+
+
+def test_a_classifier_is_announced_once_when_trained_and_when_reused_and_never_scores_its_own_images(
+        tmp_path, make_images, offline, capfd):
+    out = translation_output(tmp_path, make_images)
+    train_a, train_b = make_images("trainA", 6, start_seed=30), make_images("trainB", 6, start_seed=40)
+    shards_b = tmp_path / "shards-B"  # the README trains on a shard set made from the B folder
+    build_shards([str(train_b)], str(shards_b), progress=False)
+    classifier = tmp_path / "domain.pt"
+    args = ["--translated", str(out), *corpus_roots(tmp_path), "--domain-classifier", str(classifier),
+            "--train-a", str(train_a), "--train-b", str(shards_b), "--classifier-epochs", "3",
+            "--metrics", "domain", "--crop-size", str(CROP)]
+    test_b = str(make_images("testB", 2, start_seed=20))
+    capfd.readouterr()
+    assert main([*args, "--test-b", test_b, "--out", str(tmp_path / "first")]) == 0
+    err = capfd.readouterr().err
+    (trained,) = info_lines(err, f"domain classifier {classifier} trained and saved: held-out accuracy ")
+    assert "10% of the training images" in trained
+    assert len(info_lines(err, "3 epochs in")) == 1 and "epoch 1: loss" not in err  # the epochs at DEBUG
+
+    assert main([*args, "--test-b", test_b, "--out", str(tmp_path / "second")]) == 0
+    err = capfd.readouterr().err
+    assert len(info_lines(err, f"domain classifier {classifier} reused: held-out accuracy ")) == 1
+    assert "training on" not in err
+
+    # --test-b holding the images the classifier trained on (as a folder, not the shard set it read)
+    assert main([*args, "--test-b", str(train_b), "--out", str(tmp_path / "refused")]) == 2
+    err = capfd.readouterr().err
+    assert re.search(rf"ERROR jobs.eval: --test-b {re.escape(str(train_b))}: [56] of the 6 images are images "
+                     rf"the domain classifier {re.escape(str(classifier))} was trained on", err)
+    assert not (tmp_path / "refused").exists()
+    # ... and before a classifier is trained on them: nothing trained, nothing written
+    fresh = tmp_path / "fresh.pt"
+    fresh_args = [a if a != str(classifier) else str(fresh) for a in args]
+    assert main([*fresh_args, "--test-b", str(train_b), "--out", str(tmp_path / "refused")]) == 2
+    err = capfd.readouterr().err
+    assert "the domain classifier would be trained on" in err and "training on" not in err
+    assert not fresh.exists() and not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("flag", ["--translated", "--test-b", "--inputs"])
+def test_an_input_that_does_not_exist_is_named_before_any_download_or_training(
+        tmp_path, make_images, offline, capfd, flag):
+    out = translation_output(tmp_path, make_images)
+    values = {"--translated": str(out), "--test-b": str(make_images("testB", 2, start_seed=20)),
+              "--inputs": str(tmp_path / "corpus")}
+    missing = str(tmp_path / "nowhere")
+    values[flag] = missing
+    capfd.readouterr()
+    rc = main([*(w for f, v in values.items() for w in (f, v)), "--out", str(tmp_path / "report"),
+               "--train-a", str(make_images("trainA", 2)), "--train-b", str(make_images("trainB", 2, 9)),
+               "--domain-classifier", str(tmp_path / "domain.pt"), "--crop-size", str(CROP)])
+    err = capfd.readouterr().err
+    assert rc == 2 and f"ERROR jobs.eval: {flag} {missing} does not exist" in err
+    assert len(err.strip().splitlines()) == 1  # no download, no classifier warning, no manifest complaint
+    assert not (tmp_path / "report").exists() and not (tmp_path / "domain.pt").exists()
+    assert not (tmp_path / "torch-home").exists()
+
+
+def test_fid_unavailable_is_said_once_in_the_log_and_once_in_the_report(tmp_path, make_images, offline,
+                                                                       capfd):
+    out = translation_output(tmp_path, make_images)
+    classifier = tmp_path / "domain.pt"
+    classifier.write_bytes(to_bytes(export_classifier(DomainClassifier(width=4), test_accuracy=0.9)))
+    capfd.readouterr()
+    assert main(["--translated", str(out), *corpus_roots(tmp_path), "--test-b", str(make_images("testB", 2)),
+                 "--domain-classifier", str(classifier), "--no-download", "--crop-size", str(CROP),
+                 "--out", str(tmp_path / "report")]) == 0
+    captured = capfd.readouterr()
+    paragraph = "FID and KID need the Inception weights file"
+    assert captured.err.count(paragraph) == 1 and paragraph not in captured.out
+    assert "FID and KID unavailable (why: the warning above, and report.html)" in captured.out
+    assert (tmp_path / "report" / "report.html").read_text().count(paragraph) == 1
+
+
+def test_the_help_examples_keep_their_line_continuations():
+    from jobs.eval import build_parser
+
+    text = build_parser().format_help()
+    assert "--domain-classifier s3://b/h2z/domain.pt \\\n        --train-a s3://b/h2z/trainA" in text
+    examples = text[:text.index("The translated images")]
+    assert "  --train-a" not in examples.replace("\n        --train-a", "")  # no continuation collapsed
+
+
+def test_a_saturated_domain_score_is_said_in_the_report_beside_a_row_of_real_b(tmp_path, make_images,
+                                                                               offline, capsys):
+    out = translation_output(tmp_path, make_images)
+    fooled = DomainClassifier(width=4)
+    nn.init.constant_(fooled.head.bias, 20.0)  # P(B) = 1 for every image
+    classifier = tmp_path / "domain.pt"
+    classifier.write_bytes(to_bytes(export_classifier(fooled, test_accuracy=0.9)))
+    report = tmp_path / "report"
+    assert main(["--translated", str(out), *corpus_roots(tmp_path), "--test-b", str(make_images("testB", 3)),
+                 "--domain-classifier", str(classifier), "--metrics", "domain", "--crop-size", str(CROP),
+                 "--out", str(report)]) == 0
+    assert "domain score saturated" in capsys.readouterr().out
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["domain_saturated"] is True and metrics["domain_score"] == 1.0
+    page = (report / "report.html").read_text()
+    assert "domain score saturated" in page and "ranks the outputs by the layout they keep alone" in page
+    assert "<th>P(B)</th>" not in page and "<th>content</th>" in page  # no column of 1.000
+    assert {f"real_b/{i:03d}.png" for i in range(3)} <= html_images(report / "report.html")
+    assert "<h2>Real B</h2>" in page

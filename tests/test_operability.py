@@ -207,6 +207,7 @@ def test_the_readme_first_run_on_your_own_data_runs(tmp_path):
     folder_of_images(data / "trainA", 8, 0)
     folder_of_images(data / "trainB", 8, 40)
     folder_of_images(data / "testA", 3, 80)
+    folder_of_images(data / "testB", 3, 120)  # real B the domain classifier never trained on
     lines = readme_block("First run on your own data")
     commands = [line for line in lines if line.startswith("python -m")]
     assert [c.split()[2] for c in commands] == [
