@@ -34,7 +34,7 @@ from jobs.infer_config import InferConfig, wants_cuda
 from jobs.logs import setup_logging
 from jobs.runtime import available_cores, env_int, reuse_freed_memory
 from jobs.signals import StopSignals
-from jobs.translator import Translator, finish
+from jobs.translator import Translator, finish, log_size_rule
 from pipeline.ingest import ListingError
 from pipeline.manifest import committed_units, manifest_dir
 from pipeline.plan import PlanError, worker_units
@@ -172,6 +172,7 @@ def _run(config: InferConfig, stop: StopSignals) -> int:
     except OSError as exc:  # a checkpoint not (yet) there or unreadable: a rerun may find it
         log.error("%s", exc)
         return 1
+    log_size_rule(config, translator.card)
     try:
         plan = obtain_plan(
             config.out,
