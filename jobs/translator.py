@@ -151,12 +151,16 @@ class Translator:
             raise ConfigError(f"--tile-size {tile}: {self.checkpoint_url} holds a generator that tiles "
                               f"cannot translate exactly (only a ResNet with instance norm or none); "
                               f"use --tile-size 0 or leave it unset")
-        # said at the end of the run only if an input was tiled (most runs tile nothing)
+        # The tile size is news only once an input is tiled (said at the end of the run), or when the
+        # model cannot be tiled at all (a large input may then not fit).
         if tile:
             log.debug("inputs larger than %d network pixels on a side are translated tile by tile (%s)", tile,
                       "--tile-size" if config.tile_size is not None else "from the device's memory")
+        elif config.tile_size is None:
+            log.info("every input is translated whole: tiles cannot reproduce this generator exactly (only "
+                     "a ResNet with instance norm or none)")
         else:
-            log.debug("every input is translated whole (no tiling)")
+            log.debug("every input is translated whole (--tile-size 0)")
         self.tile = tile
         spool = os.path.join(tempfile.gettempdir(), "cut-pipeline-spool", f"{os.getpid()}-tiles")
         spill = SpillArena(spool, threshold=available_memory() // 16)
@@ -254,13 +258,13 @@ class Translator:
                         "`dropped` column names them); png keeps alpha and 16 bits",
                         count, what, cfg.image_format)
         if self.tiled:
-            log.info("%d inputs larger than %d network pixels on a side were translated tile by tile "
-                     "(exactly; %s)", self.tiled, self.tile,
-                     "--tile-size" if cfg.tile_size is not None else "the size follows the device's memory, "
-                     "--tile-size sets it")
+            log.info("inputs larger than %d network pixels on a side are translated tile by tile (exactly; "
+                     "%s): %d in this run", self.tile,
+                     "--tile-size" if cfg.tile_size is not None else "a size from the device's memory, "
+                     "--tile-size sets it", self.tiled)
         if self.smaller:
-            log.info("%d outputs are smaller than their inputs: %s; %s", self.smaller,
-                     size_rule(cfg, self.card), KEEP_SIZE)
+            log.info("%d outputs are smaller than their inputs (--preprocess %s); --preprocess none keeps "
+                     "each input's size", self.smaller, cfg.preprocess)
         if self.squashed:
             log.warning(
                 "%d inputs were not square and were squashed to %dx%d (--preprocess official, as the "
@@ -405,27 +409,6 @@ class Translator:
         with self._timing:
             for stage, value in seconds.items():
                 self.seconds[stage] += value
-
-
-def size_rule(cfg: InferConfig, card: dict) -> str:
-    """What size --preprocess gives the outputs, in words."""
-    if cfg.preprocess == "official":
-        trained = card.get("crop_size")
-        why = ("the crop size the model was trained at" if trained == cfg.crop_size
-               else "the default: the checkpoint names no crop size" if trained is None else "--crop-size")
-        return (f"every output is {cfg.crop_size}x{cfg.crop_size} (--preprocess official: {why}, as the "
-                f"official test.py)")
-    if cfg.preprocess == "shortside":
-        return f"each output's shorter side is {cfg.load_size} (--preprocess shortside, --load-size)"
-    return "each output has its input's size (--preprocess none)"
-
-
-KEEP_SIZE = "--preprocess none keeps each input's size"
-
-
-def log_size_rule(cfg: InferConfig, card: dict) -> None:
-    """Say, before the first image, what size the outputs will have and how to keep the inputs' size."""
-    log.info("%s%s", size_rule(cfg, card), "" if cfg.preprocess == "none" else f"; {KEEP_SIZE}")
 
 
 def finish(out: str, plan: JobPlan, layout: OutputLayout, model_id: str) -> str | None:
