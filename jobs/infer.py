@@ -103,12 +103,17 @@ def load_infer_config(args: argparse.Namespace) -> InferConfig:
 
 # ------------------------------------------------------------------------------------------------ run
 def apply_model_card(config: InferConfig, card: dict[str, Any]) -> None:
-    """Sizes not given on the command line come from the model card: the size it was trained at."""
+    """Sizes not given on the command line come from the model card: the size it was trained at. Says
+    what size the outputs will have, and how to keep the inputs' (before the first image)."""
     trained = int(card.get("crop_size", DEFAULT_SIZE))
+    crop_from = "--crop-size"
     if config.crop_size is None:
         config.crop_size = trained
+        crop_from = ("the crop size the model was trained at" if "crop_size" in card
+                     else "the default: the checkpoint names no crop size")
     if config.load_size is None:
         config.load_size = trained
+    log.info("%s", size_rule(config, crop_from))
     if card.get("preset") == "SinCUT" and config.preprocess == "official":
         log.warning("a SinCUT model translates its source at full resolution (the official test): pass "
                     "--preprocess none; --preprocess official squashes it to %dx%d", trained, trained)
@@ -119,6 +124,17 @@ def apply_model_card(config: InferConfig, card: dict[str, Any]) -> None:
             trained,
             config.crop_size,
         )
+
+
+def size_rule(config: InferConfig, crop_from: str) -> str:
+    """What size --preprocess gives the outputs, in words, with how to keep the inputs' size."""
+    keep = "; --preprocess none keeps each input's size"
+    if config.preprocess == "official":
+        return (f"every output is {config.crop_size}x{config.crop_size} (--preprocess official, as the "
+                f"official test.py; {crop_from}){keep}")
+    if config.preprocess == "shortside":
+        return f"each output's shorter side is {config.load_size} (--preprocess shortside, --load-size){keep}"
+    return "each output has its input's size (--preprocess none)"
 
 
 def job_identity(config: InferConfig, model_sha256: str) -> dict[str, Any]:

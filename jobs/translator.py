@@ -111,6 +111,8 @@ class Translator:
         meta = checkpoint.get("metadata", {}) if isinstance(checkpoint, dict) else {}
         self.preset = str(meta.get("preset") or self.card.get("preset") or "unknown")
         self.squashed = 0  # non-square inputs resized to a square (--preprocess official)
+        self.tiled = 0  # inputs larger than the tile size, translated tile by tile
+        self.smaller = 0  # outputs with fewer pixels than their input
         self.model_sha256 = sha256(data)
         self.model_id = f"{self.checkpoint_url}#sha256={self.model_sha256}"
         if self.output_channels > 4 and config.image_format != "npy":
@@ -149,11 +151,17 @@ class Translator:
             raise ConfigError(f"--tile-size {tile}: {self.checkpoint_url} holds a generator that tiles "
                               f"cannot translate exactly (only a ResNet with instance norm or none); "
                               f"use --tile-size 0 or leave it unset")
+        # The tile size is news only once an input is tiled (said at the end of the run), or when the
+        # model cannot be tiled at all (a large input may then not fit).
         if tile:
-            log.info("inputs larger than %d network pixels on a side are translated tile by tile%s", tile,
-                     "" if config.tile_size is not None else " (from the device's memory; --tile-size)")
+            log.debug("inputs larger than %d network pixels on a side are translated tile by tile (%s)", tile,
+                      "--tile-size" if config.tile_size is not None else "from the device's memory")
+        elif config.tile_size is None:
+            log.info("every input is translated whole: tiles cannot reproduce this generator exactly (only "
+                     "a ResNet with instance norm or none)")
         else:
-            log.info("every input is translated whole (no tiling)")
+            log.debug("every input is translated whole (--tile-size 0)")
+        self.tile = tile
         spool = os.path.join(tempfile.gettempdir(), "cut-pipeline-spool", f"{os.getpid()}-tiles")
         spill = SpillArena(spool, threshold=available_memory() // 16)
         whole = torch.compile(netG) if config.compile else None
@@ -174,6 +182,7 @@ class Translator:
         self.card = checked_onnx_card(data, self.checkpoint_url)  # finite weights, a sane card
         self.input_channels, self.output_channels = model.input_nc, model.output_nc
         self.size_multiple = 4
+        self.tile = 0  # an ONNX graph runs whole
         log.info("engine onnxruntime: %s with %s", self.checkpoint_url, ", ".join(model.providers))
         return data, {}, model
 
@@ -248,6 +257,14 @@ class Translator:
             log.warning("%d outputs lost their %s: --image-format %s cannot store it (the manifest's "
                         "`dropped` column names them); png keeps alpha and 16 bits",
                         count, what, cfg.image_format)
+        if self.tiled:
+            log.info("inputs larger than %d network pixels on a side are translated tile by tile (exactly; "
+                     "%s): %d in this run", self.tile,
+                     "--tile-size" if cfg.tile_size is not None else "a size from the device's memory, "
+                     "--tile-size sets it", self.tiled)
+        if self.smaller:
+            log.info("%d outputs are smaller than their inputs (--preprocess %s); --preprocess none keeps "
+                     "each input's size", self.smaller, cfg.preprocess)
         if self.squashed:
             log.warning(
                 "%d inputs were not square and were squashed to %dx%d (--preprocess official, as the "
@@ -273,6 +290,8 @@ class Translator:
         self._add_time(model=launched.cpu + time.thread_time() - c0)
         model_ms = 1000 * seconds / len(outputs)
         state = states[launched.unit.index]
+        if self.tile and max(launched.shape[-2:]) > self.tile:
+            self.tiled += len(outputs)
         for meta, pixels in zip(launched.meta, outputs, strict=True):
             if (
                 self.cfg.preprocess == "official"
@@ -365,6 +384,8 @@ class Translator:
         write_part(self.cfg.out, unit.index, rows)
         self._add_time(manifest=time.thread_time() - c0)
         ok = sum(r["status"] == "ok" for r in rows)
+        self.smaller += sum(r["out_width"] * r["out_height"] < r["width"] * r["height"] for r in rows
+                            if r["status"] == "ok")
         self.stats["ok"] += ok
         self.stats["error"] += len(rows) - ok
 

@@ -54,17 +54,26 @@ def _plan_holding(out: str, lock: Lease, worker: int, inputs: Sequence[str], ide
         if committed_units(out):
             raise PlanError(f"{out} holds manifest parts but no plan ({plan_json_url(out)}): it was written "
                             f"by an older version or its plan was removed; use a new --out")
-        log.info("worker %d plans the job: listing %d inputs", worker, len(inputs))
+        log.info("worker %d plans the job: listing %d input location(s)", worker, len(inputs))
         plan = make_plan(out, inputs, identity, unit_size)
-        log.info("planned %d inputs in %d units: %s", plan.items, plan.units, plan_json_url(out))
+        log.info("planned %d images in %d units: %s", plan.items, plan.units, plan_json_url(out))
         return plan
     finally:
         lock.release()
 
 
 def _missing_folders(out: str) -> list[str]:
-    """The local folders that writing the planning lock creates (innermost first)."""
-    return [url for url in (plan_dir(out), out) if storage.is_local(url) and not storage.exists(url)]
+    """The local folders that writing the planning lock creates (innermost first): the plan folder,
+    --out and every missing folder above it."""
+    missing = []
+    url = plan_dir(out)
+    while storage.is_local(url) and not storage.exists(url):
+        missing.append(url)
+        parent = storage.dirname(url)
+        if parent in ("", url.rstrip("/")):  # a relative path's first folder, or the root
+            break
+        url = parent
+    return missing
 
 
 def _plan_leaving_nothing_on_failure(out: str, lock: Lease, worker: int, inputs: Sequence[str],
