@@ -19,9 +19,9 @@ resume whose config differs from RUN/config.yaml in keys other than FREE_ON_RESU
 exits 2 listing them, unless run.allow_config_change=true; one that changes the networks' shapes
 (SHAPES_THE_NETWORKS: model.ngf, ...) exits 2 naming the key and both values in any case. A rerun of a
 complete run says so in one line and exits 0, writing nothing. After its first steps a run logs what the
-rest will cost (on a CPU, when long, how to get a first look in minutes). Exit codes: 0 done or stopped by a signal
-with a checkpoint saved, 1 a failure (data, checkpoint, a failed write), 2 a bad config, a run owned by
-another trainer or a changed config.
+rest will cost (on a CPU, when long, how to get a first look in minutes). Exit codes: 0 done or stopped
+by a signal with a checkpoint saved, 1 a failure (data, checkpoint, a failed write), 2 a bad config, a
+run owned by another trainer or a changed config.
 """
 
 from __future__ import annotations
@@ -187,6 +187,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, runtime: Runtime, signals: StopSignals | None = None,
                  lease: Lease | None = None) -> None:
+        config = with_loader_workers(config, runtime.device)  # main has; a Trainer built directly may not
         t, rt = config.train, runtime
         self.config, self.rt, self.signals = config, rt, signals or StopSignals()
         self.lease = lease  # rank 0's lease on the run (claim_run), checked before each write
