@@ -138,7 +138,9 @@ class DataSection:
     load_size: int = key(286, "the size preprocess resizes to (resize_and_crop: load_size x load_size), "
                          "before the random crop")
     crop_size: int = key(256, "training crop (a multiple of 4)")
-    workers: int = key(4, "DataLoader processes per rank (exact resume needs the same count)")
+    workers: int | None = key(None, "DataLoader processes per rank (SinCUT: threads); null: 0 on CPU, where "
+                              "the step's threads use every core, else up to 4 as the usable cores allow, "
+                              "and a resumed run its own count (the order of samples depends on it)")
     flip: bool = key(True, "random horizontal flips")
     crops_per_epoch: int = key(100_000, "SinCUT only: crops of each image per epoch (the official "
                                "single-image dataset's length); an epoch is crops_per_epoch // "
@@ -422,6 +424,23 @@ def free_on_resume(key_name: str) -> bool:
     return any(key_name == k or (k.endswith(".") and key_name.startswith(k)) for k in FREE_ON_RESUME)
 
 
+#: Keys that shape the networks' tensors (their shapes, or their names: a dropout layer shifts the
+#: numbering of the layers after it): once one changes, no checkpoint of the run loads, so a resume
+#: refuses it even with run.allow_config_change. SinCUT's discriminator head is also built for
+#: data.crop_size.
+SHAPES_THE_NETWORKS = (
+    "model.input_nc", "model.output_nc", "model.ngf", "model.ndf", "model.netG", "model.netD",
+    "model.n_blocks", "model.n_layers_D", "model.normG", "model.normD", "model.no_dropout", "model.antialias",
+    "model.antialias_up", "model.netF", "model.netF_nc", "model.nce_layers",
+)
+SINCUT_SHAPES_THE_NETWORKS = ("data.crop_size",)
+
+
+def shapes_the_networks(key_name: str, preset: str) -> bool:
+    """Whether changing ``key_name`` changes the tensors a checkpoint of a ``preset`` run holds."""
+    return key_name in SHAPES_THE_NETWORKS or (preset == SINCUT and key_name in SINCUT_SHAPES_THE_NETWORKS)
+
+
 # ---------------------------------------------------------------------------------------- training
 def resolve_train_config(config: TrainConfig) -> TrainConfig:
     """Fill preset-dependent values (epochs, NCE options) and check cross-key rules."""
@@ -450,7 +469,7 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
         ("train.batch_size", sincut or t.batch_size == 1 or "crop" in d.preprocess,
          f"1 with data.preprocess {d.preprocess}: it keeps each image's own size, so images cannot be "
          "stacked into batches (nor can the official DataLoader)"),
-        ("data.workers", d.workers >= 0, ">= 0"),
+        ("data.workers", d.workers is None or d.workers >= 0, ">= 0 or null"),
         ("train.batch_size", t.batch_size >= 1, ">= 1"),
         ("train.lr", t.lr > 0, "> 0"),
         ("train.beta1", 0 <= t.beta1 < 1, "in [0, 1) (Adam's first-moment decay)"),

@@ -4,16 +4,19 @@ for the whole job, a resume must keep the run's config (``RUN/config.yaml``) but
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import socket
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import yaml
 
-from jobs.config import TrainConfig, config_changes, free_on_resume, to_yaml
-from jobs.runtime import Runtime
+from jobs.config import TrainConfig, config_changes, free_on_resume, shapes_the_networks, to_yaml
+from jobs.runtime import Runtime, default_loader_workers
 from pipeline import storage
 from pipeline.checkpoints import Checkpointer
 from pipeline.lease import Lease, LeaseHeldError
@@ -41,21 +44,59 @@ def job_id() -> str | None:
     return f"torchrun agent {socket.gethostname()}:{os.getppid()}"
 
 
-def config_changes_on_resume(config: TrainConfig) -> tuple[str | None, list[tuple[str, Any, Any]]]:
-    """(the run's stored RUN/config.yaml, or None for a new run; the keys ``config`` changes in it).
-    RunClaimError when keys other than FREE_ON_RESUME change without run.allow_config_change. Reads
-    only: claim_run calls it before the run is accepted, ``record_config`` once it is."""
-    run_url = config.run.url.rstrip("/")
-    stored_url = storage.join(run_url, CONFIG)
+def stored_config(run_url: str) -> tuple[str, dict[str, Any]] | None:
+    """(text, values) of the run's RUN/config.yaml; None for a new run. RunClaimError when unreadable."""
+    stored_url = storage.join(run_url.rstrip("/"), CONFIG)
     if not storage.exists(stored_url):
-        return None, []
-    stored_text = storage.read_bytes(stored_url).decode()
+        return None
+    text = storage.read_bytes(stored_url).decode()
     try:
-        stored = yaml.safe_load(stored_text)
+        values = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RunClaimError(f"{stored_url} is not readable YAML ({exc}); restore it or use a new "
                             f"run.url") from exc
-    changes = config_changes(stored if isinstance(stored, dict) else {}, yaml.safe_load(to_yaml(config)))
+    return text, values if isinstance(values, dict) else {}
+
+
+def with_loader_workers(config: TrainConfig, device: torch.device) -> TrainConfig:
+    """``config`` with data.workers null resolved: a resumed run keeps the count in its RUN/config.yaml
+    (the order of the samples depends on it: an exact resume needs the same), a new run takes
+    ``default_loader_workers``. A count given in the config is kept as it is."""
+    if config.data.workers is not None:
+        return config
+    stored = stored_config(config.run.url)
+    workers = stored[1].get("data", {}).get("workers") if stored else None
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        workers = default_loader_workers(device)
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, workers=workers))
+
+
+def as_override(value: Any) -> str:
+    """``value`` as a ``key=value`` override writes it (YAML: null, true, [0,4,8], plain strings)."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def config_changes_on_resume(config: TrainConfig) -> tuple[str | None, list[tuple[str, Any, Any]]]:
+    """(the run's stored RUN/config.yaml, or None for a new run; the keys ``config`` changes in it).
+    RunClaimError when a key that shapes the networks changes (no checkpoint of the run would load),
+    or keys other than FREE_ON_RESUME change without run.allow_config_change. Reads only: claim_run
+    calls it before the run is accepted, ``record_config`` once it is."""
+    run_url = config.run.url.rstrip("/")
+    stored_url = storage.join(run_url, CONFIG)
+    stored = stored_config(run_url)
+    if stored is None:
+        return None, []
+    stored_text, stored_values = stored
+    changes = config_changes(stored_values, yaml.safe_load(to_yaml(config)))
+    preset = stored_values.get("model", {}).get("preset", config.model.preset)
+    shaped = [(k, a, b) for k, a, b in changes if shapes_the_networks(k, preset)]
+    if shaped:
+        keys = ", ".join(f"{k} {a!r} (in {stored_url}) -> {b!r}" for k, a, b in shaped)
+        again = " ".join(f"{k}={as_override(a)}" for k, a, _ in shaped)
+        raise RunClaimError(
+            f"{run_url} cannot resume with other network shapes: {keys}. Its checkpoints hold networks of "
+            f"the stored shape, which no config change can load. Resume with {again}, or train a new "
+            f"run.url (model.init_from takes a generator's weights into a new run of the same generator)")
     fixed = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes if not free_on_resume(k))
     if fixed and not config.run.allow_config_change:
         raise RunClaimError(

@@ -54,6 +54,16 @@ def available_cores() -> int:
     return max(1, cores)
 
 
+def default_loader_workers(device: torch.device) -> int:
+    """DataLoader processes per training rank: none on CPU (the step's threads use every core, and a
+    crop's decoding costs milliseconds beside a step of seconds), else up to 4 (the official
+    --num_threads) as the host's usable cores, shared by its ranks (LOCAL_WORLD_SIZE), allow."""
+    if device.type == "cpu":
+        return 0
+    per_rank = available_cores() // max(1, env_int("LOCAL_WORLD_SIZE", default=1))
+    return max(1, min(4, per_rank - 1))
+
+
 def available_memory() -> int:
     """Bytes of memory this process may use: the machine's, capped by a cgroup v2 memory limit (a
     container's), which the machine's page count ignores."""

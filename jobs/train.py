@@ -16,9 +16,12 @@ One trainer per run: rank 0 holds RUN/lease.json for the whole job (a heartbeat 
 run.lease_stale_after); a second trainer exits 2 naming the owner, unless the owner is gone (its process
 on this host, or no heartbeat for run.lease_stale_after seconds) or is this torchrun job restarted. A
 resume whose config differs from RUN/config.yaml in keys other than FREE_ON_RESUME (jobs/config.py)
-exits 2 listing them, unless run.allow_config_change=true. Exit codes: 0 done or stopped by a signal
-with a checkpoint saved, 1 a failure (data, checkpoint, a failed write), 2 a bad config, a run owned by
-another trainer or a changed config.
+exits 2 listing them, unless run.allow_config_change=true; one that changes the networks' shapes
+(SHAPES_THE_NETWORKS: model.ngf, ...) exits 2 naming the key and both values in any case. A rerun of a
+complete run says so in one line and exits 0, writing nothing. After its first steps a run logs what the
+rest will cost (on a CPU, when long, how to get a first look in minutes). Exit codes: 0 done or stopped
+by a signal with a checkpoint saved, 1 a failure (data, checkpoint, a failed write), 2 a bad config, a
+run owned by another trainer or a changed config.
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ from jobs.config import (
 from jobs.finetune import InitFromError, init_generator
 from jobs.logs import setup_logging
 from jobs.quality import HeldOutEvaluator
-from jobs.run_claim import CONFIG, RunClaimError, claim_run, record_config
-from jobs.run_export import card_markdown, export_step, model_card, write_export
+from jobs.run_claim import CONFIG, RunClaimError, claim_run, record_config, with_loader_workers
+from jobs.run_export import EXPORT, card_markdown, export_step, model_card, write_export
 from jobs.runtime import Runtime, code_version, init_runtime, shutdown
 from jobs.signals import StopSignals
 from jobs.train_log import TrainLog, hparams
@@ -184,6 +187,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, runtime: Runtime, signals: StopSignals | None = None,
                  lease: Lease | None = None) -> None:
+        config = with_loader_workers(config, runtime.device)  # main has; a Trainer built directly may not
         t, rt = config.train, runtime
         self.config, self.rt, self.signals = config, rt, signals or StopSignals()
         self.lease = lease  # rank 0's lease on the run (claim_run), checked before each write
@@ -266,9 +270,29 @@ class Trainer:
         best = self.checkpointer.best_summary() if self.evaluator is not None else None
         if best is not None:
             self.evaluator.best = best["scores"].get(self.evaluator.metric)
-        log.info("step %d: resumed from %s (epoch %d, step %d of it)", self.step, source, self.position.epoch,
-                 self.position.step)
+        if not self.complete:  # a complete run says so instead (run)
+            log.info("step %d: resumed from %s (epoch %d, step %d of it)", self.step, source,
+                     self.position.epoch, self.position.step)
         return True
+
+    @property
+    def complete(self) -> bool:
+        """Whether the run has trained all the steps its schedule and train.max_steps allow."""
+        return self.step >= self.total_steps
+
+    def complete_line(self) -> str:
+        """What a rerun of a complete run says: its step, its export, and how to train on."""
+        t = self.config.train
+        generator = storage.join(self.run_url, EXPORT, "generator.pt")
+        if self.total_steps < self.epochs * self.stream.steps_per_epoch:
+            longer = f"to train longer, rerun with a larger train.max_steps (now {t.max_steps})"
+        else:
+            longer = (f"its schedule ({t.n_epochs} + {t.n_epochs_decay} epochs of "
+                      f"{self.stream.steps_per_epoch} steps) is over: to train longer, raise "
+                      f"train.n_epochs_decay with run.allow_config_change=true, or fine-tune a new run "
+                      f"from it (model.init_from)")
+        return (f"{self.run_url} is already trained: step {self.step} of {self.total_steps}, its generator "
+                f"in {generator}; nothing to do. {longer[0].upper()}{longer[1:]}")
 
     def apply_init_from(self, resumed: bool) -> bool:
         """Fine-tuning: a fresh run takes G's weights from ``model.init_from`` (D, F, optimizers and
@@ -357,6 +381,8 @@ class Trainer:
                 bar.update()
                 self.position = StreamPosition(self.position.epoch, self.position.step + 1)
                 self.logs.add(losses, waited)
+                if self.rt.is_main:
+                    self.logs.pace(self.step)
                 due_save = self.step % t.checkpoint_every == 0
                 check = self.step % self.control_every == 0 or due_save or self.step == self.total_steps
                 if check and self._stop_requested(losses):  # raises on a non-finite loss, a lost lease
@@ -384,6 +410,10 @@ class Trainer:
             log.warning("step %d: export/ holds %s, not the newest checkpoint: rewriting it", self.step,
                         "no model card" if held is None else f"step {held}")
             self.export()  # its write failed after its checkpoint committed, or that one was set aside
+        if resumed and self.complete:  # a rerun of a finished run: one line, nothing written
+            if self.rt.is_main:
+                log.info("%s", self.complete_line())
+            return 0
         self.apply_init_from(resumed)
         if self.rt.is_main:  # the run is accepted (resumed or started, model.init_from loaded)
             record_config(self.config)
@@ -467,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         finished = False
         lease = None
         try:
+            config = with_loader_workers(config, runtime.device)
             lease = claim_run(config, runtime)
             code = Trainer(config, runtime, signals, lease).run()
             finished = True

@@ -1,4 +1,5 @@
-"""What a training run reports as it goes: a log line every ``train.log_every`` steps (losses, lr,
+"""What a training run reports as it goes: after its first steps, what the rest will cost (and, for a
+long CPU run, how to get a first look sooner); a log line every ``train.log_every`` steps (losses, lr,
 throughput, data wait, memory, ETA) and, on rank 0, TensorBoard scalars, image grids and, at the end,
 the hyperparameters beside the final losses."""
 
@@ -22,6 +23,39 @@ def duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+PACE_STEPS = 3  # steps timed, after the first (which builds kernels and starts the loader), for the cost
+WORTH_SAYING_S = 60  # a run estimated to end sooner than this is not told its cost
+LONG_CPU_RUN_S = 30 * 60  # a CPU run estimated longer than this is told how to get a first look sooner
+FIRST_LOOK_CONFIG = "configs/fastcut-cpu.yaml"  # FastCUT sized for a CPU: minutes, not hours
+FIRST_LOOK_S = 15 * 60  # the time train.max_steps is suggested for
+
+
+def roughly(seconds: float) -> str:
+    """A duration as a person says it: 40 s, 12 min, 7.1 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def cost_line(step: int, total_steps: int, seconds_per_step: float,
+              device: torch.device) -> tuple[int, str] | None:
+    """(log level, line): what the steps after ``step`` will cost at ``seconds_per_step``; a long run on
+    a CPU, a warning with the two ways to a first look within minutes. None for a run about to end."""
+    left = total_steps - step
+    if left * seconds_per_step < WORTH_SAYING_S:
+        return None
+    line = (f"step {step}: {seconds_per_step:.2f} s/step on {device}, {left} steps to go: about "
+            f"{roughly(left * seconds_per_step)}")
+    if device.type != "cpu" or left * seconds_per_step <= LONG_CPU_RUN_S:
+        return logging.INFO, line
+    steps = max(1, int(FIRST_LOOK_S / seconds_per_step))
+    return logging.WARNING, (f"{line}. For a first look within minutes: --config {FIRST_LOOK_CONFIG} "
+                             f"(FastCUT at 128 pixels, 600 steps), or train.max_steps={step + steps} (about "
+                             f"{roughly(steps * seconds_per_step)} more here; free to change on resume)")
 
 
 def hparams(config: TrainConfig, model_config: Any, ranks: int, steps: int) -> dict[str, Any]:
@@ -57,6 +91,7 @@ class TrainLog:
         self.device, self.tb = device, tb
         self.recent: deque[dict[str, torch.Tensor]] = deque(maxlen=4)  # visuals of the last steps
         self.last_losses: dict[str, float] = {}
+        self._paced_from: tuple[int, float] | None = None  # (step, time) timing starts at
         self._restart()
 
     def _restart(self) -> None:
@@ -68,6 +103,17 @@ class TrainLog:
         self.losses.append(losses)
         self.wait += waited
         self.steps += 1
+
+    def pace(self, step: int) -> None:
+        """Times this process's first steps; once PACE_STEPS after the first are timed, logs what the
+        rest of the run will cost (``cost_line``). Rank 0 calls it."""
+        now = time.perf_counter()
+        if self._paced_from is None:
+            self._paced_from = (step, now)
+        elif step - self._paced_from[0] == PACE_STEPS:
+            cost = cost_line(step, self.total_steps, (now - self._paced_from[1]) / PACE_STEPS, self.device)
+            if cost is not None:
+                log.log(*cost)
 
     def report(self, step: int, epoch: int, lr: float, policy: str, skipped: int) -> None:
         """The log line (and scalars) of the steps since the last report."""

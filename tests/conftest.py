@@ -1,8 +1,10 @@
-"""Shared fixtures: a real S3-compatible server on loopback and tiny image files."""
+"""Shared fixtures: a real S3-compatible server on loopback, tiny image files, and the public datasets
+a few tests train on (found through CUT_DATASETS)."""
 
 from __future__ import annotations
 
 import io
+import os
 import socket
 import struct
 import uuid
@@ -17,6 +19,10 @@ from moto.server import ThreadedMotoServer
 from PIL import Image
 
 BUCKET = "cut-test"
+# The folder holding the public datasets (horse2zebra/, ...) that tests training on real images need:
+# CUT_DATASETS, else ../shared/datasets beside the clone (where CI keeps them).
+DATASETS_VARIABLE = "CUT_DATASETS"
+DEFAULT_DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
 
 
 def _free_port() -> int:
@@ -84,3 +90,21 @@ def make_images(tmp_path: Path) -> Callable[..., Path]:
         return folder
 
     return make
+
+
+@pytest.fixture
+def dataset() -> Callable[[str], Path]:
+    """`dataset(name)`: the folder of a public unpaired dataset (trainA/ and trainB/ of images, as the
+    CycleGAN/CUT download scripts unpack it) under $CUT_DATASETS; skips the test, saying how to provide
+    it, when the folder is not there."""
+
+    def find(name: str) -> Path:
+        root = Path(os.environ.get(DATASETS_VARIABLE) or DEFAULT_DATASETS)
+        folder = root / name
+        if not ((folder / "trainA").is_dir() and (folder / "trainB").is_dir()):
+            pytest.skip(f"needs the {name} dataset: set {DATASETS_VARIABLE} to a folder holding "
+                        f"{name}/trainA/ and {name}/trainB/ (images; the CUT repository's "
+                        f"datasets/download_cut_dataset.sh {name} fetches them); looked in {folder}")
+        return folder
+
+    return find

@@ -10,6 +10,7 @@ from cut import CUTConfig
 from cut.schedule import lr_factor
 from cut.sincut import SinCUTConfig
 from jobs.config import (
+    SHAPES_THE_NETWORKS,
     SINCUT_UNUSED,
     ConfigError,
     ModelSection,
@@ -20,6 +21,7 @@ from jobs.config import (
     load_config,
     resolve_train_config,
     schema_keys,
+    shapes_the_networks,
     to_dict,
     to_yaml,
 )
@@ -193,3 +195,59 @@ def test_a_model_value_is_checked_once_by_the_model_config_in_the_words_of_the_k
     model_config = CUTConfig if preset.endswith("tiny.yaml") else SinCUTConfig
     with pytest.raises(ValueError, match=re.escape(message)):
         model_config(**{name: yaml.safe_load(value)})
+
+
+# One changed value per model key (with what the change needs beside it); a new key must be added here.
+NETWORK_CHANGES = {
+    "preset": ["model.preset=FastCUT"],
+    "input_nc": ["model.input_nc=1", "model.nce_idt=false"],
+    "output_nc": ["model.output_nc=1", "model.nce_idt=false"],
+    "ngf": ["model.ngf=4"],
+    "ndf": ["model.ndf=4"],
+    "netG": ["model.netG=resnet_6blocks", "model.n_blocks=null"],
+    "netD": ["model.netD=pixel"],
+    "n_blocks": ["model.n_blocks=3"],
+    "n_layers_D": ["model.netD=n_layers", "model.n_layers_D=4"],
+    "normG": ["model.normG=batch"],
+    "normD": ["model.normD=batch"],
+    "no_dropout": ["model.no_dropout=false"],
+    "antialias": ["model.antialias=false"],
+    "antialias_up": ["model.antialias_up=false"],
+    "init_type": ["model.init_type=normal"],
+    "init_gain": ["model.init_gain=0.5"],
+    "netF_nc": ["model.netF_nc=8"],
+    "netF": ["model.netF=sample"],
+    "num_patches": ["model.num_patches=8"],
+    "nce_layers": ["model.nce_layers=[0,4]"],
+    "nce_T": ["model.nce_T=0.1"],
+    "nce_includes_all_negatives_from_minibatch": ["model.nce_includes_all_negatives_from_minibatch=true"],
+    "lambda_GAN": ["model.lambda_GAN=2"],
+    "lambda_NCE": ["model.lambda_NCE=2"],
+    "nce_idt": ["model.nce_idt=false"],
+    "flip_equivariance": ["model.flip_equivariance=true"],
+    "gan_mode": ["model.gan_mode=vanilla"],
+    "lambda_gp": ["model.lambda_gp=1"],
+    "direction": ["model.direction=BtoA"],
+    "init_from": ["model.init_from=g.pt"],
+    "channels_last": ["model.channels_last=true"],
+    "bf16": ["model.bf16=true"],
+}
+
+
+def network_shapes(*overrides: str) -> dict[str, tuple[int, ...]]:
+    from cut import CUTModel
+
+    config = resolve_train_config(load_config(TrainConfig, "configs/tiny.yaml", [*REQUIRED, *overrides]))
+    state = CUTModel(cut_config(config, "cpu")).state_dict()
+    return {f"{net}.{k}": tuple(v.shape) for net in ("G", "D", "F") for k, v in state[net].items()}
+
+
+def test_the_keys_that_shape_the_networks_are_exactly_those_whose_change_no_checkpoint_survives():
+    model_keys = {f.name for f in dataclasses.fields(ModelSection)}
+    assert set(NETWORK_CHANGES) == model_keys
+    base = network_shapes("model.netD=n_layers")  # n_layers_D's change needs the n_layers discriminator
+    shaping = {f"model.{name}" for name, change in NETWORK_CHANGES.items()
+               if network_shapes("model.netD=n_layers", *change) != base}
+    assert shaping == set(SHAPES_THE_NETWORKS)
+    assert shapes_the_networks("data.crop_size", "SinCUT")
+    assert not shapes_the_networks("data.crop_size", "CUT")

@@ -23,7 +23,6 @@ from pipeline.single_image import SingleImage, SingleImageStream
 from pipeline.unpaired import StreamPosition
 
 ROOT = Path(__file__).resolve().parent.parent
-HORSE2ZEBRA = ROOT.parent / "shared" / "datasets" / "horse2zebra"
 URLS = ["data.a=a.png", "data.b=b.png", "run.url=run"]
 # A tiny SinCUT: narrow nets, 32-pixel crops (the smallest the discriminator's head takes with one
 # downsampling and the official channel tables), 4 crops a step, epochs of 4 steps.
@@ -251,10 +250,10 @@ def test_sincut_run_with_periodic_evaluation_keeps_the_best_checkpoint(tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HORSE2ZEBRA.is_dir(), reason="../shared/datasets/horse2zebra is not here")
-def test_sincut_on_a_real_horse_and_zebra_learns(tmp_path):
-    horse = sorted((HORSE2ZEBRA / "trainA").glob("*.jpg"))[0]
-    zebra = sorted((HORSE2ZEBRA / "trainB").glob("*.jpg"))[0]
+def test_sincut_on_a_real_horse_and_zebra_learns(tmp_path, dataset):
+    horse2zebra = dataset("horse2zebra")
+    horse = sorted((horse2zebra / "trainA").glob("*.jpg"))[0]
+    zebra = sorted((horse2zebra / "trainB").glob("*.jpg"))[0]
     run_dir = tmp_path / "run"
     done = run(sincut_train(str(horse), str(zebra), str(run_dir), "model.ngf=4", "train.max_steps=40",
                             "train.log_every=5", "data.crops_per_epoch=4000", "train.checkpoint_every=40"))

@@ -215,6 +215,10 @@ def test_bad_config_and_foreign_checkpoint_are_clear_errors(tmp_path, data):
     run_dir = str(tmp_path / "run")
     assert run(train_cmd(a, b, run_dir, "train.max_steps=2")).returncode == 0
     other = run(train_cmd(a, b, run_dir, "train.max_steps=4", "model.ngf=16", "run.allow_config_change=true"))
+    assert other.returncode == 2  # #27: refused naming the key before any tensor loads
+    assert f"model.ngf 8 (in {run_dir}/config.yaml) -> 16" in other.stderr and "Traceback" not in other.stderr
+    Path(run_dir, "config.yaml").unlink()  # a run without its config: the checkpoint itself says it
+    other = run(train_cmd(a, b, run_dir, "train.max_steps=4", "model.ngf=16", "run.allow_config_change=true"))
     assert other.returncode == 1
     assert "does not match the network" in other.stderr and "Traceback" not in other.stderr
 
@@ -248,3 +252,17 @@ def test_periodic_evaluation_logs_scores_and_keeps_the_best_checkpoint(tmp_path,
     assert [e.step for e in events.Scalars("eval/translation_score")] == [4, 8]
     bad = run(train_cmd(a, b, str(tmp_path / "x"), "eval.every=4", f"eval.a={a}"))
     assert bad.returncode == 2 and "eval.domain_classifier" in bad.stderr
+
+
+def test_a_rerun_of_a_complete_run_says_so_in_one_line_and_writes_nothing(tmp_path, data):
+    a, b = data
+    run_dir = tmp_path / "run"
+    assert run(train_cmd(a, b, str(run_dir), "train.max_steps=4")).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    again = run(train_cmd(a, b, str(run_dir), "train.max_steps=4"))
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.splitlines() == [again.stderr.splitlines()[0]]
+    assert again.stderr.split(" INFO jobs.train: ", 1)[1].strip() == (
+        f"{run_dir} is already trained: step 4 of 4, its generator in {run_dir}/export/generator.pt; nothing "
+        "to do. To train longer, rerun with a larger train.max_steps (now 4)")
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
