@@ -15,7 +15,6 @@ they are), serialized by the caller's ``encode`` and read back by its ``decode``
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -56,18 +55,6 @@ class NoReadableCheckpoint(RuntimeError):
     def __init__(self, root: str, count: int) -> None:
         super().__init__(f"no checkpoint under {root} can be read ({count} unreadable, set aside)")
         self.root, self.count = root, count
-
-
-def torch_bytes(state: Mapping[str, Any]) -> bytes:
-    """``torch.save`` of a plain mapping, as bytes."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
-
-
-def torch_state(data: bytes, source: str) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` of bytes: no pickled code runs."""
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 class RankRNG:
@@ -121,16 +108,28 @@ class Checkpointer:
     may be collectives), written by the main one, and all ranks restore the same checkpoint (``agree``:
     the smallest step any rank chose, -1 for none). ``guard`` runs before each write (e.g. a lease
     check); ``unreadable``: the errors of ``decode`` that mean a checkpoint's bytes are lost.
+    ``encode``/``decode`` are the caller's serialization (jobs.train passes cut.checkpoint's); a
+    Checkpointer made without them lists checkpoints and reads blobs only.
     """
 
-    def __init__(self, root: str, *, encode: Callable[[Mapping[str, Any]], bytes] = torch_bytes,
-                 decode: Callable[[bytes, str], dict[str, Any]] = torch_state,
+    def __init__(self, root: str, *, encode: Callable[[Mapping[str, Any]], bytes] | None = None,
+                 decode: Callable[[bytes, str], dict[str, Any]] | None = None,
                  unreadable: tuple[type[Exception], ...] = (ValueError,), is_main: bool = True,
                  agree: Callable[[int], int] | None = None, guard: Callable[[], None] | None = None,
                  logger: logging.Logger = log) -> None:
         self.root = root.rstrip("/")
-        self.encode, self.decode, self.unreadable = encode, decode, (*unreadable, FileNotFoundError)
+        self._encode, self._decode, self.unreadable = encode, decode, (*unreadable, FileNotFoundError)
         self.is_main, self.agree, self.guard, self.log = is_main, agree, guard, logger
+
+    def encode(self, state: Mapping[str, Any]) -> bytes:
+        if self._encode is None:
+            raise TypeError("this Checkpointer lists and reads blobs only: it was made without encode")
+        return self._encode(state)
+
+    def decode(self, data: bytes, source: str) -> dict[str, Any]:
+        if self._decode is None:
+            raise TypeError("this Checkpointer lists and reads blobs only: it was made without decode")
+        return self._decode(data, source)
 
     # ------------------------------------------------------------------------------ components
     def save(self, step: int, state: Mapping[str, Any], blobs: Mapping[str, bytes] | None = None,
