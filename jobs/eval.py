@@ -286,8 +286,8 @@ def train_classifier(config: EvalConfig, device: torch.device) -> tuple[DomainCl
     elif min(len(train_a), len(train_b)) >= 2:
         held_out = f"{HELD_OUT_SHARE:.0%} of the training images, kept out of training"
         train_a, test_a = held_out_split(train_a, HELD_OUT_SHARE, config.seed)
-        kept, _ = held_out_split(torch.arange(len(train_b)), HELD_OUT_SHARE, config.seed + 1)  # same split
-        train_b, test_b = held_out_split(train_b, HELD_OUT_SHARE, config.seed + 1)
+        kept, held = held_out_split(torch.arange(len(train_b)), HELD_OUT_SHARE, config.seed + 1)
+        train_b, test_b = train_b[kept], train_b[held]  # split once, by index: the prints follow it
         prints_b = [prints_b[i] for i in kept.tolist()]
     else:
         held_out, test_a, test_b = "", None, None
