@@ -72,16 +72,19 @@ def part_url(out_url: str, unit: int) -> str:
     return storage.join(manifest_dir(out_url), f"part-{unit:06d}.parquet")
 
 
-def write_part(out_url: str, unit: int, rows: Sequence[dict[str, Any]]) -> str:
-    """Commit a unit: its rows as one Parquet object, written atomically."""
+def part_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
+    """A unit's manifest rows as a table (ValueError for an error code not in ERROR_CODES)."""
     unknown = {row["error"] for row in rows if row.get("error")} - set(ERROR_CODES)
     if unknown:
         raise ValueError(f"unknown error codes {sorted(unknown)}; add them to ERROR_CODES")
-    table = pa.Table.from_pylist(
-        [{name: row.get(name) for name in SCHEMA.names} for row in rows], schema=SCHEMA
-    )
+    return pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names} for row in rows],
+                                schema=SCHEMA)
+
+
+def write_part(out_url: str, unit: int, rows: Sequence[dict[str, Any]]) -> str:
+    """Commit a unit: its rows as one Parquet object, written atomically."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    pq.write_table(part_table(rows), buffer, compression="zstd")
     url = part_url(out_url, unit)
     storage.write_bytes_atomic(url, buffer.getvalue())
     return url
