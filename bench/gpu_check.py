@@ -54,9 +54,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, seconds: float, device: torch.device) -> float:
+def _timed(fn, seconds: float, device: torch.device, warmup: int = 3) -> float:
     """Calls per second of ``fn`` over about ``seconds`` after a warm-up, synchronising the device."""
-    for _ in range(3):
+    for _ in range(warmup):
         fn()
     _sync(device)
     calls, start = 0, time.perf_counter()
@@ -67,10 +67,10 @@ def _timed(fn, seconds: float, device: torch.device) -> float:
     return calls / (time.perf_counter() - start)
 
 
-def check_correctness(device: torch.device, size: int) -> None:
+def check_correctness(device: torch.device, size: int, images: int = 4, steps: int = 3) -> None:
     torch.manual_seed(0)
     g = accelerate(init_weights(ResnetGenerator(), gain=0.5)).to(device).eval()
-    x = torch.rand(4, 3, size, size, device=device) * 2 - 1
+    x = torch.rand(images, 3, size, size, device=device) * 2 - 1
     with torch.inference_mode():
         ref = g(x)
         g_cl = g.to(memory_format=torch.channels_last)
@@ -82,13 +82,13 @@ def check_correctness(device: torch.device, size: int) -> None:
     runs = {}
     for name, extra in (("fp32", {}), ("bf16", {"bf16": True, "channels_last": True})):
         model = CUTModel(CUTConfig.from_preset("CUT", **extra), device=device, seed=0)
-        runs[name] = [model.train_step(a.to(device), b.to(device)) for _ in range(3)]
+        runs[name] = [model.train_step(a.to(device), b.to(device)) for _ in range(steps)]
     for step, (f, h) in enumerate(zip(runs["fp32"], runs["bf16"], strict=True)):
         record(check="CUT step bf16 vs fp32", step=step, **{k: [round(f[k], 4), round(h[k], 4)] for k in f})
 
 
 def gpu_only_rates(device: torch.device, size: int, batches: list[int], seconds: float,
-                   compile_too: bool) -> dict[str, float]:
+                   compile_too: bool, warmup: int = 3) -> dict[str, float]:
     """Images/s of the generator on device-resident uint8 batches, per variant and batch."""
     torch.manual_seed(0)
     variants = [("fp32", False, False, False), ("bf16", True, False, False), ("bf16+cl", True, True, False)]
@@ -109,7 +109,7 @@ def gpu_only_rates(device: torch.device, size: int, batches: list[int], seconds:
                     x = x.contiguous(memory_format=torch.channels_last) if cl else x
                     to_uint8(fn(x))
 
-            rate = _timed(run, seconds, device) * batch
+            rate = _timed(run, seconds, device, warmup) * batch
             rates[f"{name}@{batch}"] = rate
             record(bench=f"GPU-only {size}x{size}", variant=name, batch=batch, images_per_s=round(rate, 1))
     return rates
@@ -264,9 +264,9 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=100)
     p.add_argument("--smoke", action="store_true", help="tiny, on the CPU: checks the script, not speed")
     args = p.parse_args()
-    if args.smoke:
+    if args.smoke:  # bf16 on a CPU without bf16 instructions is slow: each path runs as few times as it can
         device, size = torch.device("cpu"), 32
-        args.seconds, args.images, args.batch, args.train_steps = 0.01, 32, 4, 2
+        args.seconds, args.images, args.batch, args.train_steps = 0.01, 32, 2, 2
         torch.set_num_threads(2)
     elif not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this check is for a lent GPU (--smoke runs it on the CPU)")
@@ -276,9 +276,9 @@ def main() -> None:
     record(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
            cores=os.cpu_count())
     start = time.perf_counter()
-    check_correctness(device, size)
+    check_correctness(device, size, *((1, 2) if args.smoke else ()))
     rates = gpu_only_rates(device, size, sorted({args.batch, 64 if not args.smoke else 2}), args.seconds,
-                           args.compile)
+                           args.compile, warmup=1 if args.smoke else 3)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for comp in [False] + [True] * args.compile:

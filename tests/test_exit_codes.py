@@ -68,16 +68,17 @@ def test_a_job_s_own_exit_code_survives_native_teardown(tmp_path):
     assert "the inputs list differently" in refused.stderr
 
 
-def test_the_refusal_after_inputs_changed_exits_2_in_20_runs(tmp_path):
-    """Twenty reruns, two at a time (the load the abort showed under): every one exits 2."""
+def test_the_refusal_after_inputs_changed_exits_2_in_8_runs(tmp_path):
+    """Eight reruns, two at a time (the load the abort showed under, in about half the runs): every one
+    exits 2. The teardown-abort model above makes the same point on every run; this is the real thing."""
     ckpt = write_generator(tmp_path / "g.pt")
     inputs = image_folder(tmp_path / "in", 4)
     args = ("--checkpoint", ckpt, "--input", str(inputs), "--out", str(tmp_path / "out"), "--unit-size", "2")
     assert infer(*args).returncode == 0
     (inputs / "new.png").write_bytes((inputs / "img-000.png").read_bytes())
     with ThreadPoolExecutor(2) as pool:
-        runs = list(pool.map(lambda _: infer(*args), range(20)))
-    assert [r.returncode for r in runs] == [2] * 20, [r.stderr[-500:] for r in runs if r.returncode != 2]
+        runs = list(pool.map(lambda _: infer(*args), range(8)))
+    assert [r.returncode for r in runs] == [2] * 8, [r.stderr[-500:] for r in runs if r.returncode != 2]
     assert all("terminate called" not in r.stderr for r in runs)
 
 
