@@ -414,7 +414,10 @@ def open_table(url: str, image_column: str | None = None, key_column: str | None
 def parquet_is_image_table(url: str, options: TableOptions = TableOptions()) -> bool:
     """Whether one `.parquet` file is a table of images rather than a list of URLs (read as a listing,
     as before tables): it has an image column, or --image-column names one of its columns."""
-    footer = read_footer(url, posixpath.basename(storage.url_path(url)))
+    try:
+        footer = read_footer(url, posixpath.basename(storage.url_path(url)))
+    except TableError:  # not Parquet at all: the listing reader says why it is no list of URLs either
+        return False
     return options.image_column in footer.schema.names or bool(image_candidates(footer.schema))
 
 
@@ -422,6 +425,25 @@ def looks_like_table(url: str, files: Sequence[str]) -> bool:
     """Whether a folder or glob that lists `files` is a Parquet dataset: part files, no images."""
     return bool(parquet_parts("", files)) and not any(formats.is_image_name(f) for f in files) and (
         not storage.has_glob(url) or all(is_parquet_name(f) for f in files))
+
+
+# ---------------------------------------------------------------------------------------- planning
+def row_ranges(part: TablePart, unit_size: int) -> list[tuple[int, int]]:
+    """The part's rows cut into [start, stop) ranges of whole row groups of up to `unit_size` rows; a
+    row group larger than that is cut into ranges of `unit_size` rows of its own."""
+    ranges: list[tuple[int, int]] = []
+    start = begin = 0  # the open range starts at `start`; the next group at `begin`
+    for rows in part.row_groups:
+        if begin > start and (rows > unit_size or begin - start + rows > unit_size):
+            ranges.append((start, begin))
+            start = begin
+        if rows > unit_size:
+            ranges += [(s, min(s + unit_size, begin + rows)) for s in range(begin, begin + rows, unit_size)]
+            start = begin + rows
+        begin += rows
+    if begin > start:
+        ranges.append((start, begin))
+    return ranges
 
 
 # ----------------------------------------------------------------------------------------- reading
