@@ -216,7 +216,8 @@ def list_parts(url: str) -> tuple[str, list[tuple[str, str, int | None]]]:
         urls = [storage.join(root, name) for name in sorted(sizes)] if storage.is_local(url) else \
             storage.list_files(root)
         return root, parquet_parts(root, urls, sizes)
-    return storage.dirname(url), parquet_parts(storage.dirname(url), storage.list_files(url))
+    return storage.dirname(url), [(u, posixpath.basename(storage.url_path(u)), None)
+                                  for u in storage.list_files(url)]  # a file named: read as named
 
 
 # ----------------------------------------------------------------------------------------- footers

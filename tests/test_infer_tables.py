@@ -68,8 +68,8 @@ def test_a_hive_table_gets_one_row_per_table_row_with_its_kept_columns(tmp_path)
     ckpt = write_generator(tmp_path / "g.pt")
     table = write_hive_table(tmp_path / "table")
     out = tmp_path / "out"
-    done = infer_here("--checkpoint", ckpt, "--input", str(table), "--out", str(out), "--workers", "0",
-                      "--unit-size", "3", "--keep-columns", "label,id")
+    done = infer_here("--checkpoint", ckpt, "--input", str(table), "--out", str(out), "--workers", "1",
+                      "--unit-size", "3", "--keep-columns", "label,id")  # rows cross a DataLoader process
     assert done.returncode == 0, done.stderr
     assert "ok 5, errors 3" in done.stdout
     rows = by_key(out)
