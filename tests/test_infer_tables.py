@@ -158,6 +158,8 @@ def test_planning_reads_footers_only_and_an_unreadable_part_gives_its_footers_ro
     zero_data_pages(table / "label=horse" / "part-0.parquet")  # no page of it can be read
     plan = make_plan(str(tmp_path / "planned"), [str(table)], {}, 100)
     assert plan.items == 10 and plan.units == 2  # planned from the footers alone
+    globbed = make_plan(str(tmp_path / "globbed"), [f"{table}/label=*/*.parquet"], {}, 100)
+    assert globbed.items == 10 and globbed.inputs[0].kind == "table"
     ckpt = write_generator(tmp_path / "g.pt")
     out = tmp_path / "out"
     done = infer_here("--checkpoint", ckpt, "--input", str(table), "--out", str(out), "--workers", "0",
