@@ -250,3 +250,26 @@ def test_a_delta_table_is_read_at_its_current_or_a_named_version(tmp_path):
     assert plan is not None and plan.inputs[0].table["version"] == 1  # the version actually read
     gone = infer_here(*common, "--out", str(tmp_path / "v7"), "--table-version", "7")
     assert gone.returncode == 2 and "version 7" in gone.stderr and not (tmp_path / "v7").exists()
+
+
+@pytest.mark.slow
+def test_storage_that_goes_down_raises_instead_of_giving_rows(tmp_path, s3_url, monkeypatch):
+    """An unreachable store is not the table's fault: no read-error rows, the unit stays uncommitted."""
+    import socket
+
+    from pipeline import storage
+    from pipeline.tables import open_table, table_samples
+
+    table = write_hive_table(tmp_path / "table")
+    s3fs.S3FileSystem().put(str(table), f"{s3_url}/table", recursive=True)
+    opened = open_table(f"{s3_url}/table")
+    assert opened.rows == 8 and [p.name for p in opened.parts] == ["label=horse/part-0.parquet",
+                                                                    "label=zebra/part-1.parquet"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(storage.StorageUnreachableError):
+        list(table_samples(opened, opened.parts[0]))
