@@ -246,7 +246,8 @@ def read_footer(url: str, name: str, size: int | None = None) -> _Footer:
         if storage.unreachable_endpoint(exc) is not None:
             raise
         raise TableError(f"part file {url}: no readable Parquet footer ({type(exc).__name__}: {exc}); "
-                         f"nothing was written") from exc
+                         f"nothing was written (where a plan already holds it, rerun with "
+                         f"--skip-input-check: its planned rows become read-error rows)") from exc
     groups = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
     return _Footer(url, name, int(size), meta.num_rows, groups, meta.schema.to_arrow_schema())
 
