@@ -212,10 +212,8 @@ def list_parts(url: str) -> tuple[str, list[tuple[str, str, int | None]]]:
         return root, parquet_parts(root, storage.list_files(url))
     if storage.is_dir(url):
         root = url.rstrip("/")
-        sizes = storage.list_sizes(root)
-        urls = [storage.join(root, name) for name in sorted(sizes)] if storage.is_local(url) else \
-            storage.list_files(root)
-        return root, parquet_parts(root, urls, sizes)
+        sizes = storage.list_sizes(root)  # one listing gives the names and sizes
+        return root, parquet_parts(root, [storage.join(root, name) for name in sorted(sizes)], sizes)
     return storage.dirname(url), [(u, posixpath.basename(storage.url_path(u)), None)
                                   for u in storage.list_files(url)]  # a file named: read as named
 
