@@ -273,3 +273,21 @@ def test_storage_that_goes_down_raises_instead_of_giving_rows(tmp_path, s3_url, 
     s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(storage.StorageUnreachableError):
         list(table_samples(opened, opened.parts[0]))
+
+
+@pytest.mark.slow
+def test_a_delta_table_on_s3(tmp_path, s3_url):
+    deltalake = pytest.importorskip("deltalake")
+    from pipeline.delta import storage_options
+
+    ckpt = write_generator(tmp_path / "g.pt")
+    table = f"{s3_url}/delta"
+    rows = pa.table({"img": [image_bytes(i, fmt="PNG") for i in range(2)], "label": ["horse", "zebra"]})
+    deltalake.write_deltalake(table, rows, partition_by=["label"], storage_options=storage_options(table))
+    out = f"{s3_url}/out"
+    done = infer_here("--checkpoint", ckpt, "--input", table, "--out", out, "--workers", "0",
+                      "--keep-columns", "label")
+    assert done.returncode == 0, done.stderr
+    manifest = read_manifest(out).to_pylist()
+    assert sorted(r["label"] for r in manifest) == ["horse", "zebra"]
+    assert all(r["status"] == "ok" and r["source_url"].startswith(f"{table}/label=") for r in manifest)
