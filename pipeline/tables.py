@@ -289,6 +289,10 @@ def choose_spec(first: _Footer, partition_names: Sequence[str], options: TableOp
             raise TableError(f"{where} has no column {options.image_column!r} (--image-column); its "
                              f"columns: {_describe(list(schema))}")
         image = schema.field(options.image_column)
+        if pa.types.is_string(image.type) or pa.types.is_large_string(image.type):
+            raise TableError(f"{where}: column {image.name!r} holds strings, not encoded images; a Parquet "
+                             f"list of URLs is read as a listing (its column `url`, else its first) when "
+                             f"--image-column is not given")
         if not (_is_binary(image.type) or _is_image_struct(image.type)):
             raise TableError(f"{where}: column {image.name!r} is {image.type}, not an image column (binary, "
                              f"or the datasets Image struct of bytes and path)")

@@ -141,6 +141,7 @@ def test_tables_that_cannot_be_read_as_asked_exit_2_naming_file_and_column(tmp_p
     cases = [
         ([str(two)], ["several image columns", "a (binary)", "b (large_binary)"]),
         ([str(two), "--image-column", "n"], ["column 'n' is int64", "two.parquet"]),
+        ([str(differs / "part-1.parquet"), "--image-column", "img"], ["'img' holds strings", "listing"]),
         ([str(differs)], ["part-1.parquet", "column 'img' is string", "part-0.parquet has binary"]),
         ([str(two), "--image-column", "a", "--keep-columns", "status"], ["'status'", "manifest"]),
         ([str(two), "--image-column", "a", "--keep-columns", "nope"], ["'nope'", "no such column"]),
@@ -291,3 +292,21 @@ def test_a_delta_table_on_s3(tmp_path, s3_url):
     manifest = read_manifest(out).to_pylist()
     assert sorted(r["label"] for r in manifest) == ["horse", "zebra"]
     assert all(r["status"] == "ok" and r["source_url"].startswith(f"{table}/label=") for r in manifest)
+
+
+def test_keys_are_safe_unique_and_the_same_from_any_row_range(tmp_path):
+    from pipeline.tables import open_table, table_samples
+
+    ids = ["a", "a", "../up", None, "b/c", "000005"]
+    pq.write_table(pa.table({"img": [b"x"] * 6, "id": ids}), tmp_path / "t.parquet", row_group_size=2)
+    table = open_table(str(tmp_path / "t.parquet"), key_column="id")
+    part = table.parts[0]
+    whole = list(table_samples(table, part))
+    assert [s.key for s in whole] == ["t.parquet/a", "t.parquet/a~2", "t.parquet/unsafe-key-000002",
+                                      "t.parquet/000003", "t.parquet/b/c", "t.parquet/000005"]
+    assert whole[2].error == "unsafe-key" and "'../up'" in whole[2].error_detail
+    assert [s.key for s in table_samples(table, part, 3, 6)] == [s.key for s in whole[3:]]
+    assert [s.key for s in table_samples(table, part, 1, 2)] == [whole[1].key]
+    by_position = open_table(str(tmp_path / "t.parquet"))
+    assert [s.key for s in table_samples(by_position, by_position.parts[0], 4)] == [
+        "t.parquet/000004", "t.parquet/000005"]
