@@ -382,7 +382,8 @@ def _planned_shards(units: Sequence[WorkUnit]) -> dict[str, tuple[int, int | Non
 def extend_plan(plan: JobPlan, listings: Sequence[InputListing], changes: Sequence[InputChanges]) -> JobPlan:
     """Add the new inputs of `changes` as new units after the planned ones; commit the new revision."""
     old_rows = _units_table(plan).to_pylist()
-    old_units = [_unit(plan, row) for row in old_rows]
+    specs: dict[int, TableSpec] = {}
+    old_units = [_unit(plan, row, specs) for row in old_rows]
     keys = KeyAllocator(set(_planned_column(plan, [u for u in old_units if u.kind == LISTING], "key")))
     namespaces = KeyAllocator({u.namespace for u in old_units if u.kind != LISTING})
     additions = []
