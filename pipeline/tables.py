@@ -462,6 +462,8 @@ def row_ranges(part: TablePart, unit_size: int) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------------------- reading
 def _cell_key(raw: Any, row: int, spec: TableSpec) -> tuple[str, str, str]:
     """(natural key, error code, detail) of a row from its key column or Image path value."""
+    if raw is _UNREADABLE:
+        return f"unreadable-{row:06d}", "", ""
     if raw is None or raw == "":
         return f"{row:06d}", "", ""
     if spec.key_column is None:  # the Image struct's path: a file name or path
@@ -498,15 +500,16 @@ def table_samples(table: TableInput | TableSpec, part: TablePart, row_start: int
     the row groups that hold them and only the columns the spec uses.
 
     Keyed `<namespace>/<key>` (the part's namespace by default). A null or empty image cell is an
-    `empty` sample; a part that cannot be read (or whose footer no longer matches the plan) gives
-    `read-error` samples for each of its rows not yet delivered, never fewer rows; storage that
-    stays unreachable raises storage.StorageUnreachableError.
+    `empty` sample. Rows that cannot be read give `read-error` samples, never fewer rows: a row group
+    whose pages do not read (its kept columns and keys still, where their own pages do), or every
+    row not yet delivered of a part that cannot be opened or whose footer no longer matches the plan.
+    Storage that stays unreachable raises storage.StorageUnreachableError.
     """
     spec = table.spec if isinstance(table, TableInput) else table
     stop = part.rows if row_stop is None else row_stop
     namespace = namespace if namespace is not None else part.namespace
     keys = KeyAllocator()
-    next_row, failure = row_start, ""
+    delivered = [row_start]  # the next row to deliver, as _read_rows advances it
     try:
         with storage.open_read(part.url, size=part.size) as f:
             parquet = pq.ParquetFile(f)
@@ -515,29 +518,43 @@ def table_samples(table: TableInput | TableSpec, part: TablePart, row_start: int
             if meta.num_rows != part.rows or (part.row_groups and groups != part.row_groups):
                 raise OSError(f"the part file changed since it was planned ({meta.num_rows} rows in "
                               f"{len(groups)} row groups; planned: {part.rows} in {len(part.row_groups)})")
-            yield from _read_rows(parquet, groups, spec, part, row_start, stop, namespace, keys)
+            reader = _GroupReader(parquet, part.url)
+            yield from _read_rows(reader, groups, spec, part, row_start, stop, namespace, keys, delivered)
             return
     except storage.StorageUnreachableError:
         raise
-    except _Delivered as progress:  # rows delivered before the part broke off
-        next_row, failure = progress.next_row, progress.reason
     except Exception as exc:
-        endpoint = storage.unreachable_endpoint(exc)
-        if endpoint is not None:
-            raise storage.StorageUnreachableError(f"read {part.url}: storage unreachable ({endpoint})",
-                                                  endpoint) from exc
+        _raise_if_unreachable(exc, part.url)
         failure = f"{type(exc).__name__}: {exc}"
-    log.error("part file %s unreadable from row %d: %s", part.url, next_row, failure)
+    log.error("part file %s unreadable from row %d: %s", part.url, delivered[0], failure)
     kept = _partition_only(spec, part)
-    for row in range(next_row, stop):
+    for row in range(delivered[0], stop):
         key = keys.take(f"unreadable-{row:06d}")
         yield EncodedSample(f"{namespace}/{key}", f"{part.url}#{row}", None, "read-error", failure, kept)
 
 
-class _Delivered(Exception):
-    def __init__(self, next_row: int, reason: str) -> None:
-        super().__init__(reason)
-        self.next_row, self.reason = next_row, reason
+def _raise_if_unreachable(exc: BaseException, url: str) -> None:
+    """A stream's connection failure found outside storage.retry is the store's, not the part's."""
+    endpoint = storage.unreachable_endpoint(exc)
+    if endpoint is not None:
+        raise storage.StorageUnreachableError(f"read {url}: storage unreachable ({endpoint})",
+                                              endpoint) from exc
+
+
+class _GroupReader:
+    """Reads columns of one row group at a time; a group that does not read is (None, why)."""
+
+    def __init__(self, parquet: pq.ParquetFile, url: str) -> None:
+        self.parquet, self.url = parquet, url
+
+    def read(self, group: int, columns: list[str]) -> tuple[pa.Table | None, str]:
+        try:
+            return self.parquet.read_row_group(group, columns=columns, use_threads=False), ""
+        except storage.StorageUnreachableError:
+            raise
+        except Exception as exc:
+            _raise_if_unreachable(exc, self.url)
+            return None, f"row group {group}: {type(exc).__name__}: {exc}"
 
 
 def _partition_only(spec: TableSpec, part: TablePart) -> KeptColumns | None:
@@ -548,48 +565,72 @@ def _partition_only(spec: TableSpec, part: TablePart) -> KeptColumns | None:
     return KeptColumns({c: values.get(c) for c in spec.keep_columns}, spec.kept_schema)
 
 
-def _read_rows(parquet: pq.ParquetFile, groups: tuple[int, ...], spec: TableSpec, part: TablePart, start: int,
-               stop: int, namespace: str, keys: KeyAllocator) -> Iterator[EncodedSample]:
-    """The rows, row group by row group: groups before `start` are read for their keys only."""
+@dataclass
+class _Group:
+    """One row group's cells as read: images (None where unread), key cells (None without a keyed
+    rule), kept column values, and why the images did not read ("" if they did)."""
+
+    images: list[bytes | None]
+    keys: list[Any] | None
+    kept: dict[str, list[Any]]
+    failure: str = ""
+
+
+def _read_group(reader: _GroupReader, g: int, rows: int, spec: TableSpec,
+                partition: dict[str, Any]) -> _Group:
+    """The cells of row group `g`; when its images do not read, the key and kept columns that still do."""
+    table, failure = reader.read(g, spec.file_columns())
+    if table is None:
+        log.error("part file %s: %s", reader.url, failure)
+        images = {spec.image_column, f"{spec.image_column}.bytes"}
+        others = [c for c in spec.file_columns() if c not in images]
+        table = reader.read(g, others)[0] if others else None
+    keyed = spec.key_column is not None or spec.key_from_path
+    unread = [_UNREADABLE] * rows
+    return _Group(
+        _image_values(table, spec) if not failure and table is not None else [None] * rows,
+        (_key_values(table, spec) if table is not None else unread) if keyed else None,
+        {c: (table.column(c).to_pylist() if table is not None and c in table.column_names
+             else [partition.get(c)] * rows) for c in spec.keep_columns},
+        failure)
+
+
+def _read_rows(reader: _GroupReader, groups: tuple[int, ...], spec: TableSpec, part: TablePart, start: int,
+               stop: int, namespace: str, keys: KeyAllocator, delivered: list[int]
+               ) -> Iterator[EncodedSample]:
+    """The rows, row group by row group: groups before `start` are read for their keys only. A group
+    whose images do not read gives read-error rows, with the keys and kept columns that still read."""
     keyed = spec.key_column is not None or spec.key_from_path
     key_columns = ([spec.key_column] if spec.key_column else [f"{spec.image_column}.path"]) if keyed else []
     partition = dict(part.partition)
     begin = 0
-    row = start
     for g, rows in enumerate(groups):
         if begin >= stop:
             break
         end = begin + rows
-        if end <= start:
-            if keyed:  # keys of earlier rows, so this range allocates as one pass over the part would
-                table = parquet.read_row_group(g, columns=key_columns, use_threads=False)
-                for i, raw in enumerate(_key_values(table, spec) or ()):
+        if end <= start:  # keys of earlier rows, so this range allocates as one pass over the part would
+            if keyed:
+                table, _ = reader.read(g, key_columns)
+                cells = _key_values(table, spec) if table is not None else [_UNREADABLE] * rows
+                for i, raw in enumerate(cells):
                     keys.take(_cell_key(raw, begin + i, spec)[0])
             begin = end
             continue
-        try:
-            table = parquet.read_row_group(g, columns=spec.file_columns(), use_threads=False)
-            images = _image_values(table, spec)
-            raw_keys = _key_values(table, spec)
-            kept = {c: (table.column(c).to_pylist() if c in table.column_names else [partition.get(c)] * rows)
-                    for c in spec.keep_columns}
-        except storage.StorageUnreachableError:
-            raise
-        except Exception as exc:
-            if storage.unreachable_endpoint(exc) is not None:
-                raise
-            raise _Delivered(row, f"row group {g}: {type(exc).__name__}: {exc}") from exc
+        group = _read_group(reader, g, rows, spec, partition)
         for i in range(rows):
             position = begin + i
-            natural, error, detail = _cell_key(raw_keys[i] if raw_keys is not None else None, position, spec)
+            raw = group.keys[i] if group.keys is not None else None
+            natural, error, detail = _cell_key(raw, position, spec)
             key = keys.take(natural)
             if position < start or position >= stop:
                 continue
-            columns = KeptColumns({c: kept[c][i] for c in spec.keep_columns}, spec.kept_schema) \
+            columns = KeptColumns({c: group.kept[c][i] for c in spec.keep_columns}, spec.kept_schema) \
                 if spec.keep_columns else None
             url = f"{part.url}#{position}"
-            data = images[i]
-            if error:
+            data = group.images[i]
+            if group.failure:
+                yield EncodedSample(f"{namespace}/{key}", url, None, "read-error", group.failure, columns)
+            elif error:
                 yield EncodedSample(f"{namespace}/{key}", url, None, error, detail, columns)
             elif not data:
                 what = "null" if data is None else "empty"
@@ -597,5 +638,8 @@ def _read_rows(parquet: pq.ParquetFile, groups: tuple[int, ...], spec: TableSpec
                                     f"row {position}: the image cell is {what}", columns)
             else:
                 yield EncodedSample(f"{namespace}/{key}", url, data, columns=columns)
-            row = position + 1
+            delivered[0] = position + 1
         begin = end
+
+
+_UNREADABLE = object()  # a key cell whose row group does not read

@@ -310,3 +310,33 @@ def test_keys_are_safe_unique_and_the_same_from_any_row_range(tmp_path):
     by_position = open_table(str(tmp_path / "t.parquet"))
     assert [s.key for s in table_samples(by_position, by_position.parts[0], 4)] == [
         "t.parquet/000004", "t.parquet/000005"]
+
+
+def zero_column_chunk(path: Path, row_group: int, column: str) -> None:
+    """Overwrite one column chunk of one row group (its pages) with zeros; the footer stays."""
+    meta = pq.ParquetFile(path).metadata
+    chunk = meta.row_group(row_group).column(meta.schema.to_arrow_schema().get_field_index(column))
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start:start + chunk.total_compressed_size] = bytes(chunk.total_compressed_size)
+    path.write_bytes(bytes(data))
+
+
+def test_a_unit_reads_only_its_row_groups_and_the_columns_it_uses(tmp_path):
+    from pipeline.tables import open_table, table_samples
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"img": [image_bytes(i, fmt="PNG") for i in range(6)],
+                             "unused": [b"blob"] * 6, "label": list("aabbcc")}), path, row_group_size=2)
+    for g in range(3):
+        zero_column_chunk(path, g, "unused")  # never asked for
+    zero_column_chunk(path, 1, "img")  # rows 2 and 3 only
+    table = open_table(str(path), image_column="img", keep_columns=["label"])
+    part = table.parts[0]
+    units = [list(table_samples(table, part, start, start + 2)) for start in (0, 2, 4)]
+    assert [[s.error for s in unit] for unit in units] == [["", ""], ["read-error"] * 2, ["", ""]]
+    assert [s.columns["label"] for s in units[2]] == ["c", "c"]
+    assert units[2][0].data == image_bytes(4, fmt="PNG")
+    assert [s.columns["label"] for s in units[1]] == ["b", "b"]  # its label pages still read
+    rows = list(table_samples(table, part))  # one pass: the broken group does not end the part
+    assert [s.error for s in rows] == ["", "", "read-error", "read-error", "", ""]
