@@ -15,7 +15,11 @@ Column rules:
   order, so any row range derives the same keys as a pass over the whole part.
 - kept: `--keep-columns` names columns (partition columns included) carried to the outputs.
 The columns used must have one type in every part file; a part that differs is a `TableError`
-naming the file and the column.
+naming the file and the column. Partition values (hive folders, the Delta log) are kept as strings.
+
+Reading gives one `EncodedSample` per row, in row order: a null or empty image cell is `empty`, an
+unsafe key `unsafe-key`; a row group whose pages do not read, or a part that no longer opens, gives
+`read-error` rows for exactly the rows its footer promised (with whatever kept columns still read).
 """
 
 from __future__ import annotations
