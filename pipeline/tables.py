@@ -10,14 +10,17 @@ Column rules:
   `datasets` Image struct (`bytes` binary, `path` string); none or several is a `TableError`
   listing the candidates with their types.
 - key: `--key-column` (strings or integers), else the Image struct's `path` where present and not
-  null, else the row's position in its part (`000123`). Keys are made safe (`pipeline.keys`), put
-  under one namespace per part file (`part-0.parquet/000123`) and made unique within it in row
-  order, so any row range derives the same keys as a pass over the whole part.
+  null (an absolute path or URL: its file name), else the row's position in its part (`000123`).
+  Keys are made safe (`pipeline.keys`), put under one namespace per part file
+  (`part-0.parquet/000123`) and made unique within it in row order, so any row range derives the
+  same keys as a pass over the whole part.
 - kept: `--keep-columns` names columns (partition columns included) carried to the outputs.
 The columns used must have one type in every part file; a part that differs is a `TableError`
 naming the file and the column. Partition values (hive folders, the Delta log) are kept as strings.
 
-Reading gives one `EncodedSample` per row, in row order: a null or empty image cell is `empty`, an
+Reading gives one `EncodedSample` per row, in row order. An Image struct with a `path` but no
+`bytes` (what `datasets` writes for images loaded from files) is read from that path, as `datasets`
+decodes it (relative: from the part's folder). A null or empty image cell is `empty`, an
 unsafe key `unsafe-key`; a row group whose pages do not read, or a part that no longer opens, gives
 `read-error` rows for exactly the rows its footer promised (with whatever kept columns still read).
 """
@@ -103,11 +106,13 @@ class TableSpec:
     keep_columns: tuple[str, ...] = ()
     kept_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))  # file and partition columns
     version: int | None = None  # the Delta version read, else None
+    image_path: bool = False  # the Image struct has a `path`: read where its `bytes` are null
 
     def file_columns(self) -> list[str]:
         """The leaf columns a reader asks a part file for: nothing more than the rows need."""
         if self.image_kind == STRUCT:
-            columns = [f"{self.image_column}.bytes"] + [f"{self.image_column}.path"] * self.key_from_path
+            with_path = self.image_path or self.key_from_path
+            columns = [f"{self.image_column}.bytes"] + [f"{self.image_column}.path"] * with_path
         else:
             columns = [self.image_column]
         if self.key_column is not None:
@@ -124,13 +129,13 @@ class TableSpec:
                 "key_column": self.key_column,
                 "key_from_path": self.key_from_path, "keep_columns": list(self.keep_columns),
                 "kept_schema": base64.b64encode(self.kept_schema.serialize().to_pybytes()).decode(),
-                "version": self.version}
+                "version": self.version, "image_path": self.image_path}
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> TableSpec:
         schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(body["kept_schema"])))
         return cls(body["image_column"], body["image_kind"], body["key_column"], body["key_from_path"],
-                   tuple(body["keep_columns"]), schema, body["version"])
+                   tuple(body["keep_columns"]), schema, body["version"], body.get("image_path", False))
 
 
 @dataclass(frozen=True)
@@ -331,9 +336,9 @@ def choose_spec(first: _Footer, partition_names: Sequence[str], options: TableOp
             raise TableError(f"--keep-columns {name!r}: {where} has no such column (columns: "
                              f"{_describe(list(schema))}; partition columns: "
                              f"{', '.join(partition_names) or 'none'})")
-    key_from_path = key is None and kind == STRUCT and image.type.get_field_index("path") >= 0
-    return TableSpec(image.name, kind, key, key_from_path, tuple(options.keep_columns),
-                     pa.schema(kept_fields), version)
+    has_path = kind == STRUCT and image.type.get_field_index("path") >= 0
+    return TableSpec(image.name, kind, key, key is None and has_path, tuple(options.keep_columns),
+                     pa.schema(kept_fields), version, has_path)
 
 
 def check_schemas(footers: Sequence[_Footer], spec: TableSpec) -> None:
@@ -470,8 +475,10 @@ def _cell_key(raw: Any, row: int, spec: TableSpec) -> tuple[str, str, str]:
         return f"unreadable-{row:06d}", "", ""
     if raw is None or raw == "":
         return f"{row:06d}", "", ""
-    if spec.key_column is None:  # the Image struct's path: a file name or path
-        key = path_key(str(raw))
+    if spec.key_column is None:  # the Image struct's path: a relative path, or an absolute one's name
+        path = str(raw)
+        key = path_key(posixpath.basename(storage.url_path(path)) if "://" in path or path.startswith("/")
+                       else path)
         try:
             check_length(key)
         except UnsafeKeyError as exc:
@@ -578,6 +585,7 @@ class _Group:
     keys: list[Any] | None
     kept: dict[str, list[Any]]
     failure: str = ""
+    paths: list[str | None] | None = None  # the Image struct's paths, for cells without bytes
 
 
 def _read_group(reader: _GroupReader, g: int, rows: int, spec: TableSpec,
@@ -596,7 +604,9 @@ def _read_group(reader: _GroupReader, g: int, rows: int, spec: TableSpec,
         (_key_values(table, spec) if table is not None else unread) if keyed else None,
         {c: (table.column(c).to_pylist() if table is not None and c in table.column_names
              else [partition.get(c)] * rows) for c in spec.keep_columns},
-        failure)
+        failure,
+        pc.struct_field(table.column(spec.image_column), "path").to_pylist()
+        if spec.image_path and not failure and table is not None else None)
 
 
 def _read_rows(reader: _GroupReader, groups: tuple[int, ...], spec: TableSpec, part: TablePart, start: int,
@@ -636,6 +646,8 @@ def _read_rows(reader: _GroupReader, groups: tuple[int, ...], spec: TableSpec, p
                 yield EncodedSample(f"{namespace}/{key}", url, None, "read-error", group.failure, columns)
             elif error:
                 yield EncodedSample(f"{namespace}/{key}", url, None, error, detail, columns)
+            elif not data and group.paths is not None and group.paths[i]:
+                yield _from_path(f"{namespace}/{key}", url, group.paths[i], part.url, position, columns)
             elif not data:
                 what = "null" if data is None else "empty"
                 yield EncodedSample(f"{namespace}/{key}", url, None, "empty",
@@ -644,6 +656,22 @@ def _read_rows(reader: _GroupReader, groups: tuple[int, ...], spec: TableSpec, p
                 yield EncodedSample(f"{namespace}/{key}", url, data, columns=columns)
             delivered[0] = position + 1
         begin = end
+
+
+def _from_path(key: str, url: str, path: str, part_url: str, position: int,
+               columns: KeptColumns | None) -> EncodedSample:
+    """A `datasets` Image cell that holds a path but no bytes (what `Dataset.to_parquet` writes for
+    images loaded from files): the file it names, read as `datasets` would (a relative path from the
+    part's folder); `read-error` if it cannot be read."""
+    source = path if "://" in path or path.startswith("/") else storage.join(storage.dirname(part_url), path)
+    try:
+        return EncodedSample(key, url, storage.read_bytes(source), columns=columns)
+    except storage.StorageUnreachableError:
+        raise
+    except Exception as exc:
+        detail = f"row {position}: the Image cell holds no bytes, and its path {source} does not read " \
+                 f"({type(exc).__name__}: {exc})"
+        return EncodedSample(key, url, None, "read-error", detail, columns)
 
 
 _UNREADABLE = object()  # a key cell whose row group does not read

@@ -340,3 +340,22 @@ def test_a_unit_reads_only_its_row_groups_and_the_columns_it_uses(tmp_path):
     assert [s.columns["label"] for s in units[1]] == ["b", "b"]  # its label pages still read
     rows = list(table_samples(table, part))  # one pass: the broken group does not end the part
     assert [s.error for s in rows] == ["", "", "read-error", "read-error", "", ""]
+
+
+def test_a_datasets_export_of_image_files_is_read_from_its_paths(tmp_path):
+    """`Dataset.to_parquet` keeps images loaded from files as paths without bytes; they are read from
+    there as `datasets` would, and a path that does not read is a read-error row."""
+    datasets = pytest.importorskip("datasets")
+    from pipeline.tables import open_table, table_samples
+
+    files = [tmp_path / f"horse-{i}.png" for i in range(2)] + [tmp_path / "gone.png"]
+    for i, f in enumerate(files):
+        f.write_bytes(image_bytes(i, fmt="PNG"))
+    ds = datasets.Dataset.from_dict({"image": [str(f) for f in files]})
+    ds.cast_column("image", datasets.Image()).to_parquet(str(tmp_path / "t.parquet"))
+    files.pop().unlink()  # gone since the export
+    table = open_table(str(tmp_path / "t.parquet"))
+    rows = list(table_samples(table, table.parts[0]))
+    assert [s.key for s in rows] == ["t.parquet/horse-0", "t.parquet/horse-1", "t.parquet/gone"]
+    assert [s.data for s in rows[:2]] == [f.read_bytes() for f in files]
+    assert rows[2].error == "read-error" and "gone.png" in rows[2].error_detail
