@@ -151,7 +151,7 @@ def append_once(url: str, table: pa.Table, app_id: str, attempts: int = 5) -> bo
 
 def _append_once(url: str, table: pa.Table, app_id: str, attempts: int) -> bool:
     deltalake = _deltalake()
-    from deltalake.exceptions import CommitFailedError
+    from deltalake.exceptions import CommitFailedError, DeltaError
 
     for attempt in range(1, attempts + 1):
         try:
@@ -169,7 +169,10 @@ def _append_once(url: str, table: pa.Table, app_id: str, attempts: int) -> bool:
             else:
                 deltalake.write_deltalake(current, table, mode="append", commit_properties=commit)
             return True
-        except CommitFailedError:
-            if attempt == attempts:
+        except DeltaError as exc:
+            # a lost race: another commit of this unit, or another worker's first append creating the
+            # table; anything else (a schema the table does not take) fails the unit now
+            lost = isinstance(exc, CommitFailedError) or current is None
+            if attempt == attempts or not lost:
                 raise
     raise AssertionError("unreachable")
