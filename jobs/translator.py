@@ -387,7 +387,8 @@ class Translator:
             )
             row.setdefault("elapsed_ms", 0.0)
         if self.cfg.format in TABLE_FORMATS:  # the unit's table rows, then the part that commits them
-            write_unit(self.cfg.out, self.cfg.format, unit.index, rows, state.images, self.cfg.image_format)
+            rows = write_unit(self.cfg.out, self.cfg.format, unit.index, rows, state.images,
+                              self.cfg.image_format)
         write_part(self.cfg.out, unit.index, rows)
         self._add_time(manifest=time.thread_time() - c0)
         ok = sum(r["status"] == "ok" for r in rows)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,8 @@ import pyarrow.parquet as pq
 from pipeline import delta, storage
 from pipeline.manifest import part_table
 from pipeline.plan import PlanError, load_plan
+
+log = logging.getLogger(__name__)
 
 TABLE_FORMATS = ("table", "delta")
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -74,18 +77,23 @@ def unit_app_id(job: str, unit: int) -> str:
 
 
 def write_unit(out: str, fmt: str, unit: int, rows: Sequence[dict[str, Any]], images: dict[int, bytes],
-               image_format: str) -> str:
+               image_format: str) -> list[dict[str, Any]]:
     """Store a unit's table rows before its manifest part commits it: the Parquet part (atomically,
-    replacing one a killed attempt left), or the Delta append (once per job and unit). Returns where."""
+    replacing one a killed attempt left), or the Delta append (once per job and unit). Returns the
+    rows the manifest part must hold: ``rows``, or, where an earlier attempt's Delta commit holds the
+    unit, that attempt's rows (its outputs, hashes and timings are the ones in the table)."""
     table = unit_table(rows, images, image_format)
     if fmt == "table":
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd", row_group_size=ROW_GROUP_ROWS)
-        url = table_part_url(out, unit)
-        storage.write_bytes_atomic(url, buffer.getvalue())
-        return url
-    if fmt == "delta":
-        url = table_url(out)
-        delta.append_once(url, table, unit_app_id(job_id(out), unit))
-        return url
-    raise ValueError(f"not a table format: {fmt}")
+        storage.write_bytes_atomic(table_part_url(out, unit), buffer.getvalue())
+        return list(rows)
+    if fmt != "delta":
+        raise ValueError(f"not a table format: {fmt}")
+    url = table_url(out)
+    if delta.append_once(url, table, unit_app_id(job_id(out), unit)):
+        return list(rows)
+    committed = delta.open_table(url).to_pyarrow_table(filters=[("unit", "=", unit)]).drop_columns(["image"])
+    log.info("unit %d: an earlier attempt committed it to %s (%d rows); its manifest part records those rows",
+             unit, url, committed.num_rows)
+    return committed.to_pylist()

@@ -227,6 +227,9 @@ def test_delta_output_is_one_transaction_per_unit_and_a_retried_unit_adds_none(t
     assert table.version() == 2
     keys = table.to_pyarrow_table(columns=["key"]).column("key").to_pylist()
     assert sorted(keys) == sorted(set(keys)) == sorted(manifest.column("key").to_pylist())
+    # unit 2's manifest part records the committed attempt's rows (its hashes, timings), not the rerun's
+    assert "an earlier attempt committed it" in rerun.stderr
+    assert by_key(table.to_pyarrow_table().to_pylist()) == by_key(read_manifest(str(out)).to_pylist())
     assert read_manifest(str(out)).num_rows == 10 and (out / "_SUCCESS").exists()
 
 
