@@ -24,7 +24,7 @@ from deltalake.exceptions import CommitFailedError
 from PIL import Image
 from test_infer import image_folder, infer_here, write_generator
 
-from pipeline import delta
+from pipeline import delta, storage
 from pipeline.manifest import read_manifest
 from pipeline.table_output import unit_table
 from pipeline.translation_io import error_record
@@ -248,6 +248,11 @@ def test_two_workers_commit_to_one_delta_table_on_s3_at_once(tmp_path, s3_url):
     assert found["version"] == 7 and found["operations"] == ["WRITE"] * 8
     assert sorted(found["keys"]) == [f"img-{i:03d}" for i in range(8)]
     assert read_manifest(out).num_rows == 8
+    version, files = delta.snapshot_files(f"{out}/table")  # what a job reading this table plans from
+    sizes = storage.list_sizes(f"{out}/table")
+    assert version == 7 and len(files) == 8
+    assert all(f.startswith(f"{out}/table/") and sizes[f.rsplit("/", 1)[1]] == size for f, size, _ in files)
+    assert len(delta.snapshot_files(f"{out}/table", version=3)[1]) == 4
 
 
 @pytest.mark.slow
