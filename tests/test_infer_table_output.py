@@ -215,8 +215,7 @@ def test_delta_output_is_one_transaction_per_unit_and_a_retried_unit_adds_none(t
     db = duckdb.connect()  # DuckDB reads a Delta table through deltalake's Arrow dataset
     db.register("translated", table.to_pyarrow_dataset())
     assert db.sql("SELECT count(*), count(image) FROM translated").fetchall() == [(10, 6)]
-    job = json.loads((out / "_plan" / "plan.json").read_text())
-    assert job["units"] == 3
+    assert json.loads((out / "_plan" / "plan.json").read_text())["units"] == 3
 
     # killed between unit 2's Delta commit and its manifest part: the rerun finds its transaction
     (out / "manifest" / "part-000002.parquet").unlink()
@@ -231,6 +230,17 @@ def test_delta_output_is_one_transaction_per_unit_and_a_retried_unit_adds_none(t
     assert "an earlier attempt committed it" in rerun.stderr
     assert by_key(table.to_pyarrow_table().to_pylist()) == by_key(read_manifest(str(out)).to_pylist())
     assert read_manifest(str(out)).num_rows == 10 and (out / "_SUCCESS").exists()
+
+    # inputs that appeared since: new units of a new plan revision, the same job in the table's log
+    for name in ("late-0.png", "late-1.png"):
+        (src / name).write_bytes((src / "img-000.png").read_bytes())
+    grown = infer_here(*args, "--add-new-inputs", env=JOB_ENV)
+    assert grown.returncode == 0, grown.stderr
+    table = DeltaTable(str(out / "table"))
+    assert table.version() == 3  # the two new inputs are one unit: one more commit
+    keys = table.to_pyarrow_table(columns=["key"]).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 12 and {"late-0", "late-1"} <= set(keys)
+    assert json.loads((out / "_SUCCESS").read_text())["rows"] == 12
 
 
 @pytest.mark.slow
