@@ -3,9 +3,12 @@
     python -m jobs.infer --checkpoint s3://b/runs/h2z/export/generator.pt \\
         --input s3://b/corpus/horses/ --out s3://b/translated/h2z
 
-Inputs: shard sets (a folder or _index.json URL) and raw image listings (a prefix, a glob, or a .txt
-or .parquet file of URLs). The first worker lists them once and freezes the plan in OUT/_plan/:
-units of --unit-size images of a listing or samples of a shard, every output key, and the job's
+Inputs: shard sets (a folder or _index.json URL), raw image listings (a prefix, a glob, or a .txt
+or .parquet file of URLs), and tables of encoded images: a Parquet dataset (a file, a folder or
+prefix of part files, hive k=v folders, a glob) or a Delta table, planned from the Parquet footers
+(--image-column, --key-column, --keep-columns, --table-version). The first worker lists them once
+and freezes the plan in OUT/_plan/: units of --unit-size images of a listing, samples of a shard or
+rows of a table's part file (whole row groups), every output key, and the job's
 identity (inputs, model hash, output options); the other workers wait for it, and reruns read it
 instead of listing again (worker 0 relists to find inputs that changed). Unit i belongs to
 worker i % workers, where the worker comes from torchrun (RANK, WORLD_SIZE), a Kubernetes Indexed
@@ -40,6 +43,7 @@ from pipeline.manifest import committed_units, manifest_dir
 from pipeline.plan import PlanError, worker_units
 from pipeline.planner import obtain_plan
 from pipeline.shards import ShardIndexError
+from pipeline.tables import TableError, TableOptions
 
 log = logging.getLogger("jobs.infer")
 
@@ -92,6 +96,9 @@ def load_infer_config(args: argparse.Namespace) -> InferConfig:
         ("--num-workers", config.num_workers >= 1, ">= 1"),
         ("--worker-index", 0 <= config.worker_index < config.num_workers, "within 0..num-workers-1"),
         ("--plan-timeout", config.plan_timeout > 0, "> 0"),
+        ("--keep-columns", config.keep_columns is None or all(keep_columns(config)), "column names, "
+         "comma-separated"),
+        ("--table-version", config.table_version is None or config.table_version >= 0, ">= 0"),
         ("--tile-size", config.tile_size is None or config.tile_size == 0
          or (config.tile_size >= 16 and config.tile_size % 4 == 0), "0, or a multiple of 4 of at least 16"),
     ]
@@ -99,6 +106,14 @@ def load_infer_config(args: argparse.Namespace) -> InferConfig:
         if not ok:
             raise ConfigError(f"{flag} must be {expected}")
     return config
+
+
+def keep_columns(config: InferConfig) -> tuple[str, ...]:
+    return tuple(c.strip() for c in (config.keep_columns or "").split(",")) if config.keep_columns else ()
+
+
+def table_options(config: InferConfig) -> TableOptions:
+    return TableOptions(config.image_column, config.key_column, keep_columns(config), config.table_version)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -161,6 +176,11 @@ def job_identity(config: InferConfig, model_sha256: str) -> dict[str, Any]:
         identity["crop_size"] = config.crop_size
     if config.preprocess == "shortside":
         identity["load_size"] = config.load_size
+    for name in ("image_column", "key_column", "table_version"):  # table options, as given
+        if getattr(config, name) is not None:
+            identity[name] = getattr(config, name)
+    if config.keep_columns is not None:
+        identity["keep_columns"] = list(keep_columns(config))
     return identity
 
 
@@ -198,8 +218,9 @@ def _run(config: InferConfig, stop: StopSignals) -> int:
             check_inputs=config.check_inputs,
             add_new_inputs=config.add_new_inputs,
             timeout=config.plan_timeout,
+            tables=table_options(config),
         )
-    except (PlanError, ShardIndexError, ListingError, FileNotFoundError) as exc:
+    except (PlanError, ShardIndexError, ListingError, TableError, FileNotFoundError) as exc:
         log.error("%s", exc)  # the same arguments would fail the same way: exit 2, nothing written
         return 2
     except OSError as exc:  # storage trouble after retries: a rerun may succeed

@@ -65,6 +65,14 @@ class InferConfig:
         True, "hide the progress bar (drawn only when stderr is a terminal)", "--no-progress")
     plan_timeout: float = option(3600.0, "seconds a worker waits for the plan another worker is making "
                                  "(default: 3600)")
+    image_column: str | None = option(None, "a table input's image column: binary, or the datasets Image "
+                                      "struct (default: the one column of either type)")
+    key_column: str | None = option(None, "a table input's key column, strings or integers (default: the "
+                                    "Image struct's path, else the row's part file and position)")
+    keep_columns: str | None = option(None, "a table input's columns (partition columns too) to carry to the "
+                                      "outputs, comma-separated", metavar="A,B,...")
+    table_version: int | None = option(None, "the version of a Delta table input to read (default: its "
+                                       "current snapshot)")
     add_new_inputs: bool = option(False, "rerun: add inputs that appeared since the plan was made as new "
                                   "units")
     check_inputs: bool = option(True, "rerun: do not relist the inputs (worker 0 relists them by default to "

@@ -331,6 +331,7 @@ class Translator:
         out_w, out_h = meta["restore"] or (right - left, bottom - top)
         row = {
             **{k: meta[k] for k in ("order", "key", "source_url", "width", "height", "input_bytes")},
+            "columns": meta.get("columns"),  # a table row's kept columns
             "output_url": url,
             "status": "ok",
             "out_width": out_w,
@@ -402,7 +403,8 @@ class Translator:
         """The manifest row of an input that decoded but got no output."""
         dims = (meta["width"], meta["height"])
         return error_record(
-            meta["order"], meta["key"], meta["source_url"], code, detail, meta["input_bytes"], dims
+            meta["order"], meta["key"], meta["source_url"], code, detail, meta["input_bytes"], dims,
+            meta.get("columns"),
         )
 
     def _add_time(self, **seconds: float) -> None:

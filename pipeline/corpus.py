@@ -1,14 +1,18 @@
 """A corpus to translate, cut into work units, and read back unit by unit.
 
-Each input (a shard set, or a listing: prefix, glob, `.txt` or `.parquet` of URLs) is listed once.
-A listing is cut into chunks of `unit_size` images in listing order; a shard into ranges of
-`unit_size` samples, so one big shard feeds many workers. Units are numbered 0..n-1 in input order.
+Each input (a shard set, a listing: prefix, glob, `.txt` or `.parquet` of URLs, or a table: a
+Parquet dataset or Delta table of encoded images, `pipeline.tables`) is listed once. A listing is cut
+into chunks of `unit_size` images in listing order; a shard into ranges of `unit_size` samples, so one
+big shard feeds many workers; a table's part file into row ranges of whole row groups (a row group
+larger than `unit_size` into ranges of it), planned from footers. Units are numbered 0..n-1 in input
+order.
 
 Keys (the names of the outputs) are unique over the whole corpus (`pipeline.keys`): listing keys
 come from the path below the input and are allocated in order over every listing input; a shard's
 samples are keyed `<namespace>/<member key>`, with one namespace per shard (its file name), and
 their member keys are checked and allocated in shard order when the shard is read (an index knows
-counts, not names). Whatever cannot be read becomes an item with an error code, never a gap.
+counts, not names). A table's rows are keyed likewise, one namespace per part file
+(`pipeline.tables`). Whatever cannot be read becomes an item with an error code, never a gap.
 """
 
 from __future__ import annotations
@@ -31,10 +35,22 @@ from pipeline.shards import (
     ShardInfo,
     iter_shard,
 )
+from pipeline.tables import (
+    TableInput,
+    TableOptions,
+    TablePart,
+    TableSpec,
+    is_delta,
+    looks_like_table,
+    open_table,
+    parquet_is_image_table,
+    row_ranges,
+    table_samples,
+)
 
 log = logging.getLogger(__name__)
 
-LISTING, SHARDS = "listing", "shards"
+LISTING, SHARDS, TABLE = "listing", "shards", "table"
 # A listing unit's items in a plan: one row group per unit (see pipeline.plan).
 ITEMS_SCHEMA = pa.schema([("url", pa.string()), ("key", pa.string()), ("error", pa.string()),
                           ("error_detail", pa.string())])
@@ -52,7 +68,10 @@ class Item:
 
 @dataclass(frozen=True, slots=True)
 class WorkUnit:
-    """One commit unit: samples [start, stop) of a shard, or items [start, stop) of a listing.
+    """One commit unit: samples [start, stop) of a shard, items [start, stop) of a listing, or rows
+    [start, stop) of a table's part file (`shard_url`, `shard_bytes`; `part`, `table`: its rows and
+    partition values, and the columns to read; `row_groups`: the part's row groups [first, last + 1)
+    that hold them).
 
     A listing unit's items travel with it (`items`) or are read from a plan (`items_url`, `row_group`).
     """
@@ -70,6 +89,9 @@ class WorkUnit:
     items_url: str = ""
     row_group: int = 0
     input_url: str = ""  # a listing unit's input as given: links out of its folder are refused when read
+    table: TableSpec | None = None
+    part: TablePart | None = None
+    row_groups: tuple[int, int] = (0, 0)
 
     @property
     def expected(self) -> int:
@@ -79,12 +101,15 @@ class WorkUnit:
     def source(self) -> str:
         if self.kind == SHARDS:
             return f"{self.shard_url} samples {self.start}..{self.stop - 1}"
+        if self.kind == TABLE:
+            return f"{self.shard_url} rows {self.start}..{self.stop - 1}"
         return f"items {self.start}..{self.stop - 1} of input {self.input_index}"
 
 
 @dataclass
 class InputListing:
-    """What one input names, listed once: the image URLs of a listing, or the shards of a set."""
+    """What one input names, listed once: the image URLs of a listing, the shards of a set, or the
+    part files of a table."""
 
     url: str
     kind: str
@@ -96,15 +121,21 @@ class InputListing:
     excluded: int = 0
     duplicates: int = 0
     outside: dict[str, str] = field(default_factory=dict)  # URL -> why: a symlink leaving the input
+    table: TableInput | None = None
 
     @property
     def count(self) -> int:
+        if self.table is not None:
+            return self.table.rows
         return len(self.urls) if self.kind == LISTING else sum(s.samples for s in self.shards)
 
     def entries(self) -> list[str]:
-        """What identifies this listing: its URLs, or its shards' names, counts and sizes."""
+        """What identifies this listing: its URLs, its shards' names, counts and sizes, or its table's
+        version and parts' names, sizes and row counts."""
         if self.kind == LISTING:
             return self.urls
+        if self.table is not None:
+            return self.table.entries()
         return [f"{s.name}\t{s.samples}\t{s.bytes}" for s in self.shards]
 
     def digest(self) -> str:
@@ -123,12 +154,23 @@ def is_shard_set(url: str) -> bool:
     return url.endswith(INDEX_NAME) or storage.exists(storage.join(url, INDEX_NAME))
 
 
-def list_input(url: str, exclude: Callable[[str], bool] | None = None) -> InputListing:
-    """List one input; URLs for which `exclude` holds (an output prefix) are left out and counted."""
+def list_input(url: str, exclude: Callable[[str], bool] | None = None,
+               tables: TableOptions | None = None) -> InputListing:
+    """List one input; URLs for which `exclude` holds (an output prefix) are left out and counted.
+
+    A table (a Delta table; a `.parquet` file with an image column; a folder, prefix or glob of
+    `.parquet` files and no images) is opened from its metadata with `tables`' column options; a
+    `.parquet` file without an image column stays a list of URLs."""
     if is_shard_set(url):
         index = ShardIndex.load(url)
         return InputListing(url, SHARDS, base_url=index.base_url, shards=checked_shards(index))
+    options = tables or TableOptions()
+    if is_delta(url) or (url.endswith(".parquet") and not storage.has_glob(url) and not storage.is_dir(url)
+                         and parquet_is_image_table(url, options)):
+        return _table_listing(url, options, exclude)
     found = expand_source(url)
+    if looks_like_table(url, [s.url for s in found.sources] + found.skipped):
+        return _table_listing(url, options, exclude)
     listing = InputListing(url, LISTING, skipped=found.skipped)
     for source in found.sources:
         if exclude is not None and exclude(source.url):
@@ -143,6 +185,14 @@ def list_input(url: str, exclude: Callable[[str], bool] | None = None) -> InputL
         notes += [f"{listing.excluded} under the output prefix left out"] * bool(listing.excluded)
         raise FileNotFoundError(f"no images found at {url}" + (f" ({'; '.join(notes)})" if notes else ""))
     return listing
+
+
+def _table_listing(url: str, options: TableOptions, exclude: Callable[[str], bool] | None) -> InputListing:
+    table = open_table(url, options.image_column, options.key_column, options.keep_columns, options.version,
+                       exclude=exclude)
+    if not table.parts:
+        raise FileNotFoundError(f"no rows in the table at {url} ({table.empty_parts} empty part files)")
+    return InputListing(url, TABLE, base_url=url, table=table)
 
 
 def checked_shards(index: ShardIndex) -> tuple[ShardInfo, ...]:
@@ -184,6 +234,11 @@ def lay_out_units(listings: Sequence[tuple[int, InputListing]], unit_size: int, 
     """
     layout = UnitLayout([], {}, {})
     for input_index, listing in listings:
+        if listing.kind == TABLE:
+            assert listing.table is not None
+            layout.units += _table_units(listing.table, input_index, namespaces,
+                                         first_unit + len(layout.units), unit_size)
+            continue
         if listing.kind == SHARDS:
             for shard in listing.shards:
                 namespace = namespaces.take(shard_namespace(shard.name))
@@ -201,6 +256,20 @@ def lay_out_units(listings: Sequence[tuple[int, InputListing]], unit_size: int, 
             layout.units.append(WorkUnit(first_unit + len(layout.units), input_index, LISTING, start, stop,
                                          input_url=listing.url))
     return layout
+
+
+def _table_units(table: TableInput, input_index: int, namespaces: KeyAllocator, first_unit: int,
+                 unit_size: int) -> list[WorkUnit]:
+    """A table's units: row ranges of whole row groups of one part file each (`tables.row_ranges`)."""
+    units: list[WorkUnit] = []
+    for part in table.parts:
+        namespace = namespaces.take(part.namespace)
+        for start, stop in row_ranges(part, unit_size):
+            units.append(WorkUnit(
+                first_unit + len(units), input_index, TABLE, start, stop, part.url, part.size, namespace,
+                last_of_shard=stop == part.rows, input_url=table.url, table=table.spec, part=part,
+                row_groups=part.groups_of(start, stop)))
+    return units
 
 
 def _listing_keys(listing: InputListing, keys: KeyAllocator) -> tuple[list[str], dict[int, tuple[str, str]]]:
@@ -230,7 +299,7 @@ def plan_units(inputs: Sequence[str], unit_size: int) -> list[WorkUnit]:
     listings = [(i, list_input(url)) for i, url in enumerate(inputs)]
     layout = lay_out_units(listings, unit_size, KeyAllocator(), KeyAllocator())
     by_input = dict(listings)
-    return [u if u.kind == SHARDS else _with_items(u, unit_items(u, by_input[u.input_index], layout))
+    return [u if u.kind != LISTING else _with_items(u, unit_items(u, by_input[u.input_index], layout))
             for u in layout.units]
 
 
@@ -253,6 +322,10 @@ def read_unit(unit: WorkUnit) -> Iterator[EncodedSample]:
     """The unit's inputs in order. Nothing is lost: what cannot be read becomes an item with an error."""
     if unit.kind == SHARDS:
         yield from _read_shard_range(unit)
+        return
+    if unit.kind == TABLE:
+        assert unit.table is not None and unit.part is not None
+        yield from table_samples(unit.table, unit.part, unit.start, unit.stop, unit.namespace)
         return
     # Checked again when read: a planned file may have become a symlink out of the input since.
     root = link_root(unit.input_url) if unit.input_url else ""

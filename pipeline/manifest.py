@@ -73,12 +73,36 @@ def part_url(out_url: str, unit: int) -> str:
 
 
 def part_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
-    """A unit's manifest rows as a table (ValueError for an error code not in ERROR_CODES)."""
+    """A unit's manifest rows as a table (ValueError for an error code not in ERROR_CODES): the SCHEMA
+    columns, then a table input's kept columns (each row's ``row["columns"]``, typed by its
+    ``.schema`` where it has one, as `pipeline.tables.KeptColumns` do)."""
     unknown = {row["error"] for row in rows if row.get("error")} - set(ERROR_CODES)
     if unknown:
         raise ValueError(f"unknown error codes {sorted(unknown)}; add them to ERROR_CODES")
-    return pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names} for row in rows],
-                                schema=SCHEMA)
+    table = pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names} for row in rows],
+                                 schema=SCHEMA)
+    for field, values in _kept_columns(rows):
+        table = table.append_column(field, pa.array(values, type=field.type))
+    return table
+
+
+def _kept_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[pa.Field, list[Any]]]:
+    """The kept columns of rows that carry them: (field, one value per row; None where a row has none)."""
+    first = next((row["columns"] for row in rows if row.get("columns")), None)
+    if first is None:
+        return []
+    schema = getattr(first, "schema", None)
+    kept = []
+    for name in first:
+        if name in SCHEMA.names:
+            raise ValueError(f"kept column {name!r} has the name of a manifest column")
+        values = [(row.get("columns") or {}).get(name) for row in rows]
+        if schema is not None and name in schema.names:
+            field = schema.field(name).remove_metadata()
+        else:
+            field = pa.field(name, pa.array(values).type)
+        kept.append((field, values))
+    return kept
 
 
 def write_part(out_url: str, unit: int, rows: Sequence[dict[str, Any]]) -> str:
@@ -117,7 +141,7 @@ def read_manifest(out_url: str, columns: Sequence[str] | None = None) -> pa.Tabl
     ]
     if not tables:
         return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(list(columns))
-    return pa.concat_tables(tables)
+    return pa.concat_tables(tables, promote_options="default")  # parts without kept columns: nulls
 
 
 def write_success(out_url: str, totals: dict[str, Any]) -> str:

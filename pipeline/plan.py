@@ -5,7 +5,8 @@ OUT/_plan/plan.json                 the job's identity (inputs as given, model h
                                     that changes outputs), each input's count and listing digest, the
                                     unit count, and where its tables are; created last, exclusively:
                                     its existence commits the plan, and only one plan can commit
-OUT/_plan/r<N>-<id>/units.parquet   revision N's units: kind, range, shard, key namespace, items file
+OUT/_plan/r<N>-<id>/units.parquet   revision N's units: kind, range, shard or table part (its size,
+                                    rows, row groups, partition values), key namespace, items file
 OUT/_plan/r<N>-<id>/items-%06d.parquet  listing items (url, key, known error) of up to 64 units, one
                                     row group per unit, so a worker reads only its own units' rows
 ```
@@ -36,6 +37,7 @@ from pipeline.corpus import (
     ITEMS_SCHEMA,
     LISTING,
     SHARDS,
+    TABLE,
     InputListing,
     UnitLayout,
     WorkUnit,
@@ -43,6 +45,7 @@ from pipeline.corpus import (
     list_input,
 )
 from pipeline.keys import KeyAllocator
+from pipeline.tables import TableInput, TableOptions, TablePart, TableSpec
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,9 @@ UNITS_SCHEMA = pa.schema([
     ("index", pa.int64()), ("input_index", pa.int32()), ("kind", pa.string()), ("start", pa.int64()),
     ("stop", pa.int64()), ("shard_url", pa.string()), ("shard_bytes", pa.int64()), ("namespace", pa.string()),
     ("last_of_shard", pa.bool_()), ("items_file", pa.string()), ("row_group", pa.int32()),
+    # table units: the part's rows, the row groups [group_start, group_stop) read, partition values (JSON)
+    ("part_rows", pa.int64()), ("group_start", pa.int32()), ("group_stop", pa.int32()),
+    ("partition", pa.string()),
 ])
 
 
@@ -62,7 +68,8 @@ class PlanError(ValueError):
 
 @dataclass
 class PlannedInput:
-    """What the plan knows of one input: as given, its kind, and the listing it was planned from."""
+    """What the plan knows of one input: as given, its kind, and the listing it was planned from (a
+    table's: the columns read and the Delta version, `pipeline.tables.TableSpec.to_json`)."""
 
     url: str
     kind: str
@@ -71,6 +78,7 @@ class PlannedInput:
     skipped: int = 0
     excluded: int = 0
     duplicates: int = 0
+    table: dict[str, Any] | None = None
 
 
 @dataclass
@@ -153,10 +161,12 @@ def check_identity(plan: JobPlan, identity: dict[str, Any]) -> None:
             + "\nRerun with the planned settings to finish that job, or give a new --out.")
 
 
-def make_plan(out: str, inputs: Sequence[str], identity: dict[str, Any], unit_size: int) -> JobPlan:
-    """List the inputs (nothing under `out`), cut them into units and commit the plan; if another
-    planner committed first, its plan (this attempt's files are removed)."""
-    listings = list_inputs(out, inputs)
+def make_plan(out: str, inputs: Sequence[str], identity: dict[str, Any], unit_size: int,
+              tables: TableOptions | None = None) -> JobPlan:
+    """List the inputs (nothing under `out`; tables with `tables`' column options), cut them into
+    units and commit the plan; if another planner committed first, its plan (this attempt's files are
+    removed)."""
+    listings = list_inputs(out, inputs, tables)
     layout = lay_out_units(list(enumerate(listings)), unit_size, KeyAllocator(), KeyAllocator())
     folder = _revision_dir(1)
     items_files = _write_items(out, folder, layout, dict(enumerate(listings)), first_block=0)
@@ -186,14 +196,14 @@ def check_input_urls(out: str, inputs: Sequence[str]) -> None:
             raise PlanError(f"input {url} is given twice; nothing was written")
 
 
-def list_inputs(out: str, inputs: Sequence[str]) -> list[InputListing]:
+def list_inputs(out: str, inputs: Sequence[str], tables: TableOptions | None = None) -> list[InputListing]:
     """Each input listed once, leaving out anything under the output prefix and any URL an earlier
-    listing already holds (so every source gets one row)."""
+    listing already holds (so every source gets one row); tables are opened with `tables`."""
     check_input_urls(out, inputs)
     inside_out = storage.within(out)
     listings, seen = [], set()
     for url in inputs:
-        listing = list_input(url, exclude=inside_out)
+        listing = list_input(url, exclude=inside_out, tables=tables)
         if listing.kind == LISTING:
             _drop_repeats(listing, seen)
         for count, what in ((listing.excluded, f"files under the output prefix {out} are left out"),
@@ -217,8 +227,9 @@ def _drop_repeats(listing: InputListing, seen: set[str]) -> None:
 
 
 def _planned(url: str, listing: InputListing) -> PlannedInput:
+    table = listing.table.spec.to_json() if listing.table is not None else None
     return PlannedInput(url, listing.kind, listing.count, listing.digest(), len(listing.skipped),
-                        listing.excluded, listing.duplicates)
+                        listing.excluded, listing.duplicates, table)
 
 
 def _write_items(out: str, folder: str, layout: UnitLayout, listings: dict[int, InputListing],
@@ -258,6 +269,8 @@ def _write_units(out: str, folder: str, old: list[dict[str, Any]], units: list[W
         "shard_url": u.shard_url or None, "shard_bytes": u.shard_bytes, "namespace": u.namespace or None,
         "last_of_shard": u.last_of_shard, "items_file": items_files.get(u.index, (None, -1))[0],
         "row_group": items_files.get(u.index, (None, -1))[1],
+        **({"part_rows": u.part.rows, "group_start": u.row_groups[0], "group_stop": u.row_groups[1],
+            "partition": json.dumps(u.part.partition)} if u.part is not None else {}),
     } for u in units]
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=UNITS_SCHEMA), buffer, compression="zstd")
@@ -275,7 +288,9 @@ def _units_table(plan: JobPlan) -> pa.Table:
         raise PlanError(f"{url} is missing, yet {plan_json_url(plan.out)} exists; use a new --out") from exc
 
 
-def _unit(plan: JobPlan, row: dict[str, Any]) -> WorkUnit:
+def _unit(plan: JobPlan, row: dict[str, Any], specs: dict[int, TableSpec] | None = None) -> WorkUnit:
+    if row["kind"] == TABLE:
+        return _table_unit(plan, row, {} if specs is None else specs)
     listing = row["kind"] == LISTING
     return WorkUnit(
         row["index"], row["input_index"], row["kind"], row["start"], row["stop"], row["shard_url"] or "",
@@ -284,15 +299,30 @@ def _unit(plan: JobPlan, row: dict[str, Any]) -> WorkUnit:
         row_group=max(0, row["row_group"]), input_url=plan.inputs[row["input_index"]].url if listing else "")
 
 
+def _table_unit(plan: JobPlan, row: dict[str, Any], specs: dict[int, TableSpec]) -> WorkUnit:
+    """A table unit from its row of the unit table (the input's spec decoded once per input)."""
+    i = row["input_index"]
+    if i not in specs:
+        specs[i] = TableSpec.from_json(plan.inputs[i].table or {})
+    partition = tuple((k, v) for k, v in json.loads(row["partition"] or "[]"))
+    part = TablePart(row["shard_url"], "", row["shard_bytes"], row["part_rows"], (), partition,
+                     row["namespace"])
+    return WorkUnit(row["index"], i, TABLE, row["start"], row["stop"], row["shard_url"], row["shard_bytes"],
+                    row["namespace"], row["last_of_shard"], input_url=plan.inputs[i].url, table=specs[i],
+                    part=part, row_groups=(row["group_start"], row["group_stop"]))
+
+
 def worker_units(plan: JobPlan, worker: int, workers: int) -> list[WorkUnit]:
     """This worker's units (unit i belongs to worker i % workers), read from the plan's unit table."""
     table = _units_table(plan)
     mine = table.filter(pa.array(table.column("index").to_numpy() % workers == worker))
-    return [_unit(plan, row) for row in mine.to_pylist()]
+    specs: dict[int, TableSpec] = {}
+    return [_unit(plan, row, specs) for row in mine.to_pylist()]
 
 
 def all_units(plan: JobPlan) -> list[WorkUnit]:
-    return [_unit(plan, row) for row in _units_table(plan).to_pylist()]
+    specs: dict[int, TableSpec] = {}
+    return [_unit(plan, row, specs) for row in _units_table(plan).to_pylist()]
 
 
 # ------------------------------------------------------------------------------------------ reruns
@@ -307,6 +337,13 @@ def compare_inputs(plan: JobPlan, listings: Sequence[InputListing]) -> list[Inpu
         mine = [u for u in units if u.input_index == i]
         if listing.kind != planned.kind:
             changes.append(InputChanges(i, planned.url, [], [], [f"was {planned.kind}, now {listing.kind}"]))
+        elif listing.kind == TABLE:
+            assert listing.table is not None
+            before = _planned_shards(mine)
+            now = {p.url: (p.rows, p.size) for p in listing.table.parts}
+            changes.append(InputChanges(
+                i, planned.url, [u for u in now if u not in before], sorted(set(before) - set(now)),
+                sorted(u for u in now if u in before and before[u] != now[u])))
         elif listing.kind == LISTING:
             before = set(_planned_column(plan, mine, "url"))
             now = set(listing.urls)
@@ -347,7 +384,7 @@ def extend_plan(plan: JobPlan, listings: Sequence[InputListing], changes: Sequen
     old_rows = _units_table(plan).to_pylist()
     old_units = [_unit(plan, row) for row in old_rows]
     keys = KeyAllocator(set(_planned_column(plan, [u for u in old_units if u.kind == LISTING], "key")))
-    namespaces = KeyAllocator({u.namespace for u in old_units if u.kind == SHARDS})
+    namespaces = KeyAllocator({u.namespace for u in old_units if u.kind != LISTING})
     additions = []
     for change in changes:
         listing = listings[change.input_index]
@@ -356,6 +393,12 @@ def extend_plan(plan: JobPlan, listings: Sequence[InputListing], changes: Sequen
             picked = [(u, k) for u, k in zip(listing.urls, listing.natural_keys, strict=True) if u in new]
             extra = InputListing(listing.url, LISTING, [u for u, _ in picked], [k for _, k in picked],
                                  outside={u: why for u, why in listing.outside.items() if u in new})
+        elif listing.kind == TABLE:
+            assert listing.table is not None
+            new = set(change.new)
+            table = TableInput(listing.url, tuple(p for p in listing.table.parts if p.url in new),
+                               listing.table.spec)
+            extra = InputListing(listing.url, TABLE, base_url=listing.url, table=table)
         else:
             names = {storage.join(listing.base_url, s.name): s for s in listing.shards}
             extra = InputListing(listing.url, SHARDS, base_url=listing.base_url,

@@ -33,6 +33,7 @@ from pipeline.plan import (
     plan_dir,
     plan_json_url,
 )
+from pipeline.tables import TableOptions
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def _lock_url(out: str) -> str:
 
 
 def _plan_holding(out: str, lock: Lease, worker: int, inputs: Sequence[str], identity: dict[str, Any],
-                  unit_size: int) -> JobPlan:
+                  unit_size: int, tables: TableOptions | None = None) -> JobPlan:
     """Plan holding the lock (released afterwards); a plan committed meanwhile wins."""
     try:
         plan = load_plan(out)
@@ -55,7 +56,7 @@ def _plan_holding(out: str, lock: Lease, worker: int, inputs: Sequence[str], ide
             raise PlanError(f"{out} holds manifest parts but no plan ({plan_json_url(out)}): it was written "
                             f"by an older version or its plan was removed; use a new --out")
         log.info("worker %d plans the job: listing %d input location(s)", worker, len(inputs))
-        plan = make_plan(out, inputs, identity, unit_size)
+        plan = make_plan(out, inputs, identity, unit_size, tables)
         log.info("planned %d images in %d units: %s", plan.items, plan.units, plan_json_url(out))
         return plan
     finally:
@@ -77,11 +78,12 @@ def _missing_folders(out: str) -> list[str]:
 
 
 def _plan_leaving_nothing_on_failure(out: str, lock: Lease, worker: int, inputs: Sequence[str],
-                                     identity: dict[str, Any], unit_size: int, made: list[str]) -> JobPlan:
+                                     identity: dict[str, Any], unit_size: int, made: list[str],
+                                     tables: TableOptions | None = None) -> JobPlan:
     """`_plan_holding`; when planning fails (an input that does not list), the folders the lock made go
     too, so a refused run leaves the storage as it found it."""
     try:
-        return _plan_holding(out, lock, worker, inputs, identity, unit_size)
+        return _plan_holding(out, lock, worker, inputs, identity, unit_size, tables)
     except BaseException:
         for folder in made:
             storage.remove_empty_folder(folder)
@@ -89,7 +91,7 @@ def _plan_leaving_nothing_on_failure(out: str, lock: Lease, worker: int, inputs:
 
 
 def _plan_or_wait(out: str, worker: int, inputs: Sequence[str], identity: dict[str, Any], unit_size: int,
-                  timeout: float) -> JobPlan:
+                  timeout: float, tables: TableOptions | None = None) -> JobPlan:
     """Plan if nobody is planning; else wait for the plan, taking over from a planner that died."""
     deadline = time.monotonic() + timeout
     poll = 0.5
@@ -107,7 +109,8 @@ def _plan_or_wait(out: str, worker: int, inputs: Sequence[str], identity: dict[s
         except LeaseHeldError:
             pass
         else:
-            return _plan_leaving_nothing_on_failure(out, lock, worker, inputs, identity, unit_size, made)
+            return _plan_leaving_nothing_on_failure(out, lock, worker, inputs, identity, unit_size, made,
+                                                    tables)
         if time.monotonic() > deadline:
             raise PlanError(f"no plan at {plan_json_url(out)} after {timeout:.0f} s while another worker "
                             f"holds {_lock_url(out)} (see its log), or raise --plan-timeout")
@@ -116,10 +119,12 @@ def _plan_or_wait(out: str, worker: int, inputs: Sequence[str], identity: dict[s
 
 
 def obtain_plan(out: str, inputs: Sequence[str], identity: dict[str, Any], unit_size: int, *, worker: int,
-                check_inputs: bool = True, add_new_inputs: bool = False, timeout: float = 3600.0) -> JobPlan:
+                check_inputs: bool = True, add_new_inputs: bool = False, timeout: float = 3600.0,
+                tables: TableOptions | None = None) -> JobPlan:
     """The job's plan for this worker: made or awaited when there is none; checked against this run's
     identity; on worker 0's rerun, checked against a new listing of the inputs (`check_inputs`) and
-    extended with the new ones if `add_new_inputs`.
+    extended with the new ones if `add_new_inputs`. Table inputs are opened with `tables`' column
+    options (`pipeline.tables`).
 
     PlanError (FileNotFoundError for a missing input) when the plan does not fit this run; a refusal
     writes nothing.
@@ -127,13 +132,13 @@ def obtain_plan(out: str, inputs: Sequence[str], identity: dict[str, Any], unit_
     check_input_urls(out, inputs)
     plan = load_plan(out)
     if plan is None:
-        plan = _plan_or_wait(out, worker, inputs, identity, unit_size, timeout)
+        plan = _plan_or_wait(out, worker, inputs, identity, unit_size, timeout, tables)
         check_identity(plan, identity)
         return plan
     check_identity(plan, identity)
     if worker != 0 or not check_inputs:
         return plan
-    listings = list_inputs(out, [i.url for i in plan.inputs])
+    listings = list_inputs(out, [i.url for i in plan.inputs], tables)
     changes = compare_inputs(plan, listings)
     if not changes:
         return plan

@@ -7,18 +7,21 @@ same way everywhere: no bytes, an error code (`pipeline.manifest.ERROR_CODES`) a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
 class EncodedSample:
     """One input: its key, where it was read from (``<shard>.tar#<member>`` for a shard's sample), its
-    encoded bytes, or the error code and message of why there are none."""
+    encoded bytes, or the error code and message of why there are none; a table's row also carries
+    the values of its kept columns (`--keep-columns`, `pipeline.tables`), error or not."""
 
     key: str
     url: str
     data: bytes | None
     error: str = ""
     error_detail: str = ""
+    columns: dict[str, Any] | None = None
 
     @property
     def reason(self) -> str:

@@ -82,9 +82,11 @@ def out_of_memory(exc: BaseException) -> bool:
 
 
 def error_record(
-    order: int, key: str, source_url: str, error: str, detail: str, size: int, dims=(None, None)
+    order: int, key: str, source_url: str, error: str, detail: str, size: int, dims=(None, None),
+    columns: dict[str, Any] | None = None,
 ) -> dict:
-    """A manifest row for an input that has no output: `error` is a code of manifest.ERROR_CODES."""
+    """A manifest row for an input that has no output: `error` is a code of manifest.ERROR_CODES;
+    `columns`: a table row's kept column values, which error rows keep too."""
     return {
         "order": order,
         "key": key,
@@ -95,6 +97,7 @@ def error_record(
         "width": dims[0],
         "height": dims[1],
         "input_bytes": size,
+        "columns": columns,
     }
 
 
@@ -131,7 +134,8 @@ class UnitBatches(IterableDataset):
             size = len(item.data) if item.data is not None else 0
             if item.data is None:
                 errors.append(
-                    error_record(order, item.key, item.url, item.error, item.error_detail, size)
+                    error_record(order, item.key, item.url, item.error, item.error_detail, size,
+                                 columns=item.columns)
                 )
                 continue
             dims = (None, None)  # the size, for the row, once decoded
@@ -144,13 +148,13 @@ class UnitBatches(IterableDataset):
                 x = geometry_pixels(decoded.array, geometry)
             except ImageDecodeError as exc:
                 errors.append(
-                    error_record(order, item.key, item.url, exc.reason, exc.detail, size, dims)
+                    error_record(order, item.key, item.url, exc.reason, exc.detail, size, dims, item.columns)
                 )
                 continue
             except Exception as exc:  # whatever else one image can do: its row says so; the job goes on
                 code = "out-of-memory" if out_of_memory(exc) else "corrupt"
                 detail = f"{type(exc).__name__}: {exc}".rstrip(": ")  # a MemoryError says nothing more
-                errors.append(error_record(order, item.key, item.url, code, detail, size, dims))
+                errors.append(error_record(order, item.key, item.url, code, detail, size, dims, item.columns))
                 continue
             # the source's alpha the model does not take, for the output (a tensor: the DataLoader turns
             # numpy arrays into tensors anyway; a decoder's read-only view is copied first)
@@ -164,6 +168,7 @@ class UnitBatches(IterableDataset):
                 "width": displayed[0],
                 "height": displayed[1],
                 "input_bytes": size,
+                "columns": item.columns,  # a table row's kept columns, for its manifest row
                 "restore": restore,
                 "box": geometry.box,  # the image within the network's input and output
                 "source_mode": decoded.source_mode,
