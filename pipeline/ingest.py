@@ -1,5 +1,5 @@
-"""Turn image sources (folders, prefixes, globs, URL lists, and tables through an opener the caller
-passes) into a checked shard set.
+"""Turn image sources (folders, prefixes, globs, URL lists, and tables: Parquet datasets and Delta
+tables, `pipeline.table_ingest`) into a checked shard set.
 
 Every image is read and decoded at ingest; rejects never enter a shard and are listed with their
 reason in `_rejects.jsonl` (a table row's with its part file and row). The index is written last, so
@@ -17,7 +17,6 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,6 +27,8 @@ from pipeline.keys import KeyAllocator, UnsafeKeyError, check_length, path_key
 from pipeline.pixels import DEFAULT_MAX_PIXELS, decode_failure, inspect_image
 from pipeline.prefetch import ordered_map
 from pipeline.shards import INDEX_NAME, REJECTS_NAME, ShardIndex, ShardWriter, index_url
+from pipeline.table_ingest import TableCell, TableRows, is_listed_table, is_single_table_file, open_rows
+from pipeline.tables import TableOptions
 
 LIST_EXTENSIONS = (".txt", ".parquet")
 
@@ -58,33 +59,6 @@ class Source:
     url: str
     key: str
     outside: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class TableCell:
-    """One table row's image, already read: `key` is safe (`pipeline.keys`) but not yet unique over the
-    set, `url` names the row (`<part file>#<row>`), `data` is None when `error` says why."""
-
-    key: str
-    url: str
-    file: str
-    row: int
-    data: bytes | None
-    error: str = ""
-    detail: str = ""
-
-
-class TableInput(Protocol):
-    """A SOURCE opened as a table: its row count (from the footers) and its rows in order."""
-
-    url: str
-    count: int
-
-    def cells(self) -> Iterator[TableCell]: ...
-
-
-# Opens a SOURCE as a table, or says it is none (None); errors that name a bad table raise ValueError.
-TableOpener = Callable[[str], "TableInput | None"]
 
 
 @dataclass
@@ -206,10 +180,14 @@ def _folder_listing(spec: str, root: str, is_image: Callable[[str], bool]) -> So
 
 def list_sources(specs: Iterable[str]) -> list[Source]:
     """All sources of the SOURCE arguments in order; a key shared by two sources is an error."""
+    return collect_sources([(spec, expand_source(spec)) for spec in specs])
+
+
+def collect_sources(listings: Iterable[tuple[str, SourceListing]]) -> list[Source]:
+    """The sources of listed SOURCE arguments in order; a key shared by two sources is an error."""
     seen: dict[str, str] = {}
     sources, collisions = [], []
-    for spec in specs:
-        listing = expand_source(spec)
+    for spec, listing in listings:
         if listing.skipped:
             log.warning("%s: skipped %d files whose names are not images (e.g. %s)", spec,
                         len(listing.skipped), ", ".join(listing.skipped[:3]))
@@ -311,11 +289,11 @@ def remove_unlisted(existing: ExistingSet, index: ShardIndex) -> list[str]:
 def build_shards(specs: Sequence[str], out_url: str, *, prefix: str = "shard", domain: str | None = None,
                  max_count: int = 10_000, max_size: int = 256 << 20, max_pixels: int = DEFAULT_MAX_PIXELS,
                  workers: int = 8, overwrite: bool = False, progress: bool = True,
-                 open_table: TableOpener | None = None) -> Summary:
+                 tables: TableOptions | None = None) -> Summary:
     """Check and shard every image the SOURCE specs name into `out_url`; see `python -m jobs.shard`.
 
-    `open_table` opens a SOURCE that is a table (None for one that is not): its rows follow the files'
-    images, keyed by the table's keys made unique against every key before them (`~2`, `~3`, ...).
+    A SOURCE that is a table is read with `tables`' column options: its rows follow the files' images,
+    keyed by the table's keys made unique against every key before them (`~2`, `~3`, ...).
     """
     start = time.monotonic()
     inside_out = storage.within(out_url)
@@ -323,10 +301,8 @@ def build_shards(specs: Sequence[str], out_url: str, *, prefix: str = "shard", d
         if inside_out(glob_root(spec) if storage.has_glob(spec) else spec):
             raise OutputOverlapError(f"SOURCE {spec} lies inside --out {out_url}: give the shard set a "
                                      f"folder of its own; nothing was written")
-    # Every table is opened (its footers read and checked) before anything is written.
-    opened = {spec: open_table(spec) for spec in specs} if open_table else {}
-    tables = [t for t in opened.values() if t is not None]
-    sources = list_sources([spec for spec in specs if opened.get(spec) is None])
+    tables, listings = split_tables(specs, tables or TableOptions())
+    sources = collect_sources(listings)
     total = len(sources) + sum(t.count for t in tables)
     if not total:
         raise FileNotFoundError(f"no images found in {', '.join(specs)}")
@@ -371,7 +347,24 @@ def build_shards(specs: Sequence[str], out_url: str, *, prefix: str = "shard", d
     return Summary(out_url, len(shards), index.samples, index.bytes, len(rejects), time.monotonic() - start)
 
 
-def _pending(sources: Sequence[Source], tables: Sequence[TableInput]) -> Iterator[Pending]:
+def split_tables(specs: Sequence[str], options: TableOptions) -> tuple[list[TableRows],
+                                                                      list[tuple[str, SourceListing]]]:
+    """The SOURCE specs that are tables, opened (footers read and checked, before anything is written),
+    and the listings of the others; each folder, prefix or glob is listed once."""
+    tables, listings = [], []
+    for spec in specs:
+        if is_single_table_file(spec, options):
+            tables.append(open_rows(spec, options))
+            continue
+        listing = expand_source(spec)
+        if is_listed_table(spec, [s.url for s in listing.sources] + listing.skipped):
+            tables.append(open_rows(spec, options))
+        else:
+            listings.append((spec, listing))
+    return tables, listings
+
+
+def _pending(sources: Sequence[Source], tables: Sequence[TableRows]) -> Iterator[Pending]:
     """The files' sources, then each table's cells with unique keys (allocated here, in order, so the
     keys are a function of the inputs alone); a key too long to be safe makes its row a reject."""
     yield from sources

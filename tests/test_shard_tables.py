@@ -1,0 +1,129 @@
+"""jobs.shard from tables: a Parquet dataset (pyarrow's, and a `datasets` Image export) or a Delta table
+becomes a checked shard set for jobs.train in one command; bad rows become rejects naming their part
+file and row, never samples."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import image_bytes
+from inprocess import run_main
+
+from jobs import shard as shard_job
+from pipeline import storage
+from pipeline.shards import ShardIndex, iter_shard
+
+
+def shard_set(out: str) -> dict[str, dict]:
+    """The set's samples by key, read back as jobs.train reads them (index, then each shard)."""
+    index = ShardIndex.load(out)
+    index.check_complete()
+    return {str(s["__key__"]): s for shard in index.shards for s in iter_shard(index.url(shard))}
+
+
+def rejects(out: str) -> list[dict]:
+    text = storage.read_bytes(storage.join(out, "_rejects.jsonl")).decode()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def shard(*args: str) -> tuple[int, str, str]:
+    done = run_main(shard_job.main, "--no-progress", *args)
+    return done.returncode, done.stdout, done.stderr
+
+
+def write_pyarrow_table(folder: Path) -> dict[str, bytes]:
+    """Two part files of (id, image, label) written by pyarrow; part 1 holds a null, an empty and an
+    undecodable cell at rows 1, 2 and 3. Returns the good images by id."""
+    folder.mkdir(parents=True)
+    good = {f"horse-{i}": image_bytes(i) for i in range(5)}
+    parts = [[("horse-0", good["horse-0"]), ("horse-1", good["horse-1"])],
+             [("horse-2", good["horse-2"]), ("null", None), ("empty", b""), ("garbage", b"not an image"),
+              ("horse-3", good["horse-3"]), ("horse-4", good["horse-4"])]]
+    schema = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int64())])
+    for n, rows in enumerate(parts):
+        table = pa.table({"id": [r[0] for r in rows], "image": [r[1] for r in rows],
+                          "label": list(range(len(rows)))}, schema=schema)
+        pq.write_table(table, folder / f"part-{n:05d}.parquet", row_group_size=3)
+    return good
+
+
+def test_a_pyarrow_table_becomes_a_shard_set_keyed_by_its_key_column_with_bad_rows_rejected(tmp_path):
+    table = tmp_path / "horses"
+    good = write_pyarrow_table(table)
+    out = str(tmp_path / "set")
+    code, stdout, stderr = shard(str(table), "--out", out, "--key-column", "id", "--domain", "A",
+                                 "--max-count", "2")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert (summary["samples"], summary["rejects"], summary["shards"]) == (5, 3, 3)
+    samples = shard_set(out)
+    assert {k: s["jpg"] for k, s in samples.items()} == good  # the original bytes, keyed by id
+    meta = json.loads(samples["horse-2"]["json"])
+    part1 = str(table / "part-00001.parquet")
+    assert (meta["source_url"], meta["domain"], meta["width"]) == (f"{part1}#0", "A", 48)
+    assert sorted((r["file"], r["row"], r["reason"]) for r in rejects(out)) == [
+        (part1, 1, "empty"), (part1, 2, "empty"), (part1, 3, "not-an-image")]
+
+
+def test_a_datasets_image_export_shards_keyed_by_image_paths_or_row_positions(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    pil = Image.new("RGB", (40, 32), (200, 10, 10))  # stored by `datasets` as PNG bytes with no path
+    images = [{"bytes": image_bytes(i), "path": f"trainA/h{i}.jpg"} for i in range(3)] + [pil]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    export = tmp_path / "export" / "data"
+    export.mkdir(parents=True)
+    datasets.Dataset.from_dict({"image": images, "label": [0, 1, 2, 3]}, features=features).to_parquet(
+        str(export / "train-00000-of-00001.parquet"))
+    out = str(tmp_path / "set")
+    code, _, stderr = shard(str(export), "--out", out)
+    assert code == 0, stderr
+    samples = shard_set(out)
+    assert sorted(samples) == ["train-00000-of-00001/000003", "trainA/h0", "trainA/h1", "trainA/h2"]
+    assert samples["trainA/h1"]["jpg"] == image_bytes(1)
+    assert Image.open(io.BytesIO(samples["train-00000-of-00001/000003"]["png"])).size == (40, 32)
+    assert rejects(out) == []
+
+
+def test_a_table_on_s3_shards_and_keys_that_repeat_get_suffixes(tmp_path, s3_url):
+    rows = {"id": ["a", "b.jpg", "a", "b.jpg"], "image": [image_bytes(i) for i in range(4)]}
+    local = tmp_path / "t.parquet"
+    pq.write_table(pa.table(rows), local)
+    storage.write_bytes_atomic(storage.join(s3_url, "lake", "t.parquet"), local.read_bytes())
+    out = storage.join(s3_url, "set")
+    code, _, stderr = shard(storage.join(s3_url, "lake", "t.parquet"), "--out", out, "--key-column", "id")
+    assert code == 0, stderr
+    samples = shard_set(out)
+    images = rows["image"]
+    assert {k: s["jpg"] for k, s in samples.items()} == {
+        "a": images[0], "b_jpg": images[1], "a~2": images[2], "b_jpg~2": images[3]}
+
+
+def test_a_table_that_cannot_be_read_as_asked_exits_2_before_writing(tmp_path):
+    table = tmp_path / "two-images"
+    table.mkdir()
+    pq.write_table(pa.table({"a": [image_bytes(0)], "b": [image_bytes(1)]}), table / "p.parquet")
+    out = tmp_path / "set"
+    code, _, stderr = shard(str(table), "--out", str(out))
+    assert code == 2 and "several image columns" in stderr and "a (binary), b (binary)" in stderr
+    code, _, stderr = shard(str(table), "--out", str(out), "--image-column", "a", "--key-column", "nope")
+    assert code == 2 and "'nope'" in stderr
+    assert not out.exists()
+    code, _, stderr = shard(str(table), "--out", str(out), "--image-column", "b")
+    assert code == 0, stderr
+    assert list(shard_set(str(out))) == ["p/000000"]
+
+
+def test_a_parquet_list_of_urls_still_shards_the_files_it_names(make_images, tmp_path):
+    files = sorted(str(p) for p in make_images("imgs", 2).rglob("*.jpg"))
+    pq.write_table(pa.table({"url": files}), tmp_path / "urls.parquet")
+    out = str(tmp_path / "set")
+    code, stdout, stderr = shard(str(tmp_path / "urls.parquet"), "--out", out)
+    assert code == 0, stderr
+    assert json.loads(stdout)["samples"] == 2
