@@ -31,10 +31,12 @@ from bench.child import run_json
 PLAN = """
 import json, resource, sys, time
 from pipeline.plan import make_plan
+from pipeline.tables import TableOptions
 listing, out, unit_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tables = TableOptions(key_column=sys.argv[4]) if len(sys.argv) > 4 else None  # a table's key column
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
-plan = make_plan(out, [listing], {"model_sha256": "bench"}, unit_size)
+plan = make_plan(out, [listing], {"model_sha256": "bench"}, unit_size, tables=tables)
 seconds = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"seconds": seconds, "peak_mib": peak / 1024, "before_mib": rss0 / 1024,
@@ -130,7 +132,7 @@ def main() -> None:
             else:
                 source = Path(tmp) / f"lake-{n}.txt"
                 write_listing(source, n)
-            plan = child(PLAN, str(source), str(out), str(args.unit_size))
+            plan = child(PLAN, str(source), str(out), str(args.unit_size), *["key"] * args.table)
             start = child(TABLE_START if args.table else START, str(out), str(args.workers))
             results[n] = {**plan, **start}
             what = f"rows in {args.parts} parts" if args.table else "inputs"
@@ -143,7 +145,8 @@ def main() -> None:
     small, large = min(results), max(results)
     if small != large:
         a, b = results[small], results[large]
-        print(f"growth {small} -> {large} inputs ({large / small:.0f}x): plan time "
+        unit = "rows" if args.table else "inputs"
+        print(f"growth {small} -> {large} {unit} ({large / small:.0f}x): plan time "
               f"{b['seconds'] / a['seconds']:.1f}x, peak memory {b['peak_mib'] / a['peak_mib']:.1f}x, "
               f"worker start {b['start_max'] / a['start_max']:.2f}x")
 
