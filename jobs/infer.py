@@ -18,7 +18,9 @@ rerun skips committed units. When every unit is committed, OUT/_SUCCESS holds th
 
 A rerun with another model or other output options exits 2 before writing anything; so does a
 rerun whose inputs list differently (unless --add-new-inputs or --skip-input-check), and so do a
-checkpoint that fails its checks, a missing input and a bad flag; a checkpoint not there (yet),
+checkpoint that fails its checks, a missing input, a bad flag, and a table that cannot be read as
+asked (no single image column, a column of the wrong type, part files whose schemas differ, a part
+file without a readable footer, a Delta version that is gone); a checkpoint not there (yet),
 storage that stays unreachable or a unit that could not be written exits 1 (a rerun may succeed).
 A bad input image is never an exit: it becomes its manifest row. SIGTERM (or
 Ctrl-C) stops taking batches, commits the units that are complete and exits 143 (130).

@@ -169,7 +169,8 @@ def list_input(url: str, exclude: Callable[[str], bool] | None = None,
                          and parquet_is_image_table(url, options)):
         return _table_listing(url, options, exclude)
     found = expand_source(url)
-    if looks_like_table(url, [s.url for s in found.sources] + found.skipped):
+    files = [s.url for s in found.sources] + found.skipped
+    if looks_like_table(url, [f for f in files if exclude is None or not exclude(f)]):
         return _table_listing(url, options, exclude)
     listing = InputListing(url, LISTING, skipped=found.skipped)
     for source in found.sources:

@@ -216,7 +216,8 @@ def list_parts(url: str) -> tuple[str, list[tuple[str, str, int | None]]]:
         urls = [storage.join(root, name) for name in sorted(sizes)] if storage.is_local(url) else \
             storage.list_files(root)
         return root, parquet_parts(root, urls, sizes)
-    return storage.dirname(url), parquet_parts(storage.dirname(url), storage.list_files(url))
+    return storage.dirname(url), [(u, posixpath.basename(storage.url_path(u)), None)
+                                  for u in storage.list_files(url)]  # a file named: read as named
 
 
 # ----------------------------------------------------------------------------------------- footers
@@ -384,17 +385,23 @@ def open_parquet(url: str, options: TableOptions = TableOptions(),
 
 def open_delta(url: str, options: TableOptions = TableOptions()) -> TableInput:
     """A Delta table's snapshot (options.version, else the current one) opened from its log and the
-    footers of its data files."""
-    from pipeline import delta  # written beside this module (issue #28); imported only for Delta inputs
+    footers of its data files; the spec records the version read. A version that is gone raises
+    `pipeline.delta.DeltaVersionError` (a FileNotFoundError: exit 2 naming the version)."""
+    from pipeline import delta  # deltalake is an optional extra: imported for Delta inputs only
 
-    snapshot = delta.snapshot_files(url, options.version)
-    root = url.rstrip("/")
+    version, files = delta.snapshot_files(url, options.version)
+    below = storage.relative_to(url.rstrip("/"))
     found, partitions = [], []
-    for f in snapshot.files:
-        found.append((f.url, storage.relative(f.url, root) if f.url.startswith(root) else f.url, f.size))
-        partitions.append(tuple(sorted(f.partition_values.items())))
-    footers = read_footers(found)
-    return build_table(url, footers, partitions, options, snapshot.version)
+    for file_url, size, values in sorted(files):
+        try:
+            name = below(file_url)
+        except ValueError:  # a data file outside the table's folder (an absolute path in the log)
+            name = storage.url_path(file_url)
+        found.append((file_url, name, size))
+        partitions.append(tuple(sorted((k, None if v is None else str(v)) for k, v in values.items())))
+    if not found:
+        raise FileNotFoundError(f"version {version} of the Delta table {url} holds no data files")
+    return build_table(url, read_footers(found), partitions, options, version)
 
 
 def open_table(url: str, image_column: str | None = None, key_column: str | None = None,

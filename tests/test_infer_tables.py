@@ -68,8 +68,8 @@ def test_a_hive_table_gets_one_row_per_table_row_with_its_kept_columns(tmp_path)
     ckpt = write_generator(tmp_path / "g.pt")
     table = write_hive_table(tmp_path / "table")
     out = tmp_path / "out"
-    done = infer_here("--checkpoint", ckpt, "--input", str(table), "--out", str(out), "--workers", "0",
-                      "--unit-size", "3", "--keep-columns", "label,id")
+    done = infer_here("--checkpoint", ckpt, "--input", str(table), "--out", str(out), "--workers", "1",
+                      "--unit-size", "3", "--keep-columns", "label,id")  # rows cross a DataLoader process
     assert done.returncode == 0, done.stderr
     assert "ok 5, errors 3" in done.stdout
     rows = by_key(out)
@@ -220,3 +220,31 @@ def test_a_parquet_list_of_urls_stays_a_listing(tmp_path):
     pq.write_table(pa.table({"url": [str(src)]}), urls)
     plan = make_plan(str(tmp_path / "out"), [str(urls)], {}, 10)
     assert plan.inputs[0].kind == "listing" and plan.items == 1  # a string column is no image column
+
+
+def test_a_delta_table_is_read_at_its_current_or_a_named_version(tmp_path):
+    deltalake = pytest.importorskip("deltalake")
+    pytest.importorskip("pipeline.delta")  # helper tableout's: the snapshot's files from the Delta log
+    ckpt = write_generator(tmp_path / "g.pt")
+    table = tmp_path / "delta"
+    for version, labels in enumerate((["horse", "zebra"], ["zebra"])):
+        rows = pa.table({"img": [image_bytes(10 * version + i, fmt="PNG") for i in range(len(labels))],
+                         "label": labels})
+        deltalake.write_deltalake(str(table), rows, partition_by=["label"], mode="append")
+    common = ["--checkpoint", ckpt, "--input", str(table), "--workers", "0", "--keep-columns", "label"]
+    old = tmp_path / "v0"
+    done = infer_here(*common, "--out", str(old), "--table-version", "0")
+    assert done.returncode == 0, done.stderr
+    assert sorted(r["label"] for r in by_key(old).values()) == ["horse", "zebra"]
+    plan = load_plan(str(old))
+    assert plan is not None and plan.identity["table_version"] == 0 and plan.inputs[0].table["version"] == 0
+    current = tmp_path / "current"
+    done = infer_here(*common, "--out", str(current))
+    assert done.returncode == 0, done.stderr
+    rows = by_key(current)
+    assert sorted(r["label"] for r in rows.values()) == ["horse", "zebra", "zebra"]
+    assert all(r["status"] == "ok" and r["source_url"].startswith(f"{table}/label=") for r in rows.values())
+    plan = load_plan(str(current))
+    assert plan is not None and plan.inputs[0].table["version"] == 1  # the version actually read
+    gone = infer_here(*common, "--out", str(tmp_path / "v7"), "--table-version", "7")
+    assert gone.returncode == 2 and "version 7" in gone.stderr and not (tmp_path / "v7").exists()
