@@ -127,3 +127,23 @@ def test_a_parquet_list_of_urls_still_shards_the_files_it_names(make_images, tmp
     code, stdout, stderr = shard(str(tmp_path / "urls.parquet"), "--out", out)
     assert code == 0, stderr
     assert json.loads(stdout)["samples"] == 2
+
+
+def test_a_delta_table_shards_the_version_asked_for_and_a_vanished_version_exits_2(tmp_path):
+    deltalake = pytest.importorskip("deltalake")
+    table = tmp_path / "delta"
+    first = pa.table({"id": ["h0", "h1"], "image": [image_bytes(0), image_bytes(1)]})
+    deltalake.write_deltalake(str(table), first)
+    deltalake.write_deltalake(str(table), pa.table({"id": ["h2"], "image": [b""]}), mode="append")
+    out = tmp_path / "v0"
+    code, stdout, stderr = shard(str(table), "--out", str(out), "--key-column", "id", "--table-version", "0")
+    assert code == 0, stderr
+    expected = {"h0": image_bytes(0), "h1": image_bytes(1)}
+    assert {k: s["jpg"] for k, s in shard_set(str(out)).items()} == expected
+    now = tmp_path / "now"
+    code, stdout, stderr = shard(str(table), "--out", str(now), "--key-column", "id")
+    assert code == 0, stderr
+    assert (json.loads(stdout)["samples"], [r["reason"] for r in rejects(str(now))]) == (2, ["empty"])
+    code, _, stderr = shard(str(table), "--out", str(tmp_path / "gone"), "--table-version", "7")
+    assert code == 2 and "version 7" in stderr, stderr
+    assert not (tmp_path / "gone").exists()
