@@ -147,3 +147,51 @@ def test_a_delta_table_shards_the_version_asked_for_and_a_vanished_version_exits
     code, _, stderr = shard(str(table), "--out", str(tmp_path / "gone"), "--table-version", "7")
     assert code == 2 and "version 7" in stderr, stderr
     assert not (tmp_path / "gone").exists()
+
+
+# ---------------------------------------------------------------------------------- training from tables
+def test_a_training_stream_reads_a_frozen_table_split_over_ranks_skipping_bad_rows(tmp_path, monkeypatch):
+    from pipeline.unpaired import FrozenTable, StreamPosition, UnpairedStream, freeze_source
+
+    table = tmp_path / "horses"
+    write_pyarrow_table(table)  # 8 rows in row groups of 3, 3, 2 (part 1) and 2 (part 0); 3 bad rows
+    frozen = freeze_source(str(table), str(tmp_path / "run" / "data" / "a"))
+    assert isinstance(frozen, FrozenTable) and len(frozen) == 8
+    pq.write_table(pa.table({"id": ["late"], "image": [image_bytes(9)], "label": [0]}),
+                   table / "part-00002.parquet")  # the table grows: a resumed run keeps its frozen rows
+    again = freeze_source(str(table), str(tmp_path / "run" / "data" / "a"))
+    assert again == frozen
+    used, skipped = [], 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        stream = UnpairedStream(frozen, frozen, batch_size=2, seed=1, workers=0, shuffle_buffer=2,
+                                load_size=36, crop_size=32)
+        assert stream.steps_per_epoch == 2
+        batches = list(stream.iterate(StreamPosition()))
+        used += [k for b in batches for k in b["A_key"]]
+        assert all(b["A"].shape == (2, 3, 32, 32) for b in batches)
+        skipped += stream.skipped
+    good = {"part-00000.parquet/000000", "part-00000.parquet/000001", "part-00001.parquet/000000",
+            "part-00001.parquet/000004", "part-00001.parquet/000005"}
+    assert len(used) == 8 and set(used) <= good and len(set(used)) >= 4
+    assert skipped == 6  # the 3 bad rows, once in A and once in B (the same table)
+
+
+@pytest.mark.slow
+def test_jobs_train_trains_from_a_datasets_export_named_as_data_a(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from test_train import train_here
+
+    features = datasets.Features({"image": datasets.Image()})
+    for name, seed in (("a", 0), ("b", 50)):
+        images = [{"bytes": image_bytes(seed + i, (40, 40)), "path": f"{name}{i}.jpg"} for i in range(4)]
+        (tmp_path / name).mkdir()
+        datasets.Dataset.from_dict({"image": images}, features=features).to_parquet(
+            str(tmp_path / name / "train-00000-of-00001.parquet"))
+    run = tmp_path / "run"
+    done = train_here(str(tmp_path / "a"), str(tmp_path / "b"), str(run), "train.max_steps=2",
+                      "train.checkpoint_every=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "data" / "a.table.json").exists() and (run / "checkpoints" / "latest").exists()
+    assert "4 table rows" in done.stderr
