@@ -387,9 +387,12 @@ def open_delta(url: str, options: TableOptions = TableOptions()) -> TableInput:
     """A Delta table's snapshot (options.version, else the current one) opened from its log and the
     footers of its data files; the spec records the version read. A version that is gone raises
     `pipeline.delta.DeltaVersionError` (a FileNotFoundError: exit 2 naming the version)."""
-    from pipeline import delta  # deltalake is an optional extra: imported for Delta inputs only
+    try:
+        from pipeline import delta
 
-    version, files = delta.snapshot_files(url, options.version)
+        version, files = delta.snapshot_files(url, options.version)
+    except ImportError as exc:  # deltalake is an optional extra: the same run fails the same way
+        raise TableError(f"{url} is a Delta table: {exc}") from exc
     below = storage.relative_to(url.rstrip("/"))
     found, partitions = [], []
     for file_url, size, values in sorted(files):

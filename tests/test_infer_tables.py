@@ -158,6 +158,8 @@ def test_planning_reads_footers_only_and_an_unreadable_part_gives_its_footers_ro
     zero_data_pages(table / "label=horse" / "part-0.parquet")  # no page of it can be read
     plan = make_plan(str(tmp_path / "planned"), [str(table)], {}, 100)
     assert plan.items == 10 and plan.units == 2  # planned from the footers alone
+    globbed = make_plan(str(tmp_path / "globbed"), [f"{table}/label=*/*.parquet"], {}, 100)
+    assert globbed.items == 10 and globbed.inputs[0].kind == "table"
     ckpt = write_generator(tmp_path / "g.pt")
     out = tmp_path / "out"
     done = infer_here("--checkpoint", ckpt, "--input", str(table), "--out", str(out), "--workers", "0",
@@ -248,3 +250,26 @@ def test_a_delta_table_is_read_at_its_current_or_a_named_version(tmp_path):
     assert plan is not None and plan.inputs[0].table["version"] == 1  # the version actually read
     gone = infer_here(*common, "--out", str(tmp_path / "v7"), "--table-version", "7")
     assert gone.returncode == 2 and "version 7" in gone.stderr and not (tmp_path / "v7").exists()
+
+
+@pytest.mark.slow
+def test_storage_that_goes_down_raises_instead_of_giving_rows(tmp_path, s3_url, monkeypatch):
+    """An unreachable store is not the table's fault: no read-error rows, the unit stays uncommitted."""
+    import socket
+
+    from pipeline import storage
+    from pipeline.tables import open_table, table_samples
+
+    table = write_hive_table(tmp_path / "table")
+    s3fs.S3FileSystem().put(str(table), f"{s3_url}/table", recursive=True)
+    opened = open_table(f"{s3_url}/table")
+    assert opened.rows == 8 and [p.name for p in opened.parts] == ["label=horse/part-0.parquet",
+                                                                    "label=zebra/part-1.parquet"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(storage.StorageUnreachableError):
+        list(table_samples(opened, opened.parts[0]))
