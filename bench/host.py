@@ -63,8 +63,8 @@ def measure(listing: str, out: str, size: int, fmt: str) -> dict:
     argv = ["--checkpoint", str(ckpt), "--input", listing, "--out", out, "--device", "cpu",
             "--crop-size", str(size), "--image-format", image_format, "--batch-size", "16", "--no-progress",
             "--workers", "1", "--encode-threads", "1"]  # a GPU node's layout: a decoding process, an encoder
-    if fmt == "table":
-        argv += ["--format", "table"]
+    if fmt in TABLE_VARIANTS:
+        argv += ["--key-column", "key"] + ["--format", "table"] * (fmt == "table")
     config = infer.load_infer_config(infer.build_parser().parse_args(argv))
     if fmt == "png-pillow":
         def pillow_png(pixels, fmt, quality, restore=None, png_level=1, alpha=None,

@@ -195,3 +195,24 @@ def test_jobs_train_trains_from_a_datasets_export_named_as_data_a(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run / "data" / "a.table.json").exists() and (run / "checkpoints" / "latest").exists()
     assert "4 table rows" in done.stderr
+
+
+def test_an_unreadable_part_rejects_every_row_its_footer_promised_and_a_schema_change_exits_2(tmp_path):
+    table = tmp_path / "t"
+    table.mkdir()
+    pq.write_table(pa.table({"image": [image_bytes(i) for i in range(4)]}), table / "a.parquet")
+    pq.write_table(pa.table({"image": [image_bytes(i) for i in range(3)]}), table / "b.parquet",
+                   row_group_size=2)
+    broken = bytearray((table / "b.parquet").read_bytes())
+    broken[4:60] = bytes(56)  # the first page header: the footer still promises 3 rows
+    (table / "b.parquet").write_bytes(bytes(broken))
+    out = str(tmp_path / "set")
+    code, _, stderr = shard(str(table), "--out", out)
+    assert code == 0, stderr
+    assert len(shard_set(out)) == 4
+    assert [(r["file"], r["row"], r["reason"]) for r in rejects(out)] == [
+        (str(table / "b.parquet"), row, "read-error") for row in range(3)]
+    pq.write_table(pa.table({"image": ["a string"]}), table / "c.parquet")
+    code, _, stderr = shard(str(table), "--out", str(tmp_path / "other"))
+    assert code == 2 and "c.parquet" in stderr and "'image'" in stderr, stderr
+    assert not (tmp_path / "other").exists()
