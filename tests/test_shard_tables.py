@@ -216,3 +216,18 @@ def test_an_unreadable_part_rejects_every_row_its_footer_promised_and_a_schema_c
     code, _, stderr = shard(str(table), "--out", str(tmp_path / "other"))
     assert code == 2 and "c.parquet" in stderr and "'image'" in stderr, stderr
     assert not (tmp_path / "other").exists()
+
+
+def test_a_delta_table_named_for_training_is_frozen_at_its_current_version(tmp_path):
+    deltalake = pytest.importorskip("deltalake")
+    from pipeline.unpaired import ShardSequence, freeze_source
+
+    table = str(tmp_path / "delta")
+    for i in range(2):
+        deltalake.write_deltalake(table, pa.table({"image": [image_bytes(i)]}), mode="append")
+    frozen = freeze_source(table, str(tmp_path / "run" / "data" / "b"))
+    deltalake.write_deltalake(table, pa.table({"image": [image_bytes(5)]}), mode="append")
+    again = freeze_source(table, str(tmp_path / "run" / "data" / "b"))
+    assert again == frozen and frozen.spec.version == 1 and len(frozen) == 2
+    rows = list(ShardSequence.from_table(frozen, seed=0, stream=0).read(0, 0, 2))
+    assert sorted(r.data for r in rows) == sorted([image_bytes(0), image_bytes(1)])
