@@ -10,7 +10,7 @@ import torch
 
 from jobs.cli import option
 
-FORMATS = ("files", "shards")
+FORMATS = ("files", "shards", "table", "delta")
 IMAGE_FORMATS = ("png", "jpg", "webp", "npy")
 PREPROCESS = ("official", "none", "shortside")
 ENGINES = ("torch", "onnxruntime")
@@ -25,7 +25,9 @@ class InferConfig:
     inputs: list[str] = option(  # noqa: RUF009 (option copies a list default per instance)
         [], "shard sets or listings", "--input", required=True, metavar="URL")
     out: str = option("", "output URL (images/, manifest/, _SUCCESS)", required=True)
-    format: str = option("files", "write image files or shards", choices=FORMATS)
+    format: str = option("files", "write image files, shards, or a table: table (OUT/table/ Parquet parts, "
+                         "the images in the `datasets` Image layout beside the manifest columns) or delta "
+                         "(OUT/table/ a Delta table, one transaction per unit)", choices=FORMATS)
     image_format: str = option("png", "png (lossless, fast: pipeline/png.py), jpg or webp (lossy, "
                                "--quality), npy (NumPy arrays: any channel count; models with more than 4 "
                                "output channels need it)", choices=IMAGE_FORMATS)

@@ -41,6 +41,7 @@ from pipeline.keys import UnsafeKeyError
 from pipeline.manifest import SUCCESS, committed_units, read_manifest, write_part, write_success
 from pipeline.plan import JobPlan
 from pipeline.spill import SpillArena
+from pipeline.table_output import TABLE_FORMATS, write_unit
 from pipeline.translation_io import (
     FORMAT_MAX_SIDE,
     OutputLayout,
@@ -74,6 +75,7 @@ class _Unit:
     writes: list[Future] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
     tar_members: list[tuple[str, str, bytes]] = field(default_factory=list)
+    images: dict[int, bytes] = field(default_factory=dict)  # table formats: encoded outputs by order
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -355,6 +357,9 @@ class Translator:
             with state.lock:
                 state.tar_members.append((meta["key"], self.cfg.image_format, data))
                 state.tar_members.append((meta["key"], "json", json.dumps(sidecar, sort_keys=True).encode()))
+        elif self.cfg.format in TABLE_FORMATS:
+            with state.lock:
+                state.images[meta["order"]] = data
         else:
             storage.write_bytes_atomic(url, data, durable=False)  # synced once per unit, before its part
         self._add_time(encode=c1 - c0, hash=c2 - c1, write=time.thread_time() - c2)
@@ -382,6 +387,8 @@ class Translator:
                 model_id=self.model_id, preset=self.preset, worker=self.cfg.worker_index, unit=unit.index
             )
             row.setdefault("elapsed_ms", 0.0)
+        if self.cfg.format in TABLE_FORMATS:  # the unit's table rows, then the part that commits them
+            write_unit(self.cfg.out, self.cfg.format, unit.index, rows, state.images, self.cfg.image_format)
         write_part(self.cfg.out, unit.index, rows)
         self._add_time(manifest=time.thread_time() - c0)
         ok = sum(r["status"] == "ok" for r in rows)

@@ -135,3 +135,41 @@ def _check_not_vacuumed(url: str, version: int, paths: list[str]) -> None:
         raise DeltaVersionError(f"version {version} of {url} was vacuumed: {len(missing)} of its "
                                 f"{len(relative)} data files are gone (e.g. {missing[0]}); read a newer "
                                 f"version or the current one")
+
+
+def append_once(url: str, table: pa.Table, app_id: str, attempts: int = 5) -> bool:
+    """Append ``table`` to the Delta table at ``url`` (created by the first append) in one commit that
+    carries the application transaction ``app_id``, unless a commit with it is already in the log.
+    Returns whether this call appended.
+
+    The check and the commit are not one step, but Delta's conflict check closes the gap: a commit
+    whose transaction id another commit wrote since its snapshot fails (CommitFailedError), and the
+    next attempt finds that commit and appends nothing. Other concurrent appends are retried by
+    deltalake itself; a failed creation race (two first appends) by the loop here."""
+    return storage.retry(lambda: _append_once(url, table, app_id, attempts), what=f"append to {url}")
+
+
+def _append_once(url: str, table: pa.Table, app_id: str, attempts: int) -> bool:
+    deltalake = _deltalake()
+    from deltalake.exceptions import CommitFailedError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            current = open_table(url)
+        except FileNotFoundError:
+            current = None
+        if current is not None and current.transaction_version(app_id) is not None:
+            return False
+        commit = deltalake.CommitProperties(
+            app_transactions=[deltalake.Transaction(app_id, 0)], max_commit_retries=100)
+        try:
+            if current is None:
+                deltalake.write_deltalake(table_uri(url), table, mode="append",
+                                          storage_options=storage_options(url), commit_properties=commit)
+            else:
+                deltalake.write_deltalake(current, table, mode="append", commit_properties=commit)
+            return True
+        except CommitFailedError:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")

@@ -27,6 +27,7 @@ from pipeline.keys import UnsafeKeyError
 from pipeline.pixels import ImageDecodeError, decode_pixels, image_mode
 from pipeline.png import encode_png
 from pipeline.shards import ShardIndex, ShardInfo, TarWriter, index_url
+from pipeline.table_output import TABLE_FORMATS, table_part_url, table_url
 from pipeline.transforms import (
     NetworkGeometry,
     geometry_pixels,
@@ -266,8 +267,9 @@ def encode_image(pixels: np.ndarray, fmt: str, quality: int, restore: tuple[int,
 
 @dataclass(frozen=True)
 class OutputLayout:
-    """Where a job's outputs go: ``OUT/images/<input>/<key>.<ext>`` files, or one
-    ``OUT/shards/part-<unit>.tar`` per unit; every URL is checked to lie under OUT."""
+    """Where a job's outputs go: ``OUT/images/<input>/<key>.<ext>`` files, one
+    ``OUT/shards/part-<unit>.tar`` per unit, or rows of ``OUT/table`` (pipeline.table_output); every
+    URL is checked to lie under OUT."""
 
     out: str
     format: str = "files"
@@ -292,6 +294,9 @@ class OutputLayout:
         """The output URL of `key`; UnsafeKeyError if it would not lie under OUT."""
         if self.format == "shards":
             url = f"{self.shard_url(unit.index)}#{self.member_name(key)}"
+        elif self.format in TABLE_FORMATS:  # the row's image path in the unit's part, or in the Delta table
+            where = table_part_url(self.out, unit.index) if self.format == "table" else table_url(self.out)
+            url = f"{where}#{self.member_name(key)}"
         else:
             url = storage.join(self.out, "images", str(unit.input_index), self.member_name(key))
         if not self._inside(url.partition("#")[0]) or key.startswith("/") or ".." in key.split("/"):
