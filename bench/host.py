@@ -1,6 +1,6 @@
 """Host cost per image of jobs.infer: everything but the model, on one core, per output format and size.
 
-    python -m bench.host [--images 120] [--sizes 256 1024]
+    python -m bench.host [--images 960] [--sizes 256 1024] [--rounds 3]
 
 Runs the real job (plan, a DataLoader worker process, batches, an encode thread, manifest: the
 layout of a GPU node, whatever this machine's defaults) with a stand-in generator
@@ -12,6 +12,12 @@ tensor, to pixels, encode, hash, write, manifest. Inputs: horse2zebra test JPEGs
 is the same job writing PNGs with Pillow at its default level, which jobs.infer did before
 (`pipeline.png`). The per-stage split is CPU time summed over images.
 Goal: at most 3 ms per image per core at 256x256 with the default output (PNG).
+
+At 256x256 the same images also run as a lake keeps them (issue #28): `table` reads them from a
+Parquet table (a binary `image` column and a `key` column, row groups of 100 rows, written once
+outside the timing) and writes `--format table`; `table-in` reads the table and writes files. Printed
+beside the file path (files in, PNG files out), with the ratio. Goal: the table path's host cost at
+most the file path's.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from bench.child import run_json
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "horse2zebra" / "testA"
 FORMATS = ("png", "jpg", "webp", "png-pillow")
+TABLE_VARIANTS = ("table-in", "table")  # table in, files out; table in, --format table out (PNG images)
+TABLE_ROW_GROUP = 100
 
 
 def measure(listing: str, out: str, size: int, fmt: str) -> dict:
@@ -51,10 +59,12 @@ def measure(listing: str, out: str, size: int, fmt: str) -> dict:
     torch.set_num_threads(1)
     ckpt = Path(out).parent / f"g-{fmt}-{size}.pt"
     ckpt.write_bytes(to_bytes(export_generator(ResnetGenerator(ngf=8, n_blocks=1))))
-    image_format = "png" if fmt == "png-pillow" else fmt
+    image_format = "png" if fmt in ("png-pillow", *TABLE_VARIANTS) else fmt
     argv = ["--checkpoint", str(ckpt), "--input", listing, "--out", out, "--device", "cpu",
             "--crop-size", str(size), "--image-format", image_format, "--batch-size", "16", "--no-progress",
             "--workers", "1", "--encode-threads", "1"]  # a GPU node's layout: a decoding process, an encoder
+    if fmt in TABLE_VARIANTS:
+        argv += ["--key-column", "key"] + ["--format", "table"] * (fmt == "table")
     config = infer.load_infer_config(infer.build_parser().parse_args(argv))
     if fmt == "png-pillow":
         def pillow_png(pixels, fmt, quality, restore=None, png_level=1, alpha=None,
@@ -72,13 +82,20 @@ def measure(listing: str, out: str, size: int, fmt: str) -> dict:
     translator.run(worker_units(plan, 0, 1))
     images = translator.stats["ok"]
     assert images == plan.items, translator.stats
-    sizes = [r for r in Path(out, "images").rglob("*") if r.is_file()]
     return {
         "ms": 1000 * translator.elapsed / images,
         "stages": {k: 1000 * v / images for k, v in translator.seconds.items()},
-        "kib": sum(p.stat().st_size for p in sizes) / len(sizes) / 1024,
+        "kib": output_bytes(Path(out)) / images / 1024,
         "images": images,
     }
+
+
+def output_bytes(out: Path) -> int:
+    """Bytes of the translated images as stored: image files, shards or table parts (plan and manifest
+    left out; a table part also holds its rows' manifest columns, a few hundred bytes a row)."""
+    bookkeeping = {"_plan", "manifest"}
+    return sum(p.stat().st_size for p in out.rglob("*")
+               if p.is_file() and not bookkeeping & set(p.relative_to(out).parts) and p.name != "_SUCCESS")
 
 
 def make_inputs(root: Path, files: list[Path], size: int, count: int) -> str:
@@ -102,6 +119,28 @@ def make_inputs(root: Path, files: list[Path], size: int, count: int) -> str:
     listing = root / f"inputs-{size}.txt"
     listing.write_text("".join(f"{p}\n" for p in paths))
     return str(listing)
+
+
+def make_table(root: Path, listing: str, parts: int = 4) -> str:
+    """The listing's images as a Parquet table of `parts` files: `key` (string) and `image` (binary, the
+    file's bytes), written with pyarrow in row groups of TABLE_ROW_GROUP rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = listing_paths(listing)
+    folder = root / "table"
+    folder.mkdir()
+    step = -(-len(paths) // parts)
+    for part, start in enumerate(range(0, len(paths), step)):
+        chunk = paths[start:start + step]
+        table = pa.table({"key": [p.stem for p in chunk], "image": [p.read_bytes() for p in chunk]},
+                         schema=pa.schema([("key", pa.string()), ("image", pa.binary())]))
+        pq.write_table(table, folder / f"part-{part:05d}.parquet", row_group_size=TABLE_ROW_GROUP)
+    return str(folder)
+
+
+def listing_paths(listing: str) -> list[Path]:
+    return [Path(line) for line in Path(listing).read_text().splitlines() if line]
 
 
 def main() -> None:
@@ -128,22 +167,32 @@ def main() -> None:
         for size in args.sizes:
             count = max(16, args.images * 256**2 // size**2)
             listing = make_inputs(root, files, size, count)
-            runs: dict[str, list[dict]] = {fmt: [] for fmt in FORMATS}
+            variants = FORMATS + TABLE_VARIANTS * (size == 256)
+            inputs = {fmt: listing for fmt in FORMATS}
+            if size == 256:
+                inputs |= dict.fromkeys(TABLE_VARIANTS, make_table(root, listing))
+            runs: dict[str, list[dict]] = {fmt: [] for fmt in variants}
             for r in range(args.rounds):
-                for fmt in FORMATS:
+                for fmt in variants:
                     out = root / f"out-{size}-{fmt}-{r}"
-                    cmd = [sys.executable, "-m", "bench.host", "--_one", listing, str(out), str(size), fmt]
+                    cmd = [sys.executable, "-m", "bench.host", "--_one", inputs[fmt], str(out), str(size),
+                           fmt]
                     runs[fmt].append(run_json(cmd))
                     shutil.rmtree(out)
             host = {}
             for fmt, results in runs.items():
                 best = min(results, key=lambda r: r["ms"])
                 host[fmt] = best["ms"] - best["stages"]["model"]
-                split = " ".join(f"{best['stages'][s]:8.2f}" for s in stages)
+                split = " ".join(f"{best['stages'].get(s, 0.0):8.2f}" for s in stages)
                 row = f"{size:5d} {fmt:>10} {best['ms']:6.2f} {host[fmt]:6.2f} {1000 / host[fmt]:6.0f} "
                 print(row + f"{best['kib']:6.0f} " + split, flush=True)
             print(f"{size:5d} host cost of the default PNG against Pillow's PNG (the old default): "
                   f"{host['png-pillow'] / host['png']:.2f}x the images per core")
+            if size == 256:
+                ratio = host["table"] / host["png"]
+                print(f"{size:5d} lake path, ms of host work per image per core: files in, files out "
+                      f"{host['png']:.2f}; table in, files out {host['table-in']:.2f}; table in, table out "
+                      f"{host['table']:.2f} ({ratio:.2f}x the file path's; goal <= 1.00x)")
 
 
 if __name__ == "__main__":

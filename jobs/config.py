@@ -129,8 +129,10 @@ ModelSection = _model_section()
 class DataSection:
     """The two training domains, and how images become crops."""
 
-    a: str = key("", "domain A: a shard set (its folder or _index.json URL), or an image folder, prefix, "
-                     "glob, .txt or .parquet list of URLs (frozen into the run on its first start)")
+    a: str = key("", "domain A: a shard set (its folder or _index.json URL), an image folder, prefix, "
+                     "glob, .txt or .parquet list of URLs, or a table of encoded images (a Parquet dataset "
+                     "or Delta table with one binary or datasets Image column); all but a shard set are "
+                     "frozen into the run on its first start")
     b: str = key("", "domain B: as data.a")
     preprocess: str = key("resize_and_crop", "training transform, as the official --preprocess: "
                           "resize_and_crop, crop, scale_width, scale_width_and_crop, scale_shortside, "
@@ -457,7 +459,8 @@ def resolve_train_config(config: TrainConfig) -> TrainConfig:
         n_epochs_decay=n_decay if t.n_epochs_decay is None else t.n_epochs_decay,
     )
     checks = [
-        ("data.a", bool(d.a), "a shard set or image source (folder, prefix, glob, URL list) for domain A"),
+        ("data.a", bool(d.a), "a shard set or image source (folder, prefix, glob, URL list, table) for "
+         "domain A"),
         ("data.b", bool(d.b), "a shard set or image source for domain B"),
         ("run.url", bool(config.run.url), "the run URL for checkpoints and logs"),
         ("data.crop_size", d.crop_size >= 32 and d.crop_size % 4 == 0, "a multiple of 4, at least 32"),

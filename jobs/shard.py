@@ -1,4 +1,10 @@
-"""Pack images into WebDataset shards plus a shard index, checking every image on the way in."""
+"""Pack images into WebDataset shards plus a shard index, checking every image on the way in.
+
+A SOURCE may be a table of encoded images, as jobs.infer reads them: a Parquet dataset (a file, a
+folder or prefix of part files, hive k=v folders, a glob; a Hugging Face `datasets` export included)
+or a Delta table. Its image column is binary or the `datasets` Image struct (--image-column); keys
+come from --key-column, else the struct's path, else the row's part file and position.
+"""
 
 from __future__ import annotations
 
@@ -13,20 +19,24 @@ from jobs.signals import StopSignals
 from pipeline.ingest import KeyCollisionError, ListingError, OutputOverlapError, build_shards
 from pipeline.pixels import DEFAULT_MAX_PIXELS
 from pipeline.shards import ShardIndexError
+from pipeline.tables import TableError, TableOptions
 
 EPILOG = """\
 outputs:
   OUT/PREFIX-000000.tar ...  shards; a sample is <key>.<ext> (original bytes) + <key>.json (metadata);
                              a rebuild (--overwrite) names its shards PREFIX-r<N>-000000.tar ...
-  OUT/_rejects.jsonl         one {"source_url", "reason", "detail"} per image kept out
+  OUT/_rejects.jsonl         one {"source_url", "reason", "detail"} per image kept out; a table row's
+                             also has "file" (its part file) and "row" (its position there)
   OUT/_index.json            every shard with its sample count and bytes, and totals (written last)
 
 SIGTERM or Ctrl-C stops a build at once (exit 143 or 130); the output keeps the set it had.
 Every path is an fsspec URL; S3 endpoint and credentials come from AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (any S3-compatible store).
 
-example:
+examples:
   python -m jobs.shard data/horse2zebra/trainA --out s3://bucket/h2z/trainA --prefix trainA --domain A
+  python -m jobs.shard s3://lake/horses/data/ --out s3://bucket/h2z/trainA --domain A   # a datasets export
+  python -m jobs.shard s3://lake/delta/horses --table-version 12 --key-column id --out s3://bucket/h2z/A
 """
 
 
@@ -41,9 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
         "sources",
         nargs="+",
         metavar="SOURCE",
-        help="a folder or prefix (image files, recursive), a glob, a single file, or a .txt "
-        "(one URL a line) or .parquet (column 'url') list of URLs",
+        help="a folder or prefix (image files, recursive), a glob, a single file, a .txt "
+        "(one URL a line) or .parquet (column 'url') list of URLs, or a table: a Parquet dataset (file, "
+        "folder of part files, glob) with an image column, or a Delta table",
     )
+    parser.add_argument("--image-column", metavar="NAME",
+                        help="a table SOURCE's image column: binary, or the datasets Image struct "
+                        "(default: the one column of either type)")
+    parser.add_argument("--key-column", metavar="NAME",
+                        help="a table SOURCE's key column, strings or integers (default: the Image "
+                        "struct's path, else the row's part file and position)")
+    parser.add_argument("--table-version", type=int, metavar="N",
+                        help="the version of a Delta table SOURCE to read (default: its current snapshot)")
     parser.add_argument("--out", required=True, metavar="URL", help="folder URL for the shard set")
     parser.add_argument(
         "--prefix", default="shard", metavar="NAME", help="shard name prefix (default: shard)"
@@ -92,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                         ("--max-pixels", args.max_pixels), ("--workers", args.workers)):
         if value < 1:
             parser.error(f"{flag} must be >= 1, not {value}")  # exit 2 before anything is read or written
+    if args.table_version is not None and args.table_version < 0:
+        parser.error(f"--table-version must be >= 0, not {args.table_version}")
     setup_logging(0, args.log_format)
     # SIGTERM/SIGINT end the build at once (exit 143/130): the spool is removed on the way out and the
     # output keeps the set it had (a rebuild switches sets only by writing its index, last).
@@ -112,9 +133,10 @@ def _build(args: argparse.Namespace) -> int:
             workers=args.workers,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            tables=TableOptions(args.image_column, args.key_column, (), args.table_version),
         )
     except (FileNotFoundError, FileExistsError, KeyCollisionError, ListingError, OutputOverlapError,
-            ShardIndexError) as exc:
+            ShardIndexError, TableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # storage trouble after retries

@@ -71,7 +71,7 @@ from pipeline.lease import Lease, LeaseLostError
 from pipeline.shards import ShardIndexError
 from pipeline.single_image import SingleImageStream, read_single_image
 from pipeline.tensorboard import TensorBoard
-from pipeline.unpaired import DataSetError, StreamPosition, UnpairedStream, freeze_listing
+from pipeline.unpaired import DataSetError, FrozenTable, StreamPosition, UnpairedStream, freeze_source
 
 log = logging.getLogger("jobs.train")
 
@@ -113,27 +113,30 @@ def build_model_and_stream(config: TrainConfig, rt: Runtime) -> tuple[Any, Any]:
     return model, stream
 
 
-def domains(config: TrainConfig, rt: Runtime) -> tuple[str | tuple[str, ...], str | tuple[str, ...]]:
+def domains(config: TrainConfig, rt: Runtime) -> tuple[str | tuple[str, ...] | FrozenTable,
+                                                      str | tuple[str, ...] | FrozenTable]:
     """(input, target) sources: data.a then data.b, or the reverse with model.direction BtoA (the
     official --direction swaps the domains the same way, models/cut_model.py set_input)."""
     a, b = data_source(config, rt, config.data.a, "a"), data_source(config, rt, config.data.b, "b")
     return (a, b) if config.model.direction == "AtoB" else (b, a)
 
 
-def data_source(config: TrainConfig, rt: Runtime, url: str, name: str) -> str | tuple[str, ...]:
-    """A shard set as it is; a folder, prefix, glob or URL list frozen into RUN/data/<name>.txt on the
-    run's first start (rank 0 lists it, the others read the frozen list), for exact resumes."""
+def data_source(config: TrainConfig, rt: Runtime, url: str, name: str) -> str | tuple[str, ...] | FrozenTable:
+    """A shard set as it is; a table, or a folder, prefix, glob or URL list, frozen into
+    RUN/data/<name>.table.json or RUN/data/<name>.txt on the run's first start (rank 0 lists it, the
+    others read what it froze), for exact resumes."""
     if is_shard_set(url):
         return url
-    frozen = storage.join(config.run.url.rstrip("/"), "data", f"{name}.txt")
+    frozen = storage.join(config.run.url.rstrip("/"), "data", name)
     if rt.is_main:
-        files = freeze_listing(url, frozen)
+        found = freeze_source(url, frozen)
     if rt.distributed:
         dist.barrier()
     if not rt.is_main:
-        files = freeze_listing(url, frozen)
-    log.info("data.%s: %d image files from %s (frozen in %s)", name, len(files), url, frozen)
-    return files
+        found = freeze_source(url, frozen)
+    what = "table rows" if isinstance(found, FrozenTable) else "image files"
+    log.info("data.%s: %d %s from %s (frozen in %s.*)", name, len(found), what, url, frozen)
+    return found
 
 
 def gather_objects(rt: Runtime) -> Callable[[Any], list[Any]]:

@@ -1,7 +1,9 @@
-"""Turn image sources (folders, prefixes, globs, URL lists) into a checked shard set.
+"""Turn image sources (folders, prefixes, globs, URL lists, and tables: Parquet datasets and Delta
+tables, `pipeline.table_ingest`) into a checked shard set.
 
 Every image is read and decoded at ingest; rejects never enter a shard and are listed with their
-reason in `_rejects.jsonl`. The index is written last, so a set with an index is complete.
+reason in `_rejects.jsonl` (a table row's with its part file and row). The index is written last, so
+a set with an index is complete.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import posixpath
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -21,10 +23,12 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline import formats, storage
-from pipeline.keys import path_key
+from pipeline.keys import KeyAllocator, UnsafeKeyError, check_length, path_key
 from pipeline.pixels import DEFAULT_MAX_PIXELS, decode_failure, inspect_image
 from pipeline.prefetch import ordered_map
 from pipeline.shards import INDEX_NAME, REJECTS_NAME, ShardIndex, ShardWriter, index_url
+from pipeline.table_ingest import TableCell, TableRows, is_listed_table, is_single_table_file, open_rows
+from pipeline.tables import TableOptions
 
 LIST_EXTENSIONS = (".txt", ".parquet")
 
@@ -67,11 +71,20 @@ class SourceListing:
 
 @dataclass(frozen=True)
 class Reject:
-    """A source kept out of the shards, and why."""
+    """A source kept out of the shards, and why; a table row's also names its part file and row."""
 
     source_url: str
     reason: str
     detail: str
+    file: str = ""
+    row: int | None = None
+
+    def to_json(self) -> str:
+        record: dict[str, object] = {"source_url": self.source_url, "reason": self.reason,
+                                     "detail": self.detail}
+        if self.file:
+            record |= {"file": self.file, "row": self.row}
+        return json.dumps(record)
 
 
 @dataclass(frozen=True)
@@ -167,10 +180,14 @@ def _folder_listing(spec: str, root: str, is_image: Callable[[str], bool]) -> So
 
 def list_sources(specs: Iterable[str]) -> list[Source]:
     """All sources of the SOURCE arguments in order; a key shared by two sources is an error."""
+    return collect_sources([(spec, expand_source(spec)) for spec in specs])
+
+
+def collect_sources(listings: Iterable[tuple[str, SourceListing]]) -> list[Source]:
+    """The sources of listed SOURCE arguments in order; a key shared by two sources is an error."""
     seen: dict[str, str] = {}
     sources, collisions = [], []
-    for spec in specs:
-        listing = expand_source(spec)
+    for spec, listing in listings:
         if listing.skipped:
             log.warning("%s: skipped %d files whose names are not images (e.g. %s)", spec,
                         len(listing.skipped), ", ".join(listing.skipped[:3]))
@@ -188,25 +205,38 @@ def list_sources(specs: Iterable[str]) -> list[Source]:
     return sources
 
 
-def _load(source: Source, domain: str | None, max_pixels: int) -> tuple[Source, dict[str, bytes] | Reject]:
-    if source.outside:
-        return source, Reject(source.url, "outside-input", source.outside)
-    if formats.extension(source.url) in formats.UNSUPPORTED:
-        return source, Reject(source.url, "unsupported-format", formats.unsupported_detail(source.url))
+Pending = Source | TableCell  # one image on its way into a shard
+
+
+def _load(item: Pending, domain: str | None, max_pixels: int) -> tuple[Pending, dict[str, bytes] | Reject]:
+    if isinstance(item, TableCell):
+        if item.data is None:
+            return item, Reject(item.url, item.error, item.detail, item.file, item.row)
+        return item, _checked(item, item.data, domain, max_pixels)
+    if item.outside:
+        return item, Reject(item.url, "outside-input", item.outside)
+    if formats.extension(item.url) in formats.UNSUPPORTED:
+        return item, Reject(item.url, "unsupported-format", formats.unsupported_detail(item.url))
     try:
-        data = storage.read_bytes(source.url)
+        data = storage.read_bytes(item.url)
     except OSError as exc:
-        return source, Reject(source.url, "unreadable", f"{type(exc).__name__}: {exc}")
+        return item, Reject(item.url, "unreadable", f"{type(exc).__name__}: {exc}")
+    return item, _checked(item, data, domain, max_pixels)
+
+
+def _checked(item: Pending, data: bytes, domain: str | None, max_pixels: int) -> dict[str, bytes] | Reject:
+    """The sample's members when `data` decodes as an image within bounds, else its reject."""
+    where = (item.file, item.row) if isinstance(item, TableCell) else ("", None)
     try:
         info = inspect_image(data, max_pixels=max_pixels)
-    except Exception as exc:  # whatever one file makes a decoder raise: its reject, not the run's end
+    except Exception as exc:  # whatever one image makes a decoder raise: its reject, not the run's end
         failure = decode_failure(exc)
-        return source, Reject(source.url, failure.reason, str(failure))
-    meta = {"key": source.key, "source_url": source.url, "width": info.width, "height": info.height,
+        return Reject(item.url, failure.reason, str(failure), *where)
+    meta = {"key": item.key, "source_url": item.url, "width": info.width, "height": info.height,
             "format": info.format, "domain": domain, "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest()}
     ext = formats.MEMBER_EXTENSIONS[info.format]
-    return source, {ext: data, "json": json.dumps(meta, sort_keys=True).encode()}
+    return {ext: data, "json": json.dumps(meta, sort_keys=True).encode()}
 
 
 @dataclass(frozen=True)
@@ -258,20 +288,27 @@ def remove_unlisted(existing: ExistingSet, index: ShardIndex) -> list[str]:
 
 def build_shards(specs: Sequence[str], out_url: str, *, prefix: str = "shard", domain: str | None = None,
                  max_count: int = 10_000, max_size: int = 256 << 20, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 workers: int = 8, overwrite: bool = False, progress: bool = True) -> Summary:
-    """Check and shard every image the SOURCE specs name into `out_url`; see `python -m jobs.shard`."""
+                 workers: int = 8, overwrite: bool = False, progress: bool = True,
+                 tables: TableOptions | None = None) -> Summary:
+    """Check and shard every image the SOURCE specs name into `out_url`; see `python -m jobs.shard`.
+
+    A SOURCE that is a table is read with `tables`' column options: its rows follow the files' images,
+    keyed by the table's keys made unique against every key before them (`~2`, `~3`, ...).
+    """
     start = time.monotonic()
     inside_out = storage.within(out_url)
     for spec in specs:
         if inside_out(glob_root(spec) if storage.has_glob(spec) else spec):
             raise OutputOverlapError(f"SOURCE {spec} lies inside --out {out_url}: give the shard set a "
                                      f"folder of its own; nothing was written")
-    sources = list_sources(specs)
-    if not sources:
+    tables, listings = split_tables(specs, tables or TableOptions())
+    sources = collect_sources(listings)
+    total = len(sources) + sum(t.count for t in tables)
+    if not total:
         raise FileNotFoundError(f"no images found in {', '.join(specs)}")
     existing = existing_set(out_url)
     check_output(existing, out_url, overwrite)
-    log.info("sharding %d images into %s (at most %d samples or %d bytes a shard)", len(sources), out_url,
+    log.info("sharding %d images into %s (at most %d samples or %d bytes a shard)", total, out_url,
              max_count, max_size)
     # A rebuild writes beside the old set under new names; the new index switches readers over.
     revision = existing.revision + 1 if existing.files else 1
@@ -279,10 +316,11 @@ def build_shards(specs: Sequence[str], out_url: str, *, prefix: str = "shard", d
                          max_size)
     rejects: list[Reject] = []
     on_terminal = progress and sys.stderr.isatty()  # in a log file a bar is a carriage-return stream
-    bar = tqdm(total=len(sources), unit="img", desc=f"shard {prefix}", disable=not on_terminal)
+    bar = tqdm(total=total, unit="img", desc=f"shard {prefix}", disable=not on_terminal)
     try:
         threads = max(1, workers)
-        loaded = ordered_map(lambda s: _load(s, domain, max_pixels), sources, threads, 4 * threads, "ingest")
+        pending = _pending(sources, tables)
+        loaded = ordered_map(lambda s: _load(s, domain, max_pixels), pending, threads, 4 * threads, "ingest")
         for source, result in loaded:
             if isinstance(result, Reject):
                 rejects.append(result)
@@ -296,8 +334,7 @@ def build_shards(specs: Sequence[str], out_url: str, *, prefix: str = "shard", d
         raise
     finally:
         bar.close()
-    lines = "".join(json.dumps({"source_url": r.source_url, "reason": r.reason, "detail": r.detail}) + "\n"
-                    for r in rejects)
+    lines = "".join(r.to_json() + "\n" for r in rejects)
     storage.write_bytes_atomic(storage.join(out_url, REJECTS_NAME), lines.encode())
     extra = {"prefix": prefix, "domain": domain, "rejects": len(rejects), "revision": revision}
     index = ShardIndex(out_url, tuple(shards), extra)
@@ -308,3 +345,43 @@ def build_shards(specs: Sequence[str], out_url: str, *, prefix: str = "shard", d
     log.info("wrote %d shards (%d samples, %d rejected) and %s", len(shards), index.samples, len(rejects),
              index_url(out_url))
     return Summary(out_url, len(shards), index.samples, index.bytes, len(rejects), time.monotonic() - start)
+
+
+def split_tables(specs: Sequence[str], options: TableOptions) -> tuple[list[TableRows],
+                                                                      list[tuple[str, SourceListing]]]:
+    """The SOURCE specs that are tables, opened (footers read and checked, before anything is written),
+    and the listings of the others; each folder, prefix or glob is listed once."""
+    tables, listings = [], []
+    for spec in specs:
+        if is_single_table_file(spec, options):
+            tables.append(open_rows(spec, options))
+            continue
+        listing = expand_source(spec)
+        if is_listed_table(spec, [s.url for s in listing.sources] + listing.skipped):
+            tables.append(open_rows(spec, options))
+        else:
+            listings.append((spec, listing))
+    return tables, listings
+
+
+def _pending(sources: Sequence[Source], tables: Sequence[TableRows]) -> Iterator[Pending]:
+    """The files' sources, then each table's cells with unique keys (allocated here, in order, so the
+    keys are a function of the inputs alone); a key too long to be safe makes its row a reject."""
+    yield from sources
+    keys = KeyAllocator({s.key for s in sources})
+    for table in tables:
+        renamed = 0
+        for cell in table.cells():
+            try:
+                check_length(cell.key)
+                key = keys.take(cell.key)
+            except UnsafeKeyError as exc:
+                yield TableCell(cell.key, cell.url, cell.file, cell.row, None, "unsafe-key",
+                                f"key of {cell.url}: {exc}")
+                continue
+            renamed += key != cell.key
+            yield cell if key == cell.key else TableCell(key, cell.url, cell.file, cell.row, cell.data,
+                                                         cell.error, cell.detail)
+        if renamed:
+            log.warning("%s: %d rows share a key with an earlier row or file; they are keyed <key>~2, "
+                        "<key>~3, ...", table.url, renamed)

@@ -1,5 +1,9 @@
 """Unpaired A/B training batches from two shard sets, split over DDP ranks and DataLoader workers.
 
+A stream may also be a frozen list of image files (read in chunks standing in for shards) or a
+frozen table (`FrozenTable`: a Parquet dataset or Delta snapshot, one row group standing in for a
+shard, read with only its image column).
+
 Layout of an epoch, per stream (A or B, each with its own seeds, so B is drawn independently of A):
 the shards in an order drawn from (seed, epoch, stream), repeated with a fresh order as often as
 needed (a smaller set cycles), form one sequence of positions. An epoch consumes
@@ -18,6 +22,8 @@ batches of its range that were already consumed.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import tarfile
@@ -35,6 +41,8 @@ from pipeline.ingest import expand_source
 from pipeline.pixels import ImageDecodeError, check_channels, decode_pixels
 from pipeline.sample import EncodedSample
 from pipeline.shards import ShardIndex, ShardNotFoundError, iter_shard
+from pipeline.table_ingest import is_listed_table, is_single_table_file
+from pipeline.tables import TableError, TableOptions, TablePart, TableSpec, open_table, table_samples
 from pipeline.transforms import TRAIN_MODES, check_train_size, to_tensor, train_crop
 
 log = logging.getLogger(__name__)
@@ -61,9 +69,35 @@ FILES_PER_CHUNK = 64  # a listing is read as chunks of this many files, each sta
 
 
 @dataclass(frozen=True)
+class FrozenTable:
+    """A table's part files (as their footers described them at a run's first start) and the column
+    spec to read them by: the same rows in the same order on every resume, however the table grows."""
+
+    url: str
+    spec: TableSpec
+    parts: tuple[TablePart, ...]
+
+    def __len__(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+    def to_json(self) -> bytes:
+        parts = [{"url": p.url, "name": p.name, "size": p.size, "rows": p.rows,
+                  "row_groups": list(p.row_groups), "namespace": p.namespace} for p in self.parts]
+        return json.dumps({"url": self.url, "spec": self.spec.to_json(), "parts": parts}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> FrozenTable:
+        body = json.loads(data)
+        parts = tuple(TablePart(p["url"], p["name"], p["size"], p["rows"], tuple(p["row_groups"]),
+                                namespace=p["namespace"]) for p in body["parts"])
+        return cls(body["url"], TableSpec.from_json(body["spec"]), parts)
+
+
+@dataclass(frozen=True)
 class ShardSequence:
-    """A shard set, or a frozen list of image files read in chunks as if they were shards, laid out as
-    one stream's positions for any epoch."""
+    """A shard set, a frozen list of image files read in chunks as if they were shards, or a frozen
+    table read a row group at a time as if each were a shard, laid out as one stream's positions for
+    any epoch."""
 
     urls: tuple[str, ...]
     counts: tuple[int, ...]
@@ -71,6 +105,8 @@ class ShardSequence:
     seed: int
     stream: int
     files: tuple[tuple[str, ...], ...] = ()  # per chunk, its files (a listing), else ()
+    table: FrozenTable | None = None
+    groups: tuple[tuple[int, int], ...] = ()  # per row group of a table: (part, its first row there)
 
     @classmethod
     def from_index(cls, index: ShardIndex, seed: int, stream: int) -> ShardSequence:
@@ -83,6 +119,23 @@ class ShardSequence:
         names = tuple(f"{chunk[0]} (+{len(chunk) - 1} files)" for chunk in chunks)
         return cls(names, tuple(len(c) for c in chunks), (0,) * len(chunks), seed, stream, chunks)
 
+    @classmethod
+    def from_table(cls, table: FrozenTable, seed: int, stream: int) -> ShardSequence:
+        # Only the image column is read: keys become the rows' positions (`<part>/<row>`), which is all
+        # a skipped sample's log line needs, and no row group is read for its keys alone.
+        spec = dataclasses.replace(table.spec, key_column=None, key_from_path=False, keep_columns=())
+        table = dataclasses.replace(table, spec=spec)
+        names, counts, groups = [], [], []
+        for p, part in enumerate(table.parts):
+            first = 0
+            for g, rows in enumerate(part.row_groups or (part.rows,)):
+                names.append(f"{part.url} row group {g}")
+                counts.append(rows)
+                groups.append((p, first))
+                first += rows
+        return cls(tuple(names), tuple(counts), (0,) * len(names), seed, stream, table=table,
+                   groups=tuple(groups))
+
     @property
     def total(self) -> int:
         return sum(self.counts)
@@ -90,6 +143,8 @@ class ShardSequence:
     @property
     def name(self) -> str:
         """The shard set's folder (or the first file's, for a listing)."""
+        if self.table is not None:
+            return self.table.url
         first = self.files[0][0] if self.files else self.urls[0] if self.urls else ""
         return first.rsplit("/", 1)[0]
 
@@ -115,7 +170,10 @@ class ShardSequence:
     def read(self, epoch: int, start: int, stop: int) -> Iterator[EncodedSample]:
         """Exactly `stop - start` samples, in position order; unreadable ones carry an error."""
         for shard, first, end in self.segments(epoch, start, stop):
-            if self.files:
+            if self.table is not None:
+                part, row = self.groups[shard]
+                yield from table_samples(self.table.spec, self.table.parts[part], row + first, row + end)
+            elif self.files:
                 yield from _read_files(self.files[shard][first:end])
             else:
                 yield from _read_run(self.urls[shard], self.sizes[shard], first, end)
@@ -319,7 +377,11 @@ class _EpochDataset(IterableDataset):
         return self.plan.batches((physical + self.plan.step) % workers)
 
 
-def _sequence(source: str | Sequence[str], seed: int, stream: int) -> ShardSequence:
+def _sequence(source: str | Sequence[str] | FrozenTable, seed: int, stream: int) -> ShardSequence:
+    if isinstance(source, FrozenTable):
+        if not len(source):
+            raise DataSetError(f"table {source.url} holds no rows")
+        return ShardSequence.from_table(source, seed, stream)
     if not isinstance(source, str):
         if not source:
             raise DataSetError("an image listing with no files")
@@ -352,6 +414,41 @@ def freeze_listing(url: str, frozen_url: str) -> tuple[str, ...]:
 SHARD_ADVICE = 20_000  # files in a listing beyond which shards are worth suggesting
 
 
+def freeze_source(url: str, frozen_base: str) -> tuple[str, ...] | FrozenTable:
+    """What a training domain that is not a shard set names, frozen on a run's first start: a table
+    (a Parquet dataset or Delta table of encoded images, as jobs.shard and jobs.infer detect them) at
+    `<frozen_base>.table.json`, its parts as their footers say and the Delta version read; else the
+    image files of a folder, prefix, glob or URL list at `<frozen_base>.txt` (`freeze_listing`).
+
+    A table's image column must be the only binary or `datasets` Image column: one with several is
+    sharded first (`python -m jobs.shard URL --image-column NAME --out ...`)."""
+    table_url = f"{frozen_base}.table.json"
+    if storage.exists(table_url):
+        return FrozenTable.from_json(storage.read_bytes(table_url))
+    listing_url = f"{frozen_base}.txt"
+    if not storage.exists(listing_url) and _is_table(url):
+        try:
+            opened = open_table(url)
+        except TableError as exc:
+            raise DataSetError(f"{exc}; a table training cannot read as it is can be sharded with "
+                               f"python -m jobs.shard {url} --image-column NAME --out URL") from exc
+        frozen = FrozenTable(url, opened.spec, opened.parts)
+        if not len(frozen):
+            raise DataSetError(f"table {url} holds no rows")
+        storage.write_bytes_atomic(table_url, frozen.to_json())
+        return frozen
+    return freeze_listing(url, listing_url)
+
+
+def _is_table(url: str) -> bool:
+    if is_single_table_file(url, TableOptions()):
+        return True
+    if not (storage.has_glob(url) or storage.is_dir(url)):
+        return False
+    found = expand_source(url)
+    return is_listed_table(url, [s.url for s in found.sources] + found.skipped)
+
+
 def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
@@ -359,13 +456,15 @@ def _env_int(name: str, default: int) -> int:
 class UnpairedStream:
     """Unpaired A/B batches for one DDP rank; see the module docstring for the layout.
 
-    `a`, `b`: a shard set's `_index.json` URL or the folder holding it, or a frozen list of image
-    file URLs (`freeze_listing`). `rank` and `world_size` default to torchrun's RANK and WORLD_SIZE.
+    `a`, `b`: a shard set's `_index.json` URL or the folder holding it, a frozen list of image
+    file URLs (`freeze_listing`), or a frozen table (`freeze_source`). `rank` and `world_size`
+    default to torchrun's RANK and WORLD_SIZE.
     `workers`: DataLoader worker processes (0 decodes in this process); exact resume needs the same
     count.
     """
 
-    def __init__(self, a: str | Sequence[str], b: str | Sequence[str], *, load_size: int, crop_size: int,
+    def __init__(self, a: str | Sequence[str] | FrozenTable, b: str | Sequence[str] | FrozenTable, *,
+                 load_size: int, crop_size: int,
                  batch_size: int, seed: int, rank: int | None = None, world_size: int | None = None,
                  workers: int = 0, flip: bool = True, shuffle_buffer: int = 256,
                  channels: tuple[int, int] = (3, 3), preprocess: str = "resize_and_crop") -> None:
