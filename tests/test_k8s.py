@@ -47,7 +47,7 @@ CRD_KINDS = {"PyTorchJob": "kubeflow.org/v1", "JobSet": "jobset.x-k8s.io/v1alpha
 WORKLOAD_KINDS = {"Deployment", "Job", *CRD_KINDS}
 PLAIN_KINDS = {"Namespace", "ServiceAccount", "ConfigMap", "Secret", "Service", "PersistentVolumeClaim"}
 # Secrets the user creates (docs/kubernetes.md); only prod overlays may reference one they do not render.
-EXTERNAL_SECRETS = {"cut-s3"}
+EXTERNAL_SECRETS = {"cut-s3", "cut-ray"}
 SCHEMA_REQUIREMENTS = ("kubeflow-training==1.9.4", "kubeflow-trainer-api==2.3.0")
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "JOB_COMPLETION_INDEX", "JOB_COMPLETIONS")
 
@@ -830,6 +830,13 @@ def test_inference_on_ray_is_a_rayjob_that_reruns_into_the_committed_plan(
             ray = [p for p in pods([job]) if p.role != "ray-submitter"]
             images = {c["image"] for p in pods([job]) for c in p.spec["containers"][:1]}
             assert len(images) == 1, f"{where}: one image, so one Ray version, everywhere: {images}"
+            tokens = []
+            for pod in pods([job]):  # Ray's token authentication, with one token everywhere
+                env = {e["name"]: e for e in pod.spec["containers"][0].get("env", [])}
+                mode = env.get("RAY_AUTH_MODE", {}).get("value")
+                assert mode == "token", f"{where} {pod.where}: RAY_AUTH_MODE is {mode}"
+                tokens.append(env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"])
+            assert all(token == tokens[0] for token in tokens), f"{where}: one token: {tokens}"
             worker_gpus = 0
             for pod in ray:
                 group = cluster["headGroupSpec"] if pod.role == "ray-head" else next(
