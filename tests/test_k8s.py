@@ -868,6 +868,9 @@ def test_inference_on_ray_is_a_rayjob_that_reruns_into_the_committed_plan(
             assert config.executor == "ray", f"{where}: the entrypoint runs the Ray executor"
             assert (config.worker_index, config.num_workers) == (0, 1), f"{where}: one driver, all units"
             assert config.device == ("cuda" if worker_gpus else "cpu"), f"{where}: --device, workers' GPUs"
+            assert config.ray_address == "auto", f"{where}: the driver joins the cluster on its own head"
+            if worker_gpus:  # an actor per GPU: the default, or as many as the workers have
+                assert config.ray_actors in (None, worker_gpus), f"{where}: --ray-actors {config.ray_actors}"
     assert seen, "no overlay renders the RayJob"
 
 
