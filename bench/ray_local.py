@@ -41,7 +41,8 @@ def local_ray(num_cpus: int, env: Mapping[str, str]) -> Iterator[LocalRay]:
         start = time.perf_counter()
         helper = subprocess.Popen(
             [sys.executable, "-m", "bench.ray_local", "--_serve", str(num_cpus), "--_temp-dir", temp_dir],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**env, **auth}, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**env, **auth, "RAY_USAGE_STATS_ENABLED": "0"},  # no usage report from a benchmark
         )
         try:
             address = ""
