@@ -1,12 +1,17 @@
 # cut-pipeline on CUDA PyTorch: the image the manifests in k8s/ run.
 #
 #   docker build -t cut-pipeline:0.1.0 .        # the tag is the package version (pyproject.toml)
+#   docker build --build-arg EXTRAS=export,ray -t cut-pipeline:0.1.0-ray .   # with Ray, for the RayJob
 #
 # The base image brings CUDA, cuDNN and a CUDA build of torch; the install keeps that torch (it is
 # pinned to the base's version while the package and its other dependencies are installed). Another
 # base: --build-arg BASE_IMAGE=pytorch/pytorch:<version>-cuda<x.y>-cudnn9-runtime.
 ARG BASE_IMAGE=pytorch/pytorch:2.10.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
+
+# The package's extras to install (pyproject.toml): export (onnx, onnxruntime) by default; export,ray
+# adds Ray (jobs.infer --executor ray, k8s/base/infer-ray), which the default image leaves out.
+ARG EXTRAS=export
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -21,7 +26,7 @@ COPY pyproject.toml README.md ./
 RUN python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > /tmp/keep-torch.txt \
  && mkdir cut pipeline jobs \
  && touch cut/__init__.py pipeline/__init__.py jobs/__init__.py \
- && pip install -c /tmp/keep-torch.txt '.[export]' \
+ && pip install -c /tmp/keep-torch.txt ".[${EXTRAS}]" \
  && pip uninstall -y cut-pipeline \
  && rm -rf cut pipeline jobs build ./*.egg-info
 
@@ -32,7 +37,8 @@ COPY jobs ./jobs
 COPY configs ./configs
 RUN pip install --no-deps -c /tmp/keep-torch.txt . \
  && rm -rf build ./*.egg-info cut pipeline jobs \
- && python -c "import cut, pipeline, jobs.train, jobs.infer, jobs.shard"
+ && python -c "import cut, pipeline, jobs.train, jobs.infer, jobs.shard" \
+ && case ",${EXTRAS}," in *,ray,*) ray --version && python -c "import ray.data" ;; esac
 
 # No C++ compiler here (a runtime base image): cut/fast's native CPU kernels (Winograd convolutions)
 # stay off, and the first CPU float32 convolution logs "no C++ compiler (c++): native CPU kernels

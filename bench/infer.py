@@ -1,6 +1,6 @@
 """Images per second of jobs.infer against the official test.py path and a plain loop, in one run.
 
-    python -m bench.infer [--images 24] [--threads 2] [--rounds 3]
+    python -m bench.infer [--images 24] [--threads 2] [--rounds 3] [--executor ray]
 
 All three translate the same horse2zebra test images (256x256 JPEGs) with the same weights
 (resnet_9blocks, random: speed does not depend on them) at the official preprocessing, and write
@@ -14,7 +14,12 @@ PNGs to local disk:
 - plain loop: A alone through our generator, fake_B saved the same way;
 - jobs.infer: the whole job with its CPU defaults (planning and start-up included);
 - jobs.infer --engine onnxruntime: the same job on an ONNX export of the same weights (jobs.export,
-  made and verified before the timed runs), run by onnxruntime's CPU execution provider.
+  made and verified before the timed runs), run by onnxruntime's CPU execution provider;
+- with --executor ray, also jobs.infer --executor ray: the same job as a Ray Data pipeline on a local
+  Ray instance (`bench.ray_local`) that is started once before the timed rounds and that every run
+  joins with --ray-address; starting the instance (printed) is charged to no run, as a cluster that
+  is already up costs a job nothing. Its rate is printed beside the local executor's, with the ratio
+  (the goal: ray within 15% of local, a ratio of at least 0.85).
 
 Every timed run is a fresh process, as a user's would be (so no variant inherits another's
 allocator or thread-pool state: jobs.infer tunes its process's malloc, `jobs.runtime`), after one
@@ -25,6 +30,7 @@ the fastest run of each counts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -39,6 +45,7 @@ from torch import nn
 
 from bench.child import run_json
 from bench.official import use_official_layers
+from bench.ray_local import LocalRay, local_ray
 from cut import ResnetGenerator, export_generator
 from cut.checkpoint import to_bytes
 from cut.fast import accelerate
@@ -93,32 +100,40 @@ def _job(argv: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def timed_run(variant: str, files: list[Path], root: Path, out: Path) -> float:
-    """Seconds of one variant over ``files`` in this process, after one warm-up image."""
+def timed_run(variant: str, files: list[Path], root: Path, out: Path, ray_address: str | None = None
+              ) -> tuple[float, float | None]:
+    """Seconds of one variant over ``files`` in this process, after one warm-up image; and, for the
+    jobs, the seconds of the warm-up job (one image: mostly the job's fixed cost)."""
     if variant in ("official", "plain"):
         g = _generator()
         if variant == "official":
             use_official_layers(g)
             b_files = sorted((files[0].parent.parent / "testB").glob("*.jpg"))
             official_test_path(g, files[:1], b_files, out / "warm-up")
-            return official_test_path(g, files, b_files, out / "timed")
+            return official_test_path(g, files, b_files, out / "timed"), None
         plain_loop(g, files[:1], out / "warm-up")
-        return plain_loop(g, files, out / "timed")
+        return plain_loop(g, files, out / "timed"), None
     engine = {"job": ["--checkpoint", str(root / "g.pt")],
-              "onnx": ["--checkpoint", str(root / "onnx"), "--engine", "onnxruntime"]}[variant]
+              "onnx": ["--checkpoint", str(root / "onnx"), "--engine", "onnxruntime"],
+              "ray": ["--checkpoint", str(root / "g.pt"), "--executor", "ray", "--ray-address", ray_address],
+              }[variant]
+    seconds = []
     for name, inputs in (("warm-up", files[:1]), ("timed", files)):
         listing = out / f"{name}.txt"
         listing.parent.mkdir(parents=True, exist_ok=True)
         listing.write_text("".join(f"{f}\n" for f in inputs))
-        seconds = _job([*engine, "--input", str(listing), "--no-progress", "--out", str(out / name)])
-    return seconds
+        seconds.append(_job([*engine, "--input", str(listing), "--no-progress", "--out", str(out / name)]))
+    return seconds[1], seconds[0]
 
 
-def _child(variant: str, args: argparse.Namespace, root: Path, out: Path) -> float:
+def _child(variant: str, args: argparse.Namespace, root: Path, out: Path, ray: LocalRay | None) -> dict:
     cmd = [sys.executable, "-m", "bench.infer", "--_run", variant, "--_root", str(root), "--_out", str(out),
            "--images", str(args.images), "--threads", str(args.threads), "--data", str(args.data)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    return run_json(cmd, env)["seconds"]
+    if variant == "ray":
+        cmd += ["--_ray_address", ray.address]
+        env.update(ray.env)
+    return run_json(cmd, env)
 
 
 def main() -> None:
@@ -127,23 +142,37 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="alternating runs of each; the fastest counts")
     p.add_argument("--data", type=Path, default=DATA)
-    p.add_argument("--_run", choices=["official", "plain", "job", "onnx"], help=argparse.SUPPRESS)
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="ray: also jobs.infer --executor ray on a local Ray instance, beside the local one")
+    p.add_argument("--ray-cpus", type=int, default=None,
+                   help="CPU slots of the local Ray instance (default: --threads + 1: the executor gives its "
+                        "CPU actor every slot but one, left to the read and write tasks, so the model runs "
+                        "--threads threads as the local executor's does)")
+    p.add_argument("--_run", choices=["official", "plain", "job", "onnx", "ray"], help=argparse.SUPPRESS)
     p.add_argument("--_root", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--_out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--_ray_address", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     files = sorted(args.data.glob("*.jpg"))[: args.images]
     if args._run:
-        print(json.dumps({"seconds": timed_run(args._run, files, args._root, args._out)}))
+        seconds, warm_up = timed_run(args._run, files, args._root, args._out, args._ray_address)
+        print(json.dumps({"seconds": seconds, "warm_up": warm_up}))
         return
-    with tempfile.TemporaryDirectory() as tmp:
+    variants = ["official", "plain", "job", "onnx"] + (["ray"] if args.executor == "ray" else [])
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
         (root / "g.pt").write_bytes(to_bytes(export_generator(_generator())))
         export.export(str(root / "g.pt"), str(root / "onnx"), "onnx")
-        seconds: dict[str, list[float]] = {"official": [], "plain": [], "job": [], "onnx": []}
-        for r in range(args.rounds):  # alternate, so drifting machine load hits all four alike
-            for variant, runs in seconds.items():
-                runs.append(_child(variant, args, root, root / f"{variant}-{r}"))
+        ray = None
+        if args.executor == "ray":  # started once, outside every timed run; its workers inherit this env
+            ray_env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            ray = stack.enter_context(local_ray(args.ray_cpus or args.threads + 1, ray_env))
+        runs_of: dict[str, list[dict]] = {v: [] for v in variants}
+        for r in range(args.rounds):  # alternate, so drifting machine load hits all variants alike
+            for variant, runs in runs_of.items():
+                runs.append(_child(variant, args, root, root / f"{variant}-{r}", ray))
+    seconds = {k: [run["seconds"] for run in v] for k, v in runs_of.items()}
     n = len(files)
     rate = {k: n / min(v) for k, v in seconds.items()}
     print(f"torch {torch.__version__}, {args.threads} threads, {n} images at 256x256, resnet_9blocks, PNGs, "
@@ -155,6 +184,15 @@ def main() -> None:
     print(f"jobs.infer / official test.py path        : {rate['job'] / rate['official']:7.2f}x")
     print(f"jobs.infer / plain loop                   : {rate['job'] / rate['plain']:7.2f}x")
     print(f"onnxruntime engine / torch engine         : {rate['onnx'] / rate['job']:7.2f}x")
+    if ray is not None:
+        slots = args.ray_cpus or args.threads + 1
+        print(f"jobs.infer --executor ray (local Ray)     : {rate['ray']:7.3f} images/s  ({slots} CPU slots; "
+              f"the instance's start, {ray.start_seconds:.1f} s, is charged to no run)")
+        ratio = rate["ray"] / rate["job"]
+        print(f"ray executor / local executor             : {ratio:7.2f}x  (goal: at least 0.85)")
+        start = {k: min(run["warm_up"] for run in runs_of[k]) for k in ("job", "ray")}
+        print(f"a 1-image job (the warm-up; mostly fixed cost): local {start['job']:.1f} s, ray "
+              f"{start['ray']:.1f} s (joining the instance, starting the actor, loading the model)")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,14 @@ checkpoint that fails its checks, a missing input, a bad flag, and a table that 
 asked (no single image column, a column of the wrong type, part files whose schemas differ, a part
 file without a readable footer, a Delta version that is gone); a checkpoint not there (yet),
 storage that stays unreachable or a unit that could not be written exits 1 (a rerun may succeed).
+
+--executor ray runs the same plan on a Ray cluster (--ray-address, else RAY_ADDRESS, else a local Ray
+instance started and stopped by the job): CPU tasks read, decode, encode and write; --ray-actors
+actors run the model (one GPU each with --device cuda); this process commits each unit's manifest
+part as above, so a job started with one executor may be finished with the other. Its own failures
+are one line each: a cluster that does not answer at the address exits 1 (naming it); --device cuda
+on a cluster without GPUs and Ray not installed (pip install 'cut-pipeline[ray]') exit 2; actors that
+keep dying (past Ray's restarts) exit 1 naming the units left uncommitted (a rerun finishes them).
 A bad input image is never an exit: it becomes its manifest row. SIGTERM (or
 Ctrl-C) stops taking batches, commits the units that are complete and exits 143 (130).
 """
@@ -32,11 +40,14 @@ import argparse
 import logging
 from typing import Any
 
+import torch
+
 from cut import CheckpointError
 from jobs.cli import HelpFormatter, add_logging_arguments, add_options, given, run_job
 from jobs.config import ConfigError, build
 from jobs.infer_config import InferConfig, wants_cuda
 from jobs.logs import setup_logging
+from jobs.ray_executor import RayExecutorError, RayPipeline
 from jobs.runtime import available_cores, env_int, reuse_freed_memory
 from jobs.signals import StopSignals
 from jobs.translator import Translator, finish
@@ -101,6 +112,7 @@ def load_infer_config(args: argparse.Namespace) -> InferConfig:
         ("--keep-columns", config.keep_columns is None or all(keep_columns(config)), "column names, "
          "comma-separated"),
         ("--table-version", config.table_version is None or config.table_version >= 0, ">= 0"),
+        ("--ray-actors", config.ray_actors is None or config.ray_actors >= 1, ">= 1"),
         ("--tile-size", config.tile_size is None or config.tile_size == 0
          or (config.tile_size >= 16 and config.tile_size % 4 == 0), "0, or a multiple of 4 of at least 16"),
     ]
@@ -201,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(config: InferConfig, stop: StopSignals) -> int:
+    ray = config.executor == "ray"
     try:
-        translator = Translator(config, stop)
+        # On Ray this process only plans and commits: the model runs in the actors, so it is loaded here
+        # on the CPU, for the job's model id, card and input geometry.
+        translator = Translator(config, stop, torch.device("cpu") if ray else None)
         apply_model_card(config, translator.card)
     except (CheckpointError, ConfigError) as exc:
         log.error("%s", exc)  # a checkpoint that fails its checks, a flag it does not take: exit 2
@@ -210,6 +225,22 @@ def _run(config: InferConfig, stop: StopSignals) -> int:
     except OSError as exc:  # a checkpoint not (yet) there or unreadable: a rerun may find it
         log.error("%s", exc)
         return 1
+    if not ray:
+        return _translate(config, stop, translator, None)
+    try:
+        pipeline = RayPipeline(config)
+    except RayExecutorError as exc:
+        log.error("%s", exc)
+        return exc.code
+    try:
+        return _translate(config, stop, translator, pipeline)
+    finally:
+        pipeline.close()
+
+
+def _translate(config: InferConfig, stop: StopSignals, translator: Translator, pipeline: RayPipeline | None
+               ) -> int:
+    """Plan (or read the plan), run this worker's uncommitted units with the executor, finish."""
     try:
         plan = obtain_plan(
             config.out,
@@ -240,7 +271,10 @@ def _run(config: InferConfig, stop: StopSignals) -> int:
         translator.model_id,
     )
     stop.graceful = True  # from here a first signal lets the complete units commit
-    translator.run(mine)
+    if pipeline is None:
+        translator.run(mine)
+    else:
+        pipeline.run(translator, mine, stop)
     stop.graceful = False
     images = translator.stats["ok"] + translator.stats["error"]
     success = finish(config.out, plan, translator.layout, translator.model_id)
@@ -251,6 +285,9 @@ def _run(config: InferConfig, stop: StopSignals) -> int:
     )
     if translator.failed:
         log.error("units %s failed; rerun this worker to retry them", translator.failed)
+        return 1
+    if pipeline is not None and pipeline.lost:
+        log.error("%s", pipeline.lost)
         return 1
     if translator.unfinished:
         log.warning("stopped with units %s uncommitted; rerun to finish them", translator.unfinished)

@@ -14,6 +14,7 @@ FORMATS = ("files", "shards", "table", "delta")
 IMAGE_FORMATS = ("png", "jpg", "webp", "npy")
 PREPROCESS = ("official", "none", "shortside")
 ENGINES = ("torch", "onnxruntime")
+EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -79,6 +80,15 @@ class InferConfig:
                                   "units")
     check_inputs: bool = option(True, "rerun: do not relist the inputs (worker 0 relists them by default to "
                                 "find changes)", "--skip-input-check")
+    executor: str = option("local", "local: this process (and torchrun ranks or Indexed Job indexes); ray: "
+                           "a Ray pipeline on a Ray cluster (CPU tasks read, decode, encode and write; an "
+                           "actor pool runs the model); the same plan, outputs and manifest either way",
+                           choices=EXECUTORS)
+    ray_address: str = option("", "--executor ray: the cluster to join (host:port, ray://host:10001, "
+                              "auto; default: RAY_ADDRESS, else a local Ray instance this job starts and "
+                              "stops)")
+    ray_actors: int | None = option(None, "--executor ray: translation actors (default: one per GPU of the "
+                                    "cluster with --device cuda, else 1 or 2 CPU actors)")
 
 
 def wants_cuda(config: InferConfig) -> bool:

@@ -91,18 +91,49 @@ class _Launched:
     cpu: float = 0.0  # of it, CPU time of this thread
 
 
+class Progress:
+    """The progress bar (on a terminal) and a log line every 30 s, over the images of `units`."""
+
+    def __init__(self, cfg: InferConfig, units: list[WorkUnit]) -> None:
+        on_terminal = cfg.progress and sys.stderr.isatty()  # in a log file a bar is a carriage-return stream
+        self.units = len(units)
+        self.bar = tqdm(total=sum(u.expected for u in units), unit="img", disable=not on_terminal,
+                        desc="translate")
+        self.start = self.last_log = time.perf_counter()
+        self.done = 0
+
+    def update(self, images: int, units_done: int) -> None:
+        self.done += images
+        self.bar.update(images)
+        self.bar.set_postfix(units=f"{units_done}/{self.units}")
+        if time.perf_counter() - self.last_log > 30:
+            self.last_log = time.perf_counter()
+            log.info("%d of %d images, %.1f images/s", self.done, self.bar.total,
+                     self.done / (self.last_log - self.start))
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class Translator:
     """Runs this worker's units: the model on batches (one in flight on the device while the host
     handles the previous one), outputs encoded and written by a bounded thread pool, a unit's
     manifest part written once all its outputs are stored."""
 
-    def __init__(self, config: InferConfig, stop: StopSignals | None = None) -> None:
+    def __init__(
+        self, config: InferConfig, stop: StopSignals | None = None, device: torch.device | None = None
+    ) -> None:
+        """``device`` overrides --device: the Ray executor's driver loads the model on its CPU only to
+        know the job's model (its id, card and input geometry); its actors run it."""
         self.cfg = config
-        use_cuda = wants_cuda(config)
+        use_cuda = wants_cuda(config) if device is None else device.type == "cuda"
         if use_cuda and not torch.cuda.is_available():
             raise ConfigError("--device cuda given but no CUDA device is available")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        self.device = device or (torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
         if use_cuda:
             torch.backends.cudnn.benchmark = True  # batches mostly share one size
         if config.engine == "onnxruntime":
@@ -111,15 +142,36 @@ class Translator:
             data, checkpoint, forward = self._torch_model(config)
         self.translate = BatchTranslator(forward, self.device, bool(config.bf16), bool(config.channels_last))
         meta = checkpoint.get("metadata", {}) if isinstance(checkpoint, dict) else {}
-        self.preset = str(meta.get("preset") or self.card.get("preset") or "unknown")
-        self.squashed = 0  # non-square inputs resized to a square (--preprocess official)
-        self.tiled = 0  # inputs larger than the tile size, translated tile by tile
-        self.smaller = 0  # outputs with fewer pixels than their input
         self.model_sha256 = sha256(data)
-        self.model_id = f"{self.checkpoint_url}#sha256={self.model_sha256}"
         if self.output_channels > 4 and config.image_format != "npy":
             raise ConfigError(f"the model writes {self.output_channels} channels, which no image format "
                               f"holds: use --image-format npy")
+        self._init_outputs(
+            config,
+            f"{self.checkpoint_url}#sha256={self.model_sha256}",
+            str(meta.get("preset") or self.card.get("preset") or "unknown"),
+            stop,
+        )
+
+    @classmethod
+    def for_outputs(cls, config: InferConfig, model_id: str, preset: str) -> Translator:
+        """A Translator without a model, for the stages after it: `_write_one` (encode, hash, write an
+        output) and `_commit` (Ray's encode tasks, and its driver's commits)."""
+        self = cls.__new__(cls)
+        self.cfg = config
+        self.tile = 0
+        self._init_outputs(config, model_id, preset, None)
+        return self
+
+    def _init_outputs(
+        self, config: InferConfig, model_id: str, preset: str, stop: StopSignals | None
+    ) -> None:
+        """The state of the stages after the model: where outputs go, the rows' model columns, counts."""
+        self.model_id = model_id
+        self.preset = preset
+        self.squashed = 0  # non-square inputs resized to a square (--preprocess official)
+        self.tiled = 0  # inputs larger than the tile size, translated tile by tile
+        self.smaller = 0  # outputs with fewer pixels than their input
         self.layout = OutputLayout(
             config.out, config.format, config.image_format, config.quality, config.png_level
         )
@@ -188,18 +240,22 @@ class Translator:
         log.info("engine onnxruntime: %s with %s", self.checkpoint_url, ", ".join(model.providers))
         return data, {}, model
 
+    def preprocess(self) -> Preprocess:
+        """How this model's inputs are read, decoded and sized (`UnitBatches`), wherever that runs."""
+        cfg = self.cfg
+        # A ResNet generator takes sides of 8 or more; a U-Net or StyleGAN2 one, sides of its multiple.
+        return Preprocess(cfg.preprocess, cfg.load_size, cfg.crop_size, cfg.max_pixels, self.input_channels,
+                          self.size_multiple, max(8, self.size_multiple),
+                          FORMAT_MAX_SIDE.get(cfg.image_format))
+
     def run(self, units: list[WorkUnit]) -> None:
         """Translate `units`; returns early, leaving later units uncommitted, once `stop` is set."""
         cfg = self.cfg
         if not units:
             return
-        # A ResNet generator takes sides of 8 or more; a U-Net or StyleGAN2 one, sides of its multiple.
-        pre = Preprocess(cfg.preprocess, cfg.load_size, cfg.crop_size, cfg.max_pixels, self.input_channels,
-                         self.size_multiple, max(8, self.size_multiple),
-                         FORMAT_MAX_SIDE.get(cfg.image_format))
         loader_workers = min(cfg.workers, len(units))
         loader = DataLoader(
-            UnitBatches(units, pre, cfg.batch_size),
+            UnitBatches(units, self.preprocess(), cfg.batch_size),
             batch_size=None,
             num_workers=loader_workers,
             pin_memory=self.device.type == "cuda",
@@ -208,11 +264,7 @@ class Translator:
         by_index = {u.index: u for u in units}
         states: dict[int, _Unit] = {}
         pending = set(by_index)
-        on_terminal = cfg.progress and sys.stderr.isatty()  # in a log file a bar is a carriage-return stream
-        total = sum(u.expected for u in units)
-        bar = tqdm(total=total, unit="img", disable=not on_terminal, desc="translate")
-        start = last_log = time.perf_counter()
-        done = 0
+        progress = Progress(cfg, units)
         threads = cfg.encode_threads
         # Outputs in memory are bounded: a batch waits for room before its images are handed over.
         room = threading.BoundedSemaphore(2 * cfg.batch_size + 2 * threads)
@@ -233,28 +285,24 @@ class Translator:
                     pending.discard(unit.index)
                     self._finish_unit(unit, states.pop(unit.index), msg["errors"])
                 else:
-                    t0, c0 = time.perf_counter(), time.thread_time()
-                    shape = tuple(msg["x"].shape[1:])
-                    current = _Launched(unit, msg["meta"], shape, self.translate.start(msg["x"]))
-                    current.seconds, current.cpu = time.perf_counter() - t0, time.thread_time() - c0
+                    current = self._launch(unit, msg)
                     count = self._hand_over(launched, states, pool, room)
                     launched = current
-                    self._add_time(**{s: sum(m["cpu"][s] for m in msg["meta"]) for s in DATA_STAGES})
-                done += count
-                bar.update(count)
-                bar.set_postfix(units=f"{len(units) - len(pending)}/{len(units)}")
-                if time.perf_counter() - last_log > 30:
-                    last_log = time.perf_counter()
-                    log.info("%d of %d images, %.1f images/s", done, bar.total, done / (last_log - start))
+                progress.update(count, len(units) - len(pending))
         except RuntimeError:
             if not self.stop.is_set():  # DataLoader workers die with the job on SIGTERM/SIGINT
                 raise
         finally:
-            bar.close()
+            progress.close()
             pool.shutdown(wait=True, cancel_futures=True)
             del batches
         self.unfinished = sorted(pending)
-        self.elapsed = time.perf_counter() - start
+        self.elapsed = progress.elapsed()
+        self.report()
+
+    def report(self) -> None:
+        """Log what the run did to some inputs (after the run, once, whichever executor ran it)."""
+        cfg = self.cfg
         for what, count in sorted(self.dropped.items()):
             log.warning("%d outputs lost their %s: --image-format %s cannot store it (the manifest's "
                         "`dropped` column names them); png keeps alpha and 16 bits",
@@ -276,6 +324,15 @@ class Translator:
                 cfg.crop_size,
             )
 
+    def _launch(self, unit: WorkUnit, msg: dict) -> _Launched:
+        """Start a batch of `UnitBatches` on the device."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        shape = tuple(msg["x"].shape[1:])
+        launched = _Launched(unit, msg["meta"], shape, self.translate.start(msg["x"]))
+        launched.seconds, launched.cpu = time.perf_counter() - t0, time.thread_time() - c0
+        self._add_time(**{s: sum(m["cpu"][s] for m in msg["meta"]) for s in DATA_STAGES})
+        return launched
+
     def _hand_over(
         self,
         launched: _Launched | None,
@@ -286,28 +343,36 @@ class Translator:
         """Wait for a launched batch's outputs and queue their encoding; returns its image count."""
         if launched is None:
             return 0
-        t0, c0 = time.perf_counter(), time.thread_time()
-        outputs = launched.pending.result()
-        seconds = launched.seconds + time.perf_counter() - t0
-        self._add_time(model=launched.cpu + time.thread_time() - c0)
-        model_ms = 1000 * seconds / len(outputs)
+        outputs, model_ms = self._outputs(launched)
         state = states[launched.unit.index]
-        if self.tile and max(launched.shape[-2:]) > self.tile:
-            self.tiled += len(outputs)
         for meta, pixels in zip(launched.meta, outputs, strict=True):
-            if (
-                self.cfg.preprocess == "official"
-                and abs(meta["width"] - meta["height"]) > 0.02 * meta["height"]
-            ):
-                self.squashed += 1
-            if pixels is None:
-                state.rows.append(self._device_error(meta, launched.shape))
+            row = self._unwritable(meta, pixels, launched.shape)
+            if row is not None:
+                state.rows.append(row)
                 continue
             room.acquire()
             future = pool.submit(self._write_one, launched.unit, meta, pixels.numpy(), model_ms, state)
             future.add_done_callback(lambda _: room.release())
             state.writes.append(future)
         return len(outputs)
+
+    def _outputs(self, launched: _Launched) -> tuple[list[torch.Tensor | None], float]:
+        """A launched batch's outputs (None for an image the device could not take) and the model's
+        milliseconds per image."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        outputs = launched.pending.result()
+        seconds = launched.seconds + time.perf_counter() - t0
+        self._add_time(model=launched.cpu + time.thread_time() - c0)
+        if self.tile and max(launched.shape[-2:]) > self.tile:
+            self.tiled += len(outputs)
+        return outputs, 1000 * seconds / len(outputs)
+
+    def _unwritable(self, meta: dict, pixels: torch.Tensor | None, shape: tuple[int, ...]) -> dict | None:
+        """The row of an input the device gave no output for, else None (to be written); counts the
+        inputs --preprocess official squashed."""
+        if self.cfg.preprocess == "official" and abs(meta["width"] - meta["height"]) > 0.02 * meta["height"]:
+            self.squashed += 1
+        return self._device_error(meta, shape) if pixels is None else None
 
     def _write_one(
         self, unit: WorkUnit, meta: dict, pixels: np.ndarray, model_ms: float, state: _Unit

@@ -1,4 +1,4 @@
-"""Check PyTorchJob and JobSet objects against the models the Kubeflow SDKs generate from their APIs.
+"""Check PyTorchJob, JobSet and RayJob objects against their APIs' schemas.
 
 Runs inside its own environment (tests/test_k8s.py builds it: kubeflow-training carries the
 training-operator v1 models, PyTorchJob included; kubeflow-trainer-api carries JobSet v1alpha2), reads
@@ -6,7 +6,8 @@ training-operator v1 models, PyTorchJob included; kubeflow-trainer-api carries J
 
 Strict: a key the model does not define is an error, as is a value of the wrong type or a missing
 required field. The SDKs' own deserializers drop unknown keys, so the keys are walked here first;
-the deserializers then check types and required fields.
+the deserializers then check types and required fields. KubeRay publishes no Python models, so the
+RayJob is checked against RAYJOB_V1, a transcription of its CRD's OpenAPI schema (below).
 """
 
 from __future__ import annotations
@@ -158,9 +159,180 @@ def check_jobset(obj: dict[str, Any]) -> list[str]:
     return errors
 
 
+# ------------------------------------------------------------------------------------ RayJob (KubeRay)
+# The openAPIV3Schema of ray.io/v1 RayJob as KubeRay v1.3 generates it (controller-gen) from
+# ray-project/kuberay ray-operator/apis/ray/v1/rayjob_types.go (RayJobSpec, SubmitterConfig) and
+# raycluster_types.go (RayClusterSpec, HeadGroupSpec, WorkerGroupSpec, AutoscalerOptions,
+# GcsFaultToleranceOptions), as installed by ray-operator/config/crd/bases/ray.io_rayjobs.yaml and
+# listed in docs/reference/api.md. Every field of these types is here with its type; a field is required
+# where its json tag has no omitempty and no +optional. Kubernetes' own types inside (PodTemplateSpec,
+# Service, ResourceRequirements, EnvVar, ...) are opaque objects here: tests/test_k8s.py validates the pod
+# templates strictly as Kubernetes PodTemplates. KubeRay 1.4 made rayStartParams optional and later
+# releases add fields; an object that passes here is accepted by 1.3 and by those.
+_INT32 = {"type": "integer", "format": "int32"}
+_STR = {"type": "string"}
+_BOOL = {"type": "boolean"}
+_NUMBER = {"type": "number"}
+_OBJECT = {"type": "object"}  # a Kubernetes type, checked elsewhere or not at all
+_STR_MAP = {"type": "object", "additionalProperties": _STR}
+_STR_LIST = {"type": "array", "items": _STR}
+_ONE_OF = "x-one-of"  # the CEL rule `self in [...]` of an XValidation marker, checked as an enum
+
+_HEAD_GROUP = {
+    "type": "object",
+    "properties": {
+        "template": _OBJECT,  # corev1.PodTemplateSpec
+        "headService": _OBJECT,  # corev1.Service
+        "enableIngress": _BOOL,
+        "rayStartParams": _STR_MAP,
+        "serviceType": _STR,
+    },
+    "required": ["rayStartParams", "template"],
+}
+_WORKER_GROUP = {
+    "type": "object",
+    "properties": {
+        "suspend": _BOOL,
+        "groupName": _STR,
+        "replicas": _INT32,
+        "minReplicas": _INT32,
+        "maxReplicas": _INT32,
+        "idleTimeoutSeconds": _INT32,
+        "rayStartParams": _STR_MAP,
+        "template": _OBJECT,  # corev1.PodTemplateSpec
+        "scaleStrategy": {"type": "object", "properties": {"workersToDelete": _STR_LIST}},
+        "numOfHosts": _INT32,
+    },
+    "required": ["groupName", "maxReplicas", "minReplicas", "rayStartParams", "template"],
+}
+_AUTOSCALER = {
+    "type": "object",
+    "properties": {
+        "resources": _OBJECT,
+        "image": _STR,
+        "imagePullPolicy": _STR,
+        "securityContext": _OBJECT,
+        "idleTimeoutSeconds": _INT32,
+        "upscalingMode": {"type": "string", "enum": ["Default", "Aggressive", "Conservative"]},
+        "env": {"type": "array", "items": _OBJECT},
+        "envFrom": {"type": "array", "items": _OBJECT},
+        "volumeMounts": {"type": "array", "items": _OBJECT},
+    },
+}
+_REDIS_CREDENTIAL = {"type": "object", "properties": {"valueFrom": _OBJECT, "value": _STR}}
+_MANAGED_BY = {"type": "string", _ONE_OF: ["ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue"]}
+RAY_CLUSTER_SPEC = {
+    "type": "object",
+    "properties": {
+        "suspend": _BOOL,
+        "managedBy": _MANAGED_BY,
+        "autoscalerOptions": _AUTOSCALER,
+        "headServiceAnnotations": _STR_MAP,
+        "enableInTreeAutoscaling": _BOOL,
+        "gcsFaultToleranceOptions": {
+            "type": "object",
+            "properties": {
+                "redisUsername": _REDIS_CREDENTIAL,
+                "redisPassword": _REDIS_CREDENTIAL,
+                "externalStorageNamespace": _STR,
+                "redisAddress": _STR,
+            },
+            "required": ["redisAddress"],
+        },
+        "headGroupSpec": _HEAD_GROUP,
+        "rayVersion": _STR,
+        "workerGroupSpecs": {"type": "array", "items": _WORKER_GROUP},
+    },
+    "required": ["headGroupSpec"],
+}
+RAYJOB_V1 = {
+    "type": "object",
+    "properties": {
+        "apiVersion": _STR,
+        "kind": _STR,
+        "metadata": _OBJECT,
+        "spec": {
+            "type": "object",
+            "properties": {
+                "activeDeadlineSeconds": _INT32,
+                "backoffLimit": _INT32,
+                "rayClusterSpec": RAY_CLUSTER_SPEC,
+                "submitterPodTemplate": _OBJECT,  # corev1.PodTemplateSpec
+                "metadata": _STR_MAP,
+                "clusterSelector": _STR_MAP,
+                "submitterConfig": {"type": "object", "properties": {"backoffLimit": _INT32}},
+                "managedBy": _MANAGED_BY,
+                "deletionPolicy": {
+                    "type": "string",
+                    _ONE_OF: ["DeleteCluster", "DeleteWorkers", "DeleteSelf", "DeleteNone"],
+                },
+                "entrypoint": _STR,
+                "runtimeEnvYAML": _STR,
+                "jobId": _STR,
+                "submissionMode": _STR,  # K8sJobMode (default), HTTPMode, InteractiveMode: no enum in the CRD
+                "entrypointResources": _STR,
+                "entrypointNumCpus": _NUMBER,
+                "entrypointNumGpus": _NUMBER,
+                "ttlSecondsAfterFinished": _INT32,
+                "shutdownAfterJobFinishes": _BOOL,
+                "suspend": _BOOL,
+            },
+        },
+        "status": _OBJECT,
+    },
+}
+_JSON_TYPES = {
+    "object": dict,
+    "array": list,
+    "string": str,
+    "boolean": bool,
+    "integer": int,
+    "number": (int, float),
+}
+
+
+def walk_openapi(data: Any, schema: dict[str, Any], path: str, errors: list[str]) -> None:
+    """``data`` against the structural subset of OpenAPI v3 that CRDs use (type, format int32,
+    properties, additionalProperties, items, required, enum), unknown fields being errors as the API
+    server's strict field validation makes them."""
+    kind = schema["type"]
+    is_bool = isinstance(data, bool)  # a bool is an int in Python, never in JSON
+    if not isinstance(data, _JSON_TYPES[kind]) or (is_bool and kind in ("integer", "number")):
+        errors.append(f"{path}: expected {kind}, got {data!r}")
+        return
+    if schema.get("format") == "int32" and not -(2**31) <= data < 2**31:
+        errors.append(f"{path}: {data} does not fit int32")
+    allowed = schema.get("enum", schema.get(_ONE_OF))
+    if allowed is not None and data not in allowed:
+        errors.append(f"{path}: {data!r} is not one of {allowed}")
+    if kind == "array":
+        for i, item in enumerate(data):
+            walk_openapi(item, schema["items"], f"{path}[{i}]", errors)
+    if kind != "object" or ("properties" not in schema and "additionalProperties" not in schema):
+        return
+    for key in schema.get("required", []):
+        if key not in data:
+            errors.append(f"{path}: required field {key!r} is missing")
+    properties = schema.get("properties", {})
+    for key, value in data.items():
+        if key in properties:
+            walk_openapi(value, properties[key], f"{path}.{key}", errors)
+        elif "additionalProperties" in schema:
+            walk_openapi(value, schema["additionalProperties"], f"{path}.{key}", errors)
+        else:
+            errors.append(f"{path}: unknown field {key!r} (known: {sorted(properties)})")
+
+
+def check_rayjob(obj: dict[str, Any]) -> list[str]:
+    errors: list[str] = []
+    walk_openapi(obj, RAYJOB_V1, "RayJob", errors)
+    return errors
+
+
 CHECKS = {
     ("kubeflow.org/v1", "PyTorchJob"): check_pytorchjob,
     ("jobset.x-k8s.io/v1alpha2", "JobSet"): check_jobset,
+    ("ray.io/v1", "RayJob"): check_rayjob,
 }
 
 

@@ -2,10 +2,11 @@
 the real jobs accept, and keeps the pod security rules.
 
 Overlays are rendered with `kubectl kustomize` (the tests skip without kubectl). Built-in kinds are
-validated strictly with kubernetes-validate; PyTorchJob and JobSet with tests/k8s_crd_schemas.py in an
-environment of their own, built from PyPI on first use (kubeflow-training and kubeflow-trainer-api pin
-their own dependencies). Command lines are expanded as the kubelet expands them ($(VAR) from the
-container's env, ConfigMap keys read from the rendered ConfigMaps) and parsed by the jobs' own parsers.
+validated strictly with kubernetes-validate; PyTorchJob, JobSet and RayJob with tests/k8s_crd_schemas.py
+in an environment of their own, built from PyPI on first use (kubeflow-training and kubeflow-trainer-api
+pin their own dependencies). Command lines are expanded as the kubelet expands them ($(VAR) from the
+container's env, ConfigMap keys read from the rendered ConfigMaps) and parsed by the jobs' own parsers;
+a RayJob's entrypoint as KubeRay's submitter pod runs it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -41,11 +43,11 @@ IMAGE = "cut-pipeline"
 PACKAGES = ("cut", "pipeline", "jobs")  # what the image installs
 # 1.29: the first release with backoffLimitPerIndex and maxFailedIndexes on by default.
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
-CRD_KINDS = {"PyTorchJob": "kubeflow.org/v1", "JobSet": "jobset.x-k8s.io/v1alpha2"}
+CRD_KINDS = {"PyTorchJob": "kubeflow.org/v1", "JobSet": "jobset.x-k8s.io/v1alpha2", "RayJob": "ray.io/v1"}
 WORKLOAD_KINDS = {"Deployment", "Job", *CRD_KINDS}
 PLAIN_KINDS = {"Namespace", "ServiceAccount", "ConfigMap", "Secret", "Service", "PersistentVolumeClaim"}
 # Secrets the user creates (docs/kubernetes.md); only prod overlays may reference one they do not render.
-EXTERNAL_SECRETS = {"cut-s3"}
+EXTERNAL_SECRETS = {"cut-s3", "cut-ray"}
 SCHEMA_REQUIREMENTS = ("kubeflow-training==1.9.4", "kubeflow-trainer-api==2.3.0")
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "JOB_COMPLETION_INDEX", "JOB_COMPLETIONS")
 
@@ -103,6 +105,7 @@ class Pod:
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
     job_spec: Obj | None = None
+    role: str = ""  # a RayJob's pods: "ray-head", "ray-worker" or "ray-submitter"
 
     @property
     def spec(self) -> Obj:
@@ -146,6 +149,27 @@ def pods(objs: list[Obj]) -> list[Pod]:
                 )
                 annotations = {"batch.kubernetes.io/job-completion-index": "0"}
                 out.append(Pod(obj, f"JobSet/{name} {rjob['name']}", template, labels, annotations, job_spec))
+        elif kind == "RayJob":
+            out.extend(ray_pods(obj))
+    return out
+
+
+def ray_pods(job: Obj) -> list[Pod]:
+    """A RayJob's pods: its cluster's head and worker groups (KubeRay labels them with the cluster and
+    the group) and the submitter, KubeRay's Job that runs `ray job submit`."""
+    name, spec = job["metadata"]["name"], job["spec"]
+    cluster = spec["rayClusterSpec"]
+    groups = [("ray-head", "head", cluster["headGroupSpec"])]
+    groups += [("ray-worker", g["groupName"], g) for g in cluster.get("workerGroupSpecs", [])]
+    out = []
+    for role, group, spec_of_group in groups:
+        template = spec_of_group["template"]
+        labels = dict(template.get("metadata", {}).get("labels", {}))
+        labels.update({"ray.io/cluster": name, "ray.io/group": group, "ray.io/node-type": role[4:]})
+        out.append(Pod(job, f"RayJob/{name} {group}", template, labels, role=role))
+    template = spec["submitterPodTemplate"]
+    labels = dict(template.get("metadata", {}).get("labels", {}))
+    out.append(Pod(job, f"RayJob/{name} submitter", template, labels, role="ray-submitter"))
     return out
 
 
@@ -318,6 +342,8 @@ class Checked:
 def check_command_line(pod: Pod, container: Obj, objs: list[Obj], overlay: str, tmp: Path) -> Checked:
     """Parse the container's command line with the real parser of the job it starts."""
     where = f"{overlay}: {pod.where} container {container['name']}"
+    if pod.role:
+        return _check_ray_container(pod, container, objs, overlay, where)
     env = container_env(pod, container, objs, overlay)
     words = command_line(container, env, where)
     if words[0] == "torchrun":
@@ -397,6 +423,34 @@ def _check_infer(pod: Pod, env: dict[str, str], argv: list[str], where: str) -> 
     return Checked("jobs.infer", config=config)
 
 
+def _check_ray_container(pod: Pod, container: Obj, objs: list[Obj], overlay: str, where: str) -> Checked:
+    """A RayJob's containers take their commands from KubeRay: `ray start` in the first container of
+    the head and of each worker (so the first must be ours), and in the submitter
+    `bash -c "... ray job submit --address ... -- <entrypoint> ..."`; the kubelet expands the entrypoint's
+    $(VAR)s from the submitter's env, bash splits it into words, and it runs on the head as the driver,
+    in the head container's environment."""
+    first = pod.spec["containers"][0] is container
+    assert not (first and (container.get("command") or container.get("args"))), (
+        f"{where}: KubeRay gives this container its command; one here would replace it"
+    )
+    if pod.role != "ray-submitter":
+        assert first, f"{where}: KubeRay starts Ray in the first container only"
+        return Checked("ray start")
+    env = container_env(pod, container, objs, overlay)
+    entrypoint = expand(pod.owner["spec"]["entrypoint"], env)
+    unresolved = re.findall(r"\$\([^)]*\)", entrypoint)
+    assert not unresolved, f"{where}: the submitter's env does not define {unresolved}"
+    # It is spliced into a bash command line between `--` and `; fi`: no shell syntax of its own.
+    special = sorted(set(entrypoint) & set(";&|<>`$\\\"'(){}\n*?[]#~"))
+    assert not special, f"{where}: the entrypoint holds shell syntax {special}: {entrypoint!r}"
+    words = shlex.split(entrypoint)
+    (head,) = [p for p in ray_pods(pod.owner) if p.role == "ray-head"]
+    driver_env = container_env(head, head.spec["containers"][0], objs, overlay)
+    if words[:3] == ["python", "-m", "jobs.infer"]:
+        return _check_infer(head, driver_env, words[3:], f"{where}: entrypoint")
+    pytest.fail(f"{where}: an entrypoint this test does not know: {words[:3]}")
+
+
 def check_inline_python(code: str, where: str) -> None:
     """A `python -c` snippet compiles, and what it takes from the project's modules exists."""
     try:
@@ -474,6 +528,15 @@ def test_builtin_kinds_match_the_kubernetes_schemas(rendered: Rendered, overlay:
                 documents.append(
                     (f"JobSet/{name} {rjob['name']} template", job | {"spec": rjob["template"]["spec"]})
                 )
+        elif obj["kind"] == "RayJob":
+            for pod in ray_pods(obj):
+                documents.append(
+                    (
+                        f"{pod.where} template",
+                        {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}}
+                        | {"template": pod.template},
+                    )
+                )
         else:
             documents.append((f"{obj['kind']}/{name}", obj))
     errors = []
@@ -525,14 +588,16 @@ def crd_schema_python() -> Path:
     return python
 
 
-def test_pytorchjob_and_jobset_match_their_own_schemas(rendered: Rendered, crd_schema_python: Path) -> None:
+def test_pytorchjob_jobset_and_rayjob_match_their_own_schemas(
+    rendered: Rendered, crd_schema_python: Path
+) -> None:
     items = [
         {"name": f"{overlay}: {o['kind']}/{o['metadata']['name']}", "object": o}
         for overlay, objs in rendered.items()
         for o in objs
         if o["kind"] in CRD_KINDS
     ]
-    assert {item["object"]["kind"] for item in items} == set(CRD_KINDS), "both training kinds are rendered"
+    assert {item["object"]["kind"] for item in items} == set(CRD_KINDS), "every custom kind is rendered"
     proc = subprocess.run(
         [str(crd_schema_python), str(Path(__file__).with_name("k8s_crd_schemas.py"))],
         input=json.dumps(items),
@@ -641,6 +706,8 @@ def test_references_resolve_within_the_overlay(rendered: Rendered, overlay: str)
 def test_jobs_reach_object_storage_through_the_environment(rendered: Rendered, overlay: str) -> None:
     objs = rendered[overlay]
     for pod, container in our_containers(objs):
+        if pod.role == "ray-submitter":
+            continue  # it only submits the Ray job to the head's dashboard: no storage, no credentials
         where = f"{overlay}: {pod.where} container {container['name']}"
         refs = {e["name"]: e.get("valueFrom", {}) for e in container.get("env", [])}
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -735,6 +802,93 @@ def test_inference_is_an_indexed_job_with_one_slice_per_index(rendered: Rendered
     assert seen, "no overlay renders the inference Job"
 
 
+def _quantity(value: str | int) -> float:
+    """A Kubernetes quantity (CPU or bytes) as a number: "500m" -> 0.5, "20Gi" -> 21474836480."""
+    suffixes = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
+                "Ti": 2**40}
+    number, suffix = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value)).groups()
+    return float(number) * suffixes.get(suffix, 1)
+
+
+def test_inference_on_ray_is_a_rayjob_that_reruns_into_the_committed_plan(
+    rendered: Rendered, tmp_path: Path
+) -> None:
+    seen = 0
+    for overlay, objs in rendered.items():
+        for job in by_kind(objs, "RayJob"):
+            seen += 1
+            spec, where = job["spec"], f"{overlay}: RayJob/{job['metadata']['name']}"
+            assert not spec.get("clusterSelector"), f"{where}: runs on a cluster of its own"
+            assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode", f"{where}: a submitter pod"
+            assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0, (
+                f"{where}: the cluster goes when the job ends, after time to read its logs"
+            )
+            assert spec["backoffLimit"] >= 1, f"{where}: a failed Ray job is retried and finishes the plan"
+            assert spec["submitterConfig"]["backoffLimit"] >= 1, f"{where}: a lost submitter is replaced"
+            cluster = spec["rayClusterSpec"]
+            assert not cluster.get("enableInTreeAutoscaling"), f"{where}: a fixed cluster"
+            ray = [p for p in pods([job]) if p.role != "ray-submitter"]
+            images = {c["image"] for p in pods([job]) for c in p.spec["containers"][:1]}
+            assert len(images) == 1, f"{where}: one image, so one Ray version, everywhere: {images}"
+            tokens = []
+            for pod in pods([job]):  # Ray's token authentication, with one token everywhere
+                env = {e["name"]: e for e in pod.spec["containers"][0].get("env", [])}
+                mode = env.get("RAY_AUTH_MODE", {}).get("value")
+                assert mode == "token", f"{where} {pod.where}: RAY_AUTH_MODE is {mode}"
+                tokens.append(env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"])
+            assert all(token == tokens[0] for token in tokens), f"{where}: one token: {tokens}"
+            worker_gpus = 0
+            for pod in ray:
+                group = cluster["headGroupSpec"] if pod.role == "ray-head" else next(
+                    g for g in cluster["workerGroupSpecs"] if pod.where.endswith(f" {g['groupName']}")
+                )
+                label, container = f"{where} {pod.where}", pod.spec["containers"][0]
+                params = group["rayStartParams"]
+                cpus = _quantity(container["resources"]["requests"]["cpu"])
+                if pod.role == "ray-head":
+                    assert params["num-cpus"] == "0", f"{label}: no pipeline work on the head (the driver's)"
+                else:
+                    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"], label
+                    assert float(params["num-cpus"]) == cpus, f"{label}: num-cpus is the CPU request"
+                    worker_gpus += group["replicas"] * gpus(container)
+                volumes = {v["name"]: v for v in pod.spec["volumes"]}
+                mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+                shm = mounts["/dev/shm"]["emptyDir"]
+                assert int(params["object-store-memory"]) <= _quantity(shm["sizeLimit"]), (
+                    f"{label}: Ray's object store must fit /dev/shm"
+                )
+                for probe in ("readinessProbe", "livenessProbe"):
+                    assert "httpGet" in container.get(probe, {}), (
+                        f"{label}: an HTTP {probe} of our own (KubeRay's default runs wget, not in the image)"
+                    )
+            (submitter,) = [p for p in pods([job]) if p.role == "ray-submitter"]
+            assert submitter.spec["restartPolicy"] == "Never", where
+            entry = submitter.spec["containers"][0]
+            config = check_command_line(submitter, entry, objs, overlay, tmp_path).config
+            assert config.executor == "ray", f"{where}: the entrypoint runs the Ray executor"
+            assert (config.worker_index, config.num_workers) == (0, 1), f"{where}: one driver, all units"
+            assert config.device == ("cuda" if worker_gpus else "cpu"), f"{where}: --device, workers' GPUs"
+            assert config.ray_address == "auto", f"{where}: the driver joins the cluster on its own head"
+            if worker_gpus:  # an actor per GPU: the default, or as many as the workers have
+                assert config.ray_actors in (None, worker_gpus), f"{where}: --ray-actors {config.ray_actors}"
+    assert seen, "no overlay renders the RayJob"
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("--checkpoint", "--ckpt"), ("$(INFER_OUT)", "$(INFER_OUTPUT)"), ("--no-progress", "--no-progress; rm")],
+)
+def test_a_broken_rayjob_entrypoint_is_caught(rendered: Rendered, old: str, new: str, tmp_path: Path) -> None:
+    """A renamed flag, a variable the submitter does not define, or shell syntax in the entrypoint."""
+    objs = copy.deepcopy(rendered["dev/infer-ray"])
+    (job,) = by_kind(objs, "RayJob")
+    assert old in job["spec"]["entrypoint"]
+    job["spec"]["entrypoint"] = job["spec"]["entrypoint"].replace(old, new)
+    (submitter,) = [p for p in pods([job]) if p.role == "ray-submitter"]
+    with pytest.raises((pytest.fail.Exception, AssertionError)):
+        check_command_line(submitter, submitter.spec["containers"][0], objs, "dev/infer-ray", tmp_path)
+
+
 def test_tensorboard_reads_where_training_writes(rendered: Rendered, tmp_path: Path) -> None:
     from pipeline import storage
 
@@ -790,7 +944,9 @@ def test_images_carry_the_package_version_and_the_dockerfile_user(rendered: Rend
     for overlay, objs in rendered.items():
         for pod, container in our_containers(objs):
             where = f"{overlay}: {pod.where}"
-            assert container["image"].rsplit(":", 1)[1] == version, f"{where}: image tag = package version"
+            # A RayJob runs the image built with the Ray extra (Dockerfile: EXTRAS), tagged <version>-ray.
+            tag = f"{version}-ray" if pod.role else version
+            assert container["image"].rsplit(":", 1)[1] == tag, f"{where}: image tag = {tag}"
             user = container.get("securityContext", {}).get(
                 "runAsUser", pod.spec["securityContext"]["runAsUser"]
             )
