@@ -40,10 +40,9 @@ from pipeline.tables import (
     TableOptions,
     TablePart,
     TableSpec,
-    is_delta,
-    looks_like_table,
+    is_table_file,
+    is_table_listing,
     open_table,
-    parquet_is_image_table,
     row_ranges,
     table_samples,
 )
@@ -165,12 +164,11 @@ def list_input(url: str, exclude: Callable[[str], bool] | None = None,
         index = ShardIndex.load(url)
         return InputListing(url, SHARDS, base_url=index.base_url, shards=checked_shards(index))
     options = tables or TableOptions()
-    if is_delta(url) or (url.endswith(".parquet") and not storage.has_glob(url) and not storage.is_dir(url)
-                         and parquet_is_image_table(url, options)):
+    if is_table_file(url, options):
         return _table_listing(url, options, exclude)
     found = expand_source(url)
     files = [s.url for s in found.sources] + found.skipped
-    if looks_like_table(url, [f for f in files if exclude is None or not exclude(f)]):
+    if is_table_listing(url, [f for f in files if exclude is None or not exclude(f)]):
         return _table_listing(url, options, exclude)
     listing = InputListing(url, LISTING, skipped=found.skipped)
     for source in found.sources:

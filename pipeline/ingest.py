@@ -27,8 +27,8 @@ from pipeline.keys import KeyAllocator, UnsafeKeyError, check_length, path_key
 from pipeline.pixels import DEFAULT_MAX_PIXELS, decode_failure, inspect_image
 from pipeline.prefetch import ordered_map
 from pipeline.shards import INDEX_NAME, REJECTS_NAME, ShardIndex, ShardWriter, index_url
-from pipeline.table_ingest import TableCell, TableRows, is_listed_table, is_single_table_file, open_rows
-from pipeline.tables import TableOptions
+from pipeline.table_ingest import TableCell, TableRows, open_rows
+from pipeline.tables import TableOptions, is_table_file, is_table_listing
 
 LIST_EXTENSIONS = (".txt", ".parquet")
 
@@ -353,11 +353,11 @@ def split_tables(specs: Sequence[str], options: TableOptions) -> tuple[list[Tabl
     and the listings of the others; each folder, prefix or glob is listed once."""
     tables, listings = [], []
     for spec in specs:
-        if is_single_table_file(spec, options):
+        if is_table_file(spec, options):
             tables.append(open_rows(spec, options))
             continue
         listing = expand_source(spec)
-        if is_listed_table(spec, [s.url for s in listing.sources] + listing.skipped):
+        if is_table_listing(spec, [s.url for s in listing.sources] + listing.skipped):
             tables.append(open_rows(spec, options))
         else:
             listings.append((spec, listing))

@@ -1,10 +1,10 @@
 """Table rows on their way into a shard set: which SOURCE of `python -m jobs.shard` is a table, and its
 rows as cells for `pipeline.ingest`, read through `pipeline.tables`.
 
-A SOURCE is a table by jobs.infer's rule (`pipeline.corpus.list_input`): a Delta table, a `.parquet`
-file with an image column (one without stays a list of URLs), or a folder, prefix or glob of
-`.parquet` part files and no images. Its rows are read part by part, row group by row group, only the
-image and key columns.
+A SOURCE is a table by jobs.infer's rule (`pipeline.tables.is_table_file`, `is_table_listing`): a
+Delta table, a `.parquet` file with an image column (one without stays a list of URLs), or a folder,
+prefix or glob of `.parquet` part files and no images. Its rows are read part by part, row group by
+row group, only the image and key columns.
 
 Keys: the key column's value, or the `datasets` Image struct's path (`pipeline.tables` makes them
 safe and unique within a part file), with dots in the last segment made `_` (WebDataset ends a key at
@@ -18,16 +18,12 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from pipeline import storage
 from pipeline.keys import path_key
 from pipeline.tables import (
     TableInput,
     TableOptions,
     TablePart,
-    is_delta,
-    looks_like_table,
     open_table,
-    parquet_is_image_table,
     table_samples,
 )
 
@@ -82,20 +78,7 @@ def shard_key(sample_key: str, part: TablePart, row: int) -> str:
     return f"{head}/{last}" if head else last
 
 
-def is_single_table_file(spec: str, options: TableOptions) -> bool:
-    """A Delta table, or one `.parquet` file holding an image column: a table without listing a folder."""
-    if is_delta(spec):
-        return True
-    return (spec.endswith(".parquet") and not storage.has_glob(spec) and not storage.is_dir(spec)
-            and storage.exists(spec) and parquet_is_image_table(spec, options))
-
-
 def open_rows(spec: str, options: TableOptions) -> TableRows:
     """The table at `spec` (TableError for one that cannot be read as asked, naming file and column)."""
     table = open_table(spec, options.image_column, options.key_column, (), options.version)
     return TableRows(spec, table)
-
-
-def is_listed_table(spec: str, files: list[str]) -> bool:
-    """A folder, prefix or glob whose listing (`files`) is a Parquet dataset: part files, no images."""
-    return (storage.has_glob(spec) or storage.is_dir(spec)) and looks_like_table(spec, files)

@@ -449,6 +449,20 @@ def looks_like_table(url: str, files: Sequence[str]) -> bool:
         not storage.has_glob(url) or all(is_parquet_name(f) for f in files))
 
 
+def is_table_file(url: str, options: TableOptions = TableOptions()) -> bool:
+    """A table without listing a folder: a Delta table, or one `.parquet` file holding an image column
+    (one without stays a list of URLs)."""
+    if is_delta(url):
+        return True
+    return (is_parquet_name(url) and not storage.has_glob(url) and not storage.is_dir(url)
+            and storage.exists(url) and parquet_is_image_table(url, options))
+
+
+def is_table_listing(url: str, files: Sequence[str]) -> bool:
+    """A folder, prefix or glob whose listing (`files`) is a Parquet dataset: part files, no images."""
+    return (storage.has_glob(url) or storage.is_dir(url)) and looks_like_table(url, files)
+
+
 # ---------------------------------------------------------------------------------------- planning
 def row_ranges(part: TablePart, unit_size: int) -> list[tuple[int, int]]:
     """The part's rows cut into [start, stop) ranges of whole row groups of up to `unit_size` rows; a

@@ -41,8 +41,16 @@ from pipeline.ingest import expand_source
 from pipeline.pixels import ImageDecodeError, check_channels, decode_pixels
 from pipeline.sample import EncodedSample
 from pipeline.shards import ShardIndex, ShardNotFoundError, iter_shard
-from pipeline.table_ingest import is_listed_table, is_single_table_file
-from pipeline.tables import TableError, TableOptions, TablePart, TableSpec, open_table, table_samples
+from pipeline.tables import (
+    TableError,
+    TableOptions,
+    TablePart,
+    TableSpec,
+    is_table_file,
+    is_table_listing,
+    open_table,
+    table_samples,
+)
 from pipeline.transforms import TRAIN_MODES, check_train_size, to_tensor, train_crop
 
 log = logging.getLogger(__name__)
@@ -441,12 +449,12 @@ def freeze_source(url: str, frozen_base: str) -> tuple[str, ...] | FrozenTable:
 
 
 def _is_table(url: str) -> bool:
-    if is_single_table_file(url, TableOptions()):
+    if is_table_file(url, TableOptions()):
         return True
     if not (storage.has_glob(url) or storage.is_dir(url)):
         return False
     found = expand_source(url)
-    return is_listed_table(url, [s.url for s in found.sources] + found.skipped)
+    return is_table_listing(url, [s.url for s in found.sources] + found.skipped)
 
 
 def _env_int(name: str, default: int) -> int:

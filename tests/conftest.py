@@ -3,10 +3,12 @@ a few tests train on (found through CUT_DATASETS)."""
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import socket
 import struct
+import sys
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
@@ -23,6 +25,37 @@ BUCKET = "cut-test"
 # CUT_DATASETS, else ../shared/datasets beside the clone (where CI keeps them).
 DATASETS_VARIABLE = "CUT_DATASETS"
 DEFAULT_DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
+
+
+_EXIT = {"status": 0}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker process gets its share of the cores for torch's threads (two workers
+    with every core each would fight over them; subprocesses a test starts choose their own)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _EXIT["status"] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave with pytest's own status, past the interpreter's teardown: tests read Parquet and Delta tables
+    in this process, and Arrow's pool threads can abort a finalizing interpreter (exit 134 after every test
+    passed; docs/lake-tables.md says why), as jobs.cli.end_process avoids for the jobs. An xdist worker's
+    exit is not its result, so workers end as usual."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_EXIT["status"])
 
 
 def _free_port() -> int:
