@@ -60,8 +60,9 @@ class RayExecutorError(Exception):
 
 
 # ------------------------------------------------------------------------------------------ stages
-def read_unit(unit: WorkUnit, preprocess: Preprocess, batch_size: int) -> tuple[list[dict], dict]:
+def read_unit(unit: WorkUnit, preprocess: Preprocess, batch_size: int, cwd: str) -> tuple[list[dict], dict]:
     """Ray task: the unit's batches (`UnitBatches`) and its end message, as two objects."""
+    in_driver_folder(cwd)
     *batches, end = UnitBatches([unit], preprocess, batch_size)
     return batches, end
 
@@ -69,7 +70,8 @@ def read_unit(unit: WorkUnit, preprocess: Preprocess, batch_size: int) -> tuple[
 class TranslationActor:
     """Ray actor: the model, built once from the job's config, run on one unit's batches per call."""
 
-    def __init__(self, config: InferConfig, threads: int) -> None:
+    def __init__(self, config: InferConfig, threads: int, cwd: str) -> None:
+        in_driver_folder(cwd)
         if threads:
             torch.set_num_threads(threads)
         self.translator = Translator(config)
@@ -114,9 +116,10 @@ class TranslationActor:
 
 
 def write_unit(config: InferConfig, model_id: str, preset: str, unit: WorkUnit,
-               translated: dict[str, Any]) -> dict[str, Any]:
+               translated: dict[str, Any], cwd: str) -> dict[str, Any]:
     """Ray task: encode, hash and write a unit's outputs (`Translator._write_one`); returns their rows
     (with the device's error rows), the tar members of --format shards, and counts and CPU seconds."""
+    in_driver_folder(cwd)
     writer = Translator.for_outputs(config, model_id, preset)
     state = _Unit()
     rows = list(translated["rows"])
@@ -127,6 +130,13 @@ def write_unit(config: InferConfig, model_id: str, preset: str, unit: WorkUnit,
     seconds = {k: v + translated["seconds"][k] for k, v in writer.seconds.items()}
     return {"rows": rows, "tar_members": state.tar_members, "dropped": dict(writer.dropped),
             "tiled": translated["tiled"], "squashed": translated["squashed"], "seconds": seconds}
+
+
+def in_driver_folder(cwd: str) -> None:
+    """Work in the driver's folder where this node has it (the same machine, a shared mount), so
+    relative local paths (--out, --checkpoint, inputs) name what they name to the driver."""
+    if os.path.isdir(cwd) and os.getcwd() != cwd:
+        os.chdir(cwd)
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -200,7 +210,8 @@ class RayPipeline:
         write = ray.remote(**retried)(write_unit)
         pool = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)(TranslationActor)
         pool = pool.options(num_cpus=self.actor_cpus, num_gpus=int(self.gpu))
-        actors = {i: pool.remote(cfg, self.actor_cpus) for i in range(self.actor_count)}
+        cwd = os.getcwd()
+        actors = {i: pool.remote(cfg, self.actor_cpus, cwd) for i in range(self.actor_count)}
         busy = dict.fromkeys(actors, 0)
         pre = translator.preprocess()
         queue = deque(_Flight(u) for u in units)
@@ -212,7 +223,7 @@ class RayPipeline:
             while (queue or flights) and not stop.is_set():
                 while queue and len(flights) < self.in_flight and actors:
                     flight = queue.popleft()
-                    flight.batches, end = read.remote(flight.unit, pre, cfg.batch_size)
+                    flight.batches, end = read.remote(flight.unit, pre, cfg.batch_size, cwd)
                     flights[flight.unit.index] = flight
                     waiting[end] = ("read", flight)
                 if not actors:
@@ -239,7 +250,7 @@ class RayPipeline:
                         translated = actors[what.actor].translate.remote(what.unit, what.batches)
                         what.batches = None  # the call holds the decoded unit now
                         waiting[write.remote(cfg, translator.model_id, translator.preset, what.unit,
-                                             translated)] = ("write", what)
+                                             translated, cwd)] = ("write", what)
                     else:
                         busy[what.actor] = busy.get(what.actor, 1) - 1
                         count = self._commit(translator, what, value)
@@ -265,8 +276,9 @@ class RayPipeline:
         translator.unfinished = sorted(set(left) - set(translator.failed))
         translator.elapsed = progress.elapsed()
         if translator.unfinished and self.lost and not stop.is_set():
-            self.lost = (f"the translation actors kept dying ({self.lost}): units {translator.unfinished} "
-                         f"left uncommitted; rerun to finish them")
+            self.lost = (f"the translation actors died more often than Ray restarts them ({ACTOR_RESTARTS} "
+                         f"times each; last: {self.lost}): units {units_text(translator.unfinished)} left "
+                         f"uncommitted; rerun to finish them")
         translator.report()
 
     def _commit(self, translator: Translator, flight: _Flight, written: dict[str, Any]) -> int:
@@ -327,6 +339,26 @@ def _unreachable(address: str) -> str | None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"
+    """An error of Ray's, short: a task's own error, or an actor's death in its first sentence (Ray's
+    texts run to paragraphs)."""
+    cause = getattr(exc, "cause", None)  # RayTaskError: the task's exception
+    if isinstance(cause, BaseException):
+        exc = cause
+    text = " ".join(str(exc).split())
+    if isinstance(exc, _actor_error_types()):
+        text = text.split(". ")[0]
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _actor_error_types() -> tuple[type, ...]:
+    import ray
+
+    return (ray.exceptions.RayActorError,)
+
+
+def units_text(units: list[int], shown: int = 20) -> str:
+    """Unit numbers for a log line: all of a few, the first `shown` of many."""
+    if len(units) <= shown:
+        return str(units)
+    return f"{str(units[:shown])[:-1]}, ... ({len(units)} in all)]"
 
