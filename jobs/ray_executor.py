@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,7 +158,7 @@ class RayPipeline:
     """A connection to a Ray cluster (joined, or a local instance started here) and the actor pool
     that runs this job's model there."""
 
-    def __init__(self, config: InferConfig) -> None:
+    def __init__(self, config: InferConfig, stop: StopSignals | None = None) -> None:
         try:
             import ray
         except ImportError as exc:
@@ -175,6 +177,11 @@ class RayPipeline:
         except (ConnectionError, RuntimeError, TimeoutError) as exc:
             raise RayExecutorError(f"could not join the Ray cluster at {self.address}: "
                                    f"{' '.join(str(exc).split())}", 1) from exc
+        if stop is not None and threading.current_thread() is threading.main_thread():
+            # ray.init installs its own SIGTERM handler (it ends the process at once): the job's comes
+            # back, so a first signal lets the complete units commit as with the local executor.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, stop.handle)
         resources = ray.cluster_resources()
         self.cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
         where = "a local Ray instance" if self.address == "local" else f"the Ray cluster at {self.address}"
