@@ -31,7 +31,7 @@ import signal
 import socket
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -150,8 +150,7 @@ class _Flight:
     attempt: int = 1
     end: dict | None = None  # the read's end message: its error rows and input count
     batches: Any = None  # the ObjectRef of its decoded batches, until the actor call holds it
-    actor: int | None = None
-    refs: list = field(default_factory=list)
+    actor: int | None = None  # the pool's number of the actor translating it
 
 
 class RayPipeline:
@@ -238,13 +237,15 @@ class RayPipeline:
                 ready, _ = ray.wait(list(waiting), num_returns=1, timeout=1.0)
                 for ref in ready:
                     stage, what = waiting.pop(ref)
+                    if stage == "write" and what.actor in busy:
+                        busy[what.actor] -= 1
                     try:
                         value = ray.get(ref)
-                    except ray.exceptions.RayActorError as exc:
-                        self._actor_died(stage, what, exc, actors, busy, flights, queue)
-                        continue
                     except ray.exceptions.RayError as exc:
-                        self._unit_failed(translator, what, exc, flights)
+                        if stage == "ready" or isinstance(exc, ray.exceptions.RayActorError):
+                            self._actor_died(stage, what, exc, actors, busy, flights, queue)
+                        else:
+                            self._unit_failed(translator, what, exc, flights)
                         continue
                     if stage == "ready":
                         translator.tile = value["tile"]
@@ -252,6 +253,8 @@ class RayPipeline:
                                  value["device"])
                     elif stage == "read":
                         what.end = value
+                        if not busy:  # no actor left: the unit stays uncommitted
+                            continue
                         what.actor = min(busy, key=busy.get)  # the actor with the fewest units queued
                         busy[what.actor] += 1
                         translated = actors[what.actor].translate.remote(what.unit, what.batches)
@@ -259,7 +262,6 @@ class RayPipeline:
                         waiting[write.remote(cfg, translator.model_id, translator.preset, what.unit,
                                              translated, cwd)] = ("write", what)
                     else:
-                        busy[what.actor] = busy.get(what.actor, 1) - 1
                         count = self._commit(translator, what, value)
                         del flights[what.unit.index]
                         committed += 1
@@ -305,10 +307,8 @@ class RayPipeline:
         translator._finish_unit(flight.unit, state, [])
         return len(rows)
 
-    def _unit_failed(self, translator: Translator, flight: Any, exc: Exception,
+    def _unit_failed(self, translator: Translator, flight: _Flight, exc: Exception,
                      flights: dict[int, _Flight]) -> None:
-        if not isinstance(flight, _Flight):
-            raise exc
         flights.pop(flight.unit.index, None)
         translator.failed.append(flight.unit.index)
         log.error("unit %d (%s) failed and stays uncommitted: %s", flight.unit.index, flight.unit.source,
