@@ -228,7 +228,7 @@ def _run(config: InferConfig, stop: StopSignals) -> int:
     if not ray:
         return _translate(config, stop, translator, None)
     try:
-        pipeline = RayPipeline(config)
+        pipeline = RayPipeline(config, stop)
     except RayExecutorError as exc:
         log.error("%s", exc)
         return exc.code

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,8 +62,9 @@ class RayExecutorError(Exception):
 
 
 # ------------------------------------------------------------------------------------------ stages
-def read_unit(unit: WorkUnit, preprocess: Preprocess, batch_size: int) -> tuple[list[dict], dict]:
+def read_unit(unit: WorkUnit, preprocess: Preprocess, batch_size: int, cwd: str) -> tuple[list[dict], dict]:
     """Ray task: the unit's batches (`UnitBatches`) and its end message, as two objects."""
+    in_driver_folder(cwd)
     *batches, end = UnitBatches([unit], preprocess, batch_size)
     return batches, end
 
@@ -69,7 +72,8 @@ def read_unit(unit: WorkUnit, preprocess: Preprocess, batch_size: int) -> tuple[
 class TranslationActor:
     """Ray actor: the model, built once from the job's config, run on one unit's batches per call."""
 
-    def __init__(self, config: InferConfig, threads: int) -> None:
+    def __init__(self, config: InferConfig, threads: int, cwd: str) -> None:
+        in_driver_folder(cwd)
         if threads:
             torch.set_num_threads(threads)
         self.translator = Translator(config)
@@ -114,9 +118,10 @@ class TranslationActor:
 
 
 def write_unit(config: InferConfig, model_id: str, preset: str, unit: WorkUnit,
-               translated: dict[str, Any]) -> dict[str, Any]:
+               translated: dict[str, Any], cwd: str) -> dict[str, Any]:
     """Ray task: encode, hash and write a unit's outputs (`Translator._write_one`); returns their rows
     (with the device's error rows), the tar members of --format shards, and counts and CPU seconds."""
+    in_driver_folder(cwd)
     writer = Translator.for_outputs(config, model_id, preset)
     state = _Unit()
     rows = list(translated["rows"])
@@ -129,6 +134,13 @@ def write_unit(config: InferConfig, model_id: str, preset: str, unit: WorkUnit,
             "tiled": translated["tiled"], "squashed": translated["squashed"], "seconds": seconds}
 
 
+def in_driver_folder(cwd: str) -> None:
+    """Work in the driver's folder where this node has it (the same machine, a shared mount), so
+    relative local paths (--out, --checkpoint, inputs) name what they name to the driver."""
+    if os.path.isdir(cwd) and os.getcwd() != cwd:
+        os.chdir(cwd)
+
+
 # ------------------------------------------------------------------------------------------ driver
 @dataclass
 class _Flight:
@@ -138,15 +150,14 @@ class _Flight:
     attempt: int = 1
     end: dict | None = None  # the read's end message: its error rows and input count
     batches: Any = None  # the ObjectRef of its decoded batches, until the actor call holds it
-    actor: int | None = None
-    refs: list = field(default_factory=list)
+    actor: int | None = None  # the pool's number of the actor translating it
 
 
 class RayPipeline:
     """A connection to a Ray cluster (joined, or a local instance started here) and the actor pool
     that runs this job's model there."""
 
-    def __init__(self, config: InferConfig) -> None:
+    def __init__(self, config: InferConfig, stop: StopSignals | None = None) -> None:
         try:
             import ray
         except ImportError as exc:
@@ -165,6 +176,11 @@ class RayPipeline:
         except (ConnectionError, RuntimeError, TimeoutError) as exc:
             raise RayExecutorError(f"could not join the Ray cluster at {self.address}: "
                                    f"{' '.join(str(exc).split())}", 1) from exc
+        if stop is not None and threading.current_thread() is threading.main_thread():
+            # ray.init installs its own SIGTERM handler (it ends the process at once): the job's comes
+            # back, so a first signal lets the complete units commit as with the local executor.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, stop.handle)
         resources = ray.cluster_resources()
         self.cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
         where = "a local Ray instance" if self.address == "local" else f"the Ray cluster at {self.address}"
@@ -200,7 +216,8 @@ class RayPipeline:
         write = ray.remote(**retried)(write_unit)
         pool = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)(TranslationActor)
         pool = pool.options(num_cpus=self.actor_cpus, num_gpus=int(self.gpu))
-        actors = {i: pool.remote(cfg, self.actor_cpus) for i in range(self.actor_count)}
+        cwd = os.getcwd()
+        actors = {i: pool.remote(cfg, self.actor_cpus, cwd) for i in range(self.actor_count)}
         busy = dict.fromkeys(actors, 0)
         pre = translator.preprocess()
         queue = deque(_Flight(u) for u in units)
@@ -212,7 +229,7 @@ class RayPipeline:
             while (queue or flights) and not stop.is_set():
                 while queue and len(flights) < self.in_flight and actors:
                     flight = queue.popleft()
-                    flight.batches, end = read.remote(flight.unit, pre, cfg.batch_size)
+                    flight.batches, end = read.remote(flight.unit, pre, cfg.batch_size, cwd)
                     flights[flight.unit.index] = flight
                     waiting[end] = ("read", flight)
                 if not actors:
@@ -220,13 +237,15 @@ class RayPipeline:
                 ready, _ = ray.wait(list(waiting), num_returns=1, timeout=1.0)
                 for ref in ready:
                     stage, what = waiting.pop(ref)
+                    if stage == "write" and what.actor in busy:
+                        busy[what.actor] -= 1
                     try:
                         value = ray.get(ref)
-                    except ray.exceptions.RayActorError as exc:
-                        self._actor_died(stage, what, exc, actors, busy, flights, queue)
-                        continue
                     except ray.exceptions.RayError as exc:
-                        self._unit_failed(translator, what, exc, flights)
+                        if stage == "ready" or isinstance(exc, ray.exceptions.RayActorError):
+                            self._actor_died(stage, what, exc, actors, busy, flights, queue)
+                        else:
+                            self._unit_failed(translator, what, exc, flights)
                         continue
                     if stage == "ready":
                         translator.tile = value["tile"]
@@ -234,14 +253,15 @@ class RayPipeline:
                                  value["device"])
                     elif stage == "read":
                         what.end = value
+                        if not busy:  # no actor left: the unit stays uncommitted
+                            continue
                         what.actor = min(busy, key=busy.get)  # the actor with the fewest units queued
                         busy[what.actor] += 1
                         translated = actors[what.actor].translate.remote(what.unit, what.batches)
                         what.batches = None  # the call holds the decoded unit now
                         waiting[write.remote(cfg, translator.model_id, translator.preset, what.unit,
-                                             translated)] = ("write", what)
+                                             translated, cwd)] = ("write", what)
                     else:
-                        busy[what.actor] = busy.get(what.actor, 1) - 1
                         count = self._commit(translator, what, value)
                         del flights[what.unit.index]
                         committed += 1
@@ -265,8 +285,9 @@ class RayPipeline:
         translator.unfinished = sorted(set(left) - set(translator.failed))
         translator.elapsed = progress.elapsed()
         if translator.unfinished and self.lost and not stop.is_set():
-            self.lost = (f"the translation actors kept dying ({self.lost}): units {translator.unfinished} "
-                         f"left uncommitted; rerun to finish them")
+            self.lost = (f"the translation actors died more often than Ray restarts them ({ACTOR_RESTARTS} "
+                         f"times each; last: {self.lost}): units {units_text(translator.unfinished)} left "
+                         f"uncommitted; rerun to finish them")
         translator.report()
 
     def _commit(self, translator: Translator, flight: _Flight, written: dict[str, Any]) -> int:
@@ -286,10 +307,8 @@ class RayPipeline:
         translator._finish_unit(flight.unit, state, [])
         return len(rows)
 
-    def _unit_failed(self, translator: Translator, flight: Any, exc: Exception,
+    def _unit_failed(self, translator: Translator, flight: _Flight, exc: Exception,
                      flights: dict[int, _Flight]) -> None:
-        if not isinstance(flight, _Flight):
-            raise exc
         flights.pop(flight.unit.index, None)
         translator.failed.append(flight.unit.index)
         log.error("unit %d (%s) failed and stays uncommitted: %s", flight.unit.index, flight.unit.source,
@@ -327,6 +346,26 @@ def _unreachable(address: str) -> str | None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"
+    """An error of Ray's, short: a task's own error, or an actor's death in its first sentence (Ray's
+    texts run to paragraphs)."""
+    cause = getattr(exc, "cause", None)  # RayTaskError: the task's exception
+    if isinstance(cause, BaseException):
+        exc = cause
+    text = " ".join(str(exc).split())
+    if isinstance(exc, _actor_error_types()):
+        text = text.split(". ")[0]
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _actor_error_types() -> tuple[type, ...]:
+    import ray
+
+    return (ray.exceptions.RayActorError,)
+
+
+def units_text(units: list[int], shown: int = 20) -> str:
+    """Unit numbers for a log line: all of a few, the first `shown` of many."""
+    if len(units) <= shown:
+        return str(units)
+    return f"{str(units[:shown])[:-1]}, ... ({len(units)} in all)]"
 

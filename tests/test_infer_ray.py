@@ -1,0 +1,218 @@
+"""jobs.infer --executor ray on a real local Ray cluster: the local executor's rows and bytes (bad
+inputs, S3 in and out), an actor killed by its pid, the driver killed and the job finished by a rerun,
+clear failures."""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from inprocess import run_main
+from test_infer import image_folder, write_generator
+
+from jobs.infer import main as infer_main
+from pipeline import storage
+from pipeline.manifest import read_manifest
+from pipeline.shards import ShardIndex
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_ports(count: int) -> list[int]:
+    socks = [socket.socket() for _ in range(count)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    """One Ray head on loopback for the module (`ray start --block`, 2 CPUs, its own ports and temp
+    folder), stopped by ending that process."""
+    port, client, dashboard, agent, agent_grpc, metrics, env_agent = free_ports(7)
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    log_path = Path(temp) / "head.log"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+           "--node-ip-address=127.0.0.1", f"--port={port}", f"--ray-client-server-port={client}",
+           f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+           f"--runtime-env-agent-port={env_agent}", "--num-cpus=2", "--include-dashboard=false",
+           f"--temp-dir={temp}", "--disable-usage-stats"]
+    with log_path.open("w") as log:
+        head = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "block forever" not in log_path.read_text():
+            assert head.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the Ray head did not start"
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        subprocess.run(["rm", "-rf", temp], check=False)
+
+
+def infer_here(*args: str) -> subprocess.CompletedProcess:
+    return run_main(infer_main, "--no-progress", "--crop-size", "32", *args)
+
+
+def infer_process(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "jobs.infer", "--no-progress", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def comparable(out: str) -> list[dict]:
+    """The manifest rows but their timing, output URLs relative to the output."""
+    rows = read_manifest(out).to_pylist()
+    for row in rows:
+        row.pop("elapsed_ms")
+        if row["output_url"]:
+            row["output_url"] = row["output_url"][len(out):]
+    return sorted(rows, key=lambda r: r["key"])
+
+
+def same_files(a: Path, b: Path, pattern: str) -> None:
+    files = sorted(p.relative_to(a) for p in a.rglob(pattern))
+    assert files and files == sorted(p.relative_to(b) for p in b.rglob(pattern))
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory) -> tuple[list[str], Path]:
+    """A job of 10 one-image units and its outputs from the local executor."""
+    root = tmp_path_factory.mktemp("workload")
+    ckpt = write_generator(root / "g.pt", ngf=16, n_blocks=4)
+    src = image_folder(root / "in", 10, size=(48, 48))
+    args = ["--checkpoint", ckpt, "--input", str(src), "--unit-size", "1", "--batch-size", "1",
+            "--crop-size", "48"]
+    done = infer_here(*args, "--out", str(root / "local"))
+    assert done.returncode == 0, done.stderr
+    return args, root / "local"
+
+
+def lines_of(stream) -> queue.Queue:
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in stream], daemon=True).start()
+    return lines
+
+
+@pytest.mark.slow
+def test_an_actor_killed_by_its_pid_mid_run_is_restarted_and_every_row_commits_once(
+        tmp_path, ray_address, workload):
+    args, reference = workload
+    out = tmp_path / "out"
+    proc = infer_process(*args, "--out", str(out), "--executor", "ray", "--ray-address", ray_address)
+    lines, said = lines_of(proc.stderr), []
+    while not (found := re.search(r"translation actor 0: pid (\d+)", said[-1] if said else "")):
+        said.append(lines.get(timeout=120))
+    assert not (out / "_SUCCESS").exists()  # mid-run: the actor is about to take, or has, units
+    os.kill(int(found.group(1)), signal.SIGKILL)
+    assert proc.wait(180) == 0, "".join(said) + proc.stderr.read() if proc.stderr else ""
+    assert comparable(str(out)) == comparable(str(reference))
+    assert pq.read_table(str(out / "manifest")).num_rows == 10
+    same_files(reference / "images", out / "images", "*.png")
+
+
+@pytest.mark.slow
+def test_a_killed_driver_is_finished_by_a_rerun_with_the_other_executor(tmp_path, ray_address, workload):
+    args, reference = workload
+    out = tmp_path / "out"
+    proc = infer_process(*args, "--out", str(out), "--executor", "ray", "--ray-address", ray_address)
+    deadline = time.monotonic() + 120
+    while not list((out / "manifest").glob("part-*.parquet")) if (out / "manifest").exists() else True:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = len(list((out / "manifest").glob("part-*.parquet")))
+    assert 1 <= committed < 10 and not (out / "_SUCCESS").exists()
+    rerun = infer_here(*args, "--out", str(out))  # --executor local
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"({committed} already committed)" in rerun.stderr
+    assert comparable(str(out)) == comparable(str(reference))
+    same_files(reference / "images", out / "images", "*.png")
+
+
+@pytest.mark.slow
+def test_ray_gives_the_local_executors_rows_and_bytes_for_bad_inputs_on_s3(tmp_path, s3_url, ray_address):
+    """S3 inputs (bad images among them) to S3 shard outputs: the tasks reach the store with the
+    driver's AWS_* environment, which the executor passes on."""
+    ckpt = write_generator(tmp_path / "g.pt")
+    for path in image_folder(tmp_path / "in", 5, bad=True).iterdir():
+        storage.write_bytes_atomic(f"{s3_url}/in/{path.name}", path.read_bytes())
+    args = ["--checkpoint", ckpt, "--input", f"{s3_url}/in/", "--unit-size", "3", "--max-pixels", "50000",
+            "--batch-size", "2", "--format", "shards"]
+    assert infer_here(*args, "--out", f"{s3_url}/local").returncode == 0
+    ray = infer_here(*args, "--out", f"{s3_url}/ray", "--executor", "ray", "--ray-address", ray_address)
+    assert ray.returncode == 0, ray.stderr
+    assert "ok 5, errors 5" in ray.stdout and "translation actor 0: pid" in ray.stderr
+    rows = comparable(f"{s3_url}/ray")
+    assert rows == comparable(f"{s3_url}/local") and len(rows) == 10
+    assert {r["key"]: r["error"] for r in rows if r["status"] == "error"}.keys() == {
+        "corrupt", "empty", "notes", "truncated", "huge"}
+    units = sorted({r["unit"] for r in rows if r["status"] == "ok"})
+    for unit in units:
+        name = f"shards/part-{unit:06d}.tar"
+        data = storage.read_bytes(f"{s3_url}/ray/{name}")
+        assert data == storage.read_bytes(f"{s3_url}/local/{name}")
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            assert tar.getnames()
+    assert ShardIndex.load(f"{s3_url}/ray/shards").samples == 5
+    assert storage.read_bytes(f"{s3_url}/ray/_SUCCESS") == storage.read_bytes(f"{s3_url}/local/_SUCCESS")
+
+
+@pytest.mark.slow
+def test_device_cuda_on_a_cluster_without_gpus_exits_2(tmp_path, ray_address):
+    ckpt = write_generator(tmp_path / "g.pt")
+    src = image_folder(tmp_path / "in", 1)
+    done = infer_here("--checkpoint", ckpt, "--input", str(src), "--out", str(tmp_path / "out"),
+                      "--executor", "ray", "--ray-address", ray_address, "--device", "cuda")
+    assert done.returncode == 2 and f"the Ray cluster at {ray_address} has no GPUs" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_cluster_exits_1_in_one_line_naming_it(tmp_path):
+    ckpt = write_generator(tmp_path / "g.pt")
+    src = image_folder(tmp_path / "in", 1)
+    address = f"127.0.0.1:{free_ports(1)[0]}"
+    done = infer_here("--checkpoint", ckpt, "--input", str(src), "--out", str(tmp_path / "out"),
+                      "--executor", "ray", "--ray-address", address)
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert done.returncode == 1 and len(errors) == 1, done.stderr
+    assert f"the Ray cluster at {address} is unreachable" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_ray_installed_the_ray_executor_exits_2_saying_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    ckpt = write_generator(tmp_path / "g.pt")
+    src = image_folder(tmp_path / "in", 1)
+    done = infer_here("--checkpoint", ckpt, "--input", str(src), "--out", str(tmp_path / "out"),
+                      "--executor", "ray")
+    assert done.returncode == 2 and "pip install 'cut-pipeline[ray]'" in done.stderr
