@@ -120,7 +120,8 @@ class TranslationActor:
 def write_unit(config: InferConfig, model_id: str, preset: str, unit: WorkUnit,
                translated: dict[str, Any], cwd: str) -> dict[str, Any]:
     """Ray task: encode, hash and write a unit's outputs (`Translator._write_one`); returns their rows
-    (with the device's error rows), the tar members of --format shards, and counts and CPU seconds."""
+    (with the device's error rows), the tar members of --format shards or the encoded images of the
+    table formats (the driver writes them with the unit's part), and counts and CPU seconds."""
     in_driver_folder(cwd)
     writer = Translator.for_outputs(config, model_id, preset)
     state = _Unit()
@@ -130,8 +131,9 @@ def write_unit(config: InferConfig, model_id: str, preset: str, unit: WorkUnit,
     if config.format == "files":
         storage.sync_local(config.out)  # on this node's disk before the driver's part says so
     seconds = {k: v + translated["seconds"][k] for k, v in writer.seconds.items()}
-    return {"rows": rows, "tar_members": state.tar_members, "dropped": dict(writer.dropped),
-            "tiled": translated["tiled"], "squashed": translated["squashed"], "seconds": seconds}
+    return {"rows": rows, "tar_members": state.tar_members, "images": state.images,
+            "dropped": dict(writer.dropped), "tiled": translated["tiled"], "squashed": translated["squashed"],
+            "seconds": seconds}
 
 
 def in_driver_folder(cwd: str) -> None:
@@ -303,7 +305,7 @@ class RayPipeline:
             log.error("unit %d (%s): %d of its %d rows came back; it stays uncommitted", flight.unit.index,
                       flight.unit.source, len(rows), end["count"])
             return 0
-        state = _Unit(rows=list(rows.values()), tar_members=written["tar_members"])
+        state = _Unit(rows=list(rows.values()), tar_members=written["tar_members"], images=written["images"])
         translator._finish_unit(flight.unit, state, [])
         return len(rows)
 
