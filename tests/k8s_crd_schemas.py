@@ -164,7 +164,7 @@ def check_jobset(obj: dict[str, Any]) -> list[str]:
 # ray-project/kuberay ray-operator/apis/ray/v1/rayjob_types.go (RayJobSpec, SubmitterConfig) and
 # raycluster_types.go (RayClusterSpec, HeadGroupSpec, WorkerGroupSpec, AutoscalerOptions,
 # GcsFaultToleranceOptions), as installed by ray-operator/config/crd/bases/ray.io_rayjobs.yaml and
-# listed in docs/reference/api.md. Every field of these types is here with its type; a field is required
+# listed in KubeRay's API reference. Every field of these types is here with its type; a field is required
 # where its json tag has no omitempty and no +optional. Kubernetes' own types inside (PodTemplateSpec,
 # Service, ResourceRequirements, EnvVar, ...) are opaque objects here: tests/test_k8s.py validates the pod
 # templates strictly as Kubernetes PodTemplates. KubeRay 1.4 made rayStartParams optional and later
