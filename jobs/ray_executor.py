@@ -39,6 +39,7 @@ import pickle
 import signal
 import socket
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -253,15 +254,18 @@ class RayPipeline:
         pool = (ray.data.ActorPoolStrategy(size=cfg.ray_actors) if cfg.ray_actors
                 else ray.data.ActorPoolStrategy(min_size=1, max_size=self.actor_count))
         items = [_record(u.index, u) for u in units]
-        return (
-            ray.data.from_items(items, override_num_blocks=len(units))
-            .flat_map(read_unit, fn_args=(translator.preprocess(), cfg.batch_size, cwd),
-                      compute=ray.data.TaskPoolStrategy(size=self.in_flight), **retried)
-            .map(TranslationActor, fn_constructor_args=(cfg, self.actor_cpus, cwd), compute=pool,
-                 num_cpus=self.actor_cpus, num_gpus=int(self.gpu), max_restarts=ACTOR_RESTARTS,
-                 max_task_retries=ACTOR_RESTARTS)
-            .map(write_batch, fn_args=(cfg, translator.model_id, translator.preset, cwd), **retried)
-        )
+        with warnings.catch_warnings():
+            # Ray 2.60 names no parameter for an operator's retries but its (deprecated) remote args.
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+            return (
+                ray.data.from_items(items, override_num_blocks=len(units))
+                .flat_map(read_unit, fn_args=(translator.preprocess(), cfg.batch_size, cwd),
+                          compute=ray.data.TaskPoolStrategy(size=self.in_flight), **retried)
+                .map(TranslationActor, fn_constructor_args=(cfg, self.actor_cpus, cwd), compute=pool,
+                     num_cpus=self.actor_cpus, num_gpus=int(self.gpu), max_restarts=ACTOR_RESTARTS,
+                     max_task_retries=ACTOR_RESTARTS)
+                .map(write_batch, fn_args=(cfg, translator.model_id, translator.preset, cwd), **retried)
+            )
 
     def run(self, translator: Translator, units: list[WorkUnit], stop: StopSignals) -> None:
         """Run `units` through the pipeline, committing each at the driver; sets the translator's
