@@ -229,14 +229,18 @@ class RayPipeline:
         self.actor_cpus = 1 if self.gpu else max(1, (self.cpus - 1) // actors)
         dashboard = getattr(context, "dashboard_url", None)
         log.info("%s: %d CPUs, %d GPUs; %s translation actors (%s)%s", where, self.cpus, gpus,
-                 actors if config.ray_actors else f"1 to {actors}",
+                 f"1 to {actors}" if actors > 1 and not config.ray_actors else actors,
                  "1 GPU each" if self.gpu else f"{self.actor_cpus} CPUs each",
                  f"; dashboard http://{dashboard}" if dashboard else "")
         self.actor_count = actors
         self.in_flight = 2 * actors + 1
-        self.lost: str | None = None  # why units were left uncommitted, when the actors kept dying
+        self.lost: str | None = None  # why units stay uncommitted: actors kept dying, retries spent
         # Ray Data's progress bars and INFO lines would interleave with the job's own log.
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled"
+        # Its tracebacks of an error that ends the pipeline: `run` says it in one line.
+        for name in ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         data = ray.data.DataContext.get_current()
         data.enable_progress_bars = False
         data.print_on_execution_start = False
@@ -305,9 +309,10 @@ class RayPipeline:
                 if stop.is_set():  # the units complete so far are committed, as the local executor's
                     break
         except Exception as exc:  # Ray's errors once its retries are spent: the units left say so
-            if not _actor_died(exc):
-                raise
-            self.lost = _one_line(exc)
+            died = _actor_died(exc)
+            self.lost = (f"the translation actors died more often than Ray restarts them ({ACTOR_RESTARTS} "
+                         f"times each; last: {_one_line(exc)})" if died else
+                         f"the Ray Data pipeline failed after Ray's retries ({_one_line(exc)})")
         finally:
             progress.close()
         if not stop.is_set() and not self.lost:
@@ -319,9 +324,7 @@ class RayPipeline:
         translator.unfinished = sorted(set(flights) - set(translator.failed))
         translator.elapsed = progress.elapsed()
         if translator.unfinished and self.lost:
-            self.lost = (f"the translation actors died more often than Ray restarts them ({ACTOR_RESTARTS} "
-                         f"times each; last: {self.lost}): units {units_text(translator.unfinished)} left "
-                         f"uncommitted; rerun to finish them")
+            self.lost += f": units {units_text(translator.unfinished)} left uncommitted; rerun to finish them"
         translator.report()
 
     @staticmethod
