@@ -22,13 +22,14 @@ Retries: read and write tasks are retried by Ray when their process dies and on 
 trouble), `TASK_RETRIES` times; an actor that dies is restarted and its call retried
 (`ACTOR_RESTARTS`). Past that the pipeline stops and the job ends naming the units left uncommitted.
 
-Memory: read tasks run at most `in_flight` units at once (2 per actor, plus 1), and Ray Data's
-backpressure holds the pipeline's objects under `OBJECT_STORE_LIMIT`. The object store holds, per unit
-in flight, its decoded network inputs (uint8 pixels at the network's size, alpha planes, per-image
-metadata) until the actor has taken each batch, then its outputs (uint8 pixels at the network's size)
-until the write task has taken them, then the rows (and, with --format shards or a table format, the
-unit's encoded outputs) until the driver has them; files outputs go from the write task straight to
-storage.
+Memory: at most `in_flight` units (2 per actor, plus 1) are being read at once; Ray Data's backpressure
+stops new reads while the pipeline's blocks hold more than `OBJECT_STORE_LIMIT` of the object store
+(spread over its operators), so the units in flight are those few reads plus what that budget holds.
+The object store holds, per unit in flight: its decoded network inputs (uint8 pixels at the network's
+size, alpha planes, per-image metadata; one block per unit, split past Ray Data's target block size)
+until the actor has taken each batch; then its outputs (uint8 pixels at the network's size) until the
+write task has taken them; then its rows (and, with --format shards or a table format, its encoded
+outputs) until the driver has them. Files outputs go from the write task straight to storage.
 """
 
 from __future__ import annotations
