@@ -24,12 +24,14 @@ file without a readable footer, a Delta version that is gone); a checkpoint not 
 storage that stays unreachable or a unit that could not be written exits 1 (a rerun may succeed).
 
 --executor ray runs the same plan on a Ray cluster (--ray-address, else RAY_ADDRESS, else a local Ray
-instance started and stopped by the job): CPU tasks read, decode, encode and write; --ray-actors
-actors run the model (one GPU each with --device cuda); this process commits each unit's manifest
-part as above, so a job started with one executor may be finished with the other. Its own failures
-are one line each: a cluster that does not answer at the address exits 1 (naming it); --device cuda
-on a cluster without GPUs and Ray not installed (pip install 'cut-pipeline[ray]') exit 2; actors that
-keep dying (past Ray's restarts) exit 1 naming the units left uncommitted (a rerun finishes them).
+instance started and stopped by the job) as a Ray Data pipeline: CPU tasks read, decode, encode and
+write; a pool of actors runs the model (--ray-actors of them, else an autoscaling pool of 1 up to one
+per GPU, one GPU each with --device cuda); this process commits each unit's manifest part as above, so a
+job started with one executor may be finished with the other. Its own failures are one line each: a
+cluster that does not answer at the address exits 1 (naming it); --device cuda on a cluster without GPUs
+and Ray not installed (pip install 'cut-pipeline[ray]') exit 2; actors that keep dying (past Ray's
+restarts), or tasks that fail past Ray's retries, exit 1 naming the units left uncommitted (a rerun
+finishes them).
 A bad input image is never an exit: it becomes its manifest row. SIGTERM (or
 Ctrl-C) stops taking batches, commits the units that are complete and exits 143 (130).
 """

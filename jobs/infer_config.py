@@ -87,8 +87,9 @@ class InferConfig:
     ray_address: str = option("", "--executor ray: the cluster to join (host:port, ray://host:10001, "
                               "auto; default: RAY_ADDRESS, else a local Ray instance this job starts and "
                               "stops)")
-    ray_actors: int | None = option(None, "--executor ray: translation actors (default: one per GPU of the "
-                                    "cluster with --device cuda, else 1 or 2 CPU actors)")
+    ray_actors: int | None = option(None, "--executor ray: translation actors (default: an autoscaling pool "
+                                    "of 1 up to one per GPU of the cluster with --device cuda, else up to 1 "
+                                    "or 2 CPU actors)")
 
 
 def wants_cuda(config: InferConfig) -> bool:

@@ -1,37 +1,47 @@
-"""jobs.infer --executor ray: the plan's units through a Ray pipeline, committed by this process (the
-driver) exactly as the local executor commits them.
+"""jobs.infer --executor ray: the plan's units through a Ray Data pipeline, committed by this process
+(the driver) exactly as the local executor commits them.
 
-Per unit, three stages, each the local executor's own code (jobs.translator):
-  read   a CPU task: `UnitBatches` reads, decodes and batches the unit; returns its batches and, apart,
-         its end message (the error rows of inputs that did not decode, and how many inputs it read);
-  model  a call on one actor of a pool (one GPU each on a GPU cluster): the actor built a `Translator`
-         from the InferConfig once and runs its `_launch` / `_outputs` / `_unwritable` on the batches;
-  write  a CPU task: `Translator._write_one` encodes, hashes and writes each output, returning its row.
-The driver keys the rows by (unit, order) (a retried task's duplicate row is dropped) and commits a
-unit with `Translator._finish_unit` only when every row it read is back: the same rows, order, parts
-and `_SUCCESS` as the local executor.
+The pipeline, one record per model batch (each stage the local executor's own code, jobs.translator):
+  read    CPU tasks (`flat_map`, one unit per input block): `UnitBatches` reads, decodes and batches
+          the unit; a record per batch, then the unit's end record (the error rows of inputs that did
+          not decode, and how many inputs it read);
+  model   an actor pool (`map` with `TranslationActor`; one GPU per actor on a GPU cluster, an
+          autoscaling pool of 1 to n actors, or --ray-actors of them): each actor built a `Translator`
+          from the InferConfig once and runs its `_launch` / `_outputs` / `_unwritable` on a batch;
+  write   CPU tasks (`map`): `Translator._write_one` encodes, hashes and writes each output, giving
+          back its row (and, for --format shards and the table formats, the tar members or encoded
+          images the driver writes with the unit's part).
+Records are plain bytes (a pickled dict of numpy arrays and Python values: no torch tensors in blocks).
+The driver streams the results (`iter_rows`), keeps a batch's rows once (keyed by (unit, orders): a
+retried task's or restarted actor's duplicate is dropped) and commits a unit with
+`Translator._finish_unit` once every input its read counted has its row: the same rows, order, parts
+and `_SUCCESS` as the local executor. A unit short of rows stays uncommitted (exit 1; a rerun, with
+either executor, finishes it).
 
-Retries: tasks are retried by Ray when their process dies (and on errors up to `TASK_RETRIES`); an
-actor that dies is restarted and its call retried (`ACTOR_RESTARTS`). An actor that dies more often
-than that is dropped and its unit read again on another actor; once no actor is left, the job ends
-naming the units left uncommitted (a rerun, with either executor, finishes them).
+Retries: read and write tasks are retried by Ray when their process dies and on OSError (storage
+trouble), `TASK_RETRIES` times; an actor that dies is restarted and its call retried
+(`ACTOR_RESTARTS`). Past that the pipeline stops and the job ends naming the units left uncommitted.
 
-Memory: at most `in_flight` units (2 per actor, plus 1) are between read and commit. The object store
-holds, per unit in flight, its decoded network inputs (uint8 pixels at the network's size, alpha
-planes, per-image metadata) until its actor call ends, and its outputs (uint8 pixels at the network's
-size) until its write task ends; encoded outputs go from the write task straight to storage (with
---format shards, the unit's tar members come back to the driver, as the local executor holds them).
+Memory: at most `in_flight` units (2 per actor, plus 1) are being read at once; Ray Data's backpressure
+stops new reads while the pipeline's blocks hold more than `OBJECT_STORE_LIMIT` of the object store
+(spread over its operators), so the units in flight are those few reads plus what that budget holds.
+The object store holds, per unit in flight: its decoded network inputs (uint8 pixels at the network's
+size, alpha planes, per-image metadata; one block per unit, split past Ray Data's target block size)
+until the actor has taken each batch; then its outputs (uint8 pixels at the network's size) until the
+write task has taken them; then its rows (and, with --format shards or a table format, its encoded
+outputs) until the driver has them. Files outputs go from the write task straight to storage.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import socket
 import threading
-from collections import deque
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,7 +58,7 @@ log = logging.getLogger("jobs.infer")
 INSTALL = "pip install 'cut-pipeline[ray]'"
 TASK_RETRIES = 3  # a read or write task whose process died, or that raised (OSError: storage trouble)
 ACTOR_RESTARTS = 3  # an actor process that died is restarted this often; its calls are retried
-UNIT_ATTEMPTS = 2  # a unit whose actor died for good is read again on another actor this often
+OBJECT_STORE_LIMIT = 2 << 30  # bytes of the object store the pipeline's blocks may hold (backpressure)
 # The environment the tasks need to reach storage as the driver does (credentials, S3 endpoint).
 PASSED_ENV = ("AWS_", "GOOGLE_", "AZURE_")
 
@@ -62,78 +72,98 @@ class RayExecutorError(Exception):
 
 
 # ------------------------------------------------------------------------------------------ stages
-def read_unit(unit: WorkUnit, preprocess: Preprocess, batch_size: int, cwd: str) -> tuple[list[dict], dict]:
-    """Ray task: the unit's batches (`UnitBatches`) and its end message, as two objects."""
+def _record(unit: int, payload: Any) -> dict[str, Any]:
+    """A pipeline record: the unit's number and its payload, pickled (one bytes column)."""
+    return {"unit": unit, "payload": pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)}
+
+
+@dataclass(frozen=True)
+class _UnitRef:
+    """What the stages after the read use of a WorkUnit (its outputs' URLs), without its items."""
+
+    index: int
+    input_index: int
+
+
+def read_unit(item: dict[str, Any], preprocess: Preprocess, batch_size: int, cwd: str) -> list[dict]:
+    """Read stage: a record per batch of the unit (`UnitBatches`), its pixels and alpha planes as
+    numpy arrays, then the unit's end record."""
     in_driver_folder(cwd)
-    *batches, end = UnitBatches([unit], preprocess, batch_size)
-    return batches, end
+    unit: WorkUnit = pickle.loads(item["payload"])
+    ref = _UnitRef(unit.index, unit.input_index)
+    records = []
+    for msg in UnitBatches([unit], preprocess, batch_size):
+        if "end" not in msg:
+            msg["x"] = msg["x"].numpy()
+            for meta in msg["meta"]:
+                meta["alpha"] = None if meta["alpha"] is None else meta["alpha"].numpy()
+        msg["ref"] = ref
+        records.append(_record(unit.index, msg))
+    return records
 
 
 class TranslationActor:
-    """Ray actor: the model, built once from the job's config, run on one unit's batches per call."""
+    """Model stage, an actor of the pool: the model, built once from the job's config, run on one
+    batch per call (end records pass through)."""
 
     def __init__(self, config: InferConfig, threads: int, cwd: str) -> None:
+        import ray
+
         in_driver_folder(cwd)
         if threads:
             torch.set_num_threads(threads)
-        self.translator = Translator(config)
+        self.translator = t = Translator(config)
+        # Where the actor runs, in each of its records: the driver logs it (an operator can find, or
+        # kill, its process) and learns the tile size.
+        self.where = {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": str(t.device),
+                      "tile": t.tile}
 
-    def ready(self) -> dict[str, Any]:
-        """Where the actor runs (logged by the driver: an operator can find, or kill, its process)."""
-        import ray
-
-        t = self.translator
-        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": str(t.device),
-                "tile": t.tile}
-
-    def translate(self, unit: WorkUnit, batches: list[dict]) -> dict[str, Any]:
-        """A unit's batches through the model, one in flight on the device while the previous one's
-        outputs come back: the outputs to write (meta, pixels, model ms), the rows of inputs the device
-        could not take, and the counts and CPU seconds of this call."""
+    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+        msg = pickle.loads(record["payload"])
+        if "end" in msg:
+            return record
         t = self.translator
         t.tiled = t.squashed = 0
         t.seconds = dict.fromkeys(STAGES, 0.0)
-        items: list[tuple[dict, Any, float]] = []
-        rows: list[dict] = []
-
-        def collect(launched) -> None:
-            outputs, model_ms = t._outputs(launched)
-            for meta, pixels in zip(launched.meta, outputs, strict=True):
-                row = t._unwritable(meta, pixels, launched.shape)
-                if row is None:
-                    items.append((meta, pixels.numpy(), model_ms))
-                else:
-                    rows.append(row)
-
-        launched = None
-        for msg in batches:
-            current = t._launch(unit, msg)
-            if launched is not None:
-                collect(launched)
-            launched = current
-        if launched is not None:
-            collect(launched)
-        return {"items": items, "rows": rows, "tiled": t.tiled, "squashed": t.squashed,
-                "seconds": t.seconds}
+        msg["x"] = torch.from_numpy(msg["x"])
+        launched = t._launch(msg["ref"], msg)
+        outputs, model_ms = t._outputs(launched)
+        items, rows = [], []
+        for meta, pixels in zip(launched.meta, outputs, strict=True):
+            row = t._unwritable(meta, pixels, launched.shape)
+            if row is None:
+                items.append((meta, pixels.numpy(), model_ms))
+            else:
+                rows.append(row)
+        return _record(msg["unit"], {"ref": msg["ref"], "items": items, "rows": rows, "tiled": t.tiled,
+                                     "squashed": t.squashed, "seconds": t.seconds, "actor": self.where})
 
 
-def write_unit(config: InferConfig, model_id: str, preset: str, unit: WorkUnit,
-               translated: dict[str, Any], cwd: str) -> dict[str, Any]:
-    """Ray task: encode, hash and write a unit's outputs (`Translator._write_one`); returns their rows
-    (with the device's error rows), the tar members of --format shards or the encoded images of the
-    table formats (the driver writes them with the unit's part), and counts and CPU seconds."""
+def write_batch(record: dict[str, Any], config: InferConfig, model_id: str, preset: str, cwd: str
+                ) -> dict[str, Any]:
+    """Write stage: encode, hash and write a batch's outputs (`Translator._write_one`); its record
+    holds their rows (with the device's error rows), the tar members of --format shards or the
+    encoded images of the table formats (the driver writes them with the unit's part), and counts and
+    CPU seconds. End records pass through."""
+    translated = pickle.loads(record["payload"])
+    if "end" in translated:
+        return record
     in_driver_folder(cwd)
     writer = Translator.for_outputs(config, model_id, preset)
     state = _Unit()
+    unit = translated["ref"]
     rows = list(translated["rows"])
-    rows += [writer._write_one(unit, meta, pixels, model_ms, state) for meta, pixels, model_ms
-             in translated["items"]]
+    for meta, pixels, model_ms in translated["items"]:
+        if meta["alpha"] is not None:
+            meta["alpha"] = torch.from_numpy(meta["alpha"])
+        rows.append(writer._write_one(unit, meta, pixels, model_ms, state))
     if config.format == "files":
         storage.sync_local(config.out)  # on this node's disk before the driver's part says so
     seconds = {k: v + translated["seconds"][k] for k, v in writer.seconds.items()}
-    return {"rows": rows, "tar_members": state.tar_members, "images": state.images,
-            "dropped": dict(writer.dropped), "tiled": translated["tiled"], "squashed": translated["squashed"],
-            "seconds": seconds}
+    return _record(unit.index, {"rows": rows, "tar_members": state.tar_members, "images": state.images,
+                                "dropped": dict(writer.dropped), "tiled": translated["tiled"],
+                                "squashed": translated["squashed"], "seconds": seconds,
+                                "actor": translated["actor"]})
 
 
 def in_driver_folder(cwd: str) -> None:
@@ -146,22 +176,26 @@ def in_driver_folder(cwd: str) -> None:
 # ------------------------------------------------------------------------------------------ driver
 @dataclass
 class _Flight:
-    """A unit between its read and its commit, at the driver."""
+    """A unit between its read and its commit, at the driver: its rows so far, keyed by order."""
 
     unit: WorkUnit
-    attempt: int = 1
-    end: dict | None = None  # the read's end message: its error rows and input count
-    batches: Any = None  # the ObjectRef of its decoded batches, until the actor call holds it
-    actor: int | None = None  # the pool's number of the actor translating it
+    end: dict | None = None  # the read's end record: its error rows and input count
+    rows: dict[int, dict] = field(default_factory=dict)
+    tar_members: list[tuple[str, str, bytes]] = field(default_factory=list)
+    images: dict[int, bytes] = field(default_factory=dict)
+
+    def complete(self) -> bool:
+        return self.end is not None and len(self.rows) == self.end["count"]
 
 
 class RayPipeline:
-    """A connection to a Ray cluster (joined, or a local instance started here) and the actor pool
-    that runs this job's model there."""
+    """A connection to a Ray cluster (joined, or a local instance started here) and the Ray Data
+    pipeline that runs this job's units there."""
 
     def __init__(self, config: InferConfig, stop: StopSignals | None = None) -> None:
         try:
             import ray
+            import ray.data
         except ImportError as exc:
             raise RayExecutorError(f"--executor ray needs Ray ({exc}): {INSTALL}", 2) from exc
         self.ray = ray
@@ -195,143 +229,134 @@ class RayPipeline:
         # CPU actors share the cores but one, left to the read and write tasks.
         self.actor_cpus = 1 if self.gpu else max(1, (self.cpus - 1) // actors)
         dashboard = getattr(context, "dashboard_url", None)
-        log.info("%s: %d CPUs, %d GPUs; %d translation actors (%s)%s", where, self.cpus, gpus, actors,
+        log.info("%s: %d CPUs, %d GPUs; %s translation actors (%s)%s", where, self.cpus, gpus,
+                 f"1 to {actors}" if actors > 1 and not config.ray_actors else actors,
                  "1 GPU each" if self.gpu else f"{self.actor_cpus} CPUs each",
                  f"; dashboard http://{dashboard}" if dashboard else "")
         self.actor_count = actors
         self.in_flight = 2 * actors + 1
-        self.lost: str | None = None  # why units were left uncommitted, when the actors kept dying
-        self.dropped: list[int] = []  # units whose actors died on every attempt
+        self.lost: str | None = None  # why units stay uncommitted: actors kept dying, retries spent
+        # Ray Data's progress bars and INFO lines would interleave with the job's own log.
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled"
+        # Its tracebacks of an error that ends the pipeline: `run` says it in one line.
+        for name in ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        data = ray.data.DataContext.get_current()
+        data.enable_progress_bars = False
+        data.print_on_execution_start = False
+        data.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
+            object_store_memory=OBJECT_STORE_LIMIT)
 
     def close(self) -> None:
         """Leave the cluster (a local instance started here stops)."""
         self.ray.shutdown()
 
+    def dataset(self, translator: Translator, units: list[WorkUnit]):
+        """The pipeline over `units`: read tasks, the translation actor pool, write tasks."""
+        ray, cfg, cwd = self.ray, self.cfg, os.getcwd()
+        retried = {"max_retries": TASK_RETRIES, "retry_exceptions": [OSError]}  # storage trouble, again
+        pool = (ray.data.ActorPoolStrategy(size=cfg.ray_actors) if cfg.ray_actors
+                else ray.data.ActorPoolStrategy(min_size=1, max_size=self.actor_count))
+        items = [_record(u.index, u) for u in units]
+        with warnings.catch_warnings():
+            # Ray 2.60 names no parameter for an operator's retries but its (deprecated) remote args.
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+            return (
+                ray.data.from_items(items, override_num_blocks=len(units))
+                .flat_map(read_unit, fn_args=(translator.preprocess(), cfg.batch_size, cwd),
+                          compute=ray.data.TaskPoolStrategy(size=self.in_flight), **retried)
+                .map(TranslationActor, fn_constructor_args=(cfg, self.actor_cpus, cwd), compute=pool,
+                     num_cpus=self.actor_cpus, num_gpus=int(self.gpu), max_restarts=ACTOR_RESTARTS,
+                     max_task_retries=ACTOR_RESTARTS)
+                .map(write_batch, fn_args=(cfg, translator.model_id, translator.preset, cwd), **retried)
+            )
+
     def run(self, translator: Translator, units: list[WorkUnit], stop: StopSignals) -> None:
         """Run `units` through the pipeline, committing each at the driver; sets the translator's
         stats, failed and unfinished units as its own `run` does."""
-        ray, cfg = self.ray, self.cfg
         if not units:
             return
-        retried = {"max_retries": TASK_RETRIES, "retry_exceptions": [OSError]}  # storage trouble, again
-        read = ray.remote(num_returns=2, **retried)(read_unit)
-        write = ray.remote(**retried)(write_unit)
-        pool = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)(TranslationActor)
-        pool = pool.options(num_cpus=self.actor_cpus, num_gpus=int(self.gpu))
-        cwd = os.getcwd()
-        actors = {i: pool.remote(cfg, self.actor_cpus, cwd) for i in range(self.actor_count)}
-        busy = dict.fromkeys(actors, 0)
-        pre = translator.preprocess()
-        queue = deque(_Flight(u) for u in units)
-        flights: dict[int, _Flight] = {}
-        waiting: dict[Any, tuple[str, Any]] = {a.ready.remote(): ("ready", i) for i, a in actors.items()}
-        progress = Progress(cfg, units)
+        flights = {u.index: _Flight(u) for u in units}
+        seen: set[tuple[int, tuple[int, ...]]] = set()  # (unit, orders) of the batches kept
+        actors: dict[int, int] = {}  # pid -> the number the log gives the actor
+        progress = Progress(self.cfg, units)
         committed = 0
         try:
-            while (queue or flights) and not stop.is_set():
-                while queue and len(flights) < self.in_flight and actors:
-                    flight = queue.popleft()
-                    flight.batches, end = read.remote(flight.unit, pre, cfg.batch_size, cwd)
-                    flights[flight.unit.index] = flight
-                    waiting[end] = ("read", flight)
-                if not actors:
-                    break
-                ready, _ = ray.wait(list(waiting), num_returns=1, timeout=1.0)
-                for ref in ready:
-                    stage, what = waiting.pop(ref)
-                    if stage == "write" and what.actor in busy:
-                        busy[what.actor] -= 1
-                    try:
-                        value = ray.get(ref)
-                    except ray.exceptions.RayError as exc:
-                        if stage == "ready" or isinstance(exc, ray.exceptions.RayActorError):
-                            self._actor_died(stage, what, exc, actors, busy, flights, queue)
-                        else:
-                            self._unit_failed(translator, what, exc, flights)
+            for record in self.dataset(translator, units).iter_rows():
+                msg = pickle.loads(record["payload"])
+                flight = flights.get(record["unit"])
+                if flight is None:  # committed: a retry's late duplicate
+                    continue
+                if "end" in msg:
+                    flight.end = msg
+                    batch = msg["errors"]
+                else:
+                    batch = msg["rows"]
+                    key = (flight.unit.index, tuple(sorted(r["order"] for r in batch)))
+                    if key in seen:
                         continue
-                    if stage == "ready":
-                        translator.tile = value["tile"]
-                        log.info("translation actor %d: pid %d on %s (%s)", what, value["pid"], value["node"],
-                                 value["device"])
-                    elif stage == "read":
-                        what.end = value
-                        if not busy:  # no actor left: the unit stays uncommitted
-                            continue
-                        what.actor = min(busy, key=busy.get)  # the actor with the fewest units queued
-                        busy[what.actor] += 1
-                        translated = actors[what.actor].translate.remote(what.unit, what.batches)
-                        what.batches = None  # the call holds the decoded unit now
-                        waiting[write.remote(cfg, translator.model_id, translator.preset, what.unit,
-                                             translated, cwd)] = ("write", what)
-                    else:
-                        count = self._commit(translator, what, value)
-                        del flights[what.unit.index]
-                        committed += 1
-                        progress.update(count, committed)
+                    seen.add(key)
+                    self._add(translator, flight, msg, actors)
+                flight.rows.update((row["order"], row) for row in batch)
+                if flight.complete():
+                    del flights[flight.unit.index]
+                    state = _Unit(rows=list(flight.rows.values()), tar_members=flight.tar_members,
+                                  images=flight.images)
+                    translator._finish_unit(flight.unit, state, [])
+                    committed += 1
+                    progress.update(len(flight.rows), committed)
                 progress.update(0, committed)  # the 30 s log line, between commits too
-            if stop.is_set():  # commit what is complete, as the local executor does on a signal
-                for ref, (stage, what) in list(waiting.items()):
-                    if stage == "write" and ray.wait([ref], timeout=0)[0]:
-                        try:
-                            count = self._commit(translator, what, ray.get(ref))
-                        except ray.exceptions.RayError:
-                            continue
-                        del flights[what.unit.index]
-                        committed += 1
-                        progress.update(count, committed)
+                if stop.is_set():  # the units complete so far are committed, as the local executor's
+                    break
+        except Exception as exc:  # Ray's errors once its retries are spent: the units left say so
+            died = _actor_died(exc)
+            self.lost = (f"the translation actors died more often than Ray restarts them ({ACTOR_RESTARTS} "
+                         f"times each; last: {_one_line(exc)})" if died else
+                         f"the Ray Data pipeline failed after Ray's retries ({_one_line(exc)})")
         finally:
             progress.close()
-            for actor in actors.values():
-                ray.kill(actor)
-        left = {f.unit.index for f in flights.values()} | {f.unit.index for f in queue} | set(self.dropped)
-        translator.unfinished = sorted(set(left) - set(translator.failed))
+        if not stop.is_set() and not self.lost:
+            for flight in flights.values():
+                if flight.end is not None:
+                    translator.failed.append(flight.unit.index)
+                    log.error("unit %d (%s): %d of its %d rows came back; it stays uncommitted",
+                              flight.unit.index, flight.unit.source, len(flight.rows), flight.end["count"])
+        translator.unfinished = sorted(set(flights) - set(translator.failed))
         translator.elapsed = progress.elapsed()
-        if translator.unfinished and self.lost and not stop.is_set():
-            self.lost = (f"the translation actors died more often than Ray restarts them ({ACTOR_RESTARTS} "
-                         f"times each; last: {self.lost}): units {units_text(translator.unfinished)} left "
-                         f"uncommitted; rerun to finish them")
+        if translator.unfinished and self.lost:
+            self.lost += f": units {units_text(translator.unfinished)} left uncommitted; rerun to finish them"
         translator.report()
 
-    def _commit(self, translator: Translator, flight: _Flight, written: dict[str, Any]) -> int:
-        """Commit a unit once every input it read has its row; returns its row count."""
-        end = flight.end
-        rows = {row["order"]: row for row in [*written["rows"], *end["errors"]]}  # (unit, order): once
+    @staticmethod
+    def _add(translator: Translator, flight: _Flight, written: dict[str, Any], actors: dict[int, int]
+             ) -> None:
+        """A written batch's outputs and counts into its unit and the job's totals."""
+        actor = written["actor"]
+        if actor["pid"] not in actors:
+            actors[actor["pid"]] = len(actors)
+            translator.tile = actor["tile"]
+            log.info("translation actor %d: pid %d on %s (%s)", actors[actor["pid"]], actor["pid"],
+                     actor["node"], actor["device"])
+        flight.tar_members += written["tar_members"]
+        flight.images.update(written["images"])
         translator._add_time(**written["seconds"])
         translator.dropped.update(written["dropped"])
         translator.tiled += written["tiled"]
         translator.squashed += written["squashed"]
-        if len(rows) != end["count"]:
-            translator.failed.append(flight.unit.index)
-            log.error("unit %d (%s): %d of its %d rows came back; it stays uncommitted", flight.unit.index,
-                      flight.unit.source, len(rows), end["count"])
-            return 0
-        state = _Unit(rows=list(rows.values()), tar_members=written["tar_members"], images=written["images"])
-        translator._finish_unit(flight.unit, state, [])
-        return len(rows)
 
-    def _unit_failed(self, translator: Translator, flight: _Flight, exc: Exception,
-                     flights: dict[int, _Flight]) -> None:
-        flights.pop(flight.unit.index, None)
-        translator.failed.append(flight.unit.index)
-        log.error("unit %d (%s) failed and stays uncommitted: %s", flight.unit.index, flight.unit.source,
-                  _one_line(exc))
 
-    def _actor_died(self, stage: str, what: Any, exc: Exception, actors: dict, busy: dict,
-                    flights: dict[int, _Flight], queue: deque) -> None:
-        """An actor dead for good (past its restarts): out of the pool; its unit goes back to the
-        queue (read again) while it has attempts left."""
-        index = what if stage == "ready" else what.actor
-        if index in actors:
-            log.warning("translation actor %d died for good: %s", index, _one_line(exc))
-            del actors[index]
-            busy.pop(index, None)
-        self.lost = _one_line(exc)
-        if isinstance(what, _Flight):
-            flights.pop(what.unit.index, None)
-            if what.attempt < UNIT_ATTEMPTS:
-                queue.appendleft(_Flight(what.unit, what.attempt + 1))
-            else:
-                self.dropped.append(what.unit.index)
+def _actor_died(exc: BaseException) -> bool:
+    """Whether Ray's error is (or was caused by) an actor that died past its restarts."""
+    import ray
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ray.exceptions.RayActorError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _unreachable(address: str) -> str | None:

@@ -188,6 +188,23 @@ def test_ray_gives_the_local_executors_rows_and_bytes_for_bad_inputs_on_s3(tmp_p
 
 
 @pytest.mark.slow
+def test_ray_gives_the_local_executors_table_parts(tmp_path, ray_address):
+    """--format table: the encoded images come back to the driver with their unit's rows, which
+    writes the same table parts (images and rows) as the local executor."""
+    ckpt = write_generator(tmp_path / "g.pt")
+    src = image_folder(tmp_path / "in", 3, bad=True)
+    args = ["--checkpoint", ckpt, "--input", str(src), "--unit-size", "2", "--batch-size", "2",
+            "--format", "table"]
+    assert infer_here(*args, "--out", str(tmp_path / "local")).returncode == 0
+    ray = infer_here(*args, "--out", str(tmp_path / "ray"), "--executor", "ray", "--ray-address", ray_address)
+    assert ray.returncode == 0, ray.stderr
+    images = [pq.read_table(tmp_path / out / "table").sort_by("key").select(["key", "image"]).to_pylist()
+              for out in ("local", "ray")]
+    assert images[0] == images[1] and {r["image"] is None for r in images[0]} == {True, False}
+    assert comparable(str(tmp_path / "ray")) == comparable(str(tmp_path / "local"))
+
+
+@pytest.mark.slow
 def test_device_cuda_on_a_cluster_without_gpus_exits_2(tmp_path, ray_address):
     ckpt = write_generator(tmp_path / "g.pt")
     src = image_folder(tmp_path / "in", 1)
