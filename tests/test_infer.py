@@ -62,6 +62,17 @@ def image_folder(root: Path, n: int, size=(44, 40), bad: bool = False) -> Path:
     return root
 
 
+def sigkill_after_first_part(proc: subprocess.Popen, out: Path, timeout: float = 120) -> int:
+    """SIGKILL a running jobs.infer once its first manifest part is committed; the parts committed then."""
+    deadline = time.monotonic() + timeout
+    while not list((out / "manifest").glob("part-*.parquet")) if (out / "manifest").exists() else True:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return len(list((out / "manifest").glob("part-*.parquet")))
+
+
 def infer(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     cmd = [sys.executable, "-m", "jobs.infer", "--no-progress", "--crop-size", "32", *args]
@@ -266,13 +277,7 @@ def test_killed_and_rerun_job_gives_exactly_once_and_identical_outputs(tmp_path)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "jobs.infer", "--no-progress", *args, "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.monotonic() + 120
-    while not list((out / "manifest").glob("part-*.parquet")) if (out / "manifest").exists() else True:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    committed = len(list((out / "manifest").glob("part-*.parquet")))
+    committed = sigkill_after_first_part(proc, out)
     assert 1 <= committed < 12 and not (out / "_SUCCESS").exists()
     rerun = infer(*args, "--out", str(out))
     assert rerun.returncode == 0, rerun.stderr

@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from inprocess import run_main
-from test_infer import image_folder, write_generator
+from test_infer import image_folder, sigkill_after_first_part, write_generator
 
 from jobs.infer import main as infer_main
 from pipeline import storage
@@ -144,13 +144,7 @@ def test_a_killed_driver_is_finished_by_a_rerun_with_the_other_executor(tmp_path
     args, reference = workload
     out = tmp_path / "out"
     proc = infer_process(*args, "--out", str(out), "--executor", "ray", "--ray-address", ray_address)
-    deadline = time.monotonic() + 120
-    while not list((out / "manifest").glob("part-*.parquet")) if (out / "manifest").exists() else True:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    committed = len(list((out / "manifest").glob("part-*.parquet")))
+    committed = sigkill_after_first_part(proc, out)
     assert 1 <= committed < 10 and not (out / "_SUCCESS").exists()
     rerun = infer_here(*args, "--out", str(out))  # --executor local
     assert rerun.returncode == 0, rerun.stderr
