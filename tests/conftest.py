@@ -40,6 +40,16 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
 
+# The longest test files, started first: with the files shared among xdist workers in collection order,
+# a long file collected late runs alone at the end while the other workers wait.
+LONGEST_FIRST = ("test_demo.py", "test_bench.py", "test_sincut_jobs.py", "test_infer_ray.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _EXIT["status"] = int(exitstatus)
 
