@@ -14,6 +14,7 @@ import os
 import re
 import tarfile
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import IO
@@ -229,8 +230,8 @@ class ShardWriter:
         if self._tar is not None and (self._count + 1 > self.max_count or self._size + size > self.max_size):
             self._finish()
         if self._tar is None:
-            fd, self._spool = tempfile.mkstemp(prefix=f"{os.getpid()}-", suffix=".tar", dir=self._folder)
-            os.close(fd)
+            # Named before it exists, so an interrupt (Ctrl-C) at any point leaves abort() knowing the file.
+            self._spool = os.path.join(self._folder, f"{os.getpid()}-{uuid.uuid4().hex[:12]}.tar")
             self._tar = TarWriter(self._spool, SHARD_MEMBER_MODE)  # open across write() calls until _finish
         for ext, data in members.items():
             self._tar.add(f"{key}.{ext}", data)
@@ -240,7 +241,6 @@ class ShardWriter:
     def _finish(self) -> None:
         assert self._tar is not None
         tar, spool, count = self._tar, self._spool, self._count
-        self._tar, self._spool, self._count, self._size = None, "", 0, 0
         try:
             tar.close()
             name = f"{self.name_prefix}{len(self.written):06d}.tar"
@@ -249,6 +249,8 @@ class ShardWriter:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(spool)
+            # Forgotten only once gone: an interrupt before this leaves abort() to remove the spool.
+            self._tar, self._spool, self._count, self._size = None, "", 0, 0
 
     def close(self) -> list[ShardInfo]:
         """Finish the last shard; returns every shard written."""
