@@ -386,10 +386,7 @@ def _read_shard_range(unit: WorkUnit) -> Iterator[EncodedSample]:
     except storage.StorageUnreachableError:
         raise  # the store is down, not this shard: its samples get no rows until a rerun reads them
     except Exception as exc:
-        endpoint = storage.unreachable_endpoint(exc)
-        if endpoint is not None:  # a stream's connection failed: the same, found outside storage.retry
-            raise storage.StorageUnreachableError(
-                f"read {unit.shard_url}: storage unreachable ({endpoint})", endpoint) from exc
+        storage.raise_if_unreachable(exc, unit.shard_url)  # a stream's connection failed, outside retry
         failure = f"{type(exc).__name__}: {exc}"
         log.error("input shard %s unreadable after %d samples: %s", unit.shard_url, delivered, failure)
     for position in range(max(delivered, unit.start), unit.stop):

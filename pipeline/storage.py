@@ -93,6 +93,14 @@ def unreachable_endpoint(exc: BaseException) -> str | None:
     return None
 
 
+def raise_if_unreachable(exc: BaseException, url: str) -> None:
+    """StorageUnreachableError if `exc` is a connection failure found outside `retry` (a stream's read):
+    the store is down, not the object at `url`."""
+    endpoint = unreachable_endpoint(exc)
+    if endpoint is not None:
+        raise StorageUnreachableError(f"read {url}: storage unreachable ({endpoint})", endpoint) from exc
+
+
 def _unreachable(what: str, exc: BaseException, attempts: int) -> StorageUnreachableError | None:
     endpoint = unreachable_endpoint(exc)
     if endpoint is None:

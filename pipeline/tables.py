@@ -549,21 +549,13 @@ def table_samples(table: TableInput | TableSpec, part: TablePart, row_start: int
     except storage.StorageUnreachableError:
         raise
     except Exception as exc:
-        _raise_if_unreachable(exc, part.url)
+        storage.raise_if_unreachable(exc, part.url)
         failure = f"{type(exc).__name__}: {exc}"
     log.error("part file %s unreadable from row %d: %s", part.url, delivered[0], failure)
     kept = _partition_only(spec, part)
     for row in range(delivered[0], stop):
         key = keys.take(f"unreadable-{row:06d}")
         yield EncodedSample(f"{namespace}/{key}", f"{part.url}#{row}", None, "read-error", failure, kept)
-
-
-def _raise_if_unreachable(exc: BaseException, url: str) -> None:
-    """A stream's connection failure found outside storage.retry is the store's, not the part's."""
-    endpoint = storage.unreachable_endpoint(exc)
-    if endpoint is not None:
-        raise storage.StorageUnreachableError(f"read {url}: storage unreachable ({endpoint})",
-                                              endpoint) from exc
 
 
 class _GroupReader:
@@ -578,7 +570,7 @@ class _GroupReader:
         except storage.StorageUnreachableError:
             raise
         except Exception as exc:
-            _raise_if_unreachable(exc, self.url)
+            storage.raise_if_unreachable(exc, self.url)
             return None, f"row group {group}: {type(exc).__name__}: {exc}"
 
 
