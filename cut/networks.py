@@ -33,10 +33,12 @@ def check_generator_input(x: torch.Tensor, input_nc: int, multiple: int, minimum
 
 def _binomial_filter(taps: Sequence[float], channels: int, scale: float) -> torch.Tensor:
     """A (channels, 1, k, k) depthwise filter: the outer product of ``taps``, summing to ``scale``."""
-    a = torch.tensor(taps, dtype=torch.float32)
+    # Computed on the CPU, then moved to the default device: on the meta device (checkpoint checks
+    # build networks there) this arithmetic would import torch._dynamo, seconds of every job's start.
+    a = torch.tensor(taps, dtype=torch.float32, device="cpu")
     kernel = a[:, None] * a[None, :]
     kernel = kernel / kernel.sum() * scale
-    return kernel[None, None].repeat(channels, 1, 1, 1)
+    return kernel[None, None].repeat(channels, 1, 1, 1).to(torch.get_default_device())
 
 
 class Downsample(nn.Module):

@@ -1,6 +1,6 @@
 """Native CPU kernels (``cut/fast/csrc``), built on first use by torch's own extension builder.
 
-``torch.utils.cpp_extension.load`` compiles them once per machine, source and torch version (about
+``torch.utils.cpp_extension.load`` compiles them once per checkout, source and torch version (about
 20 s) into a build directory under the user's cache (``$CUT_NATIVE_CACHE``, else
 ``$XDG_CACHE_HOME/cut-pipeline`` or ``~/.cache/cut-pipeline``, else the temp directory: a read-only
 home, as in many containers, must not cost the kernels) and loads them as the torch operators
@@ -13,6 +13,7 @@ forever). It needs a C++ compiler and ninja. Where either is missing, or with ``
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -87,11 +88,14 @@ def available() -> bool:
     if missing is not None:
         log.warning("%s: native CPU kernels off (CPU training and inference slower, same math)", missing)
         return False
-    build_dir = _cache_dir() / f"native-torch{torch.__version__}-{platform.machine()}"
+    # One build directory per checkout: torch's builder writes the sources' absolute paths into it,
+    # so two checkouts sharing one directory would rebuild (about 20 s) each time the other ran.
+    checkout = hashlib.sha256(str(SOURCES[0].parent.resolve()).encode()).hexdigest()[:12]
+    build_dir = _cache_dir() / f"native-torch{torch.__version__}-{platform.machine()}-{checkout}"
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_lock(build_dir)
-        log.info("loading native CPU kernels from %s (built there once per machine)", build_dir)
+        log.info("loading native CPU kernels from %s (built there once per checkout)", build_dir)
         cpp_extension.load(
             "cut_native", [str(s) for s in SOURCES], extra_cflags=_cflags(), extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir), is_python_module=False, verbose=False,
