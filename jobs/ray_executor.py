@@ -11,7 +11,9 @@ The pipeline, one record per model batch (each stage the local executor's own co
   write   CPU tasks (`map`): `Translator._write_one` encodes, hashes and writes each output, giving
           back its row (and, for --format shards and the table formats, the tar members or encoded
           images the driver writes with the unit's part).
-Records are plain bytes (a pickled dict of numpy arrays and Python values: no torch tensors in blocks).
+Records are plain bytes (a pickled dict of numpy arrays and Python values: no torch tensors in blocks),
+each a block of its own, so a batch moves to the next stage as soon as it is done: the model starts on
+a unit's first batch while the rest is read, and writes follow the model batch by batch.
 The driver streams the results (`iter_rows`), keeps a batch's rows once (keyed by (unit, orders): a
 retried task's or restarted actor's duplicate is dropped) and commits a unit with
 `Translator._finish_unit` once every input its read counted has its row: the same rows, order, parts
@@ -26,10 +28,10 @@ Memory: at most `in_flight` units (2 per actor, plus 1) are being read at once; 
 stops new reads while the pipeline's blocks hold more than `OBJECT_STORE_LIMIT` of the object store
 (spread over its operators), so the units in flight are those few reads plus what that budget holds.
 The object store holds, per unit in flight: its decoded network inputs (uint8 pixels at the network's
-size, alpha planes, per-image metadata; one block per unit, split past Ray Data's target block size)
-until the actor has taken each batch; then its outputs (uint8 pixels at the network's size) until the
-write task has taken them; then its rows (and, with --format shards or a table format, its encoded
-outputs) until the driver has them. Files outputs go from the write task straight to storage.
+size, alpha planes, per-image metadata; a block per batch) until the actor has taken each batch; then
+its outputs (uint8 pixels at the network's size) until the write task has taken them; then its rows
+(and, with --format shards or a table format, its encoded outputs) until the driver has them. Files
+outputs go from the write task straight to storage.
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ import signal
 import socket
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from jobs.infer_config import InferConfig
+from jobs.runtime import reuse_freed_memory
 from jobs.signals import StopSignals
 from jobs.translator import STAGES, Progress, Translator, _Unit
 from pipeline import storage
@@ -85,21 +89,20 @@ class _UnitRef:
     input_index: int
 
 
-def read_unit(item: dict[str, Any], preprocess: Preprocess, batch_size: int, cwd: str) -> list[dict]:
+def read_unit(item: dict[str, Any], preprocess: Preprocess, batch_size: int, cwd: str) -> Iterator[dict]:
     """Read stage: a record per batch of the unit (`UnitBatches`), its pixels and alpha planes as
-    numpy arrays, then the unit's end record."""
+    numpy arrays, then the unit's end record; each record goes on as soon as it is read (a block of
+    its own), so the model starts on a unit's first batch while the rest is read."""
     in_driver_folder(cwd)
     unit: WorkUnit = pickle.loads(item["payload"])
     ref = _UnitRef(unit.index, unit.input_index)
-    records = []
     for msg in UnitBatches([unit], preprocess, batch_size):
         if "end" not in msg:
             msg["x"] = msg["x"].numpy()
             for meta in msg["meta"]:
                 meta["alpha"] = None if meta["alpha"] is None else meta["alpha"].numpy()
         msg["ref"] = ref
-        records.append(_record(unit.index, msg))
-    return records
+        yield _record(unit.index, msg)
 
 
 class TranslationActor:
@@ -110,6 +113,7 @@ class TranslationActor:
         import ray
 
         in_driver_folder(cwd)
+        reuse_freed_memory()  # as jobs.infer's own process: no page faults for each batch's activations
         if threads:
             torch.set_num_threads(threads)
         self.translator = t = Translator(config)
@@ -139,8 +143,8 @@ class TranslationActor:
                                      "squashed": t.squashed, "seconds": t.seconds, "actor": self.where})
 
 
-def write_batch(record: dict[str, Any], config: InferConfig, model_id: str, preset: str, cwd: str
-                ) -> dict[str, Any]:
+def write_batch(record: dict[str, Any], config: InferConfig, model_id: str, preset: str, cwd: str,
+                driver_node: str) -> dict[str, Any]:
     """Write stage: encode, hash and write a batch's outputs (`Translator._write_one`); its record
     holds their rows (with the device's error rows), the tar members of --format shards or the
     encoded images of the table formats (the driver writes them with the unit's part), and counts and
@@ -157,13 +161,22 @@ def write_batch(record: dict[str, Any], config: InferConfig, model_id: str, pres
         if meta["alpha"] is not None:
             meta["alpha"] = torch.from_numpy(meta["alpha"])
         rows.append(writer._write_one(unit, meta, pixels, model_ms, state))
-    if config.format == "files":
-        storage.sync_local(config.out)  # on this node's disk before the driver's part says so
+    if config.format == "files" and node_id() != driver_node:
+        # On another node's disk (a shared mount) before the driver's part names them; on the driver's
+        # node its commit flushes a unit's files once, as the local executor does.
+        storage.sync_local(config.out)
     seconds = {k: v + translated["seconds"][k] for k, v in writer.seconds.items()}
     return _record(unit.index, {"rows": rows, "tar_members": state.tar_members, "images": state.images,
                                 "dropped": dict(writer.dropped), "tiled": translated["tiled"],
                                 "squashed": translated["squashed"], "seconds": seconds,
                                 "actor": translated["actor"]})
+
+
+def node_id() -> str:
+    """The Ray node this process runs on."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def in_driver_folder(cwd: str) -> None:
@@ -245,6 +258,10 @@ class RayPipeline:
         data = ray.data.DataContext.get_current()
         data.enable_progress_bars = False
         data.print_on_execution_start = False
+        # Every record (a model batch) is a block of its own, so each stage passes it on at once: with
+        # Ray Data's 128 MiB blocks a unit's batches would reach the model only after its whole read,
+        # and the writes only after its whole translation.
+        data.target_max_block_size = 1
         data.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
             object_store_memory=OBJECT_STORE_LIMIT)
 
@@ -265,11 +282,12 @@ class RayPipeline:
             return (
                 ray.data.from_items(items, override_num_blocks=len(units))
                 .flat_map(read_unit, fn_args=(translator.preprocess(), cfg.batch_size, cwd),
-                          compute=ray.data.TaskPoolStrategy(size=self.in_flight), **retried)
+                          compute=ray.data.TaskPoolStrategy(size=min(self.in_flight, len(units))), **retried)
                 .map(TranslationActor, fn_constructor_args=(cfg, self.actor_cpus, cwd), compute=pool,
                      num_cpus=self.actor_cpus, num_gpus=int(self.gpu), max_restarts=ACTOR_RESTARTS,
                      max_task_retries=ACTOR_RESTARTS)
-                .map(write_batch, fn_args=(cfg, translator.model_id, translator.preset, cwd), **retried)
+                .map(write_batch, fn_args=(cfg, translator.model_id, translator.preset, cwd, node_id()),
+                     **retried)
             )
 
     def run(self, translator: Translator, units: list[WorkUnit], stop: StopSignals) -> None:
