@@ -19,7 +19,8 @@ PNGs to local disk:
   Ray instance (`bench.ray_local`) that is started once before the timed rounds and that every run
   joins with --ray-address; starting the instance (printed) is charged to no run, as a cluster that
   is already up costs a job nothing. Its rate is printed beside the local executor's, with the ratio
-  (the goal: ray within 15% of local, a ratio of at least 0.85).
+  (the goal: ray within 15% of local, a ratio of at least 0.85), and split into a 1-image job's time
+  (what a job pays once) and the time per image beyond it (the rate a long job approaches).
 
 Every timed run is a fresh process, as a user's would be (so no variant inherits another's
 allocator or thread-pool state: jobs.infer tunes its process's malloc, `jobs.runtime`), after one
@@ -193,6 +194,10 @@ def main() -> None:
         start = {k: min(run["warm_up"] for run in runs_of[k]) for k in ("job", "ray")}
         print(f"a 1-image job (the warm-up; mostly fixed cost): local {start['job']:.1f} s, ray "
               f"{start['ray']:.1f} s (joining the instance, starting the actor, loading the model)")
+        if n > 1:  # what each image beyond the first costs: the rate a long job approaches
+            per = {k: (min(seconds[k]) - start[k]) / (n - 1) for k in ("job", "ray")}
+            print(f"per image beyond a 1-image job: local {per['job']:.3f} s, ray {per['ray']:.3f} s "
+                  f"(ray / local rate {per['job'] / per['ray']:.2f}x)")
 
 
 if __name__ == "__main__":
