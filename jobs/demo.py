@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(os.environ.get("DEMO_STEPS", "1500")),
         help="training steps (also DEMO_STEPS=...)",
     )
-    parser.add_argument("--ranks", type=int, default=1, help="torchrun processes (gloo on the CPU)")
+    parser.add_argument("--ranks", type=int, default=1, help="torchrun processes (gloo on the CPU), each "
+                        "given its share of the cores, or OMP_NUM_THREADS threads where that is set")
     return parser
 
 
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     for cmd in shard_commands(py, data, out):
         run(cmd)
-    threads = max(1, (os.cpu_count() or 1) // args.ranks)  # the cores shared out among the ranks
+    # the cores shared out among the ranks, unless OMP_NUM_THREADS already says (a busy machine, a test)
+    threads = None if os.environ.get("OMP_NUM_THREADS") else max(1, (os.cpu_count() or 1) // args.ranks)
     run(train_command(py, out, args.ranks, args.steps, real_data=bool(args.data)), threads)
     classifier = out / "domain-classifier.pt"
     run([py, "-m", "jobs.eval", "--train-classifier-only", "--domain-classifier", str(classifier),

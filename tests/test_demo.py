@@ -17,7 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_make_demo_translates_shapes_and_reports_scores_against_the_identity(tmp_path):
     out = tmp_path / "demo"
-    env = dict(os.environ, DEMO_OUT=str(out))
+    # One thread a process: `make test` runs two test files at once on two cores, and the demo's own
+    # choice (every core for training) then makes two OpenMP pools fight over them, which costs CPU
+    # time without changing a step's result by more than its summation order.
+    env = dict(os.environ, DEMO_OUT=str(out), OMP_NUM_THREADS="1")
     env.pop("DEMO_STEPS", None)
     done = subprocess.run(["make", "demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
