@@ -21,13 +21,17 @@ lint: venv
 # Test processes (pytest-xdist): one per core, at most 4 (each test file runs whole in one of them).
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 4 ? 4 : n )))
 
+# Whole test files are shared out in the order tests/conftest.py gives them (the longest first), not
+# xdist's default (the files with the most tests first, which left the two longest to run last).
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 # The whole suite, as CI runs it; the slowest tests are listed at the end so they stay visible.
 test: venv lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(PY) -m pytest -q $(XDIST) --durations=15
 
 # The developer's loop: everything but the multi-process and end-to-end tests (marked slow).
 test-quick: venv lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 demo: venv
 	$(PY) -m jobs.demo $(if $(DATA),--data $(DATA))

@@ -1,7 +1,8 @@
 """The prepared device check: run it once when a task has a GPU; every GPU figure we track, in one run.
 
     python -m bench.gpu_check [--compile]            # on a CUDA device, about 6-8 minutes
-    python -m bench.gpu_check --smoke                 # the same code paths on the CPU, tiny (a test)
+    python -m bench.gpu_check --smoke                 # the same code paths on the CPU, tiny (a test):
+                                                      # 32x32 images, narrow networks, one or two runs each
 
 1. Correctness in bf16: the generator under bf16 autocast + channels_last against fp32, and three
    CUT training steps in bf16 against fp32 from the same weights.
@@ -43,6 +44,9 @@ from cut.inference import from_uint8, is_out_of_memory, to_uint8
 from cut.networks import init_weights
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The networks' width and depth: the official ones, or (--smoke) narrow ones, since the smoke run
+#: checks that every path runs, not its speed.
+ARCH: dict[str, int] = {}
 
 
 def record(**fields) -> None:
@@ -67,9 +71,14 @@ def _timed(fn, seconds: float, device: torch.device, warmup: int = 3) -> float:
     return calls / (time.perf_counter() - start)
 
 
+def _generator() -> ResnetGenerator:
+    """The CUT generator at the check's width and depth (`ARCH`)."""
+    return ResnetGenerator(**{k: v for k, v in ARCH.items() if k in ("ngf", "n_blocks")})
+
+
 def check_correctness(device: torch.device, size: int, images: int = 4, steps: int = 3) -> None:
     torch.manual_seed(0)
-    g = accelerate(init_weights(ResnetGenerator(), gain=0.5)).to(device).eval()
+    g = accelerate(init_weights(_generator(), gain=0.5)).to(device).eval()
     x = torch.rand(images, 3, size, size, device=device) * 2 - 1
     with torch.inference_mode():
         ref = g(x)
@@ -81,7 +90,7 @@ def check_correctness(device: torch.device, size: int, images: int = 4, steps: i
     a, b = torch.rand(1, 3, size, size) * 2 - 1, torch.rand(1, 3, size, size) * 2 - 1
     runs = {}
     for name, extra in (("fp32", {}), ("bf16", {"bf16": True, "channels_last": True})):
-        model = CUTModel(CUTConfig.from_preset("CUT", **extra), device=device, seed=0)
+        model = CUTModel(CUTConfig.from_preset("CUT", **extra, **ARCH), device=device, seed=0)
         runs[name] = [model.train_step(a.to(device), b.to(device)) for _ in range(steps)]
     for step, (f, h) in enumerate(zip(runs["fp32"], runs["bf16"], strict=True)):
         record(check="CUT step bf16 vs fp32", step=step, **{k: [round(f[k], 4), round(h[k], 4)] for k in f})
@@ -96,7 +105,7 @@ def gpu_only_rates(device: torch.device, size: int, batches: list[int], seconds:
         variants.append(("bf16+cl+compile", True, True, True))
     rates = {}
     for name, bf16, cl, comp in variants:
-        g = accelerate(ResnetGenerator()).to(device).eval()
+        g = accelerate(_generator()).to(device).eval()
         if cl:
             g = g.to(memory_format=torch.channels_last)
         fn = torch.compile(g) if comp else g
@@ -145,7 +154,7 @@ def end_to_end(device: torch.device, root: Path, size: int, images: int, batch: 
     synthetic_jpegs(folder, images, size)
     ckpt = root / "g.pt"
     torch.manual_seed(0)
-    ckpt.write_bytes(to_bytes(export_generator(init_weights(ResnetGenerator()), preset="CUT")))
+    ckpt.write_bytes(to_bytes(export_generator(init_weights(_generator()), preset="CUT")))
     unit = max(batch, images // 16)
     argv = ["--checkpoint", str(ckpt), "--input", str(folder), "--out", str(root / "infer-out"),
             "--device", device.type, "--crop-size", str(size), "--batch-size", str(batch),
@@ -220,7 +229,7 @@ def largest_training_batch(device: torch.device, size: int, candidates: list[int
     for batch in candidates:
         model = None
         try:
-            model = build("ours", "CUT", channels_last=on_device, device=device, bf16=on_device)
+            model = build("ours", "CUT", channels_last=on_device, device=device, bf16=on_device, **ARCH)
             a, b = (torch.rand(batch, 3, size, size, device=device) * 2 - 1 for _ in range(2))
             for _ in range(2):
                 model.train_step(a, b, sync=False)
@@ -247,7 +256,7 @@ def training_speed(device: torch.device, size: int, seconds: float) -> None:
         for variant in ("official", "ours"):
             torch.manual_seed(0)
             fast = variant == "ours" and on_device
-            model = build(variant, preset, channels_last=fast, device=device, bf16=fast)
+            model = build(variant, preset, channels_last=fast, device=device, bf16=fast, **ARCH)
             rates[variant] = _timed(lambda m=model: m.train_step(a, b, sync=False), seconds, device)
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if on_device else None
             record(bench=f"train step {size}", preset=preset, variant=variant,
@@ -267,6 +276,7 @@ def main() -> None:
     if args.smoke:  # bf16 on a CPU without bf16 instructions is slow: each path runs as few times as it can
         device, size = torch.device("cpu"), 32
         args.seconds, args.images, args.batch, args.train_steps = 0.01, 32, 2, 2
+        ARCH.update(ngf=8, ndf=8, n_blocks=2)
         torch.set_num_threads(2)
     elif not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this check is for a lent GPU (--smoke runs it on the CPU)")
@@ -285,7 +295,8 @@ def main() -> None:
             key = f"{'bf16+cl+compile' if comp else 'bf16+cl'}@{args.batch}"
             end_to_end(device, root / f"e2e-{comp}", size, args.images, args.batch, comp, rates.get(key))
         largest = largest_training_batch(device, size, [2] if args.smoke else [8, 16, 32, 64, 128])
-        smoke = {"images": 16, "overrides": ("model.ngf=8", "model.n_blocks=2")} if args.smoke else {}
+        narrow = tuple(f"model.{k}={v}" for k, v in ARCH.items())
+        smoke = {"images": 16, "overrides": narrow} if args.smoke else {}
         training_data_wait(device, root, size, args.train_steps, sorted({1, largest}), **smoke)
     training_speed(device, size, args.seconds)
     record(done=True, seconds=round(time.perf_counter() - start, 1))

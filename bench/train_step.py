@@ -34,11 +34,13 @@ from cut import CUTConfig, CUTModel
 
 
 def build(variant: str, preset: str, channels_last: bool, device: str | torch.device = "cpu",
-          bf16: bool = False) -> CUTModel:
+          bf16: bool = False, **arch: int) -> CUTModel:
     """Our CUT model, or (`variant` "official") the official step: keys re-encoded, the official
-    network (`bench.official`), torch's default Adam, gradients kept until the next backward."""
+    network (`bench.official`), torch's default Adam, gradients kept until the next backward.
+    ``arch`` overrides the preset's widths and depth (ngf, ndf, n_blocks)."""
     official = variant == "official"
-    cfg = CUTConfig.from_preset(preset, reuse_keys=not official, channels_last=channels_last, bf16=bf16)
+    cfg = CUTConfig.from_preset(preset, reuse_keys=not official, channels_last=channels_last, bf16=bf16,
+                                **arch)
     model = CUTModel(cfg, device=device, seed=0)
     if official:
         # torch's default Adam (a per-tensor loop on the CPU), as the official code constructs it.

@@ -40,8 +40,9 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
 
-# The longest test files, started first: with the files shared among xdist workers in collection order,
-# a long file collected late runs alone at the end while the other workers wait.
+# The longest test files, started first: with the files shared among xdist workers in collection order
+# (the Makefile's --no-loadscope-reorder; xdist's default puts the files with the most tests first), a
+# long file collected late runs alone at the end while the other workers wait.
 LONGEST_FIRST = ("test_demo.py", "test_bench.py", "test_sincut_jobs.py", "test_infer_ray.py")
 
 

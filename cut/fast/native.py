@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils import cpp_extension
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +71,8 @@ def _missing_tool() -> str | None:
     compiler = os.environ.get("CXX") or "c++"
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler})"
+    from torch.utils import cpp_extension  # (with setuptools: a fifth of a second, paid at first use only)
+
     if not cpp_extension.is_ninja_available():
         return "no ninja"
     return None
@@ -96,6 +97,8 @@ def available() -> bool:
         build_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_lock(build_dir)
         log.info("loading native CPU kernels from %s (built there once per checkout)", build_dir)
+        from torch.utils import cpp_extension
+
         cpp_extension.load(
             "cut_native", [str(s) for s in SOURCES], extra_cflags=_cflags(), extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir), is_python_module=False, verbose=False,
