@@ -138,3 +138,38 @@ def test_an_official_state_dict_whose_empty_tensors_declare_giant_widths_is_refu
     with pytest.raises(CheckpointError, match=r"x\.pth: G: the architecture inferred from its tensors has "
                                               r"output_nc=1000000000; expected an integer in 1\.\.1024"):
         generator_from_checkpoint(state, "x.pth")
+
+
+def test_huge_but_finite_weights_load_and_a_single_inf_or_nan_is_refused():
+    """Weights are proven finite by their sum first: a sum that overflows (finite weights near the
+    float32 maximum) must not refuse a good checkpoint, and one bad element anywhere must."""
+    m = small_model()
+    state = export_generator(m.netG, preset="CUT")
+    weights = state["state_dict"]
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.numel() > 8)
+    weights[name] = torch.full_like(weights[name], 3e38)  # the sum overflows to inf; every element is finite
+    generator_from_checkpoint(read_checkpoint(to_bytes(state), "huge.pt"))
+    for bad in (float("inf"), float("nan")):
+        spoiled = torch.zeros_like(weights[name])
+        spoiled.view(-1)[5] = bad
+        weights[name] = spoiled
+        with pytest.raises(CheckpointError, match="hold NaN or Inf"):
+            generator_from_checkpoint(read_checkpoint(to_bytes(state), "bad.pt"))
+
+
+def test_loading_a_checkpoint_does_not_import_the_compiler_stack():
+    """A job's start-up: checking a checkpoint builds the network on the meta device, which must not
+    pull in torch._dynamo (seconds of import in every job, Ray actor and test process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from cut import ResnetGenerator\n"
+            "from cut.checkpoint import export_generator, generator_from_checkpoint, read_checkpoint\n"
+            "from cut.checkpoint import to_bytes\n"
+            "data = to_bytes(export_generator(ResnetGenerator(ngf=8, n_blocks=2), preset='CUT'))\n"
+            "generator_from_checkpoint(read_checkpoint(data, 'g.pt'))\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
