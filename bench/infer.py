@@ -1,6 +1,6 @@
 """Images per second of jobs.infer against the official test.py path and a plain loop, in one run.
 
-    python -m bench.infer [--images 24] [--threads 2] [--rounds 3] [--executor ray]
+    python -m bench.infer [--images 24] [--threads 2] [--rounds 3] [--executor ray] [--only job,ray]
 
 All three translate the same horse2zebra test images (256x256 JPEGs) with the same weights
 (resnet_9blocks, random: speed does not depend on them) at the official preprocessing, and write
@@ -149,6 +149,9 @@ def main() -> None:
                    help="CPU slots of the local Ray instance (default: --threads + 1: the executor gives its "
                         "CPU actor every slot but one, left to the read and write tasks, so the model runs "
                         "--threads threads as the local executor's does)")
+    p.add_argument("--only", default=None,
+                   help="comma-separated variants to run (official, plain, job, onnx, ray); default: all "
+                        "(ray with --executor ray)")
     p.add_argument("--_run", choices=["official", "plain", "job", "onnx", "ray"], help=argparse.SUPPRESS)
     p.add_argument("--_root", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--_out", type=Path, help=argparse.SUPPRESS)
@@ -161,10 +164,13 @@ def main() -> None:
         print(json.dumps({"seconds": seconds, "warm_up": warm_up}))
         return
     variants = ["official", "plain", "job", "onnx"] + (["ray"] if args.executor == "ray" else [])
+    if args.only:
+        variants = [v for v in variants if v in args.only.split(",")]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
         (root / "g.pt").write_bytes(to_bytes(export_generator(_generator())))
-        export.export(str(root / "g.pt"), str(root / "onnx"), "onnx")
+        if "onnx" in variants:
+            export.export(str(root / "g.pt"), str(root / "onnx"), "onnx")
         ray = None
         if args.executor == "ray":  # started once, outside every timed run; its workers inherit this env
             ray_env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -178,14 +184,19 @@ def main() -> None:
     rate = {k: n / min(v) for k, v in seconds.items()}
     print(f"torch {torch.__version__}, {args.threads} threads, {n} images at 256x256, resnet_9blocks, PNGs, "
           f"fastest of {args.rounds} alternating runs, each in a fresh process after one warm-up image")
-    print(f"official test.py path (official network)  : {rate['official']:7.3f} images/s")
-    print(f"plain per-image loop over our generator   : {rate['plain']:7.3f} images/s")
-    print(f"jobs.infer (CPU defaults, start-up incl.) : {rate['job']:7.3f} images/s")
-    print(f"jobs.infer --engine onnxruntime           : {rate['onnx']:7.3f} images/s")
-    print(f"jobs.infer / official test.py path        : {rate['job'] / rate['official']:7.2f}x")
-    print(f"jobs.infer / plain loop                   : {rate['job'] / rate['plain']:7.2f}x")
-    print(f"onnxruntime engine / torch engine         : {rate['onnx'] / rate['job']:7.2f}x")
-    if ray is not None:
+    labels = {"official": "official test.py path (official network)  ",
+              "plain": "plain per-image loop over our generator   ",
+              "job": "jobs.infer (CPU defaults, start-up incl.) ",
+              "onnx": "jobs.infer --engine onnxruntime           "}
+    for variant, label in labels.items():
+        if variant in rate:
+            print(f"{label}: {rate[variant]:7.3f} images/s")
+    for a, b, label in (("job", "official", "jobs.infer / official test.py path        "),
+                        ("job", "plain", "jobs.infer / plain loop                   "),
+                        ("onnx", "job", "onnxruntime engine / torch engine         ")):
+        if a in rate and b in rate:
+            print(f"{label}: {rate[a] / rate[b]:7.2f}x")
+    if ray is not None and {"job", "ray"} <= rate.keys():
         slots = args.ray_cpus or args.threads + 1
         print(f"jobs.infer --executor ray (local Ray)     : {rate['ray']:7.3f} images/s  ({slots} CPU slots; "
               f"the instance's start, {ray.start_seconds:.1f} s, is charged to no run)")
