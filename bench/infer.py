@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -127,6 +128,18 @@ def timed_run(variant: str, files: list[Path], root: Path, out: Path, ray_addres
     return seconds[1], seconds[0]
 
 
+def _break_even(start: dict[str, float], per: dict[str, float], ratio: float) -> str:
+    """The job size (images) from which the Ray executor's rate is at least ``ratio`` of the local
+    one, given each executor's 1-image job time and time per further image."""
+    gain = per["job"] - ratio * per["ray"]  # what each further image brings the ratio
+    need = ratio * start["ray"] - start["job"]  # the fixed costs' gap, at that ratio
+    if need <= 0:
+        return "a 1-image job"
+    if gain <= 0:
+        return "no job size (its time per image is too high)"
+    return f"jobs of {1 + math.ceil(need / gain)} images"
+
+
 def _child(variant: str, args: argparse.Namespace, root: Path, out: Path, ray: LocalRay | None) -> dict:
     cmd = [sys.executable, "-m", "bench.infer", "--_run", variant, "--_root", str(root), "--_out", str(out),
            "--images", str(args.images), "--threads", str(args.threads), "--data", str(args.data)]
@@ -209,6 +222,7 @@ def main() -> None:
             per = {k: (min(seconds[k]) - start[k]) / (n - 1) for k in ("job", "ray")}
             print(f"per image beyond a 1-image job: local {per['job']:.3f} s, ray {per['ray']:.3f} s "
                   f"(ray / local rate {per['job'] / per['ray']:.2f}x)")
+            print(f"ray within 15% of local from: {_break_even(start, per, 0.85)}")
 
 
 if __name__ == "__main__":

@@ -181,6 +181,41 @@ def test_ray_gives_the_local_executors_rows_and_bytes_for_bad_inputs_on_s3(tmp_p
     assert storage.read_bytes(f"{s3_url}/ray/_SUCCESS") == storage.read_bytes(f"{s3_url}/local/_SUCCESS")
 
 
+def test_a_units_records_carry_whole_batches_of_8_images_or_more_and_its_end_message_last(tmp_path):
+    """The read stage, without Ray: 19 images at batch size 3 go as records of 3 batches (9 images),
+    the last record holding the rest and the unit's end message; every input once, in order."""
+    import pickle
+
+    from jobs.ray_executor import RECORD_IMAGES, read_unit
+    from pipeline.corpus import plan_units
+    from pipeline.translation_io import Preprocess
+
+    assert RECORD_IMAGES == 8
+    (unit,) = plan_units([str(image_folder(tmp_path / "in", 19))], unit_size=19)
+    item = {"unit": unit.index, "payload": pickle.dumps(unit)}
+    records = [pickle.loads(r["payload"]) for r in read_unit(item, Preprocess(), 3, os.getcwd())]
+    images = [sum(len(m["meta"]) for m in record if "end" not in m) for record in records]
+    assert images == [9, 9, 1]
+    assert [["end" in m for m in record] for record in records] == [[False] * 3, [False] * 3, [False, True]]
+    assert records[-1][-1]["count"] == 19 and not records[-1][-1]["errors"]
+    orders = [meta["order"] for record in records for m in record if "end" not in m for meta in m["meta"]]
+    assert orders == list(range(19))
+
+
+@pytest.mark.slow
+def test_a_unit_of_several_records_gives_the_local_executors_rows_and_bytes(tmp_path, ray_address):
+    ckpt = write_generator(tmp_path / "g.pt", ngf=8, n_blocks=2)
+    src = image_folder(tmp_path / "in", 19, size=(32, 32))
+    args = ["--checkpoint", ckpt, "--input", str(src), "--unit-size", "19", "--batch-size", "3",
+            "--crop-size", "32"]
+    assert infer_here(*args, "--out", str(tmp_path / "local")).returncode == 0
+    ray = infer_here(*args, "--out", str(tmp_path / "ray"), "--executor", "ray", "--ray-address", ray_address)
+    assert ray.returncode == 0, ray.stderr
+    assert comparable(str(tmp_path / "ray")) == comparable(str(tmp_path / "local"))
+    assert pq.read_table(str(tmp_path / "ray" / "manifest")).num_rows == 19
+    same_files(tmp_path / "local" / "images", tmp_path / "ray" / "images", "*.png")
+
+
 @pytest.mark.slow
 def test_ray_gives_the_local_executors_table_parts(tmp_path, ray_address):
     """--format table: the encoded images come back to the driver with their unit's rows, which
