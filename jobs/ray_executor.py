@@ -9,7 +9,7 @@ executor's own code, jobs.translator):
   model   an actor pool (`map` with `TranslationActor`; one GPU per actor on a GPU cluster, an
           autoscaling pool of 1 to n actors, or --ray-actors of them): each actor built a `Translator`
           from the InferConfig once and runs its `_launch` / `_outputs` / `_unwritable` on each batch
-          of a record, on the actor's main thread (`_on_main_thread`);
+          of a record, on the actor's main thread;
   write   CPU tasks (`map`): `Translator._write_one` encodes, hashes and writes each output, giving
           back its row (and, for --format shards and the table formats, the tar members or encoded
           images the driver writes with the unit's part).
@@ -40,7 +40,6 @@ outputs go from the write task straight to storage.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import pickle
@@ -65,6 +64,7 @@ from pipeline.translation_io import Preprocess, UnitBatches
 log = logging.getLogger("jobs.infer")
 
 INSTALL = "pip install 'cut-pipeline[ray]'"
+RAY_VERSIONS = ((2, 53), (2, 64))  # the Rays the executor runs on (pyproject.toml's `ray` extra says why)
 TASK_RETRIES = 3  # a read or write task whose process died, or that raised (OSError: storage trouble)
 ACTOR_RESTARTS = 3  # an actor process that died is restarted this often; its calls are retried
 RECORD_IMAGES = 8  # a record (a block) carries whole batches until it holds this many images
@@ -230,6 +230,9 @@ class RayPipeline:
             import ray.data
         except ImportError as exc:
             raise RayExecutorError(f"--executor ray needs Ray ({exc}): {INSTALL}", 2) from exc
+        if not RAY_VERSIONS[0] <= _version(ray.__version__) < RAY_VERSIONS[1]:
+            raise RayExecutorError(f"--executor ray needs Ray {_version_text(RAY_VERSIONS[0])} to below "
+                                   f"{_version_text(RAY_VERSIONS[1])}, found {ray.__version__}: {INSTALL}", 2)
         self.ray = ray
         self.cfg = config
         self.address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
@@ -293,7 +296,12 @@ class RayPipeline:
         ray, cfg, cwd = self.ray, self.cfg, os.getcwd()
         retried = {"max_retries": TASK_RETRIES, "retry_exceptions": [OSError]}  # storage trouble, again
         sizes = {"size": cfg.ray_actors} if cfg.ray_actors else {"min_size": 1, "max_size": self.actor_count}
-        pool = ray.data.ActorPoolStrategy(**sizes, **_on_main_thread(ray.data.ActorPoolStrategy))
+        # Each call on the actor's main thread, not on a thread of Ray Data's: glibc serves another
+        # thread's allocations from an arena of its own, which `reuse_freed_memory` does not tune and
+        # which hands a forward's activations back to the kernel after each call (measured: 24,600
+        # page faults per 256x256 CPU forward against 8,200 on the main thread; the forward 0.55 ->
+        # 0.8 s on 2 cores).
+        pool = ray.data.ActorPoolStrategy(**sizes, enable_true_multi_threading=True)
         items = [_record(u.index, u) for u in units]
         with warnings.catch_warnings():
             # Ray 2.60 names no parameter for an operator's retries but its (deprecated) remote args.
@@ -390,15 +398,14 @@ class RayPipeline:
         translator.squashed += written["squashed"]
 
 
-def _on_main_thread(strategy: type) -> dict[str, bool]:
-    """The pool option that runs each call on the actor's main thread, where its model was built,
-    rather than on a thread of Ray Data's (its default from Ray 2.4x): glibc serves a second thread's
-    allocations from an arena of its own, which `reuse_freed_memory` does not tune and which hands
-    a forward's activations back to the kernel after each call (measured: 24,600 page faults per
-    256x256 CPU forward against 8,200 on the main thread, and the forward 0.55 -> 0.8 s on 2 cores).
-    Empty where this Ray has no such option (it then calls on the actor's main thread)."""
-    return ({"enable_true_multi_threading": True}
-            if "enable_true_multi_threading" in inspect.signature(strategy).parameters else {})
+def _version(text: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "2.60.0" or "2.61.0rc1"."""
+    major, minor = [*text.split("."), "0"][:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def _version_text(version: tuple[int, int]) -> str:
+    return ".".join(map(str, version))
 
 
 def _actor_died(exc: BaseException) -> bool:

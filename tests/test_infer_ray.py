@@ -262,3 +262,19 @@ def test_without_ray_installed_the_ray_executor_exits_2_saying_what_to_install(t
     done = infer_here("--checkpoint", ckpt, "--input", str(src), "--out", str(tmp_path / "out"),
                       "--executor", "ray")
     assert done.returncode == 2 and "pip install 'cut-pipeline[ray]'" in done.stderr
+
+
+@pytest.mark.parametrize("version", ["2.40.0", "2.64.0", "3.0.0rc1"])
+def test_a_ray_outside_the_supported_versions_exits_2_naming_them(tmp_path, monkeypatch, version):
+    """Ray 2.40 had no way to call on an actor's main thread, Ray 2.64 drops the retry options the
+    executor sets: a Ray outside 2.53-2.63 is refused in one line before anything starts."""
+    import ray
+
+    monkeypatch.setattr(ray, "__version__", version)
+    ckpt = write_generator(tmp_path / "g.pt")
+    src = image_folder(tmp_path / "in", 1)
+    done = infer_here("--checkpoint", ckpt, "--input", str(src), "--out", str(tmp_path / "out"),
+                      "--executor", "ray")
+    assert done.returncode == 2
+    assert f"needs Ray 2.53 to below 2.64, found {version}: pip install 'cut-pipeline[ray]'" in done.stderr
+    assert not (tmp_path / "out" / "manifest").exists()
