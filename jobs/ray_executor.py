@@ -1,8 +1,8 @@
 """jobs.infer --executor ray: the plan's units through a Ray Data pipeline, committed by this process
 (the driver) exactly as the local executor commits them.
 
-The pipeline, records of whole model batches, `RECORD_IMAGES` images or more (each stage the local
-executor's own code, jobs.translator):
+The pipeline, records of whole model batches, closed at `RECORD_IMAGES` images or `RECORD_BYTES` of
+pixels (each stage the local executor's own code, jobs.translator):
   read    CPU tasks (`flat_map`, one unit per input block): `UnitBatches` reads, decodes and batches
           the unit into records; the unit's last record ends with its end message (the error rows of
           inputs that did not decode, and how many inputs it read);
@@ -67,7 +67,10 @@ INSTALL = "pip install 'cut-pipeline[ray]'"
 RAY_VERSIONS = ((2, 53), (2, 64))  # the Rays the executor runs on (pyproject.toml's `ray` extra says why)
 TASK_RETRIES = 3  # a read or write task whose process died, or that raised (OSError: storage trouble)
 ACTOR_RESTARTS = 3  # an actor process that died is restarted this often; its calls are retried
-RECORD_IMAGES = 8  # a record (a block) carries whole batches until it holds this many images
+# A record (a block) carries whole batches until it holds this many images or bytes of pixels, so
+# that large images still move on a batch at a time (the actor holds a record's inputs and outputs).
+RECORD_IMAGES = 8
+RECORD_BYTES = 64 << 20
 OBJECT_STORE_LIMIT = 2 << 30  # bytes of the object store the pipeline's blocks may hold (backpressure)
 # The environment the tasks need to reach storage as the driver does (credentials, S3 endpoint).
 PASSED_ENV = ("AWS_", "GOOGLE_", "AZURE_")
@@ -97,25 +100,27 @@ class _UnitRef:
 
 def read_unit(item: dict[str, Any], preprocess: Preprocess, batch_size: int, cwd: str) -> Iterator[dict]:
     """Read stage: the unit's batches (`UnitBatches`), their pixels and alpha planes as numpy arrays,
-    in records of `RECORD_IMAGES` images or more (whole batches), the unit's end message in its last;
+    in records of whole batches, `RECORD_IMAGES` images or `RECORD_BYTES` of pixels or more, the
+    unit's end message in its last;
     each record goes on as soon as it is read (a block of its own), so the model starts on a unit's
     first record while the rest is read."""
     in_driver_folder(cwd)
     unit: WorkUnit = pickle.loads(item["payload"])
     ref = _UnitRef(unit.index, unit.input_index)
     group: list[dict] = []
-    images = 0
+    images = pixels = 0
     for msg in UnitBatches([unit], preprocess, batch_size):
         if "end" not in msg:
             msg["x"] = msg["x"].numpy()
             for meta in msg["meta"]:
                 meta["alpha"] = None if meta["alpha"] is None else meta["alpha"].numpy()
             images += len(msg["meta"])
+            pixels += msg["x"].nbytes
         msg["ref"] = ref
         group.append(msg)
-        if images >= RECORD_IMAGES or "end" in msg:
+        if images >= RECORD_IMAGES or pixels >= RECORD_BYTES or "end" in msg:
             yield _record(unit.index, group)
-            group, images = [], 0
+            group, images, pixels = [], 0, 0
 
 
 class TranslationActor:

@@ -181,23 +181,28 @@ def test_ray_gives_the_local_executors_rows_and_bytes_for_bad_inputs_on_s3(tmp_p
     assert storage.read_bytes(f"{s3_url}/ray/_SUCCESS") == storage.read_bytes(f"{s3_url}/local/_SUCCESS")
 
 
-def test_a_units_records_carry_whole_batches_of_8_images_or_more_and_its_end_message_last(tmp_path):
-    """The read stage, without Ray: 19 images at batch size 3 go as records of 3 batches (9 images),
-    the last record holding the rest and the unit's end message; every input once, in order."""
+@pytest.mark.parametrize(("record_bytes", "images"),
+                         [(64 << 20, [9, 9, 1]), (2 * 3 * 3 * 32 * 32, [6, 6, 6, 1])])
+def test_a_units_records_carry_whole_batches_up_to_8_images_or_their_bytes_and_its_end_message_last(
+        tmp_path, monkeypatch, record_bytes, images):
+    """The read stage, without Ray: 19 images (32x32) at batch size 3 go as records of whole batches
+    until one holds 8 images or `RECORD_BYTES` of pixels (here the bytes of 6 images), the last
+    record holding the rest and the unit's end message; every input once, in order."""
     import pickle
 
-    from jobs.ray_executor import RECORD_IMAGES, read_unit
+    import jobs.ray_executor as executor
     from pipeline.corpus import plan_units
     from pipeline.translation_io import Preprocess
 
-    assert RECORD_IMAGES == 8
-    (unit,) = plan_units([str(image_folder(tmp_path / "in", 19))], unit_size=19)
+    assert executor.RECORD_IMAGES == 8
+    monkeypatch.setattr(executor, "RECORD_BYTES", record_bytes)
+    (unit,) = plan_units([str(image_folder(tmp_path / "in", 19, size=(32, 32)))], unit_size=19)
     item = {"unit": unit.index, "payload": pickle.dumps(unit)}
-    records = [pickle.loads(r["payload"]) for r in read_unit(item, Preprocess(), 3, os.getcwd())]
-    images = [sum(len(m["meta"]) for m in record if "end" not in m) for record in records]
-    assert images == [9, 9, 1]
-    assert [["end" in m for m in record] for record in records] == [[False] * 3, [False] * 3, [False, True]]
-    assert records[-1][-1]["count"] == 19 and not records[-1][-1]["errors"]
+    preprocess = Preprocess(load_size=32, crop_size=32)
+    records = [pickle.loads(r["payload"]) for r in executor.read_unit(item, preprocess, 3, os.getcwd())]
+    assert [sum(len(m["meta"]) for m in record if "end" not in m) for record in records] == images
+    assert [any("end" in m for m in record) for record in records] == [False] * (len(images) - 1) + [True]
+    assert "end" in records[-1][-1] and records[-1][-1]["count"] == 19 and not records[-1][-1]["errors"]
     orders = [meta["order"] for record in records for m in record if "end" not in m for meta in m["meta"]]
     assert orders == list(range(19))
 
