@@ -178,6 +178,9 @@ def main() -> None:
         return
     variants = ["official", "plain", "job", "onnx"] + (["ray"] if args.executor == "ray" else [])
     if args.only:
+        unknown = set(args.only.split(",")) - set(variants)
+        if unknown:
+            p.error(f"--only: {', '.join(sorted(unknown))} not among {', '.join(variants)}")
         variants = [v for v in variants if v in args.only.split(",")]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)

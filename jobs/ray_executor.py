@@ -100,10 +100,9 @@ class _UnitRef:
 
 def read_unit(item: dict[str, Any], preprocess: Preprocess, batch_size: int, cwd: str) -> Iterator[dict]:
     """Read stage: the unit's batches (`UnitBatches`), their pixels and alpha planes as numpy arrays,
-    in records of whole batches, `RECORD_IMAGES` images or `RECORD_BYTES` of pixels or more, the
-    unit's end message in its last;
-    each record goes on as soon as it is read (a block of its own), so the model starts on a unit's
-    first record while the rest is read."""
+    in records of whole batches closed at `RECORD_IMAGES` images or `RECORD_BYTES` of pixels, the
+    unit's end message in its last. Each record goes on as soon as it is read (a block of its own), so
+    the model starts on a unit's first record while the rest is read."""
     in_driver_folder(cwd)
     unit: WorkUnit = pickle.loads(item["payload"])
     ref = _UnitRef(unit.index, unit.input_index)
@@ -184,6 +183,7 @@ def _write_batch(writer: Translator, translated: dict[str, Any]) -> dict[str, An
     state = _Unit()
     unit = translated["ref"]
     rows = list(translated["rows"])
+    # Counts per batch, not per record: the driver keeps each batch once (a retried record's are dropped).
     writer.seconds = dict.fromkeys(STAGES, 0.0)
     writer.dropped.clear()
     for meta, pixels, model_ms in translated["items"]:
